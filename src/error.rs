@@ -1,0 +1,139 @@
+//! One error type for the whole crate.
+//!
+//! Every error carries a human-readable message that already names what was being done
+//! (which database, which object, which operation), built up with [`Context::context`] as it
+//! travels outwards, so the CLI can print it as a single line. The [`ErrorKind`] lets callers
+//! decide what to do without parsing text: retry a transient storage failure, report a missing
+//! object, refuse corrupt data.
+//!
+//! Messages must never contain credentials: storage code formats URLs without their query
+//! string (where presigned signatures live) and never prints keys.
+
+use std::fmt;
+
+/// What went wrong, coarsely, so callers can choose between retrying and giving up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller asked for something impossible: a bad argument, a bad name, a missing file.
+    Invalid,
+    /// An object or file that should exist does not.
+    NotFound,
+    /// Storage refused our credentials or signature (403, wrong secret key, expired token).
+    Auth,
+    /// Data failed verification: bad gzip CRC, bad WAL checksum, a gap in segment indexes.
+    Corrupt,
+    /// A failure that may succeed if tried again: 5xx, 429, connection reset, timeout.
+    Transient,
+    /// A local I/O failure (disk full, permission denied, ...).
+    Io,
+    /// SQLite reported an error.
+    Sqlite,
+    /// Anything else.
+    Other,
+}
+
+/// An error with a kind and a one-line message that includes its context.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Invalid, message)
+    }
+
+    pub fn corrupt(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Corrupt, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::NotFound, message)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// True when trying the same operation again may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
+    /// Prefix the message with what was being done: `"{what}: {message}"`.
+    pub fn with_context(mut self, what: impl fmt::Display) -> Error {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(err: std::io::Error) -> Error {
+        let kind = match err.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                ErrorKind::Corrupt
+            }
+            _ => ErrorKind::Io,
+        };
+        Error::new(kind, err.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Error {
+        Error::new(ErrorKind::Sqlite, err.to_string())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(err: serde_json::Error) -> Error {
+        Error::new(ErrorKind::Corrupt, err.to_string())
+    }
+}
+
+/// Adds context to any result whose error converts into [`Error`].
+pub trait Context<T> {
+    /// Prefix the error message with `what()`, evaluated only on error.
+    fn context<D: fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn context<D: fmt::Display>(self, what: impl FnOnce() -> D) -> Result<T> {
+        self.map_err(|e| e.into().with_context(what()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_prefixes_message_and_keeps_kind() {
+        let r: std::result::Result<(), std::io::Error> = Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such file",
+        ));
+        let err = r.context(|| "opening app.db").unwrap_err();
+        assert_eq!(err.to_string(), "opening app.db: no such file");
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+}

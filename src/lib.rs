@@ -1,0 +1,28 @@
+//! walsync: continuous replication of SQLite WAL databases to S3-compatible storage.
+//!
+//! The modules follow the shape of the program:
+//!
+//! - [`wal`]: the SQLite WAL file format: read and validate frames, write standalone WALs.
+//! - [`storage`]: the storage client behind one narrow trait (S3 and `file://`).
+//! - [`layout`]: how objects are named in a replica (the public, scriptable contract).
+//! - [`database`]: opening the SQLite database walsync replicates, and pinning its WAL.
+//! - [`snapshot`]: consistent compressed copies of a database through the backup API.
+//! - [`segment`]: cutting committed WAL frames into standalone compressed segments.
+//! - [`replica`]: one database replicated to one destination: generations and positions.
+//! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
+//! - [`list`]: what a destination holds, for people and scripts.
+
+pub mod database;
+pub mod error;
+pub mod layout;
+pub mod list;
+pub mod replica;
+pub mod restore;
+pub mod segment;
+pub mod snapshot;
+pub mod spool;
+pub mod storage;
+pub mod utc;
+pub mod wal;
+
+pub use error::{Error, ErrorKind, Result};

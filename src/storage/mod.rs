@@ -1,0 +1,131 @@
+//! The storage client: one narrow interface, two implementations.
+//!
+//! Everything walsync keeps remotely goes through [`Storage`]: put an object (from a small
+//! buffer or streamed from a file), get an object into a writer, list keys under a prefix,
+//! delete a key. Keys are relative to the destination's prefix, use `/` as separator, and
+//! never start with `/`; each implementation maps them onto its own namespace.
+//!
+//! - [`s3::S3Storage`]: any S3-compatible service, signed with SigV4 (rusty-s3) over a
+//!   blocking HTTP client (ureq), with retries and multipart upload for large files.
+//! - [`file::FileStorage`]: a directory tree, for `file://` destinations (tests, NFS mounts,
+//!   and a quick start that needs no S3 server).
+
+pub mod file;
+pub mod s3;
+
+use std::fs::File;
+use std::io::Write;
+
+use crate::error::{Error, Result};
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the destination prefix, e.g. `app/wal/....wal.gz`.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The narrow interface between walsync and wherever replicas live.
+///
+/// Implementations are blocking and safe to share between threads. Every error names the
+/// operation and the key; none contains credentials.
+pub trait Storage: Send + Sync {
+    /// Store `data` under `key`, replacing nothing else.
+    fn put_bytes(&self, key: &str, data: &[u8]) -> Result<()>;
+
+    /// Store the whole content of `file` (offset 0 to its current length) under `key`.
+    ///
+    /// The file is read with positional reads, so its cursor is not used; large files are
+    /// sent in parts without being held in memory.
+    fn put_file(&self, key: &str, file: &File) -> Result<()>;
+
+    /// Write the content of `key` to `out`, returning the number of bytes written.
+    /// A missing key is an error of kind [`crate::ErrorKind::NotFound`].
+    fn get(&self, key: &str, out: &mut dyn Write) -> Result<u64>;
+
+    /// Every object whose key starts with `prefix`, in ascending key order.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+
+    /// Remove `key`. Removing a key that does not exist is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+
+    /// Where this storage points, for messages: `s3://bucket/prefix` or `file:///dir`.
+    fn describe(&self) -> String;
+}
+
+/// A parsed `-b` destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// `s3://bucket/optional/prefix`
+    S3 { bucket: String, prefix: String },
+    /// `file:///absolute/dir`
+    File { root: std::path::PathBuf },
+}
+
+impl Destination {
+    /// Parse `s3://bucket[/prefix]` or `file:///dir`.
+    pub fn parse(url: &str) -> Result<Destination> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::invalid(format!(
+                    "destination {url:?} has no bucket name (expected s3://bucket/prefix)"
+                )));
+            }
+            let prefix = prefix.trim_matches('/').to_string();
+            return Ok(Destination::S3 {
+                bucket: bucket.to_string(),
+                prefix,
+            });
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(Error::invalid(format!(
+                    "destination {url:?} has no path (expected file:///some/dir)"
+                )));
+            }
+            return Ok(Destination::File { root: path.into() });
+        }
+        Err(Error::invalid(format!(
+            "destination {url:?} is not supported (expected s3://bucket/prefix or file:///some/dir)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_with_and_without_prefix() {
+        assert_eq!(
+            Destination::parse("s3://b/x/y/").unwrap(),
+            Destination::S3 {
+                bucket: "b".into(),
+                prefix: "x/y".into()
+            }
+        );
+        assert_eq!(
+            Destination::parse("s3://b").unwrap(),
+            Destination::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+    }
+
+    #[test]
+    fn parses_file_and_rejects_others() {
+        assert_eq!(
+            Destination::parse("file:///tmp/r").unwrap(),
+            Destination::File {
+                root: "/tmp/r".into()
+            }
+        );
+        assert!(Destination::parse("http://x").is_err());
+        assert!(Destination::parse("s3:///p").is_err());
+        assert!(Destination::parse("file://").is_err());
+    }
+}
