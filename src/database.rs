@@ -1,1 +1,236 @@
-//! (being written)
+//! The SQLite database walsync replicates: opening it safely and holding its WAL still.
+//!
+//! walsync reads the `-wal` file itself, so it must make sure nobody rewrites the frames it
+//! has not shipped yet. SQLite gives two tools for that, both used through an ordinary
+//! connection:
+//!
+//! - A *pin*: an open read transaction. While it is open no checkpoint can copy frames past
+//!   the reader's snapshot into the database file, and no writer can restart the WAL from the
+//!   top, so every frame that is in the WAL stays there, byte for byte, up to the last commit.
+//! - A *barrier*: `BEGIN IMMEDIATE`, the write lock. While it is held no transaction can
+//!   commit, so "everything committed" is a fixed point that a snapshot can be aligned to.
+//!
+//! walsync's own connections never checkpoint by accident: automatic checkpoints are off and
+//! so is the checkpoint SQLite runs when the last connection to a database closes (that one
+//! would move unshipped frames into the database file and delete the WAL).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{Context, Error, ErrorKind, Result};
+
+/// How long walsync waits for the application's locks before giving up on an operation.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An open connection to a replicated database.
+pub struct Database {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// What identifies the database file on disk, to notice it being replaced or written
+/// to while walsync was not looking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> Result<FileIdentity> {
+        let m = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+
+    /// Same file (not replaced by another one).
+    pub fn same_file(&self, other: &FileIdentity) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
+impl Database {
+    /// Open an existing SQLite database in WAL mode, or explain clearly why not.
+    pub fn open(path: &Path) -> Result<Database> {
+        check_is_sqlite(path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags)
+            .context(|| format!("opening database {}", path.display()))?;
+        let db = Database {
+            path: path.to_path_buf(),
+            conn,
+        };
+        db.configure()
+            .context(|| format!("configuring connection to {}", path.display()))?;
+        let mode: String = db
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .context(|| format!("reading journal mode of {}", path.display()))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::invalid(format!(
+                "{} is in '{mode}' journal mode, walsync needs WAL mode: run \
+                 sqlite3 {} 'PRAGMA journal_mode=WAL;' (once; the setting is persistent)",
+                path.display(),
+                path.display()
+            )));
+        }
+        Ok(db)
+    }
+
+    fn configure(&self) -> Result<()> {
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        self.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
+    /// A second connection to the same database with the same safe settings.
+    pub fn reopen(&self) -> Result<Database> {
+        Database::open(&self.path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `-wal` file beside the database.
+    pub fn wal_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push("-wal");
+        PathBuf::from(p)
+    }
+
+    /// Open the WAL file for reading, or `None` if it does not exist (nothing written since
+    /// the last connection closed).
+    pub fn open_wal(&self) -> Result<Option<File>> {
+        let path = self.wal_path();
+        match File::open(&path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::from(e).with_context(format!("opening {}", path.display()))),
+        }
+    }
+
+    pub fn page_size(&self) -> Result<u32> {
+        Ok(self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Start a read transaction that pins the WAL (see the module docs).
+    pub fn pin(&self) -> Result<()> {
+        self.conn
+            .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
+            .context(|| format!("starting a read transaction on {}", self.path.display()))
+    }
+
+    /// Take the write lock (the barrier), waiting up to the busy timeout for writers.
+    pub fn lock_writes(&self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
+            Error::new(
+                ErrorKind::Transient,
+                format!(
+                    "taking the write lock on {} (is a long transaction running?): {e}",
+                    self.path.display()
+                ),
+            )
+        })
+    }
+
+    /// End the pin or the barrier (nothing was written, so this is a rollback).
+    pub fn release(&self) -> Result<()> {
+        if !self.conn.is_autocommit() {
+            self.conn.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuse, with a message a person understands, anything that is not a SQLite database.
+fn check_is_sqlite(path: &Path) -> Result<()> {
+    let mut file = File::open(path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::NotFound {
+            "does not exist".to_string()
+        } else {
+            format!("cannot be opened: {e}")
+        };
+        Error::new(
+            Error::from(e).kind(),
+            format!("database {} {what}", path.display()),
+        )
+    })?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(Error::invalid(format!(
+            "{} is a directory, not a database",
+            path.display()
+        )));
+    }
+    let mut magic = [0u8; 16];
+    let n = file
+        .read(&mut magic)
+        .context(|| format!("reading {}", path.display()))?;
+    if n != 16 || &magic != b"SQLite format 3\0" {
+        return Err(Error::invalid(format!(
+            "{} is not a SQLite database",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_missing_non_sqlite_and_rollback_journal_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Database::open(&dir.path().join("nope.db")).err().unwrap();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
+
+        let text = dir.path().join("text.db");
+        std::fs::write(&text, "hello, this is not a database at all").unwrap();
+        let err = Database::open(&text).err().unwrap();
+        assert!(err.to_string().contains("not a SQLite database"), "{err}");
+
+        let rollback = dir.path().join("rollback.db");
+        let c = Connection::open(&rollback).unwrap();
+        c.execute_batch("CREATE TABLE t(x)").unwrap();
+        drop(c);
+        let err = Database::open(&rollback).err().unwrap();
+        assert!(err.to_string().contains("journal_mode=WAL"), "{err}");
+    }
+
+    #[test]
+    fn closing_walsync_connection_keeps_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES(1);")
+            .unwrap();
+        let db = Database::open(&path).unwrap();
+        drop(app);
+        drop(db);
+        let wal_len = std::fs::metadata(dir.path().join("app.db-wal"))
+            .unwrap()
+            .len();
+        assert!(wal_len > 32, "the WAL was checkpointed away on close");
+    }
+}

@@ -1,1 +1,346 @@
-//! (being written)
+//! How a replica is laid out in storage. This is a public contract: people restore from it
+//! with shell scripts (see `scripts/restore-by-hand.sh`), so it changes only with care.
+//!
+//! ```text
+//! <prefix>/<name>/snapshots/<generation>-<index>-<time>.db.gz   database as of the end of segment <index>
+//! <prefix>/<name>/wal/<generation>-<index>-<time>.wal.gz        one or more whole transactions
+//! <prefix>/<name>/state.json                                    last known position, for `list`
+//! ```
+//!
+//! - `<generation>`: 16 lowercase hex digits; the first 12 are the generation's start time in
+//!   milliseconds since the Unix epoch, the last 4 are random. Generations sort in start order.
+//! - `<index>`: 10 decimal digits. Segments of a generation are numbered 1, 2, 3, ... without
+//!   gaps. A snapshot's index is the last segment it contains: the base snapshot that starts
+//!   a generation has index 0, and a later snapshot with index N equals the base snapshot with
+//!   segments 1..=N applied.
+//! - `<time>`: UTC, `YYYYMMDDTHHMMSS.mmmZ`. For a segment, when walsync read its last commit
+//!   from the WAL; for a snapshot, when it was taken. A point-in-time restore uses these.
+//!
+//! So every name sorts, as a plain string, in replay order, and a restore is planned from one
+//! LIST without reading any object. A segment, gunzipped, is a complete WAL file (fresh header,
+//! checksums recomputed) ending in a commit frame; a snapshot, gunzipped, is a database file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::utc::UtcTime;
+
+/// The name of one replicated database inside a destination: one path segment.
+///
+/// Letters, digits, `.`, `_` and `-` only, not starting with `.`, at most 128 bytes. This keeps
+/// names safe as S3 keys and as directory names, and rules out `..` and `/`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok_chars = name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > 128 || name.starts_with('.') || !ok_chars {
+        return Err(Error::invalid(format!(
+            "invalid replica name {name:?}: use letters, digits, '.', '_' and '-' only, \
+             not starting with '.' (no '/' or '..')"
+        )));
+    }
+    Ok(())
+}
+
+/// The default replica name of a database: its file name without the extension
+/// (`/var/lib/app/app.db` → `app`).
+pub fn default_name(db_path: &Path) -> Result<String> {
+    let stem = db_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "cannot derive a replica name from {}",
+                db_path.display()
+            ))
+        })?;
+    validate_name(stem)?;
+    Ok(stem.to_string())
+}
+
+/// The key of a database's `state.json`.
+pub fn state_key(name: &str) -> String {
+    format!("{name}/state.json")
+}
+
+/// A generation id: 12 hex digits of start time in milliseconds, then 4 random hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(String);
+
+impl Generation {
+    /// A new generation starting now.
+    pub fn new() -> Generation {
+        Generation::starting_at(UtcTime::now(), random_u16())
+    }
+
+    fn starting_at(time: UtcTime, random: u16) -> Generation {
+        let millis = time.millis().clamp(0, 0xffff_ffff_ffff) as u64;
+        Generation(format!("{millis:012x}{random:04x}"))
+    }
+
+    pub fn parse(text: &str) -> Option<Generation> {
+        let ok = text.len() == 16 && text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| Generation(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// When this generation started.
+    pub fn start_time(&self) -> UtcTime {
+        UtcTime::from_millis(i64::from_str_radix(&self.0[..12], 16).unwrap_or(0))
+    }
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Generation::new()
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// 16 random bits from the standard library's randomly seeded hasher; enough to keep two
+/// generations started in the same millisecond apart, without a dependency.
+fn random_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::Instant::now().elapsed().as_nanos());
+    hasher.finish() as u16
+}
+
+/// The two kinds of data object in a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    Snapshot,
+    Segment,
+}
+
+impl ObjectKind {
+    fn dir(self) -> &'static str {
+        match self {
+            ObjectKind::Snapshot => "snapshots",
+            ObjectKind::Segment => "wal",
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            ObjectKind::Snapshot => ".db.gz",
+            ObjectKind::Segment => ".wal.gz",
+        }
+    }
+}
+
+/// Everything a data object's name says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectName {
+    pub kind: ObjectKind,
+    pub generation: Generation,
+    pub index: u64,
+    pub time: UtcTime,
+}
+
+impl ObjectName {
+    /// The object's key under the destination, e.g.
+    /// `app/wal/019a8b2c3d4e5f60-0000000003-20261121T094423.123Z.wal.gz`.
+    pub fn key(&self, name: &str) -> String {
+        format!(
+            "{name}/{}/{}-{:010}-{}{}",
+            self.kind.dir(),
+            self.generation,
+            self.index,
+            self.time.to_compact(),
+            self.kind.extension()
+        )
+    }
+
+    /// Parse a key relative to the destination into the replica name and object name.
+    /// Keys that are not data objects (`state.json`, foreign files) give `None`.
+    pub fn parse_key(key: &str) -> Option<(String, ObjectName)> {
+        let mut parts = key.split('/');
+        let (name, dir, file) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || validate_name(name).is_err() {
+            return None;
+        }
+        let kind = [ObjectKind::Snapshot, ObjectKind::Segment]
+            .into_iter()
+            .find(|k| k.dir() == dir)?;
+        let stem = file.strip_suffix(kind.extension())?;
+        let mut fields = stem.split('-');
+        let generation = Generation::parse(fields.next()?)?;
+        let index_text = fields.next()?;
+        if index_text.len() != 10 || !index_text.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        let index = index_text.parse().ok()?;
+        let time = UtcTime::parse_compact(fields.next()?)?;
+        if fields.next().is_some() {
+            return None;
+        }
+        let object = ObjectName {
+            kind,
+            generation,
+            index,
+            time,
+        };
+        Some((name.to_string(), object))
+    }
+}
+
+/// `state.json`: the last position walsync knows of, for `list` and for people. A restore
+/// never needs it; the object names alone are the truth.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaState {
+    pub name: String,
+    pub generation: String,
+    /// Last segment index shipped in this generation (0 if only the base snapshot exists).
+    pub index: u64,
+    /// RFC 3339 time this state was written.
+    pub updated: String,
+    pub page_size: u32,
+    /// Where the database lives on the replicating host, for people reading the bucket.
+    pub source: String,
+    pub walsync_version: String,
+}
+
+/// One stored object: its parsed name and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredObject {
+    pub name: ObjectName,
+    pub key: String,
+    pub size: u64,
+}
+
+/// The objects of one generation, each list in ascending index order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerationObjects {
+    pub snapshots: Vec<StoredObject>,
+    pub segments: Vec<StoredObject>,
+}
+
+impl GenerationObjects {
+    pub fn bytes(&self) -> u64 {
+        self.snapshots
+            .iter()
+            .chain(&self.segments)
+            .map(|o| o.size)
+            .sum()
+    }
+}
+
+/// Everything a listing says about the replicas under a destination, grouped by database
+/// name and generation (both in ascending order). Built from LIST results alone.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub databases: BTreeMap<String, BTreeMap<Generation, GenerationObjects>>,
+}
+
+impl Catalog {
+    /// Group listed objects; keys that are not data objects are ignored.
+    pub fn from_listing(objects: impl IntoIterator<Item = crate::storage::ObjectInfo>) -> Catalog {
+        let mut catalog = Catalog::default();
+        for info in objects {
+            let Some((db, name)) = ObjectName::parse_key(&info.key) else {
+                continue;
+            };
+            let generation = catalog
+                .databases
+                .entry(db)
+                .or_default()
+                .entry(name.generation.clone())
+                .or_default();
+            let list = match name.kind {
+                ObjectKind::Snapshot => &mut generation.snapshots,
+                ObjectKind::Segment => &mut generation.segments,
+            };
+            list.push(StoredObject {
+                name,
+                key: info.key,
+                size: info.size,
+            });
+        }
+        for generations in catalog.databases.values_mut() {
+            for objects in generations.values_mut() {
+                objects.snapshots.sort_by(|a, b| a.key.cmp(&b.key));
+                objects.segments.sort_by(|a, b| a.key.cmp(&b.key));
+            }
+        }
+        catalog
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_round_trip_and_sort_in_replay_order() {
+        let generation = Generation::starting_at(UtcTime::from_millis(1_768_046_400_000), 0xbeef);
+        assert_eq!(generation.as_str(), "019ba7c71200beef");
+        assert_eq!(generation.start_time().millis(), 1_768_046_400_000);
+        let keys: Vec<String> = (0..12)
+            .map(|index| {
+                ObjectName {
+                    kind: ObjectKind::Segment,
+                    generation: generation.clone(),
+                    index,
+                    time: UtcTime::from_millis(1_768_046_400_000 + index as i64 * 10),
+                }
+                .key("app")
+            })
+            .collect();
+        assert_eq!(
+            keys[3],
+            "app/wal/019ba7c71200beef-0000000003-20260110T120000.030Z.wal.gz"
+        );
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys);
+        let (name, parsed) = ObjectName::parse_key(&keys[3]).unwrap();
+        assert_eq!(name, "app");
+        assert_eq!(parsed.index, 3);
+        assert_eq!(parsed.kind, ObjectKind::Segment);
+        assert_eq!(parsed.generation, generation);
+        assert_eq!(parsed.key("app"), keys[3]);
+    }
+
+    #[test]
+    fn later_generations_sort_after_earlier_ones() {
+        let a = Generation::starting_at(UtcTime::from_millis(1_000), 0xffff);
+        let b = Generation::starting_at(UtcTime::from_millis(1_001), 0x0000);
+        assert!(a.as_str() < b.as_str());
+    }
+
+    #[test]
+    fn foreign_keys_are_not_objects() {
+        for key in [
+            "app/state.json",
+            "app/wal/junk.wal.gz",
+            "app/wal/019ba7c71200beef-3-20260110T120000.030Z.wal.gz",
+            "app/snapshots/019ba7c71200beef-0000000003-20260110T120000.030Z.wal.gz",
+            "../wal/019ba7c71200beef-0000000003-20260110T120000.030Z.wal.gz",
+            "a/b/wal/019ba7c71200beef-0000000003-20260110T120000.030Z.wal.gz",
+        ] {
+            assert!(ObjectName::parse_key(key).is_none(), "{key} parsed");
+        }
+    }
+
+    #[test]
+    fn names_are_single_safe_segments() {
+        for good in ["app", "app-1", "my_db.v2", "A9"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", ".", "a/b", "../x", ".hidden", "a b", "a\\b", "é"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(default_name(Path::new("/var/lib/x/app.db")).unwrap(), "app");
+    }
+}

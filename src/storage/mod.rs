@@ -55,6 +55,11 @@ pub trait Storage: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Build the storage for a destination (temporary until the clients land).
+pub fn open(_dest: &Destination, _endpoint: Option<&str>) -> Result<Box<dyn Storage>> {
+    Err(Error::invalid("not yet"))
+}
+
 /// A parsed `-b` destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
