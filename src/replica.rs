@@ -222,7 +222,7 @@ impl Replica {
                 _ => Ok(SyncOutcome::Idle),
             });
         };
-        let start = match self.check_continuity(position, &mut reader)? {
+        let start = match self.check_continuity(position, &reader)? {
             Continuity::From(start) => start,
             Continuity::Empty => return Ok(Ok(SyncOutcome::Idle)),
             Continuity::Lost(reason) => return Ok(Err(reason)),
@@ -273,7 +273,7 @@ impl Replica {
     }
 
     /// Is the WAL on disk still the one `position` describes, holding the same frames?
-    fn check_continuity(&self, position: &Position, reader: &mut WalReader) -> Result<Continuity> {
+    fn check_continuity(&self, position: &Position, reader: &WalReader) -> Result<Continuity> {
         let identity = FileIdentity::of(self.db.path())?;
         if !identity.same_file(&position.db) {
             return Ok(Continuity::Lost("the database file was replaced".into()));
@@ -300,13 +300,7 @@ impl Replica {
                 "the WAL was checkpointed and restarted while walsync was not watching".into(),
             ));
         }
-        let mut page = Vec::new();
-        while reader.position().offset < mark.end.offset {
-            if reader.next_frame(&mut page)?.is_none() {
-                break;
-            }
-        }
-        if reader.position() != mark.end {
+        if !reader.still_holds(mark.end)? {
             return Ok(Continuity::Lost(
                 "the WAL no longer holds the frames last shipped".into(),
             ));

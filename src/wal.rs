@@ -350,6 +350,34 @@ impl<'a> WalReader<'a> {
         Ok(Some(frame))
     }
 
+    /// Does this WAL still hold everything up to `pos`, a position taken earlier (perhaps by
+    /// another process) from a reader with the same header?
+    ///
+    /// True when the frame ending at `pos` carries this WAL's salts and the cumulative checksum
+    /// recorded in `pos`. SQLite changes the salts whenever it restarts the WAL and never
+    /// rewrites a committed frame in place, and the checksum covers every frame before, so
+    /// one 24-byte read stands for the whole prefix.
+    pub fn still_holds(&self, pos: WalPosition) -> Result<bool> {
+        if pos.offset == HEADER_SIZE {
+            return Ok(pos.checksum == self.header.checksum);
+        }
+        let frame_size = self.header.frame_size();
+        if pos.offset < HEADER_SIZE + frame_size
+            || !(pos.offset - HEADER_SIZE).is_multiple_of(frame_size)
+        {
+            return Ok(false);
+        }
+        let mut buf = [0u8; FRAME_HEADER_LEN];
+        let at = pos.offset - frame_size;
+        let n = read_full_at(self.file, &mut buf, at)
+            .context(|| format!("reading WAL frame header at offset {at}"))?;
+        if n < buf.len() {
+            return Ok(false);
+        }
+        let frame = FrameHeader::decode(&buf);
+        Ok(frame.salt == self.header.salt && frame.checksum == pos.checksum)
+    }
+
     /// Scan forward from the current position over all valid frames, leaving the reader at the
     /// end of them, and return the position just after the last commit frame seen (None if no
     /// commit frame was seen).
@@ -1020,6 +1048,47 @@ mod tests {
         }
         // SQLite agrees: one frame in its WAL.
         assert_eq!(db.checkpoint("PASSIVE"), (0, 1, 1));
+    }
+
+    #[test]
+    fn still_holds_a_position_until_the_wal_restarts() {
+        let db = TestDb::new();
+        for v in ["1", "2", "3"] {
+            db.insert("a", v);
+        }
+        let (_, _, end) = read_all(&db.copy_wal("before.wal"));
+        let live = File::open(db.copy_wal("same.wal")).unwrap();
+        let reader = WalReader::open(&live).unwrap().unwrap();
+        assert!(reader.still_holds(end).unwrap());
+        let header_only = WalPosition {
+            offset: HEADER_SIZE,
+            checksum: reader.header().checksum,
+        };
+        assert!(reader.still_holds(header_only).unwrap());
+        // A wrong checksum, an offset off the frame grid, or one past the end: not held.
+        let wrong = WalPosition {
+            checksum: [end.checksum[0] ^ 1, end.checksum[1]],
+            ..end
+        };
+        assert!(!reader.still_holds(wrong).unwrap());
+        let off_grid = WalPosition {
+            offset: end.offset - 1,
+            ..end
+        };
+        assert!(!reader.still_holds(off_grid).unwrap());
+        let beyond = WalPosition {
+            offset: end.offset + reader.header().frame_size(),
+            ..end
+        };
+        assert!(!reader.still_holds(beyond).unwrap());
+
+        // After a checkpoint and a restart, the old position is gone even though the file
+        // still holds the old frames' bytes past the new end.
+        assert_eq!(db.checkpoint("PASSIVE"), (0, 3, 3));
+        db.insert("b", "after restart");
+        let restarted = File::open(db.copy_wal("after.wal")).unwrap();
+        let reader = WalReader::open(&restarted).unwrap().unwrap();
+        assert!(!reader.still_holds(end).unwrap());
     }
 
     #[test]
