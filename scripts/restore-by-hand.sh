@@ -31,7 +31,7 @@ command -v sqlite3 >/dev/null || die "sqlite3 is not installed"
 # Fields of an object file name: <generation>-<index>-<time>.<ext>.gz
 generation_of() { local f=${1##*/}; echo "${f%%-*}"; }
 index_of() { local f=${1##*/}; f=${f#*-}; echo $((10#${f%%-*})); }
-time_of() { local f=${1##*/}; f=${f#*-*-}; echo "${f%%.*.gz}"; }
+time_of() { local f=${1##*/}; f=${f#*-*-}; echo "${f%.*.gz}"; }
 
 # The newest snapshot (at or before UNTIL): names sort by generation, then index.
 snapshot=

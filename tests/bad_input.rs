@@ -30,7 +30,11 @@ fn replica_with_three_segments(server: &S3Server, dir: &Path, prefix: &str) -> A
 
 /// The file s3s-fs keeps for the `n`th (1-based) segment under `prefix/app/wal/`.
 fn segment_file(server: &S3Server, prefix: &str, n: usize) -> PathBuf {
-    let wal_dir = server.root().join(server.bucket()).join(prefix).join("app/wal");
+    let wal_dir = server
+        .root()
+        .join(server.bucket())
+        .join(prefix)
+        .join("app/wal");
     let names: Vec<String> = files_in(&wal_dir)
         .into_iter()
         .filter(|f| f.ends_with(".wal.gz"))
@@ -53,7 +57,10 @@ fn assert_restore_fails(server: &S3Server, prefix: &str, out: &Path, expect: &st
         .into_iter()
         .filter(|f| f.starts_with(name) || f.starts_with(".walsync"))
         .collect();
-    assert!(left.is_empty(), "left behind after a failed restore: {left:?}");
+    assert!(
+        left.is_empty(),
+        "left behind after a failed restore: {left:?}"
+    );
     err
 }
 
@@ -106,7 +113,10 @@ fn corrupt_segment_is_refused() {
     bytes[middle] ^= 0x5a;
     std::fs::write(&victim, bytes).unwrap();
     let err = assert_restore_fails(&server, "c", &dir.path().join("out.db"), "corrupt");
-    assert!(err.contains("0000000002"), "error should name the object: {err}");
+    assert!(
+        err.contains("0000000002"),
+        "error should name the object: {err}"
+    );
 }
 
 #[test]
@@ -137,7 +147,10 @@ fn restore_into_an_unwritable_place_fails_cleanly() {
     replica_with_three_segments(&server, dir.path(), "u");
     let dest = format!("s3://{}/u", server.bucket());
     // A directory nobody may create files in, root included, and a parent that is a file.
-    for out in ["/proc/walsync-out.db".to_string(), format!("{}/x.db", dir.path().join("app.db").display())] {
+    for out in [
+        "/proc/walsync-out.db".to_string(),
+        format!("{}/x.db", dir.path().join("app.db").display()),
+    ] {
         let err = walsync_err(&["restore", "app", "-o", &out, "-b", &dest], &server.env());
         assert!(err.contains("cannot write restore output"), "{err}");
         assert!(!Path::new(&out).exists());
@@ -177,7 +190,11 @@ fn unusable_databases_are_refused_with_a_reason() {
     assert!(err.contains("does not exist"), "{err}");
 
     let text = dir.path().join("notes.db");
-    std::fs::write(&text, "these are notes, not a database; long enough to have a header").unwrap();
+    std::fs::write(
+        &text,
+        "these are notes, not a database; long enough to have a header",
+    )
+    .unwrap();
     let err = walsync_err(&["snapshot", path_str(&text), "-b", &dest], &[]);
     assert!(err.contains("not a SQLite database"), "{err}");
 
@@ -188,7 +205,10 @@ fn unusable_databases_are_refused_with_a_reason() {
         .unwrap();
     let err = walsync_err(&["snapshot", path_str(&rollback), "-b", &dest], &[]);
     assert!(err.contains("PRAGMA journal_mode=WAL"), "{err}");
-    assert!(!dir.path().join("replica").exists(), "nothing should be stored");
+    assert!(
+        !dir.path().join("replica").exists(),
+        "nothing should be stored"
+    );
 }
 
 #[test]
@@ -197,7 +217,12 @@ fn storage_problems_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let app = AppDb::create(dir.path(), "app.db");
     let err = walsync_err(
-        &["snapshot", path_str(&app.path), "-b", "s3://no-such-bucket/x"],
+        &[
+            "snapshot",
+            path_str(&app.path),
+            "-b",
+            "s3://no-such-bucket/x",
+        ],
         &server.env(),
     );
     assert!(err.contains("no-such-bucket"), "{err}");
@@ -223,5 +248,8 @@ fn a_second_replicator_of_the_same_database_is_refused() {
     ));
     let _first = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
     let second = Replica::open(&app.path, storage, "app").err().unwrap();
-    assert!(second.to_string().contains("already replicating"), "{second}");
+    assert!(
+        second.to_string().contains("already replicating"),
+        "{second}"
+    );
 }

@@ -71,7 +71,15 @@ fn snapshot_and_restore_round_trip_through_the_binary() {
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     walsync_ok(
-        &["restore", "app", "-o", path_str(&out), "-b", &dest, "--force"],
+        &[
+            "restore",
+            "app",
+            "-o",
+            path_str(&out),
+            "-b",
+            &dest,
+            "--force",
+        ],
         &server.env(),
     );
     assert_eq!(dump(&out), expected);
@@ -172,7 +180,12 @@ fn snapshot_ships_pending_commits_first_and_stays_aligned() {
     // The pending transaction became segment 2, and the snapshot is as of segment 2.
     let (_, name) = ObjectName::parse_key(&snap).unwrap();
     assert_eq!(name.index, 2);
-    let keys: Vec<String> = storage.list("app/wal/").unwrap().into_iter().map(|o| o.key).collect();
+    let keys: Vec<String> = storage
+        .list("app/wal/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys[1].contains("-0000000002-"));
     assert_eq!(replica.sync().unwrap(), SyncOutcome::Idle);
@@ -248,7 +261,10 @@ fn restart_of_walsync_resumes_the_same_generation() {
     app.insert(1, 100);
     let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
     let key = shipped_key(replica.sync().unwrap());
-    assert!(key.contains(&format!("{}-0000000002-", generation.0)), "{key}");
+    assert!(
+        key.contains(&format!("{}-0000000002-", generation.0)),
+        "{key}"
+    );
 }
 
 #[test]
@@ -262,7 +278,10 @@ fn a_large_snapshot_goes_up_in_parts_and_restores() {
         app.insert(16, 64 * 1024);
     }
     server.clear_requests();
-    walsync_ok(&["snapshot", path_str(&app.path), "-b", &dest], &server.env());
+    walsync_ok(
+        &["snapshot", path_str(&app.path), "-b", &dest],
+        &server.env(),
+    );
     let parts = server
         .requests()
         .iter()
@@ -310,7 +329,10 @@ fn restore_plans_across_more_than_a_thousand_objects() {
         .iter()
         .filter(|r| r.method == "GET" && r.has_param("list-type"))
         .count();
-    assert!(lists >= 3, "two LIST pages for restore plus the check above: {lists}");
+    assert!(
+        lists >= 3,
+        "two LIST pages for restore plus the check above: {lists}"
+    );
 }
 
 #[test]
@@ -336,7 +358,14 @@ fn restore_by_hand_script_matches_walsync_restore() {
     let by_walsync = dir.path().join("by-walsync.db");
     let file_url = format!("file://{}", replica_dir.display());
     walsync_ok(
-        &["restore", "app", "-o", path_str(&by_walsync), "-b", &file_url],
+        &[
+            "restore",
+            "app",
+            "-o",
+            path_str(&by_walsync),
+            "-b",
+            &file_url,
+        ],
         &[],
     );
     let by_hand = dir.path().join("by-hand.db");

@@ -14,7 +14,7 @@ pub mod file;
 pub mod s3;
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, Read, Write};
 
 use crate::error::{Error, Result};
 
@@ -55,9 +55,105 @@ pub trait Storage: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Build the storage for a destination (temporary until the clients land).
-pub fn open(_dest: &Destination, _endpoint: Option<&str>) -> Result<Box<dyn Storage>> {
-    Err(Error::invalid("not yet"))
+/// Build the storage for a destination.
+///
+/// `s3://` destinations take their credentials, region and endpoint from the environment (see
+/// [`s3::S3Config::from_env`]); `endpoint` is the `--endpoint` flag, which wins over
+/// `AWS_ENDPOINT_URL_S3`. It means nothing for `file://` destinations and is ignored there.
+pub fn open(dest: &Destination, endpoint: Option<&str>) -> Result<Box<dyn Storage>> {
+    match dest {
+        Destination::S3 { bucket, prefix } => {
+            let config = s3::S3Config::from_env(bucket, prefix, endpoint)?;
+            Ok(Box::new(s3::S3Storage::new(config)?))
+        }
+        Destination::File { root } => {
+            if endpoint.is_some() {
+                log::warn!("the S3 endpoint is ignored for file:// destinations");
+            }
+            Ok(Box::new(file::FileStorage::new(root.clone())))
+        }
+    }
+}
+
+/// Why `key` is not a valid relative key, if it is not.
+///
+/// Keys are relative, `/`-separated, and made of non-empty components other than `.` and
+/// `..`: both implementations refuse anything else rather than each interpreting it in its own
+/// way (a path that escapes the root, a URL that normalizes to another object).
+pub(crate) fn check_key(key: &str) -> std::result::Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("keys must not be empty");
+    }
+    if key.starts_with('/') {
+        return Err("keys are relative and must not start with '/'");
+    }
+    if key.contains(['\\', '\0']) {
+        return Err("keys must not contain '\\' or NUL");
+    }
+    if key.split('/').any(|part| matches!(part, "" | "." | "..")) {
+        return Err("keys must not contain empty, '.' or '..' components");
+    }
+    Ok(())
+}
+
+/// Reads `offset..offset + len` of a file with positional reads, leaving its cursor alone.
+///
+/// Reaching the end of the file before `len` bytes is an error (`UnexpectedEof`): the file
+/// was truncated while being read, and sending a short object would be worse than failing.
+pub(crate) struct FileRange<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl<'a> FileRange<'a> {
+    pub(crate) fn new(file: &'a File, offset: u64, len: u64) -> FileRange<'a> {
+        FileRange {
+            file,
+            pos: offset,
+            end: offset + len,
+        }
+    }
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = read_at(self.file, &mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "file ended at byte {} before the expected {}: it was truncated while being read",
+                    self.pos, self.end
+                ),
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    loop {
+        match file.read_at(buf, offset) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::windows::fs::FileExt;
+    file.seek_read(buf, offset)
 }
 
 /// A parsed `-b` destination.

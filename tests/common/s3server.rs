@@ -1,0 +1,359 @@
+//! An S3 server inside the test process: s3s-fs over a temporary directory, on 127.0.0.1.
+//!
+//! Requests are really signed and checked (SigV4 with [`S3Server::access_key`] and
+//! [`S3Server::secret_key`]). The server runs on its own thread with its own tokio runtime, so
+//! each test can have its own; [`S3Server::stop`] closes the port (connections are refused)
+//! and [`S3Server::restart`] serves the same data on the same port again.
+//!
+//! Like AWS, the server refuses chunked uploads (`411 MissingContentLength`) and anything
+//! addressed to another bucket (`404 NoSuchBucket`, where s3s-fs would create the bucket on a
+//! PutObject). It records every request it receives ([`S3Server::requests`]) so tests can
+//! check what was sent, and can cut a download short ([`S3Server::cut_next_download_after`]).
+//!
+//! s3s-fs quirks to know: an object `a` and an object `a/b` cannot coexist (files vs
+//! directories), and listings echo `encoding-type=url` without encoding keys, so a key with `+`
+//! or `%` comes back altered (`+` as a space).
+
+#![allow(dead_code)] // each test binary uses its own part of the helper
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
+use s3s::auth::SimpleAuth;
+use s3s::service::{S3Service, S3ServiceBuilder};
+use walsync::storage::s3::{S3Config, S3Storage};
+
+const BUCKET: &str = "walsync-test";
+const ACCESS_KEY: &str = "walsync-test-key";
+const SECRET_KEY: &str = "walsync-test-secret";
+const REGION: &str = "us-east-1";
+
+/// One request as the server saw it. The query keeps parameter names only (no signatures).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Path, e.g. `/walsync-test/prefix/key`.
+    pub path: String,
+    /// Names of the query parameters, e.g. `["partNumber", "uploadId", "X-Amz-..."]`.
+    pub query: Vec<String>,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    /// The `Range` header, e.g. `bytes=100-`.
+    pub range: Option<String>,
+}
+
+impl Request {
+    pub fn has_param(&self, name: &str) -> bool {
+        self.query.iter().any(|q| q == name)
+    }
+}
+
+pub struct S3Server {
+    root: tempfile::TempDir,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl S3Server {
+    /// Serve a fresh bucket on a free port.
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().expect("temporary directory");
+        // An s3s-fs bucket is a directory under the root.
+        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket directory");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let mut server = S3Server {
+            root,
+            addr: listener.local_addr().unwrap(),
+            shared: Arc::default(),
+            running: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn bucket(&self) -> &'static str {
+        BUCKET
+    }
+
+    pub fn access_key(&self) -> &'static str {
+        ACCESS_KEY
+    }
+
+    pub fn secret_key(&self) -> &'static str {
+        SECRET_KEY
+    }
+
+    /// The directory s3s-fs serves: objects are at `root/<bucket>/<key>`.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Environment for a child process (`walsync -b s3://bucket/...`) to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            // Empty counts as unset: a token inherited from the test's environment would
+            // otherwise be sent along with our test keys.
+            ("AWS_SESSION_TOKEN", String::new()),
+            ("AWS_REGION", REGION.to_string()),
+            ("AWS_ENDPOINT_URL_S3", self.endpoint()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn config(&self, prefix: &str) -> S3Config {
+        S3Config {
+            bucket: BUCKET.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: Some(self.endpoint()),
+            region: REGION.to_string(),
+            access_key: ACCESS_KEY.to_string(),
+            secret_key: SECRET_KEY.to_string(),
+            session_token: None,
+        }
+    }
+
+    /// A client for `s3://<bucket>/<prefix>` on this server.
+    pub fn storage(&self, prefix: &str) -> S3Storage {
+        S3Storage::new(self.config(prefix)).expect("S3 storage for the test server")
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.requests.lock().unwrap().clone()
+    }
+
+    pub fn clear_requests(&self) {
+        self.shared.requests.lock().unwrap().clear();
+    }
+
+    /// The next object download sends `bytes` bytes of its body, then the connection breaks.
+    pub fn cut_next_download_after(&self, bytes: u64) {
+        *self.shared.cut_next_download.lock().unwrap() = Some(bytes);
+    }
+
+    /// Stop serving: from now on connections to the port are refused. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some((shutdown, thread)) = self.running.take() {
+            let _ = shutdown.send(());
+            thread.join().expect("S3 server thread panicked");
+        }
+    }
+
+    /// Serve the same data on the same port again.
+    pub fn restart(&mut self) {
+        self.stop();
+        // The port was ours a moment ago; give the kernel a little time if it hesitates.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr) {
+                Ok(listener) => break listener,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {}: {e}; retrying", self.addr);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot rebind {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let fs = s3s_fs::FileSystem::new(self.root.path()).expect("s3s-fs root");
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        let shared = Arc::clone(&self.shared);
+        let (shutdown, stopped) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(accept_loop(listener, service, shared, stopped));
+            // Dropping the runtime's tasks closes the connections still open.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        });
+        self.running = Some((shutdown, thread));
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: S3Service,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    loop {
+        let socket = tokio::select! {
+            _ = &mut stopped => return, // drops the listener: the port is closed
+            accepted = listener.accept() => match accepted {
+                Ok((socket, _)) => socket,
+                Err(_) => continue,
+            },
+        };
+        let (service, shared) = (service.clone(), Arc::clone(&shared));
+        let handler = hyper::service::service_fn(move |req| {
+            handle(service.clone(), Arc::clone(&shared), req)
+        });
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), handler);
+            let _ = connection.await;
+        });
+    }
+}
+
+async fn handle(
+    service: S3Service,
+    shared: Arc<Shared>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
+    let seen = record(&req);
+    let chunked_put = seen.chunked && seen.method == "PUT";
+    let cut = if seen.method == "GET" && !seen.has_param("list-type") {
+        shared.cut_next_download.lock().unwrap().take()
+    } else {
+        None
+    };
+    let bucket = seen
+        .path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let other_bucket = bucket != BUCKET;
+    shared.requests.lock().unwrap().push(seen);
+    if chunked_put {
+        let message = "You must provide the Content-Length HTTP header.";
+        return Ok(s3_error(411, "MissingContentLength", message));
+    }
+    // s3s-fs would create a missing bucket on PutObject, and say NoSuchKey on GetObject.
+    if other_bucket {
+        let message = "The specified bucket does not exist";
+        return Ok(s3_error(404, "NoSuchBucket", message));
+    }
+    let response = hyper::service::Service::call(&service, req).await?;
+    Ok(response.map(|body| CutBody::new(body, cut)))
+}
+
+fn s3_error(status: u16, code: &str, message: &str) -> hyper::Response<CutBody> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(CutBody::new(s3s::Body::from(body), None))
+        .unwrap()
+}
+
+fn record(req: &hyper::Request<hyper::body::Incoming>) -> Request {
+    let headers = req.headers();
+    Request {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.split('=').next().unwrap().to_string())
+            .collect(),
+        content_length: headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        chunked: headers
+            .get_all("transfer-encoding")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("chunked"))),
+        range: headers
+            .get("range")
+            .and_then(|v| Some(v.to_str().ok()?.to_string())),
+    }
+}
+
+/// What the server threads share with the test.
+#[derive(Default)]
+struct Shared {
+    requests: Mutex<Vec<Request>>,
+    cut_next_download: Mutex<Option<u64>>,
+}
+
+/// A response body that fails after `left` bytes, if given, which breaks the connection.
+struct CutBody {
+    inner: Pin<Box<s3s::Body>>,
+    left: Option<u64>,
+}
+
+impl CutBody {
+    fn new(body: s3s::Body, left: Option<u64>) -> CutBody {
+        CutBody {
+            inner: Box::pin(body),
+            left,
+        }
+    }
+}
+
+impl Body for CutBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.left == Some(0) {
+            return Poll::Ready(Some(Err("test fault: download cut".into())));
+        }
+        let frame = match ready!(self.inner.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let Some(left) = self.left else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        Poll::Ready(Some(Ok(match frame.into_data() {
+            Ok(mut data) => {
+                data.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+                self.left = Some(left - data.len() as u64);
+                Frame::data(data)
+            }
+            Err(frame) => frame,
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left != Some(0) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

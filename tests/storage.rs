@@ -1,0 +1,522 @@
+//! The S3 storage client against a real (in-process) S3 server: real HTTP, real SigV4.
+
+mod common;
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+use common::s3server::S3Server;
+use walsync::storage::s3::{S3Config, S3Storage};
+use walsync::storage::{Destination, ObjectInfo, Storage};
+use walsync::ErrorKind;
+
+const MIB: usize = 1024 * 1024;
+
+/// Deterministic bytes that do not compress and do not repeat with any short period.
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Warnings logged by the library, captured for every test of this binary.
+fn warnings() -> &'static Mutex<Vec<String>> {
+    struct Capture(Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                self.0.lock().unwrap().push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&CAPTURE).expect("no other logger");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    &CAPTURE.0
+}
+
+fn get(storage: &dyn Storage, key: &str) -> walsync::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let n = storage.get(key, &mut out)?;
+    assert_eq!(
+        n,
+        out.len() as u64,
+        "get must return the number of bytes written"
+    );
+    Ok(out)
+}
+
+fn temp_file(dir: &tempfile::TempDir, data: &[u8]) -> File {
+    let path = dir.path().join("source.bin");
+    File::create(&path).unwrap().write_all(data).unwrap();
+    File::open(&path).unwrap()
+}
+
+/// The ETag the server gives an object, asked for directly (not through our client).
+fn server_etag(server: &S3Server, object: &str) -> String {
+    use rusty_s3::S3Action;
+    let bucket = rusty_s3::Bucket::new(
+        server.endpoint().parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        server.bucket().to_string(),
+        "us-east-1",
+    )
+    .unwrap();
+    let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    let url = bucket
+        .head_object(Some(&credentials), object)
+        .sign(Duration::from_secs(60));
+    let response = ureq::head(url.as_str()).call().expect("HEAD object");
+    response.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[test]
+fn put_get_bytes_round_trip_under_the_prefix() {
+    let server = S3Server::start();
+    let s3 = server.storage("db/prefix");
+    assert_eq!(s3.describe(), format!("s3://{}/db/prefix", server.bucket()));
+
+    s3.put_bytes("app/state.json", b"{\"generation\":1}")
+        .unwrap();
+    assert_eq!(get(&s3, "app/state.json").unwrap(), b"{\"generation\":1}");
+    // The object key is prefix + "/" + key: that is where s3s-fs stored it.
+    let on_disk = server
+        .root()
+        .join(server.bucket())
+        .join("db/prefix/app/state.json");
+    assert_eq!(std::fs::read(on_disk).unwrap(), b"{\"generation\":1}");
+
+    s3.put_bytes("app/state.json", b"replaced").unwrap();
+    assert_eq!(get(&s3, "app/state.json").unwrap(), b"replaced");
+    s3.put_bytes("empty", b"").unwrap();
+    assert_eq!(get(&s3, "empty").unwrap(), b"");
+
+    // Without a prefix, keys are object keys.
+    let root = server.storage("");
+    assert_eq!(root.describe(), format!("s3://{}", server.bucket()));
+    assert_eq!(get(&root, "db/prefix/app/state.json").unwrap(), b"replaced");
+}
+
+#[test]
+fn put_file_small_is_one_put_with_content_length() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(300 * 1024 + 7, 1);
+    let file = temp_file(&dir, &data);
+    server.clear_requests();
+
+    s3.put_file("snap/0001.db.gz", &file).unwrap();
+
+    let puts: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .collect();
+    assert_eq!(puts.len(), 1, "{puts:?}");
+    assert_eq!(
+        puts[0].path,
+        format!("/{}/p/snap/0001.db.gz", server.bucket())
+    );
+    assert_eq!(puts[0].content_length, Some(data.len() as u64));
+    assert!(!puts[0].chunked, "S3 refuses chunked uploads");
+    assert!(!puts[0].has_param("uploadId"));
+    assert_eq!(s3.stats().multipart_uploads, 0);
+    assert_eq!(get(&s3, "snap/0001.db.gz").unwrap(), data);
+}
+
+#[test]
+fn put_file_larger_than_a_part_uses_multipart() {
+    let server = S3Server::start();
+    let s3 = server.storage("p").with_part_size(5 * MIB as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(12 * MIB + MIB / 2 + 3, 2);
+    let file = temp_file(&dir, &data);
+    server.clear_requests();
+
+    s3.put_file("big/wal.gz", &file).unwrap();
+
+    let requests = server.requests();
+    let parts: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method == "PUT" && r.has_param("partNumber") && r.has_param("uploadId"))
+        .collect();
+    let lengths: Vec<_> = parts.iter().map(|r| r.content_length).collect();
+    let last = (data.len() - 10 * MIB) as u64;
+    assert_eq!(
+        lengths,
+        vec![Some(5 * MIB as u64), Some(5 * MIB as u64), Some(last)],
+        "{requests:?}"
+    );
+    assert!(parts.iter().all(|r| !r.chunked));
+    assert!(requests
+        .iter()
+        .any(|r| r.method == "POST" && r.has_param("uploads")));
+    assert!(requests
+        .iter()
+        .any(|r| r.method == "POST" && r.has_param("uploadId")));
+    let stats = s3.stats();
+    assert_eq!((stats.multipart_uploads, stats.parts_uploaded), (1, 3));
+
+    // The server assembled a 3-part object (multipart ETags end in -<parts>)...
+    let etag = server_etag(&server, "p/big/wal.gz");
+    assert!(etag.trim_matches('"').ends_with("-3"), "ETag {etag}");
+    // ... with exactly our bytes, downloaded whole (beyond any default body limit).
+    assert_eq!(get(&s3, "big/wal.gz").unwrap(), data);
+    assert_eq!(
+        s3.list("big/").unwrap(),
+        vec![ObjectInfo {
+            key: "big/wal.gz".into(),
+            size: data.len() as u64
+        }]
+    );
+}
+
+#[test]
+fn failed_multipart_upload_is_aborted() {
+    let server = S3Server::start();
+    let s3 = server.storage("p").with_part_size(5 * MIB as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("source.bin");
+    std::fs::write(&path, pseudo_random(11 * MIB, 3)).unwrap();
+    // Opened for writing only: its size is known but reading it fails, after the upload was
+    // created.
+    let unreadable = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    server.clear_requests();
+
+    let err = s3.put_file("big/broken", &unreadable).unwrap_err();
+
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert!(err.to_string().contains("big/broken"), "{err}");
+    let requests = server.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "DELETE" && r.has_param("uploadId")),
+        "the upload must be aborted: {requests:?}"
+    );
+    assert_eq!(s3.stats().retries, 0, "a local read error is not retried");
+    assert_eq!(s3.stats().multipart_uploads, 0);
+    assert_eq!(
+        get(&s3, "big/broken").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    // s3s-fs keeps parts as `.upload_id-*` files in its root until completed or aborted.
+    let leftovers: Vec<_> = std::fs::read_dir(server.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".upload_id-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn list_follows_continuation_tokens_past_1000_objects() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    let count = 1003;
+    let mut expected: Vec<String> = (0..count)
+        .map(|i| format!("gen/wal/{i:08x}.wal.gz"))
+        .collect();
+    // Neighbours that must not show up in a listing of "gen/wal/".
+    s3.put_bytes("gen/wal-old", b"x").unwrap(); // (a file "gen/wal" could not coexist in s3s-fs)
+    s3.put_bytes("gen/snapshot.gz", b"x").unwrap();
+    server
+        .storage("")
+        .put_bytes("outside-the-prefix", b"x")
+        .unwrap();
+    std::thread::scope(|scope| {
+        for chunk in expected.chunks(count / 4 + 1) {
+            let s3 = &s3;
+            scope.spawn(move || {
+                for key in chunk.iter().rev() {
+                    s3.put_bytes(key, key.as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    expected.sort();
+
+    // Default page size: S3 (and s3s-fs) return at most 1000 keys per page.
+    server.clear_requests();
+    let listed = s3.list("gen/wal/").unwrap();
+    let keys: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(keys.len(), expected.len(), "first keys: {:?}", &keys[..3]);
+    if let Some(i) = (0..keys.len()).find(|&i| keys[i] != expected[i]) {
+        panic!("listing differs at {i}: {:?} != {:?}", keys[i], expected[i]);
+    }
+    assert!(listed.iter().all(|o| o.size == o.key.len() as u64));
+    let pages: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.has_param("list-type"))
+        .collect();
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert!(!pages[0].has_param("continuation-token"));
+    assert!(pages[1].has_param("continuation-token"));
+
+    // Smaller pages, counted by the client.
+    let small = server.storage("p").with_list_page_size(100);
+    let all = small.list("").unwrap();
+    assert_eq!(all.len(), count + 2);
+    assert_eq!(small.stats().list_pages, 11);
+    let mut sorted = all.clone();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(all, sorted);
+    assert!(all.iter().all(|o| o.key != "outside-the-prefix"));
+    assert!(s3.list("nothing/here/").unwrap().is_empty());
+}
+
+#[test]
+fn missing_key_and_missing_bucket_are_not_found() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    let err = get(&s3, "app/missing.json").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "s3://{}/p: GET app/missing.json: ",
+            server.bucket()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("404"), "{message}");
+    assert!(!message.contains("X-Amz-"), "{message}");
+
+    let mut config = server.config("p");
+    config.bucket = "no-such-bucket".into();
+    let missing = S3Storage::new(config).unwrap();
+    let errors = [
+        missing.list("").unwrap_err(),
+        missing.put_bytes("k", b"x").unwrap_err(),
+        get(&missing, "k").unwrap_err(),
+        missing.delete("k").unwrap_err(),
+    ];
+    for err in errors {
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("bucket \"no-such-bucket\" does not exist"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn wrong_credentials_are_auth_errors_without_secrets() {
+    let server = S3Server::start();
+    server
+        .storage("p")
+        .put_bytes("app/state.json", b"{}")
+        .unwrap();
+    let secret = "definitely-not-the-secret";
+    let wrong_secret = S3Storage::new(S3Config {
+        secret_key: secret.into(),
+        ..server.config("p")
+    })
+    .unwrap();
+    let wrong_key = S3Storage::new(S3Config {
+        access_key: "nobody".into(),
+        ..server.config("p")
+    })
+    .unwrap();
+
+    // A big upload is refused before its body is sent (Expect: 100-continue), rather than
+    // by a connection closed in the middle, which would look like a network failure.
+    let dir = tempfile::tempdir().unwrap();
+    let big = temp_file(&dir, &pseudo_random(15 * MIB, 5));
+    let errors = [
+        get(&wrong_secret, "app/state.json").unwrap_err(),
+        wrong_secret.put_bytes("app/state.json", b"x").unwrap_err(),
+        wrong_secret.put_file("app/big", &big).unwrap_err(),
+        wrong_secret.list("").unwrap_err(),
+        get(&wrong_key, "app/state.json").unwrap_err(),
+    ];
+    for err in &errors {
+        let message = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::Auth, "{message}");
+        assert!(
+            message.contains("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+            "{message}"
+        );
+        assert!(message.contains("403"), "{message}");
+        assert!(
+            message.starts_with(&format!("s3://{}/p: ", server.bucket())),
+            "{message}"
+        );
+        for leak in [
+            secret,
+            server.secret_key(),
+            "X-Amz-Signature",
+            "X-Amz-Credential",
+            "?",
+        ] {
+            assert!(!message.contains(leak), "{leak:?} in {message}");
+        }
+    }
+    assert!(
+        errors[0].to_string().contains("GET app/state.json"),
+        "{}",
+        errors[0]
+    );
+    // Not retried: a wrong key stays wrong.
+    assert_eq!(wrong_secret.stats().retries, 0);
+    assert_eq!(get(&server.storage("p"), "app/state.json").unwrap(), b"{}");
+}
+
+#[test]
+fn stopped_server_is_transient_after_bounded_retries() {
+    let mut server = S3Server::start();
+    let s3 = server.storage("p").with_max_attempts(2);
+    warnings(); // capture from now on
+    s3.put_bytes("k", b"kept").unwrap();
+    server.stop();
+
+    let started = Instant::now();
+    let err = get(&s3, "k").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!("s3://{}/p: GET k: ", server.bucket())),
+        "{message}"
+    );
+    assert!(message.contains("gave up after 2 attempts"), "{message}");
+    assert!(message.contains(&server.endpoint()), "{message}");
+    assert!(
+        !message.contains("X-Amz-") && !message.contains('?'),
+        "{message}"
+    );
+    let stats = s3.stats();
+    assert_eq!((stats.retries, stats.requests - 1), (1, 2), "{stats:?}");
+    // One warning per retry, naming the operation, the key and the reason, without secrets.
+    let retried: Vec<String> = warnings()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.contains(&server.endpoint()))
+        .cloned()
+        .collect();
+    assert_eq!(retried.len(), 1, "{retried:?}");
+    assert!(retried[0].contains("GET k: "), "{}", retried[0]);
+    assert!(retried[0].contains("attempt 2 of 2"), "{}", retried[0]);
+    assert!(
+        !retried[0].contains("X-Amz-") && !retried[0].contains('?'),
+        "{}",
+        retried[0]
+    );
+
+    let err = s3.put_bytes("k2", b"x").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+
+    server.restart();
+    assert_eq!(get(&s3, "k").unwrap(), b"kept", "same data after a restart");
+}
+
+#[test]
+fn retries_ride_out_a_short_outage() {
+    let mut server = S3Server::start();
+    let s3 = server.storage("p"); // default: 5 attempts, ~3 s of backoff in total
+    server.stop();
+    let data = pseudo_random(100_000, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let file = temp_file(&dir, &data);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            server.restart();
+        });
+        s3.put_file("during/outage", &file).unwrap();
+    });
+    assert!(s3.stats().retries >= 1, "{:?}", s3.stats());
+    assert_eq!(get(&s3, "during/outage").unwrap(), data);
+}
+
+#[test]
+fn interrupted_download_resumes_where_it_stopped() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    let data = pseudo_random(3 * MIB + 5, 6);
+    s3.put_bytes("snapshot.db.gz", &data).unwrap();
+    server.clear_requests();
+    let cut = MIB as u64 + 17;
+    server.cut_next_download_after(cut);
+
+    assert_eq!(get(&s3, "snapshot.db.gz").unwrap(), data);
+
+    assert_eq!(s3.stats().retries, 1);
+    let ranges: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], None);
+    // The retry asks only for what is missing (the connection may lose a few in-flight bytes).
+    let from: u64 = ranges[1]
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or_else(|| panic!("no resuming Range: {ranges:?}"));
+    assert!(from > 0 && from <= cut, "resumed from {from}, cut at {cut}");
+}
+
+#[test]
+fn delete_removes_and_ignores_missing_keys() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    s3.put_bytes("a/1", b"1").unwrap();
+    s3.put_bytes("a/2", b"2").unwrap();
+    s3.delete("a/1").unwrap();
+    assert_eq!(get(&s3, "a/1").unwrap_err().kind(), ErrorKind::NotFound);
+    let keys: Vec<String> = s3.list("a/").unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(keys, vec!["a/2"]);
+    s3.delete("a/1").unwrap();
+    s3.delete("never/existed").unwrap();
+}
+
+#[test]
+fn invalid_keys_are_refused_before_any_request() {
+    let server = S3Server::start();
+    let s3 = server.storage("p");
+    server.clear_requests();
+    for key in ["/abs", "a/../b", "", "a//b"] {
+        assert_eq!(
+            s3.put_bytes(key, b"x").unwrap_err().kind(),
+            ErrorKind::Invalid,
+            "{key:?}"
+        );
+    }
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn open_builds_file_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let storage = walsync::storage::open(&Destination::parse(&url).unwrap(), None).unwrap();
+    assert_eq!(storage.describe(), url);
+    storage.put_bytes("x/y", b"z").unwrap();
+    assert_eq!(std::fs::read(dir.path().join("x/y")).unwrap(), b"z");
+}
