@@ -55,7 +55,10 @@ impl FileStorage {
         let path = self.path(key)?;
         let what = || format!("{}: put {key}", self.describe());
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-            return Err(Error::invalid(format!("{}: bad key {key:?}", self.describe())));
+            return Err(Error::invalid(format!(
+                "{}: bad key {key:?}",
+                self.describe()
+            )));
         };
         let name = name.to_string_lossy();
         fs::create_dir_all(dir).context(what)?;
