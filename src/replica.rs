@@ -1,51 +1,69 @@
-//! One database replicated to one destination: generations, positions, segments, snapshots.
+//! One database replicated to one destination: generations, positions, segments, snapshots
+//! and checkpoints.
 //!
-//! A [`Replica`] remembers how far it has shipped the database's WAL: the generation, the
-//! last segment index, and the exact place in the WAL (salts, byte offset and running
-//! checksum of the last shipped commit). That position is kept in a small JSON file in a
-//! sidecar directory beside the database (`.app.db-walsync/`), written only after the
-//! object it describes is durably stored, so a restart resumes where the last upload ended.
+//! # Positions
 //!
-//! Continuity is checked every time before shipping: the WAL must still start with the same
-//! salts and hold the very same frames up to the saved position. If anything else happened
-//! (the WAL was checkpointed and restarted while walsync was not holding it, the database
-//! file was replaced, its page size changed), the frames in between may be gone, so the only
-//! safe move is a new generation that starts with a full snapshot. The log says why.
+//! A [`Replica`] knows two positions, each a generation, a segment index and an exact place
+//! in the WAL (salts, byte offset and running checksum just after a commit frame):
+//!
+//! - the *tip*: how far it has cut the WAL into segments (queued for upload), and
+//! - the *durable* position: how far those uploads have succeeded. Only this one is saved,
+//!   in a small JSON file in a sidecar directory beside the database (`.app.db-walsync/`),
+//!   after each upload, so a restart resumes exactly where storage ends.
+//!
+//! Uploads happen strictly in order, so the bucket never has a gap a restore would trip on.
+//!
+//! # Holding the WAL still
+//!
+//! The replica keeps a read transaction open (the *pin*, see [`crate::database`]). While it
+//! is open SQLite cannot restart the WAL, so every frame walsync has not read yet stays in the
+//! file. Checkpoints run by anyone may copy frames into the database file meanwhile; that is
+//! harmless, the frames stay in the WAL too. The pin is only moved under the *barrier* (the
+//! write lock), at moments when everything committed has been cut into segments.
+//!
+//! walsync checkpoints the WAL itself, only when every committed frame is durable: under the
+//! barrier it ships what is left, then releases the pin and checkpoints. After a complete
+//! checkpoint the next writer restarts the WAL with salt-1 and the checkpoint sequence both
+//! one higher; the replica expects exactly that and carries on in the same generation.
+//!
+//! # Continuity
+//!
+//! Before cutting, the WAL must still be the one the tip describes: same salts and the same
+//! frame at the tip's offset (or the one restart walsync caused). Anything else (the WAL
+//! checkpointed and restarted while walsync was not holding it, the database file replaced,
+//! the page size changed) means frames may be missing, so the replica starts a new
+//! generation with a full snapshot and logs why.
 //!
 //! The sidecar also holds a lock file, so two walsync processes cannot replicate the same
 //! database to the same destination at once and interleave their segments.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::database::{Database, FileIdentity};
-use crate::error::{Context, Error, ErrorKind, Result};
+use crate::error::{Context, Error, Result};
 use crate::layout::{self, Generation, ObjectKind, ObjectName, ReplicaState};
 use crate::segment;
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::utc::UtcTime;
-use crate::wal::{WalHeader, WalPosition, WalReader, HEADER_SIZE};
+use crate::wal::{WalHeader, WalPosition, WalReader, FRAME_HEADER_SIZE, HEADER_SIZE};
 
-/// A limit that ships nothing: the WAL had no header when the barrier was taken.
-const NOTHING: WalPosition = WalPosition {
-    offset: HEADER_SIZE,
-    checksum: [0, 0],
-};
-
-/// How far a replica has shipped, saved in the sidecar after every durable upload.
+/// How far a replica has shipped: saved in the sidecar after every durable upload.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Position {
     destination: String,
     name: String,
     generation: String,
-    /// Last segment shipped in this generation (0: only the base snapshot).
+    /// Last segment in this generation (0: only the base snapshot).
     index: u64,
     page_size: u32,
-    /// The WAL as of the last shipped commit; `None` when the WAL held no valid header then.
+    /// The WAL just after the last commit in a segment; `None` when the WAL had no valid
+    /// header then (no frames at all).
     wal: Option<WalMark>,
-    /// The database file as of the last shipped commit.
+    /// The database file as of that commit.
     db: FileIdentity,
 }
 
@@ -53,44 +71,77 @@ struct Position {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct WalMark {
     salt: [u32; 2],
+    checkpoint_seq: u32,
     end: WalPosition,
+    /// walsync itself checkpointed the whole WAL up to `end` with everything durable, so the
+    /// next writer will restart the WAL: one restart is expected, not a loss of continuity.
+    #[serde(default)]
+    backfilled: bool,
 }
 
-/// What one call to [`Replica::sync`] did.
+/// An object cut and waiting to be uploaded, with the position it makes durable.
+struct Pending {
+    key: String,
+    kind: ObjectKind,
+    /// Taken by whoever uploads it.
+    file: Option<File>,
+    after: Position,
+}
+
+/// An upload for a worker: store `file` under `key`, then call [`Replica::upload_done`].
+pub struct Upload {
+    pub key: String,
+    pub file: File,
+}
+
+/// What one call to [`Replica::sync`] or [`Replica::poll`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// Nothing new was committed since the last segment.
+    /// Nothing new was committed.
     Idle,
-    /// A segment was stored.
+    /// A segment was cut (and, for [`Replica::sync`], stored).
     Shipped { key: String, frames: u64 },
-    /// A snapshot starting a new generation was stored (first run, or continuity was lost).
+    /// A snapshot starting a new generation was taken (first run, or continuity was lost).
     NewGeneration { key: String, reason: String },
 }
 
-/// The result of checking a saved position against the WAL on disk.
-enum Continuity {
-    /// Ship from this position of the current WAL.
-    From(WalPosition),
-    /// The WAL holds nothing after the saved position and has no header yet.
-    Empty,
-    /// The replica cannot continue its generation, for this reason.
-    Lost(String),
+/// Which kind of checkpoint to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointMode {
+    /// Copy frames into the database without blocking anyone; the WAL file keeps its size.
+    Passive,
+    /// Copy every frame and truncate the WAL file to zero bytes.
+    Truncate,
+}
+
+impl CheckpointMode {
+    fn sql(self) -> &'static str {
+        match self {
+            CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
+            CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
+        }
+    }
 }
 
 /// One database replicated to one destination.
 pub struct Replica {
+    /// Control connection: the barrier and checkpoints.
     db: Database,
+    /// Holds the read transaction that pins the WAL.
+    pin: Database,
     storage: Arc<dyn Storage>,
     name: String,
     sidecar: PathBuf,
     position_path: PathBuf,
-    position: Option<Position>,
-    /// Held for the replica's lifetime: only one writer per database and destination.
+    durable: Option<Position>,
+    tip: Option<Position>,
+    pending: VecDeque<Pending>,
+    /// Held for the replica's lifetime: only one replicator per database and destination.
     _lock: File,
 }
 
 impl Replica {
-    /// Open `db_path` for replication to `storage` under `name`.
+    /// Open `db_path` for replication to `storage` under `name`, and pin its WAL.
     pub fn open(db_path: &Path, storage: Arc<dyn Storage>, name: &str) -> Result<Replica> {
         layout::validate_name(name)?;
         let db = Database::open(db_path)?;
@@ -109,15 +160,20 @@ impl Replica {
             )));
         }
         let position_path = sidecar.join(format!("{stem}.json"));
-        let position = load_position(&position_path)?
+        let durable = load_position(&position_path)?
             .filter(|p| p.destination == destination && p.name == name);
+        let pin = db.reopen()?;
+        pin.pin()?;
         Ok(Replica {
             db,
+            pin,
             storage,
             name: name.to_string(),
             sidecar,
             position_path,
-            position,
+            tip: durable.clone(),
+            durable,
+            pending: VecDeque::new(),
             _lock: lock,
         })
     }
@@ -126,229 +182,402 @@ impl Replica {
         &self.name
     }
 
-    pub fn database(&self) -> &Database {
-        &self.db
+    pub fn path(&self) -> &Path {
+        self.db.path()
     }
 
-    /// The current generation and last shipped segment index, if any.
+    /// The durable generation and last segment index, if any.
     pub fn generation(&self) -> Option<(Generation, u64)> {
-        let p = self.position.as_ref()?;
+        let p = self.durable.as_ref()?;
         Some((Generation::parse(&p.generation)?, p.index))
     }
 
-    /// Ship every transaction committed since the last shipped one as one segment.
-    ///
-    /// Starts a new generation with a snapshot when there is none yet or continuity is lost.
+    /// True when every object cut so far is durably stored.
+    pub fn is_flushed(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Frames in the WAL up to the tip: how much a checkpoint would copy.
+    pub fn wal_frames(&self) -> u64 {
+        match self
+            .tip
+            .as_ref()
+            .and_then(|p| p.wal.map(|m| (m, p.page_size)))
+        {
+            Some((mark, page_size)) => {
+                (mark.end.offset - HEADER_SIZE) / (FRAME_HEADER_SIZE + u64::from(page_size))
+            }
+            None => 0,
+        }
+    }
+
+    /// Size of the WAL file on disk (0 if there is none).
+    pub fn wal_file_size(&self) -> u64 {
+        std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len())
+    }
+
+    /// Ship every transaction committed since the last call as one segment and wait for it
+    /// to be stored. Starts a new generation with a snapshot when there is none yet or
+    /// continuity is lost.
     pub fn sync(&mut self) -> Result<SyncOutcome> {
-        let Some(position) = self.position.clone() else {
-            let key = self.snapshot_new_generation()?;
-            return Ok(SyncOutcome::NewGeneration {
-                key,
-                reason: "no generation yet".into(),
-            });
-        };
-        self.db.pin()?;
-        let shipped = self.ship_pending(&position, None);
-        self.db.release()?;
-        match shipped? {
+        let outcome = self.poll()?;
+        self.flush()?;
+        Ok(outcome)
+    }
+
+    /// Store a snapshot aligned to a segment boundary now and wait for it (and anything
+    /// queued before it) to be stored. Returns the snapshot's key.
+    pub fn snapshot(&mut self) -> Result<String> {
+        let key = self.queue_snapshot()?;
+        self.flush()?;
+        Ok(key)
+    }
+
+    /// Cut what was committed since the tip into a segment queued for upload, or queue a new
+    /// generation's snapshot when there is no generation or continuity is lost.
+    pub fn poll(&mut self) -> Result<SyncOutcome> {
+        match self.cut_to_end()? {
             Ok(outcome) => Ok(outcome),
             Err(reason) => {
-                log::warn!(
-                    "{}: starting a new generation: {reason}",
-                    self.db.path().display()
-                );
-                let key = self.snapshot_new_generation()?;
+                let key = self.queue_new_generation(&reason)?;
                 Ok(SyncOutcome::NewGeneration { key, reason })
             }
         }
     }
 
-    /// Store a snapshot aligned to a segment boundary, returning its key.
-    ///
-    /// Commits not yet shipped are first shipped as a segment, so the snapshot is exactly
-    /// the database at the end of the segment its index names. Starts a new generation when
-    /// there is none or continuity is lost.
-    pub fn snapshot(&mut self) -> Result<String> {
-        let Some(position) = self.position.clone() else {
-            return self.snapshot_new_generation();
-        };
-        // The barrier: no commit can slip in between the last segment and the snapshot.
-        self.db.lock_writes()?;
-        let marked = self.mark_committed_end().and_then(|mark| {
-            let reader = self.db.reopen()?;
-            reader.pin()?;
-            Ok((mark, reader))
-        });
-        self.db.release()?;
-        let (mark, pinned) = marked?;
-        // The pinned reader sees exactly what was committed under the barrier, and the WAL
-        // cannot be restarted while it is open; ship up to that point and no further.
-        let limit = mark.map_or(NOTHING, |m| m.end);
-        let result = match self.ship_pending(&position, Some(limit))? {
-            Ok(_) => {
-                let position = self.position.clone().unwrap_or(position);
-                let generation = Generation::parse(&position.generation)
-                    .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
-                self.store_snapshot(&pinned, generation, position.index)
-            }
-            Err(reason) => {
-                drop(pinned);
-                log::warn!(
-                    "{}: starting a new generation: {reason}",
-                    self.db.path().display()
-                );
-                return self.snapshot_new_generation();
-            }
-        };
-        pinned.release()?;
-        result
+    /// The next object to upload, if none is being uploaded now. Uploads go one at a time,
+    /// in order; report each with [`Replica::upload_done`].
+    pub fn next_upload(&mut self) -> Option<Upload> {
+        let front = self.pending.front_mut()?;
+        let file = front.file.take()?;
+        Some(Upload {
+            key: front.key.clone(),
+            file,
+        })
     }
 
-    /// Ship committed frames after `position`, up to `limit` if given, as one segment. The
-    /// caller pins the WAL. The inner `Err` is a reason why continuity is lost.
-    fn ship_pending(
-        &mut self,
-        position: &Position,
-        limit: Option<WalPosition>,
-    ) -> Result<Result<SyncOutcome, String>> {
+    /// An upload handed out by [`Replica::next_upload`] succeeded: its position is durable.
+    pub fn upload_done(&mut self, key: &str) -> Result<()> {
+        match self.pending.front() {
+            Some(p) if p.key == key && p.file.is_none() => {}
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{}: upload of {key} finished out of order",
+                    self.name
+                )))
+            }
+        }
+        let Some(done) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        self.save_position(done.after)?;
+        if done.kind == ObjectKind::Snapshot {
+            if let Err(e) = self.write_state() {
+                // Only `list` reads state.json; the snapshot itself is stored.
+                log::warn!("{}: {e}", self.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// An upload handed out by [`Replica::next_upload`] could not be completed (walsync is
+    /// stopping): put it back so a later call can retry it.
+    pub fn upload_returned(&mut self, upload: Upload) {
+        if let Some(front) = self.pending.front_mut() {
+            if front.key == upload.key {
+                front.file = Some(upload.file);
+            }
+        }
+    }
+
+    /// Upload everything queued, in order, from this thread.
+    pub fn flush(&mut self) -> Result<()> {
+        while let Some(upload) = self.next_upload() {
+            let stored = self
+                .storage
+                .put_file(&upload.key, &upload.file)
+                .context(|| format!("{}: uploading {}", self.name, upload.key));
+            if let Err(e) = stored {
+                self.upload_returned(upload);
+                return Err(e);
+            }
+            log::info!("{}: stored {}", self.name, upload.key);
+            self.upload_done(&upload.key)?;
+        }
+        Ok(())
+    }
+
+    /// Queue a snapshot aligned to a segment boundary (and the segment before it, if
+    /// anything is committed but not yet cut). Returns the snapshot's key.
+    pub fn queue_snapshot(&mut self) -> Result<String> {
+        // Cut what is there outside the barrier, so the barrier only covers a small rest.
+        if let Err(reason) = self.cut_to_end()? {
+            return self.queue_new_generation(&reason);
+        }
+        self.db.lock_writes()?;
+        let cut = self.cut_to_end().and_then(|cut| {
+            if cut.is_ok() {
+                self.repin()?;
+            }
+            Ok(cut)
+        });
+        self.db.release()?;
+        if let Err(reason) = cut? {
+            return self.queue_new_generation(&reason);
+        }
+        // The pin now sees exactly what the tip's last segment ends with.
+        let tip = self
+            .tip
+            .clone()
+            .ok_or_else(|| Error::invalid("no generation"))?;
+        let generation = Generation::parse(&tip.generation)
+            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
+        self.queue_snapshot_object(generation, tip)
+    }
+
+    /// Checkpoint the WAL if every committed frame is durable. Returns false if it was not
+    /// attempted because uploads are pending.
+    ///
+    /// Under the barrier, what was committed since the last segment is cut and uploaded
+    /// right away (writers wait for that one small upload), then the pin is released and
+    /// the checkpoint runs. A PASSIVE checkpoint runs inside the barrier; a TRUNCATE
+    /// checkpoint needs the write lock itself, so it runs just after, and
+    /// `PRAGMA data_version` tells whether another connection committed in between.
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<bool> {
+        if !self.pending.is_empty() {
+            return Ok(false);
+        }
+        self.db.lock_writes()?;
+        let before = match self.ship_rest_under_barrier() {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                self.db.release()?;
+                return Ok(false);
+            }
+            Err(e) => {
+                self.db.release()?;
+                return Err(e);
+            }
+        };
+        self.pin.release()?;
+        let result = match mode {
+            CheckpointMode::Passive => {
+                let r = self.run_checkpoint(mode);
+                self.pin.pin()?;
+                self.db.release()?;
+                r
+            }
+            CheckpointMode::Truncate => {
+                self.db.release()?;
+                let r = self.run_checkpoint(mode);
+                self.pin.pin()?;
+                r
+            }
+        };
+        let (busy, log_frames, checkpointed) = result?;
+        let slipped = self.data_version()? != before;
+        if slipped {
+            // A commit landed between the barrier and the checkpoint and may have been
+            // checkpointed out of the WAL before walsync read it.
+            log::warn!("{}: a commit raced the checkpoint", self.name);
+            self.tip = None;
+            return Ok(true);
+        }
+        let complete = busy == 0 && log_frames == checkpointed;
+        log::debug!(
+            "{}: {mode:?} checkpoint: busy={busy} log={log_frames} checkpointed={checkpointed}",
+            self.name
+        );
+        if complete {
+            if let Some(tip) = self.tip.as_mut() {
+                if let Some(mark) = tip.wal.as_mut() {
+                    mark.backfilled = true;
+                }
+            }
+            let tip = self.tip.clone();
+            if let Some(tip) = tip {
+                self.save_position(tip)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Under the barrier: cut and upload whatever is left, so the tip is the end of the
+    /// committed WAL and durable. Returns the control connection's data version, or None if
+    /// continuity is lost (the caller must not checkpoint; the next poll starts over).
+    fn ship_rest_under_barrier(&mut self) -> Result<Option<i64>> {
+        if self.cut_to_end()?.is_err() {
+            return Ok(None);
+        }
+        self.flush()?;
+        Ok(Some(self.data_version()?))
+    }
+
+    fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64)> {
+        self.db
+            .connection()
+            .query_row(mode.sql(), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .context(|| format!("{}: {mode:?} checkpoint", self.name))
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .db
+            .connection()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Cut the committed frames after the tip into a queued segment. The inner `Err` says
+    /// why continuity is lost (a new generation is needed).
+    fn cut_to_end(&mut self) -> Result<Result<SyncOutcome, String>> {
+        let Some(tip) = self.tip.clone() else {
+            return Ok(Err("no generation yet".into()));
+        };
         let wal = self.db.open_wal()?;
         let reader = match &wal {
             Some(file) => WalReader::open(file)?,
             None => None,
         };
         let (Some(file), Some(mut reader)) = (&wal, reader) else {
-            return Ok(match self.check_without_wal(position)? {
-                Continuity::Lost(reason) => Err(reason),
-                _ => Ok(SyncOutcome::Idle),
-            });
+            return Ok(self.check_without_wal(&tip)?.map(|()| SyncOutcome::Idle));
         };
-        let start = match self.check_continuity(position, &reader)? {
-            Continuity::From(start) => start,
-            Continuity::Empty => return Ok(Ok(SyncOutcome::Idle)),
-            Continuity::Lost(reason) => return Ok(Err(reason)),
+        let start = match self.check_continuity(&tip, &reader)? {
+            Ok(start) => start,
+            Err(reason) => return Ok(Err(reason)),
         };
         reader.seek(start);
-        let Some(mut end) = reader.find_last_commit()? else {
+        let Some(end) = reader.find_last_commit()? else {
             return Ok(Ok(SyncOutcome::Idle));
         };
-        if let Some(limit) = limit.filter(|l| l.offset < end.offset) {
-            end = limit;
-        }
-        if end.offset <= start.offset {
-            return Ok(Ok(SyncOutcome::Idle));
-        }
         let header = *reader.header();
-        let cut = segment::cut(file, &header, start, end, &self.sidecar)
-            .context(|| format!("cutting a segment of {}", self.db.path().display()))?;
-        let generation = Generation::parse(&position.generation)
+        let cut = match segment::cut(file, &header, start, end, &self.sidecar) {
+            Ok(cut) => cut,
+            Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
+                return Ok(Err(format!("the WAL changed while it was read: {e}")))
+            }
+            Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
+        };
+        let generation = Generation::parse(&tip.generation)
             .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
         let object = ObjectName {
             kind: ObjectKind::Segment,
             generation,
-            index: position.index + 1,
+            index: tip.index + 1,
             time: UtcTime::now(),
         };
         let key = object.key(&self.name);
-        self.storage.put_file(&key, &cut.file).context(|| {
-            format!(
-                "uploading segment {} of {}",
-                object.index,
-                self.db.path().display()
-            )
-        })?;
-        log::info!("{}: stored {key} ({} frames)", self.name, cut.frames);
-        self.save_position(Position {
+        let after = Position {
             index: object.index,
             wal: Some(WalMark {
                 salt: header.salt,
+                checkpoint_seq: header.checkpoint_seq,
                 end,
+                backfilled: false,
             }),
             db: FileIdentity::of(self.db.path())?,
-            ..position.clone()
-        })?;
+            ..tip
+        };
+        log::debug!("{}: cut {key} ({} frames)", self.name, cut.frames);
+        self.push(key.clone(), ObjectKind::Segment, cut.file, after);
         Ok(Ok(SyncOutcome::Shipped {
             key,
             frames: cut.frames,
         }))
     }
 
-    /// Is the WAL on disk still the one `position` describes, holding the same frames?
-    fn check_continuity(&self, position: &Position, reader: &WalReader) -> Result<Continuity> {
+    /// Where to start reading the WAL after `tip`, or why continuity is lost.
+    fn check_continuity(
+        &self,
+        tip: &Position,
+        reader: &WalReader,
+    ) -> Result<Result<WalPosition, String>> {
         let identity = FileIdentity::of(self.db.path())?;
-        if !identity.same_file(&position.db) {
-            return Ok(Continuity::Lost("the database file was replaced".into()));
+        if !identity.same_file(&tip.db) {
+            return Ok(Err("the database file was replaced".into()));
         }
         let header = *reader.header();
-        if header.page_size != position.page_size {
-            return Ok(Continuity::Lost(format!(
+        if header.page_size != tip.page_size {
+            return Ok(Err(format!(
                 "page size changed from {} to {}",
-                position.page_size, header.page_size
+                tip.page_size, header.page_size
             )));
         }
-        let Some(mark) = position.wal else {
-            // The WAL had no header when the position was taken: every frame in it now is
-            // newer, provided nothing was checkpointed into the database file meanwhile.
-            if identity != position.db {
-                return Ok(Continuity::Lost(
+        let top = WalPosition {
+            offset: HEADER_SIZE,
+            checksum: header.checksum,
+        };
+        let Some(mark) = tip.wal else {
+            // The WAL had no header when the tip was taken: every frame in it now is newer,
+            // provided nothing was checkpointed into the database file meanwhile.
+            if identity != tip.db {
+                return Ok(Err(
                     "the database file changed while walsync was not watching".into(),
                 ));
             }
-            return Ok(Continuity::From(reader.position()));
+            return Ok(Ok(top));
         };
-        if header.salt != mark.salt {
-            return Ok(Continuity::Lost(
-                "the WAL was checkpointed and restarted while walsync was not watching".into(),
-            ));
+        if header.salt == mark.salt {
+            return Ok(if reader.still_holds(mark.end)? {
+                Ok(mark.end)
+            } else {
+                Err("the WAL no longer holds the frames last shipped".into())
+            });
         }
-        if !reader.still_holds(mark.end)? {
-            return Ok(Continuity::Lost(
-                "the WAL no longer holds the frames last shipped".into(),
-            ));
+        // The one restart walsync's own complete checkpoint leads to.
+        let one_restart = header.salt[0] == mark.salt[0].wrapping_add(1)
+            && header.checkpoint_seq == mark.checkpoint_seq.wrapping_add(1);
+        if mark.backfilled && one_restart {
+            return Ok(Ok(top));
         }
-        Ok(Continuity::From(mark.end))
+        Ok(Err(
+            "the WAL was checkpointed and restarted while walsync was not holding it".into(),
+        ))
     }
 
     /// Continuity when there is no WAL file or it has no valid header.
-    fn check_without_wal(&self, position: &Position) -> Result<Continuity> {
+    fn check_without_wal(&self, tip: &Position) -> Result<Result<(), String>> {
         let identity = FileIdentity::of(self.db.path())?;
-        if position.wal.is_none() && identity == position.db {
-            Ok(Continuity::Empty)
-        } else if !identity.same_file(&position.db) {
-            Ok(Continuity::Lost("the database file was replaced".into()))
+        if !identity.same_file(&tip.db) {
+            return Ok(Err("the database file was replaced".into()));
+        }
+        let backfilled = tip.wal.is_some_and(|m| m.backfilled);
+        if (tip.wal.is_none() && identity == tip.db) || backfilled {
+            Ok(Ok(()))
         } else {
-            Ok(Continuity::Lost(
-                "the WAL was checkpointed away while walsync was not watching".into(),
+            Ok(Err(
+                "the WAL was checkpointed away while walsync was not holding it".into(),
             ))
         }
     }
 
-    /// Start a new generation: barrier, pin, snapshot at index 0.
-    fn snapshot_new_generation(&mut self) -> Result<String> {
+    /// Start a new generation, because of `reason`: under the barrier, note where the
+    /// committed WAL ends and move the pin there; then snapshot through the pin.
+    fn queue_new_generation(&mut self, reason: &str) -> Result<String> {
+        if self.tip.is_some() {
+            log::warn!("{}: starting a new generation: {reason}", self.name);
+        } else {
+            log::info!("{}: starting the first generation", self.name);
+        }
         self.db.lock_writes()?;
         let marked = self.mark_committed_end().and_then(|mark| {
-            let reader = self.db.reopen()?;
-            reader.pin()?;
-            Ok((mark, reader, FileIdentity::of(self.db.path())?))
+            self.repin()?;
+            Ok((mark, FileIdentity::of(self.db.path())?))
         });
         self.db.release()?;
-        let (mark, pinned, identity) = marked?;
-        let page_size = pinned.page_size()?;
+        let (mark, identity) = marked?;
         let generation = Generation::new();
-        let previous = self.position.replace(Position {
+        let position = Position {
             destination: self.storage.describe(),
             name: self.name.clone(),
             generation: generation.as_str().to_string(),
             index: 0,
-            page_size,
+            page_size: self.pin.page_size()?,
             wal: mark,
             db: identity,
-        });
-        let result = self.store_snapshot(&pinned, generation, 0);
-        pinned.release()?;
-        if result.is_err() {
-            self.position = previous;
-        }
-        result
+        };
+        let key = self.queue_snapshot_object(generation, position.clone())?;
+        self.tip = Some(position);
+        Ok(key)
     }
 
     /// Where the committed part of the WAL ends right now (call under the barrier).
@@ -359,54 +588,62 @@ impl Replica {
         let Some(mut reader) = WalReader::open(&file)? else {
             return Ok(None);
         };
+        let header: WalHeader = *reader.header();
         let end = reader.find_last_commit()?.unwrap_or(WalPosition {
             offset: HEADER_SIZE,
-            checksum: reader.header().checksum,
+            checksum: header.checksum,
         });
-        let header: WalHeader = *reader.header();
         Ok(Some(WalMark {
             salt: header.salt,
+            checkpoint_seq: header.checkpoint_seq,
             end,
+            backfilled: false,
         }))
     }
 
-    /// Copy the pinned database and store it as the snapshot at `index` of `generation`,
-    /// then save the position (already updated by the caller) and write `state.json`.
-    fn store_snapshot(
+    /// Copy the pinned database into a queued snapshot at `position`'s index.
+    fn queue_snapshot_object(
         &mut self,
-        pinned: &Database,
         generation: Generation,
-        index: u64,
+        position: Position,
     ) -> Result<String> {
-        let what = || format!("snapshot of {}", self.db.path().display());
-        let snap = snapshot::take(pinned, &self.sidecar).context(what)?;
+        let snap = snapshot::take(&self.pin, &self.sidecar)
+            .context(|| format!("{}: taking a snapshot", self.name))?;
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
             generation,
-            index,
+            index: position.index,
             time: UtcTime::now(),
         };
         let key = object.key(&self.name);
-        self.storage
-            .put_file(&key, &snap.file)
-            .context(|| format!("uploading {}", what()))?;
-        log::info!(
-            "{}: stored {key} ({} bytes uncompressed)",
+        log::debug!(
+            "{}: snapshot {key} ({} bytes uncompressed)",
             self.name,
             snap.db_size
         );
-        let position = self
-            .position
-            .clone()
-            .ok_or_else(|| Error::new(ErrorKind::Other, "snapshot without a position"))?;
-        self.save_position(position)?;
-        self.write_state()?;
+        self.push(key.clone(), ObjectKind::Snapshot, snap.file, position);
         Ok(key)
+    }
+
+    fn push(&mut self, key: String, kind: ObjectKind, file: File, after: Position) {
+        self.tip = Some(after.clone());
+        self.pending.push_back(Pending {
+            key,
+            kind,
+            file: Some(file),
+            after,
+        });
+    }
+
+    /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
+    fn repin(&self) -> Result<()> {
+        self.pin.release()?;
+        self.pin.pin()
     }
 
     /// Write `state.json` for `list` and for people; restores never need it.
     pub fn write_state(&self) -> Result<()> {
-        let Some(p) = &self.position else {
+        let Some(p) = &self.durable else {
             return Ok(());
         };
         let state = ReplicaState {
@@ -432,7 +669,7 @@ impl Replica {
         std::fs::write(&tmp, body).context(what)?;
         File::open(&tmp).and_then(|f| f.sync_all()).context(what)?;
         std::fs::rename(&tmp, &self.position_path).context(what)?;
-        self.position = Some(position);
+        self.durable = Some(position);
         Ok(())
     }
 }

@@ -210,17 +210,20 @@ fn continuity_lost_while_not_watching_starts_a_new_generation_and_loses_nothing(
     let storage: Arc<dyn Storage> = Arc::new(server.storage("gen"));
     let mut app = AppDb::create(dir.path(), "app.db");
     app.insert(10, 100);
-    let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
-    replica.snapshot().unwrap();
-    app.insert(2, 100);
-    shipped_key(replica.sync().unwrap());
-    let (first_generation, _) = replica.generation().unwrap();
+    let first_generation = {
+        let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
+        replica.snapshot().unwrap();
+        app.insert(2, 100);
+        shipped_key(replica.sync().unwrap());
+        replica.generation().unwrap().0
+    };
 
-    // The application checkpoints and truncates the WAL, then writes more: the frames
-    // written in between never reached walsync as WAL frames.
+    // walsync is stopped. The application commits, checkpoints and truncates the WAL, then
+    // writes more: the frames written in between never reach walsync as WAL frames.
     app.insert(5, 100);
     app.exec("PRAGMA wal_checkpoint(TRUNCATE);");
     app.insert(1, 100);
+    let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
     match replica.sync().unwrap() {
         SyncOutcome::NewGeneration { reason, .. } => {
             assert!(reason.contains("restarted"), "{reason}")

@@ -16,8 +16,9 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the helper
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -55,8 +56,24 @@ impl Request {
     }
 }
 
+/// What [`S3Server::start_with`] may change from [`S3Server::start`]'s defaults (the
+/// benchmark server, `examples/s3-server.rs`, uses them).
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Serve this directory (created if missing) instead of a new temporary one, which is
+    /// then not removed when the server is dropped.
+    pub root: Option<PathBuf>,
+    /// Listen on this port of 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Also append every request to this file as a line `METHOD PATH[?QUERY]` (the query
+    /// without its `X-Amz-*` signature parameters), written as it arrives.
+    pub request_log: Option<PathBuf>,
+}
+
 pub struct S3Server {
-    root: tempfile::TempDir,
+    /// The temporary directory behind `root`, if the server made one (removed on drop).
+    _temp: Option<tempfile::TempDir>,
+    root: PathBuf,
     addr: SocketAddr,
     shared: Arc<Shared>,
     running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
@@ -65,14 +82,37 @@ pub struct S3Server {
 impl S3Server {
     /// Serve a fresh bucket on a free port.
     pub fn start() -> S3Server {
-        let root = tempfile::tempdir().expect("temporary directory");
+        S3Server::start_with(Options::default())
+    }
+
+    /// Serve with other [`Options`] than the defaults.
+    pub fn start_with(options: Options) -> S3Server {
+        let (temp, root) = match options.root {
+            Some(root) => (None, root),
+            None => {
+                let temp = tempfile::tempdir().expect("temporary directory");
+                let root = temp.path().to_path_buf();
+                (Some(temp), root)
+            }
+        };
         // An s3s-fs bucket is a directory under the root.
-        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket directory");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        std::fs::create_dir_all(root.join(BUCKET)).expect("bucket directory");
+        let request_log = options.request_log.map(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("request log {}: {e}", path.display()))
+        });
+        let listener = TcpListener::bind(("127.0.0.1", options.port)).expect("bind 127.0.0.1");
         let mut server = S3Server {
+            _temp: temp,
             root,
             addr: listener.local_addr().unwrap(),
-            shared: Arc::default(),
+            shared: Arc::new(Shared {
+                request_log: Mutex::new(request_log),
+                ..Shared::default()
+            }),
             running: None,
         };
         server.serve(listener);
@@ -97,7 +137,7 @@ impl S3Server {
 
     /// The directory s3s-fs serves: objects are at `root/<bucket>/<key>`.
     pub fn root(&self) -> &Path {
-        self.root.path()
+        &self.root
     }
 
     /// Environment for a child process (`walsync -b s3://bucket/...`) to reach this server.
@@ -175,7 +215,7 @@ impl S3Server {
 
     fn serve(&mut self, listener: TcpListener) {
         listener.set_nonblocking(true).unwrap();
-        let fs = s3s_fs::FileSystem::new(self.root.path()).expect("s3s-fs root");
+        let fs = s3s_fs::FileSystem::new(&self.root).expect("s3s-fs root");
         let mut builder = S3ServiceBuilder::new(fs);
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let service = builder.build();
@@ -247,6 +287,10 @@ async fn handle(
         .next()
         .unwrap_or("");
     let other_bucket = bucket != BUCKET;
+    if let Some(log) = shared.request_log.lock().unwrap().as_mut() {
+        // One write per line on an O_APPEND file: nothing is held back in a buffer.
+        let _ = log.write_all(log_line(&req).as_bytes());
+    }
     shared.requests.lock().unwrap().push(seen);
     if chunked_put {
         let message = "You must provide the Content-Length HTTP header.";
@@ -271,6 +315,20 @@ fn s3_error(status: u16, code: &str, message: &str) -> hyper::Response<CutBody> 
         .header("content-type", "application/xml")
         .body(CutBody::new(s3s::Body::from(body), None))
         .unwrap()
+}
+
+/// `METHOD PATH[?QUERY]\n`, the query without its signature parameters.
+fn log_line(req: &hyper::Request<hyper::body::Incoming>) -> String {
+    let query: Vec<&str> = (req.uri().query().unwrap_or("").split('&'))
+        .filter(|p| !p.is_empty() && !p.starts_with("X-Amz-"))
+        .collect();
+    let mut line = format!("{} {}", req.method(), req.uri().path());
+    if !query.is_empty() {
+        line.push('?');
+        line.push_str(&query.join("&"));
+    }
+    line.push('\n');
+    line
 }
 
 fn record(req: &hyper::Request<hyper::body::Incoming>) -> Request {
@@ -304,6 +362,7 @@ fn record(req: &hyper::Request<hyper::body::Incoming>) -> Request {
 struct Shared {
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
+    request_log: Mutex<Option<std::fs::File>>,
 }
 
 /// A response body that fails after `left` bytes, if given, which breaks the connection.
