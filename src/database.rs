@@ -15,7 +15,6 @@
 //! would move unshipped frames into the database file and delete the WAL).
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,7 +63,7 @@ impl FileIdentity {
 impl Database {
     /// Open an existing SQLite database in WAL mode, or explain clearly why not.
     pub fn open(path: &Path) -> Result<Database> {
-        check_is_sqlite(path)?;
+        check_is_file(path)?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
@@ -79,7 +78,13 @@ impl Database {
         let mode: String = db
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .context(|| format!("reading journal mode of {}", path.display()))?;
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => {
+                    Error::invalid(format!("{} is not a SQLite database", path.display()))
+                }
+                _ => Error::from(e)
+                    .with_context(format!("reading journal mode of {}", path.display())),
+            })?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::invalid(format!(
                 "{} is in '{mode}' journal mode, walsync needs WAL mode: run \
@@ -163,36 +168,27 @@ impl Database {
     }
 }
 
-/// Refuse, with a message a person understands, anything that is not a SQLite database.
-fn check_is_sqlite(path: &Path) -> Result<()> {
-    let mut file = File::open(path).map_err(|e| {
-        let what = if e.kind() == std::io::ErrorKind::NotFound {
-            "does not exist".to_string()
-        } else {
-            format!("cannot be opened: {e}")
-        };
-        Error::new(
-            Error::from(e).kind(),
-            format!("database {} {what}", path.display()),
-        )
-    })?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(Error::invalid(format!(
+/// Refuse a path that is missing or a directory, with a message a person understands.
+///
+/// This looks only with `stat`. It must never open and close the database file itself:
+/// POSIX drops *all* of a process's locks on a file when *any* descriptor of it is closed,
+/// so a stray `File::open` + `close` would silently release the locks of every SQLite
+/// connection to it in this process (walsync's pin, or an embedding application's), and
+/// another process could then checkpoint and delete the WAL under us. Whether the file is
+/// a database is left to SQLite (see [`Database::open`]).
+fn check_is_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(Error::invalid(format!(
             "{} is a directory, not a database",
             path.display()
-        )));
-    }
-    let mut magic = [0u8; 16];
-    let n = file
-        .read(&mut magic)
-        .context(|| format!("reading {}", path.display()))?;
-    if n != 16 || &magic != b"SQLite format 3\0" {
-        return Err(Error::invalid(format!(
-            "{} is not a SQLite database",
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(format!(
+            "database {} does not exist",
             path.display()
-        )));
+        ))),
+        Err(e) => Err(Error::from(e).with_context(format!("database {}", path.display()))),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -216,6 +212,32 @@ mod tests {
         drop(c);
         let err = Database::open(&rollback).err().unwrap();
         assert!(err.to_string().contains("journal_mode=WAL"), "{err}");
+    }
+
+    #[test]
+    fn a_pin_survives_another_process_closing_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x);")
+            .unwrap();
+        drop(app);
+        // Two connections, as a replica has: opening the second must not disturb the
+        // first one's locks (see `check_is_file`).
+        let control = Database::open(&path).unwrap();
+        let db = control.reopen().unwrap();
+        db.pin().unwrap();
+        // sqlite3 in another process: it checkpoints and deletes the WAL on close when it
+        // believes it is the last connection. The pin must stop it.
+        let status = std::process::Command::new("sqlite3")
+            .arg(&path)
+            .arg("INSERT INTO t VALUES (1);")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let wal = dir.path().join("app.db-wal");
+        assert!(wal.exists(), "the WAL was deleted under a pinned reader");
+        assert!(std::fs::metadata(&wal).unwrap().len() > 32);
     }
 
     #[test]
