@@ -60,6 +60,114 @@ pub fn default_name(db_path: &Path) -> Result<String> {
     Ok(stem.to_string())
 }
 
+/// Give each database a distinct, deterministic replica name.
+///
+/// `specs` are `PATH` or `PATH:NAME`. An explicit name is used as given. Otherwise the name is
+/// the file stem (`/srv/app.db` → `app`); when several databases share a stem, each of them
+/// is prefixed with as many of its parent directories as it takes to tell them apart
+/// (`/var/lib/x/romneys/app.db` → `romneys-app`, `/var/lib/x/smiths/app.db` → `smiths-app`),
+/// with characters not allowed in names replaced by `_`. The same database listed twice, or
+/// two databases ending up with one name, is an error: one replica must never mix two
+/// databases. A spec that names an existing file is a path even if it contains `:`.
+pub fn assign_names(specs: &[String]) -> Result<Vec<(std::path::PathBuf, String)>> {
+    let mut parsed = Vec::new();
+    for spec in specs {
+        let (path, explicit) = match spec.rsplit_once(':') {
+            // A file whose own name holds ':' is taken as a path.
+            _ if Path::new(spec).exists() => (spec.as_str(), None),
+            Some((path, name)) if !path.is_empty() => {
+                validate_name(name)?;
+                (path, Some(name.to_string()))
+            }
+            _ => (spec.as_str(), None),
+        };
+        let absolute =
+            std::path::absolute(path).map_err(|e| Error::invalid(format!("{path}: {e}")))?;
+        parsed.push((absolute, explicit));
+    }
+    for (i, (a, _)) in parsed.iter().enumerate() {
+        if parsed[..i].iter().any(|(b, _)| a == b) {
+            return Err(Error::invalid(format!("{} is listed twice", a.display())));
+        }
+    }
+    // How many parent directories each unnamed database needs in its name.
+    let mut depth = vec![0usize; parsed.len()];
+    let name_at = |path: &Path, depth: usize| -> Result<String> {
+        let stem = default_name(path).or_else(|_| {
+            path.file_stem()
+                .map(|s| sanitize(&s.to_string_lossy()))
+                .ok_or_else(|| Error::invalid(format!("{} has no file name", path.display())))
+        })?;
+        let parents: Vec<String> = path
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.iter().rev())
+            .take(depth)
+            .map(|c| sanitize(&c.to_string_lossy()))
+            .collect();
+        let mut parts: Vec<String> = parents.into_iter().rev().collect();
+        parts.push(stem);
+        let name = parts.join("-");
+        validate_name(&name)?;
+        Ok(name)
+    };
+    loop {
+        let names: Vec<String> = parsed
+            .iter()
+            .zip(&depth)
+            .map(|((path, explicit), d)| match explicit {
+                Some(name) => Ok(name.clone()),
+                None => name_at(path, *d),
+            })
+            .collect::<Result<_>>()?;
+        let mut grew = false;
+        for i in 0..names.len() {
+            let clash = (0..names.len()).any(|j| j != i && names[j] == names[i]);
+            if !clash {
+                continue;
+            }
+            let (path, explicit) = &parsed[i];
+            let parents = path.parent().map_or(0, |p| p.iter().count());
+            if explicit.is_none() && depth[i] < parents {
+                depth[i] += 1;
+                grew = true;
+            }
+        }
+        if !grew {
+            for i in 0..names.len() {
+                if let Some(j) = (0..i).find(|&j| names[j] == names[i]) {
+                    return Err(Error::invalid(format!(
+                        "{} and {} would both be replicated as {:?}; give one another name \
+                         with PATH:NAME",
+                        parsed[j].0.display(),
+                        parsed[i].0.display(),
+                        names[i]
+                    )));
+                }
+            }
+            return Ok(parsed.into_iter().map(|(p, _)| p).zip(names).collect());
+        }
+    }
+}
+
+/// Replace characters a replica name may not hold with `_`.
+fn sanitize(text: &str) -> String {
+    let s: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match s.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => s,
+    }
+}
+
 /// The key of a database's `state.json`.
 pub fn state_key(name: &str) -> String {
     format!("{name}/state.json")
@@ -206,7 +314,8 @@ pub struct ReplicaState {
     /// RFC 3339 time this state was written.
     pub updated: String,
     pub page_size: u32,
-    /// Where the database lives on the replicating host, for people reading the bucket.
+    /// `host:/path` of the database, for people reading the bucket and to notice two
+    /// databases written under one name.
     pub source: String,
     pub walsync_version: String,
 }
@@ -331,6 +440,45 @@ mod tests {
         ] {
             assert!(ObjectName::parse_key(key).is_none(), "{key} parsed");
         }
+    }
+
+    fn names(specs: &[&str]) -> Result<Vec<String>> {
+        let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+        Ok(assign_names(&specs)?.into_iter().map(|(_, n)| n).collect())
+    }
+
+    #[test]
+    fn colliding_stems_get_their_parent_directories() {
+        assert_eq!(
+            names(&[
+                "/var/lib/x/romneys/app.db",
+                "/var/lib/x/smiths/app.db",
+                "/var/lib/x/jones/app.db",
+                "/srv/other.db"
+            ])
+            .unwrap(),
+            ["romneys-app", "smiths-app", "jones-app", "other"]
+        );
+        // Deeper collisions take more parents; odd characters become '_'.
+        assert_eq!(
+            names(&["/a/t 1/db/app.db", "/b/t 1/db/app.db"]).unwrap(),
+            ["a-t_1-db-app", "b-t_1-db-app"]
+        );
+        assert_eq!(names(&["/x/app.db"]).unwrap(), ["app"]);
+    }
+
+    #[test]
+    fn explicit_names_win_and_duplicates_are_refused() {
+        assert_eq!(
+            names(&["/x/a/app.db:tenant-a", "/x/b/app.db"]).unwrap(),
+            ["tenant-a", "app"]
+        );
+        let err = names(&["/x/a.db:same", "/x/b.db:same"]).unwrap_err();
+        assert!(err.to_string().contains("PATH:NAME"), "{err}");
+        let err = names(&["/x/a.db", "/x/a.db"]).unwrap_err();
+        assert!(err.to_string().contains("listed twice"), "{err}");
+        assert!(names(&["/x/a.db:../evil"]).is_err());
+        assert!(names(&["/x/a.db:"]).is_err());
     }
 
     #[test]

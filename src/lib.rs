@@ -9,6 +9,9 @@
 //! - [`snapshot`]: consistent compressed copies of a database through the backup API.
 //! - [`segment`]: cutting committed WAL frames into standalone compressed segments.
 //! - [`replica`]: one database replicated to one destination: generations and positions.
+//! - [`watcher`]: file events (inotify, kqueue, or polling) that wake a database's thread.
+//! - [`uploader`]: the small pool of blocking upload workers shared by all databases.
+//! - [`replicator`]: continuous replication of many databases (`walsync watch`).
 //! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
 //! - [`list`]: what a destination holds, for people and scripts.
 
@@ -17,12 +20,15 @@ pub mod error;
 pub mod layout;
 pub mod list;
 pub mod replica;
+pub mod replicator;
 pub mod restore;
 pub mod segment;
 pub mod snapshot;
 pub mod spool;
 pub mod storage;
+pub mod uploader;
 pub mod utc;
 pub mod wal;
+pub mod watcher;
 
 pub use error::{Error, ErrorKind, Result};

@@ -128,7 +128,7 @@ impl Listing {
                     |o: &Option<ObjectSummary>| o.as_ref().map_or("-".into(), |o| o.time.clone());
                 let _ = writeln!(
                     out,
-                    "{:<20} {:<16} {:>9} {:>9} {:>12}  {:<24}  {:<24}",
+                    "{:<20} {:<16} {:>9} {:>9} {:>12}  {:<24}  {}",
                     db.name,
                     g.generation,
                     g.snapshots,

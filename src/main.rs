@@ -6,12 +6,16 @@ use std::sync::Arc;
 
 use argh::FromArgs;
 
-use walsync::error::Result;
+use std::time::Duration;
+
+use walsync::error::{Error, Result};
 use walsync::layout;
 use walsync::replica::Replica;
+use walsync::replicator::{Options, Replicator};
 use walsync::restore::{self, RestoreOptions};
 use walsync::storage::{self, Destination, Storage};
 use walsync::utc::UtcTime;
+use walsync::watcher::WatchMode;
 
 /// Back up SQLite databases in WAL mode to S3-compatible storage, and restore them.
 #[derive(FromArgs)]
@@ -26,9 +30,40 @@ struct Cli {
 #[derive(FromArgs)]
 #[argh(subcommand)]
 enum Command {
+    Watch(WatchCmd),
     Snapshot(SnapshotCmd),
     List(ListCmd),
     Restore(RestoreCmd),
+}
+
+/// Replicate databases continuously until SIGTERM or SIGINT.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "watch")]
+struct WatchCmd {
+    /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
+    #[argh(positional)]
+    databases: Vec<String>,
+    /// destination: s3://bucket/prefix or file:///dir
+    #[argh(option, short = 'b')]
+    bucket: String,
+    /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
+    #[argh(option)]
+    endpoint: Option<String>,
+    /// seconds between snapshots of a changing database (default 3600)
+    #[argh(option, default = "3600.0")]
+    snapshot_interval: f64,
+    /// under steady writes, ship each database at most this often, in seconds (default 1)
+    #[argh(option, default = "1.0")]
+    min_interval: f64,
+    /// upload workers shared by all databases (default 2)
+    #[argh(option, default = "2")]
+    upload_workers: usize,
+    /// poll files for changes instead of using inotify/kqueue
+    #[argh(switch)]
+    poll: bool,
+    /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30)
+    #[argh(option, default = "30.0")]
+    shutdown_timeout: f64,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
@@ -115,8 +150,80 @@ fn open_storage(bucket: &str, endpoint: Option<&str>) -> Result<Arc<dyn Storage>
     Ok(Arc::from(storage::open(&dest, endpoint)?))
 }
 
+/// Seconds from the command line as a Duration, refusing nonsense.
+fn seconds(what: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero() || what == "--min-interval")
+        .ok_or_else(|| Error::invalid(format!("{what} must be a positive number of seconds")))
+}
+
+/// Block SIGTERM and SIGINT in this thread and every thread started after, so that
+/// [`wait_for_signal`] can take them synchronously.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a sigset_t we own; called before any thread is started.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Wait until SIGTERM or SIGINT arrives; returns its name.
+fn wait_for_signal(set: &libc::sigset_t) -> &'static str {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: `set` is initialised and the signals in it are blocked in every thread.
+    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
+    if signal == libc::SIGINT {
+        "SIGINT"
+    } else {
+        "SIGTERM"
+    }
+}
+
+fn watch(cmd: WatchCmd) -> Result<()> {
+    if cmd.databases.is_empty() {
+        return Err(Error::invalid("watch needs at least one database"));
+    }
+    let signals = block_stop_signals();
+    let options = Options {
+        min_interval: seconds("--min-interval", cmd.min_interval)?,
+        snapshot_interval: seconds("--snapshot-interval", cmd.snapshot_interval)?,
+        upload_workers: cmd.upload_workers.max(1),
+        watch_mode: if cmd.poll {
+            WatchMode::Poll
+        } else {
+            WatchMode::Auto
+        },
+        ..Options::default()
+    };
+    let shutdown_timeout = seconds("--shutdown-timeout", cmd.shutdown_timeout)?;
+    let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
+    let databases = layout::assign_names(&cmd.databases)?;
+    let replicator = Replicator::start(storage, &databases, options)?;
+    for (name, path) in replicator.databases() {
+        println!("watching {} as {name}", path.display());
+    }
+    log::info!(
+        "replicating {} database(s) to {} ({} events)",
+        databases.len(),
+        cmd.bucket,
+        replicator.watch_backend()
+    );
+    let signal = wait_for_signal(&signals);
+    log::info!(
+        "{signal}: shipping what is left (up to {}s)",
+        shutdown_timeout.as_secs_f64()
+    );
+    replicator.stop(shutdown_timeout)
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
+        Command::Watch(cmd) => watch(cmd)?,
         Command::Snapshot(cmd) => {
             let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
             let name = match cmd.name {
@@ -124,6 +231,7 @@ fn run(command: Command) -> Result<()> {
                 None => layout::default_name(&cmd.database)?,
             };
             let mut replica = Replica::open(&cmd.database, storage, &name)?;
+            replica.check_ownership()?;
             let key = replica.snapshot()?;
             println!("{key}");
         }

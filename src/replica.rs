@@ -136,6 +136,8 @@ pub struct Replica {
     durable: Option<Position>,
     tip: Option<Position>,
     pending: VecDeque<Pending>,
+    /// The database file the connections have open.
+    opened: FileIdentity,
     /// Held for the replica's lifetime: only one replicator per database and destination.
     _lock: File,
 }
@@ -164,9 +166,11 @@ impl Replica {
             .filter(|p| p.destination == destination && p.name == name);
         let pin = db.reopen()?;
         pin.pin()?;
+        let opened = FileIdentity::of(db_path)?;
         Ok(Replica {
             db,
             pin,
+            opened,
             storage,
             name: name.to_string(),
             sidecar,
@@ -197,13 +201,20 @@ impl Replica {
         self.pending.is_empty()
     }
 
-    /// Frames in the WAL up to the tip: how much a checkpoint would copy.
+    /// The key of the last object queued and not yet stored.
+    pub fn last_queued_key(&self) -> Option<String> {
+        self.pending.back().map(|p| p.key.clone())
+    }
+
+    /// Frames in the WAL up to the tip that walsync has not checkpointed yet.
     pub fn wal_frames(&self) -> u64 {
         match self
             .tip
             .as_ref()
             .and_then(|p| p.wal.map(|m| (m, p.page_size)))
         {
+            // Checkpointed by walsync; the next writer restarts the WAL.
+            Some((mark, _)) if mark.backfilled => 0,
             Some((mark, page_size)) => {
                 (mark.end.offset - HEADER_SIZE) / (FRAME_HEADER_SIZE + u64::from(page_size))
             }
@@ -236,6 +247,7 @@ impl Replica {
     /// Cut what was committed since the tip into a segment queued for upload, or queue a new
     /// generation's snapshot when there is no generation or continuity is lost.
     pub fn poll(&mut self) -> Result<SyncOutcome> {
+        self.follow_replacement()?;
         match self.cut_to_end()? {
             Ok(outcome) => Ok(outcome),
             Err(reason) => {
@@ -335,24 +347,25 @@ impl Replica {
         self.queue_snapshot_object(generation, tip)
     }
 
-    /// Checkpoint the WAL if every committed frame is durable. Returns false if it was not
-    /// attempted because uploads are pending.
+    /// Checkpoint the WAL if every committed frame is durable. Returns `None` if it was not
+    /// attempted (uploads are pending, or continuity is lost), else whether it copied every
+    /// frame (readers of older snapshots can hold frames back).
     ///
     /// Under the barrier, what was committed since the last segment is cut and uploaded
     /// right away (writers wait for that one small upload), then the pin is released and
-    /// the checkpoint runs. A PASSIVE checkpoint runs inside the barrier; a TRUNCATE
+    /// the checkpoint runs on its connection. A PASSIVE checkpoint runs inside the barrier; a TRUNCATE
     /// checkpoint needs the write lock itself, so it runs just after, and
     /// `PRAGMA data_version` tells whether another connection committed in between.
-    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<bool> {
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<Option<bool>> {
         if !self.pending.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         self.db.lock_writes()?;
         let before = match self.ship_rest_under_barrier() {
             Ok(Some(v)) => v,
             Ok(None) => {
                 self.db.release()?;
-                return Ok(false);
+                return Ok(None);
             }
             Err(e) => {
                 self.db.release()?;
@@ -381,7 +394,7 @@ impl Replica {
             // checkpointed out of the WAL before walsync read it.
             log::warn!("{}: a commit raced the checkpoint", self.name);
             self.tip = None;
-            return Ok(true);
+            return Ok(Some(false));
         }
         let complete = busy == 0 && log_frames == checkpointed;
         log::debug!(
@@ -399,7 +412,7 @@ impl Replica {
                 self.save_position(tip)?;
             }
         }
-        Ok(true)
+        Ok(Some(complete))
     }
 
     /// Under the barrier: cut and upload whatever is left, so the tip is the end of the
@@ -413,8 +426,10 @@ impl Replica {
         Ok(Some(self.data_version()?))
     }
 
+    /// Run on the pin's connection while it is released: the control connection may be
+    /// holding the barrier, and SQLite refuses to checkpoint inside a transaction.
     fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64)> {
-        self.db
+        self.pin
             .connection()
             .query_row(mode.sql(), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .context(|| format!("{}: {mode:?} checkpoint", self.name))
@@ -449,6 +464,9 @@ impl Replica {
         let Some(end) = reader.find_last_commit()? else {
             return Ok(Ok(SyncOutcome::Idle));
         };
+        // The segment's time: every commit in it happened before this moment, so a
+        // point-in-time restore to it never includes a later transaction.
+        let time = UtcTime::now();
         let header = *reader.header();
         let cut = match segment::cut(file, &header, start, end, &self.sidecar) {
             Ok(cut) => cut,
@@ -463,7 +481,7 @@ impl Replica {
             kind: ObjectKind::Segment,
             generation,
             index: tip.index + 1,
-            time: UtcTime::now(),
+            time,
         };
         let key = object.key(&self.name);
         let after = Position {
@@ -541,6 +559,11 @@ impl Replica {
             return Ok(Err("the database file was replaced".into()));
         }
         let backfilled = tip.wal.is_some_and(|m| m.backfilled);
+        log::debug!(
+            "{}: no WAL header; database now {identity:?}, at tip {:?}",
+            self.name,
+            tip.db
+        );
         if (tip.wal.is_none() && identity == tip.db) || backfilled {
             Ok(Ok(()))
         } else {
@@ -635,10 +658,95 @@ impl Replica {
         });
     }
 
+    /// If another file was renamed into the database's place, reopen the connections on it
+    /// (they still point at the old file); continuity is then lost and the next cut says so.
+    fn follow_replacement(&mut self) -> Result<()> {
+        let now = FileIdentity::of(self.db.path())?;
+        if now.same_file(&self.opened) {
+            return Ok(());
+        }
+        log::warn!(
+            "{}: {} was replaced by another file; reopening it",
+            self.name,
+            self.db.path().display()
+        );
+        let db = Database::open(self.db.path())?;
+        let pin = db.reopen()?;
+        pin.pin()?;
+        self.db = db;
+        self.pin = pin;
+        self.opened = now;
+        Ok(())
+    }
+
     /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
     fn repin(&self) -> Result<()> {
         self.pin.release()?;
         self.pin.pin()
+    }
+
+    /// Refuse to write into a replica name that another database is writing to.
+    ///
+    /// One LIST of the name (and a GET of its `state.json` when this database has no
+    /// generation of its own yet). Another writer shows as a generation newer than this
+    /// database's own, or, for a database without one, a `state.json` naming another
+    /// source (host and path). Removing that `state.json` hands the name over, for example
+    /// to a database restored onto a new host.
+    pub fn check_ownership(&self) -> Result<()> {
+        let listing = self
+            .storage
+            .list(&format!("{}/", self.name))
+            .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
+        let catalog = layout::Catalog::from_listing(listing);
+        let Some(newest) = catalog
+            .databases
+            .get(&self.name)
+            .and_then(|generations| generations.keys().next_back().cloned())
+        else {
+            return Ok(());
+        };
+        let ours = self
+            .durable
+            .as_ref()
+            .and_then(|p| Generation::parse(&p.generation));
+        if let Some(ours) = ours {
+            if newest > ours {
+                return Err(Error::invalid(format!(
+                    "{}: {} holds a newer generation {newest} of {:?} than this database's                      {ours}: another walsync is writing that name; give this database another                      name with PATH:NAME",
+                    self.db.path().display(),
+                    self.storage.describe(),
+                    self.name
+                )));
+            }
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        match self.storage.get(&layout::state_key(&self.name), &mut body) {
+            Ok(_) => {}
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.with_context(format!("{}: reading state.json", self.name))),
+        }
+        let state: ReplicaState = match serde_json::from_slice(&body) {
+            Ok(state) => state,
+            Err(_) => return Ok(()),
+        };
+        if state.source != self.source() {
+            return Err(Error::invalid(format!(
+                "{:?} in {} holds backups of {}, not {}: give this database another name with                  PATH:NAME, or remove {}/state.json to take the name over",
+                self.name,
+                self.storage.describe(),
+                state.source,
+                self.source(),
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// `host:/absolute/path` of this database, as recorded in `state.json`.
+    fn source(&self) -> String {
+        let path = std::path::absolute(self.db.path()).unwrap_or_else(|_| self.db.path().into());
+        format!("{}:{}", hostname(), path.display())
     }
 
     /// Write `state.json` for `list` and for people; restores never need it.
@@ -652,7 +760,7 @@ impl Replica {
             index: p.index,
             updated: UtcTime::now().to_rfc3339(),
             page_size: p.page_size,
-            source: self.db.path().display().to_string(),
+            source: self.source(),
             walsync_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let body = serde_json::to_vec_pretty(&state)?;
@@ -703,6 +811,18 @@ fn load_position(path: &Path) -> Result<Option<Position>> {
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
+    }
+}
+
+/// This machine's host name, or "localhost" if it cannot be read.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if rc == 0 && !name.is_empty() => name.to_string(),
+        _ => "localhost".to_string(),
     }
 }
 

@@ -17,9 +17,14 @@ use crate::error::{Context, Error, Result};
 use crate::spool;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter};
 
-/// Compression level for segments and snapshots. WAL pages compress well at any level;
-/// the low levels cost a fraction of the CPU (see `scripts/bench.sh`).
-pub const GZIP_LEVEL: u32 = 6;
+/// Compression level for segments and snapshots.
+///
+/// Measured with flate2 (release build) on a 20 MB WAL of typical rows (text columns and an
+/// index): level 1 compressed 3.3x at 206 MB/s, 2: 3.7x at 163 MB/s, 3: 4.0x at 96 MB/s,
+/// 6 (the usual default): 4.3x at 27 MB/s, 9: 4.4x at 13 MB/s. Level 3 keeps 94% of level
+/// 6's saving for under a third of its CPU, which matters on a small VPS and for the part
+/// of a cut that runs while writers wait at a checkpoint barrier.
+pub const GZIP_LEVEL: u32 = 3;
 
 /// A segment ready to upload.
 pub struct Segment {

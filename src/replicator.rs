@@ -1,0 +1,498 @@
+//! Continuous replication of many databases: the engine behind `walsync watch`, and the
+//! library entry point for applications that embed walsync.
+//!
+//! One OS thread per database owns its [`Replica`] and sleeps on a channel. What wakes it:
+//! the [`Watcher`] (its WAL or database file changed), an upload worker (an object is
+//! stored), a command from the application (sync now, snapshot now, stop), or a slow safety
+//! timer that re-checks the WAL in case an event was lost. Re-checking reads the local WAL
+//! only; an idle database makes no storage requests at all.
+//!
+//! Timing: the first commit after a quiet spell is cut and handed to the upload pool at
+//! once; under steady writes a database ships at most once per `min_interval`, batching
+//! everything committed meanwhile into one segment. Objects of one database upload one at
+//! a time, in order, through a small pool of workers shared by all databases.
+//!
+//! Nothing here needs an async runtime. A Tokio application starts a [`Replicator`] from
+//! any thread and calls its blocking methods through `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::replica::{CheckpointMode, Replica, SyncOutcome, Upload};
+use crate::storage::Storage;
+use crate::uploader::UploadPool;
+use crate::watcher::{WatchMode, Watcher};
+
+/// How a [`Replicator`] behaves. `Default` gives walsync's defaults.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Under steady writes, ship a database at most this often.
+    pub min_interval: Duration,
+    /// Take a snapshot this often while a database changes.
+    pub snapshot_interval: Duration,
+    /// Upload workers shared by all databases.
+    pub upload_workers: usize,
+    /// File events (inotify/kqueue) or stat polling.
+    pub watch_mode: WatchMode,
+    /// How often the polling watcher looks.
+    pub poll_interval: Duration,
+    /// How often each database re-checks its WAL even without events.
+    pub safety_interval: Duration,
+    /// Run a PASSIVE checkpoint once the WAL holds this many frames and all are stored.
+    pub passive_checkpoint_frames: u64,
+    /// Run a TRUNCATE checkpoint once the WAL file is this large and all is stored.
+    pub truncate_checkpoint_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            min_interval: Duration::from_secs(1),
+            snapshot_interval: Duration::from_secs(3600),
+            upload_workers: 2,
+            watch_mode: WatchMode::Auto,
+            poll_interval: Duration::from_secs(1),
+            safety_interval: Duration::from_secs(10),
+            passive_checkpoint_frames: 1000,
+            truncate_checkpoint_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// After a failed checkpoint or one that could not finish, wait this long before the next.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
+
+/// After a local error (reading the WAL, taking a snapshot), wait this long, then retry.
+const ERROR_RETRY: Duration = Duration::from_secs(5);
+
+/// What wakes a database thread.
+enum Event {
+    /// The WAL or database file changed.
+    Changed,
+    /// An upload finished (stored, or handed back at shutdown).
+    Uploaded(Upload, Result<()>),
+    /// Ship now, ignoring `min_interval`, and answer once everything is stored.
+    Sync(Sender<Result<()>>),
+    /// Snapshot now, and answer with its key once it is stored.
+    Snapshot(Sender<Result<String>>),
+    /// Ship what is left, wait for uploads until the deadline, write state.json, exit.
+    Stop(Instant),
+}
+
+struct DbThread {
+    name: String,
+    path: PathBuf,
+    events: Sender<Event>,
+    thread: JoinHandle<Result<()>>,
+}
+
+/// Continuous replication of a set of databases to one destination.
+pub struct Replicator {
+    databases: Vec<DbThread>,
+    pool: Arc<UploadPool>,
+    watcher: Watcher,
+}
+
+impl Replicator {
+    /// Start replicating `databases` (path and replica name) to `storage`.
+    ///
+    /// Every database is opened and checked before any thread starts, so a bad path or a
+    /// database not in WAL mode is an error here, not a log line later.
+    pub fn start(
+        storage: Arc<dyn Storage>,
+        databases: &[(PathBuf, String)],
+        options: Options,
+    ) -> Result<Replicator> {
+        let mut replicas = Vec::new();
+        for (path, name) in databases {
+            let replica = Replica::open(path, Arc::clone(&storage), name)?;
+            replica.check_ownership()?;
+            replicas.push(replica);
+        }
+        let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
+        let pool = Arc::new(UploadPool::start(storage, options.upload_workers)?);
+        let mut threads = Vec::new();
+        for replica in replicas {
+            let (tx, rx) = mpsc::channel();
+            let notify = tx.clone();
+            watcher.watch(
+                replica.path(),
+                Box::new(move || {
+                    let _ = notify.send(Event::Changed);
+                }),
+            )?;
+            let name = replica.name().to_string();
+            let path = replica.path().to_path_buf();
+            let worker = DbWorker {
+                replica,
+                events: rx,
+                own_sender: tx.clone(),
+                pool: Arc::clone(&pool),
+                options: options.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("walsync-{name}"))
+                .stack_size(512 * 1024)
+                .spawn(move || worker.run())
+                .map_err(|e| Error::from(e).with_context("starting a database thread"))?;
+            threads.push(DbThread {
+                name,
+                path,
+                events: tx,
+                thread,
+            });
+        }
+        Ok(Replicator {
+            databases: threads,
+            pool,
+            watcher,
+        })
+    }
+
+    /// Names and paths of the replicated databases.
+    pub fn databases(&self) -> Vec<(String, PathBuf)> {
+        self.databases
+            .iter()
+            .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
+    /// How file changes are noticed: "inotify", "kqueue" or "poll".
+    pub fn watch_backend(&self) -> &'static str {
+        self.watcher.backend()
+    }
+
+    /// Ship everything committed in `name` now and wait until it is stored.
+    pub fn sync(&self, name: &str) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(name, Event::Sync(tx))?;
+        rx.recv()
+            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))?
+    }
+
+    /// Ship everything committed in every database and wait until it is stored.
+    pub fn sync_all(&self) -> Result<()> {
+        for db in &self.databases {
+            self.sync(&db.name)?;
+        }
+        Ok(())
+    }
+
+    /// Take a snapshot of `name` now; returns its key once it is stored.
+    pub fn snapshot(&self, name: &str) -> Result<String> {
+        let (tx, rx) = mpsc::channel();
+        self.send(name, Event::Snapshot(tx))?;
+        rx.recv()
+            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))?
+    }
+
+    /// Stop watching, ship what is committed, wait up to `timeout` for uploads, write each
+    /// `state.json`, and stop the threads. Returns an error naming the databases whose last
+    /// objects could not be stored in time (their data is still in their WAL).
+    pub fn stop(self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        self.pool.set_deadline(deadline);
+        for db in &self.databases {
+            let _ = db.events.send(Event::Stop(deadline));
+        }
+        let mut failures = Vec::new();
+        for db in self.databases {
+            match db.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(_) => failures.push(format!("{}: replication thread panicked", db.name)),
+            }
+        }
+        drop(self.watcher);
+        if let Ok(pool) = Arc::try_unwrap(self.pool) {
+            pool.shutdown();
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::new(crate::ErrorKind::Transient, failures.join("; ")))
+        }
+    }
+
+    fn send(&self, name: &str, event: Event) -> Result<()> {
+        let db = self
+            .databases
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
+        db.events
+            .send(event)
+            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))
+    }
+}
+
+/// The state of one database thread.
+struct DbWorker {
+    replica: Replica,
+    events: Receiver<Event>,
+    own_sender: Sender<Event>,
+    pool: Arc<UploadPool>,
+    options: Options,
+}
+
+/// Someone waiting for an object to be stored.
+enum Waiter {
+    Sync(Sender<Result<()>>),
+    Snapshot(Sender<Result<String>>),
+}
+
+impl Waiter {
+    fn answer(self, result: Result<&str>) {
+        match (self, result) {
+            (Waiter::Sync(tx), Ok(_)) => drop(tx.send(Ok(()))),
+            (Waiter::Snapshot(tx), Ok(key)) => drop(tx.send(Ok(key.to_string()))),
+            (Waiter::Sync(tx), Err(e)) => drop(tx.send(Err(e))),
+            (Waiter::Snapshot(tx), Err(e)) => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+/// What a database thread is waiting to do.
+#[derive(Default)]
+struct Agenda {
+    /// The WAL may hold new commits.
+    dirty: bool,
+    /// Ship now regardless of `min_interval`.
+    force: bool,
+    last_ship: Option<Instant>,
+    uploading: bool,
+    last_snapshot: Option<Instant>,
+    changed_since_snapshot: bool,
+    next_checkpoint: Option<Instant>,
+    retry_at: Option<Instant>,
+    /// Sync requests not yet tied to an object.
+    sync_requests: Vec<Sender<Result<()>>>,
+    snapshot_requests: Vec<Sender<Result<String>>>,
+    /// Requests answered when the object with this key is stored.
+    waiters: HashMap<String, Vec<Waiter>>,
+    stop: Option<Instant>,
+}
+
+impl DbWorker {
+    fn run(mut self) -> Result<()> {
+        let name = self.replica.name().to_string();
+        let mut agenda = Agenda {
+            dirty: true,
+            last_snapshot: Some(Instant::now()),
+            ..Agenda::default()
+        };
+        loop {
+            let wait = self.next_wake(&agenda);
+            match self.events.recv_timeout(wait) {
+                Ok(event) => self.handle(event, &mut agenda),
+                Err(RecvTimeoutError::Timeout) => agenda.dirty = true,
+                Err(RecvTimeoutError::Disconnected) => {
+                    agenda.stop.get_or_insert_with(Instant::now);
+                }
+            }
+            // Coalesce whatever else arrived meanwhile.
+            while let Ok(event) = self.events.try_recv() {
+                self.handle(event, &mut agenda);
+            }
+            if let Err(e) = self.step(&mut agenda) {
+                log::error!("{name}: {e}; retrying in {}s", ERROR_RETRY.as_secs());
+                agenda.retry_at = Some(Instant::now() + ERROR_RETRY);
+                for waiter in agenda.sync_requests.drain(..) {
+                    let _ = waiter.send(Err(Error::new(e.kind(), e.to_string())));
+                }
+            }
+            if let Some(deadline) = agenda.stop {
+                let flushed = self.replica.is_flushed() && !agenda.uploading;
+                if flushed || Instant::now() >= deadline {
+                    return self.finish(flushed);
+                }
+            }
+        }
+    }
+
+    /// How long to sleep before looking at the WAL again without being told to.
+    fn next_wake(&self, agenda: &Agenda) -> Duration {
+        let now = Instant::now();
+        let mut wake = now + self.options.safety_interval;
+        if agenda.dirty {
+            let allowed = agenda
+                .last_ship
+                .map_or(now, |t| t + self.options.min_interval);
+            wake = wake.min(allowed.max(now));
+        }
+        if let Some(retry) = agenda.retry_at {
+            wake = wake.min(retry);
+        }
+        if let Some(stop) = agenda.stop {
+            wake = wake.min(stop);
+        }
+        wake.saturating_duration_since(now)
+            .max(Duration::from_millis(1))
+    }
+
+    fn handle(&mut self, event: Event, agenda: &mut Agenda) {
+        match event {
+            Event::Changed => agenda.dirty = true,
+            Event::Uploaded(upload, result) => {
+                agenda.uploading = false;
+                match result {
+                    Ok(()) => {
+                        let key = upload.key.clone();
+                        if let Err(e) = self.replica.upload_done(&key) {
+                            log::error!("{}: {e}", self.replica.name());
+                        }
+                        for waiter in agenda.waiters.remove(&key).unwrap_or_default() {
+                            waiter.answer(Ok(&key));
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}", self.replica.name());
+                        self.replica.upload_returned(upload);
+                    }
+                }
+            }
+            Event::Sync(reply) => {
+                agenda.dirty = true;
+                agenda.force = true;
+                agenda.sync_requests.push(reply);
+            }
+            Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
+            Event::Stop(deadline) => {
+                agenda.stop = Some(deadline);
+                agenda.dirty = true;
+                agenda.force = true;
+            }
+        }
+    }
+
+    /// Do whatever is due: ship, snapshot, checkpoint, hand out the next upload.
+    fn step(&mut self, agenda: &mut Agenda) -> Result<()> {
+        let now = Instant::now();
+        if agenda.retry_at.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        agenda.retry_at = None;
+        let due = agenda
+            .last_ship
+            .is_none_or(|t| now >= t + self.options.min_interval);
+        if agenda.dirty && (agenda.force || due) {
+            agenda.dirty = false;
+            agenda.force = false;
+            match self.replica.poll()? {
+                SyncOutcome::Idle => {}
+                SyncOutcome::Shipped { .. } => {
+                    agenda.last_ship = Some(now);
+                    agenda.changed_since_snapshot = true;
+                }
+                SyncOutcome::NewGeneration { .. } => {
+                    agenda.last_ship = Some(now);
+                    agenda.last_snapshot = Some(now);
+                }
+            }
+        }
+        let interval_due = agenda.changed_since_snapshot
+            && agenda
+                .last_snapshot
+                .is_none_or(|t| now >= t + self.options.snapshot_interval);
+        if agenda.stop.is_none() && (!agenda.snapshot_requests.is_empty() || interval_due) {
+            let key = self.replica.queue_snapshot();
+            let requests = std::mem::take(&mut agenda.snapshot_requests);
+            match key {
+                Ok(key) => {
+                    agenda.last_snapshot = Some(now);
+                    agenda.changed_since_snapshot = false;
+                    let waiters = agenda.waiters.entry(key).or_default();
+                    waiters.extend(requests.into_iter().map(Waiter::Snapshot));
+                }
+                Err(e) => {
+                    for r in requests {
+                        let _ = r.send(Err(Error::new(e.kind(), e.to_string())));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if !agenda.uploading && agenda.stop.is_none() {
+            self.maybe_checkpoint(agenda)?;
+        }
+        if !agenda.uploading {
+            if let Some(upload) = self.replica.next_upload() {
+                agenda.uploading = true;
+                let events = self.own_sender.clone();
+                self.pool.submit(
+                    self.replica.name(),
+                    upload,
+                    Box::new(move |upload, result| {
+                        let _ = events.send(Event::Uploaded(upload, result));
+                    }),
+                );
+            }
+        }
+        // Sync requests wait for the last object queued after their forced poll.
+        if !agenda.sync_requests.is_empty() && !agenda.force {
+            let requests = agenda.sync_requests.drain(..).map(Waiter::Sync);
+            match self.replica.last_queued_key() {
+                Some(key) => agenda.waiters.entry(key).or_default().extend(requests),
+                None => requests.for_each(|w| w.answer(Ok(""))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpoint when the WAL is large and everything in it is stored.
+    fn maybe_checkpoint(&mut self, agenda: &mut Agenda) -> Result<()> {
+        let now = Instant::now();
+        if !self.replica.is_flushed() || agenda.next_checkpoint.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        let mode = if self.replica.wal_file_size() >= self.options.truncate_checkpoint_bytes {
+            CheckpointMode::Truncate
+        } else if self.replica.wal_frames() >= self.options.passive_checkpoint_frames {
+            CheckpointMode::Passive
+        } else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let result = self.replica.checkpoint(mode);
+        log::debug!(
+            "{}: {mode:?} checkpoint took {} ms",
+            self.replica.name(),
+            started.elapsed().as_millis()
+        );
+        // Unless it copied everything, do not try again at once: the WAL may stay large (a
+        // reader holds old frames) and every attempt briefly holds the write lock.
+        agenda.next_checkpoint = match result {
+            Ok(Some(true)) => None,
+            _ => Some(now + CHECKPOINT_RETRY),
+        };
+        agenda.dirty = true;
+        result.map(|_| ())
+    }
+
+    /// Leave: write state.json (best effort) and report whether everything was stored.
+    fn finish(mut self, flushed: bool) -> Result<()> {
+        let name = self.replica.name().to_string();
+        if flushed {
+            if let Err(e) = self.replica.write_state() {
+                log::warn!("{name}: {e}");
+            }
+            log::info!("{name}: stopped; everything committed is stored");
+            Ok(())
+        } else {
+            // Drop the pool's reference to this thread's sender so late results go nowhere.
+            drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
+            Err(Error::new(
+                crate::ErrorKind::Transient,
+                format!(
+                    "{name}: stopped before the last uploads finished; the data is still in \
+                     the WAL and will be shipped on the next start"
+                ),
+            ))
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! A small, bounded pool of blocking upload workers shared by all databases.
+//!
+//! Each database thread hands over one object at a time (so a replica's objects land in
+//! order) and is told when it is stored. A worker retries a failed upload with exponential
+//! backoff for as long as it takes: the data is still pinned in the WAL and in the spool
+//! file, and dropping it would lose a transaction. Each failure is logged once per backoff
+//! step, saying what failed and when the next try is. Only a shutdown deadline ends the
+//! retrying; the object is then handed back unstored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::replica::Upload;
+use crate::storage::Storage;
+
+/// First wait after a failed upload; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Called with the outcome of a job: the upload back (stored or not) and the result.
+pub type Done = Box<dyn FnOnce(Upload, Result<()>) + Send>;
+
+struct Job {
+    label: String,
+    upload: Upload,
+    done: Done,
+}
+
+/// The pool. Dropping it lets queued jobs finish (see [`UploadPool::shutdown`]).
+pub struct UploadPool {
+    jobs: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    /// After this instant workers stop retrying and hand failed uploads back.
+    deadline: Arc<RwLock<Option<Instant>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl UploadPool {
+    /// Start `workers` threads uploading to `storage`.
+    pub fn start(storage: Arc<dyn Storage>, workers: usize) -> Result<UploadPool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let deadline = Arc::new(RwLock::new(None));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for i in 0..workers.max(1) {
+            let worker = Worker {
+                storage: Arc::clone(&storage),
+                jobs: Arc::clone(&rx),
+                deadline: Arc::clone(&deadline),
+                stopping: Arc::clone(&stopping),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("walsync-upload-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || worker.run())
+                .map_err(|e| Error::from(e).with_context("starting an upload worker"))?;
+            handles.push(handle);
+        }
+        Ok(UploadPool {
+            jobs: Some(tx),
+            workers: handles,
+            deadline,
+            stopping,
+        })
+    }
+
+    /// Queue `upload`; `done` is called from a worker thread when it is stored (or, after a
+    /// shutdown deadline, given up on).
+    pub fn submit(&self, label: &str, upload: Upload, done: Done) {
+        let job = Job {
+            label: label.to_string(),
+            upload,
+            done,
+        };
+        match &self.jobs {
+            Some(jobs) => {
+                if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                    (job.done)(job.upload, Err(Error::invalid("upload pool has stopped")));
+                }
+            }
+            None => (job.done)(job.upload, Err(Error::invalid("upload pool has stopped"))),
+        }
+    }
+
+    /// From `deadline` on, failing uploads are handed back instead of retried.
+    pub fn set_deadline(&self, deadline: Instant) {
+        if let Ok(mut d) = self.deadline.write() {
+            *d = Some(deadline);
+        }
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Stop accepting jobs, let the queued ones finish (or fail past the deadline), and wait
+    /// for the workers.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for UploadPool {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+struct Worker {
+    storage: Arc<dyn Storage>,
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    deadline: Arc<RwLock<Option<Instant>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(self) {
+        loop {
+            let job = match self.jobs.lock() {
+                Ok(jobs) => jobs.recv(),
+                Err(_) => return,
+            };
+            let Ok(job) = job else { return };
+            let result = self.upload(&job);
+            (job.done)(job.upload, result);
+        }
+    }
+
+    /// Upload until it works or the shutdown deadline passes.
+    fn upload(&self, job: &Job) -> Result<()> {
+        let key = &job.upload.key;
+        let mut backoff = FIRST_BACKOFF;
+        let mut failures = 0u32;
+        loop {
+            match self.storage.put_file(key, &job.upload.file) {
+                Ok(()) => {
+                    if failures > 0 {
+                        log::warn!(
+                            "{}: stored {key} after {failures} failed attempts",
+                            job.label
+                        );
+                    } else {
+                        log::debug!("{}: stored {key}", job.label);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    failures += 1;
+                    if self.past_deadline(Instant::now() + backoff) {
+                        return Err(e.with_context(format!("{}: uploading {key}", job.label)));
+                    }
+                    log::warn!(
+                        "{}: uploading {key} failed ({e}); the data stays pinned in the WAL, \
+                         retrying in {}s",
+                        job.label,
+                        backoff.as_secs()
+                    );
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn past_deadline(&self, at: Instant) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+            && self
+                .deadline
+                .read()
+                .map(|d| d.is_some_and(|d| at >= d))
+                .unwrap_or(true)
+    }
+
+    /// Sleep, waking early if a shutdown deadline arrives meanwhile.
+    fn sleep(&self, total: Duration) {
+        let end = Instant::now() + total;
+        while Instant::now() < end {
+            if self.past_deadline(Instant::now()) {
+                return;
+            }
+            std::thread::sleep(
+                Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
+            );
+        }
+    }
+}
