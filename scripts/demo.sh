@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A walsync round trip on this machine, no S3 needed: back up a small SQLite database to a
-# file:// destination, list it, restore it, and compare.
+# walsync's main job on this machine, no S3 needed: watch a SQLite database while it is
+# written, replicating to a file:// destination, then stop it, restore, and compare.
 #
 #   scripts/demo.sh [WORK_DIR]     (default: a new temporary directory)
 set -euo pipefail
@@ -14,20 +14,34 @@ walsync=$PWD/target/release/walsync
 db=$work/app.db
 dest=file://$work/replica
 
-rm -f "$db" "$db-wal" "$db-shm" "$work/restored.db"
-sqlite3 "$db" "PRAGMA journal_mode=WAL;" >/dev/null
-sqlite3 "$db" "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT);
+rm -rf "$db" "$db-wal" "$db-shm" "$work/restored.db" "$work/replica" "$work/.app.db-walsync"
+sqlite3 "$db" "PRAGMA journal_mode=WAL;
+  CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT);
   WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
-  INSERT INTO notes(body) SELECT 'note ' || i FROM n;"
+  INSERT INTO notes(body) SELECT 'note ' || i FROM n;" >/dev/null
 
-echo "== snapshot $db -> $dest"
-"$walsync" snapshot "$db" -b "$dest"
-echo "== list"
+echo "== walsync watch $db -b $dest"
+"$walsync" watch "$db" -b "$dest" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+sleep 1
+for i in $(seq 1 20); do
+  sqlite3 "$db" "INSERT INTO notes(body) VALUES ('written while watched $i');"
+  sleep 0.1
+done
+sleep 1.5
+echo "== SIGTERM"
+kill -TERM $pid
+wait $pid
+trap - EXIT
+
+echo "== walsync list"
 "$walsync" list -b "$dest"
-echo "== restore"
+echo "== walsync restore"
 "$walsync" restore app -o "$work/restored.db" -b "$dest"
 before=$(sqlite3 "$db" "SELECT count(*), sum(length(body)) FROM notes;")
 after=$(sqlite3 "$work/restored.db" "SELECT count(*), sum(length(body)) FROM notes;")
 echo "source:   $before"
 echo "restored: $after"
-[ "$before" = "$after" ] && echo "demo: OK (files in $work)"
+[ "$before" = "$after" ] || { echo "demo: MISMATCH" >&2; exit 1; }
+echo "demo: OK (files in $work)"

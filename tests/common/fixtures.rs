@@ -12,7 +12,7 @@ use rusqlite::{params, Connection};
 pub struct AppDb {
     pub path: PathBuf,
     pub conn: Connection,
-    next_id: i64,
+    pub next_id: i64,
 }
 
 impl AppDb {
@@ -77,6 +77,11 @@ pub fn dump(path: &Path) -> String {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     dump_connection(&conn)
+}
+
+/// Every table's rows of an open connection, as [`dump`] gives them.
+pub fn dump_of(conn: &Connection) -> String {
+    dump_connection(conn)
 }
 
 fn dump_connection(conn: &Connection) -> String {
@@ -162,4 +167,165 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// A content digest of every table (FNV-1a over the dump, streamed), for databases too large
+/// to compare as text.
+pub fn digest(path: &Path) -> u64 {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    digest_connection(&conn)
+}
+
+pub fn digest_connection(conn: &Connection) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type='table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for table in tables {
+        feed(table.as_bytes());
+        let mut stmt = conn
+            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for i in 0..columns {
+                match row.get_ref(i).unwrap() {
+                    rusqlite::types::ValueRef::Null => feed(b"N"),
+                    rusqlite::types::ValueRef::Integer(v) => feed(&v.to_le_bytes()),
+                    rusqlite::types::ValueRef::Real(v) => feed(&v.to_le_bytes()),
+                    rusqlite::types::ValueRef::Text(t) => feed(t),
+                    rusqlite::types::ValueRef::Blob(b) => feed(b),
+                }
+                feed(b"|");
+            }
+        }
+    }
+    hash
+}
+
+/// `walsync watch` running as a child process, its output captured in files.
+pub struct WatchProcess {
+    pub child: std::process::Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl WatchProcess {
+    /// Start `walsync watch ARGS` and wait until it has announced every database.
+    pub fn start(args: &[&str], env: &[(String, String)], log_dir: &Path) -> WatchProcess {
+        static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stdout = log_dir.join(format!("watch-{n}.out"));
+        let stderr = log_dir.join(format!("watch-{n}.err"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+        cmd.arg("watch").args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "walsync=debug")
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let child = cmd.spawn().expect("starting walsync watch");
+        let process = WatchProcess {
+            child,
+            stdout,
+            stderr,
+        };
+        let databases = args.iter().take_while(|a| !a.starts_with('-')).count();
+        wait_for(Duration::from_secs(20), "walsync watch to start", || {
+            let out = std::fs::read_to_string(&process.stdout).unwrap_or_default();
+            out.lines().filter(|l| l.starts_with("watching ")).count() >= databases
+        });
+        process
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// SIGTERM, then wait (at most `timeout`) for the exit status.
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                self.signal(libc::SIGKILL);
+                panic!("walsync did not exit after SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+
+    /// Everything walsync printed to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+}
+
+impl Drop for WatchProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+use std::time::Duration;
+
+/// Poll `check` until it is true, or panic naming `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
