@@ -86,6 +86,27 @@ pub fn dump_of(conn: &Connection) -> String {
 
 fn dump_connection(conn: &Connection) -> String {
     let mut out = String::new();
+    visit(conn, |item| match item {
+        Visit::Table(_, sql) => {
+            out.push_str(sql);
+            out.push('\n');
+        }
+        Visit::Value(value) => out.push_str(&format!("{value:?}|")),
+        Visit::RowEnd => out.push('\n'),
+    });
+    out
+}
+
+/// One step of walking a database's content in a fixed order.
+enum Visit<'a> {
+    /// A table's name and schema, before its rows.
+    Table(&'a str, &'a str),
+    Value(rusqlite::types::ValueRef<'a>),
+    RowEnd,
+}
+
+/// Walk every table (by name) and its rows (by rowid), value by value.
+fn visit(conn: &Connection, mut f: impl FnMut(Visit)) {
     let tables: Vec<(String, String)> = conn
         .prepare("SELECT name, sql FROM sqlite_schema WHERE type='table' ORDER BY name")
         .unwrap()
@@ -93,9 +114,8 @@ fn dump_connection(conn: &Connection) -> String {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    for (table, sql) in tables {
-        out.push_str(&sql);
-        out.push('\n');
+    for (table, sql) in &tables {
+        f(Visit::Table(table, sql));
         let mut stmt = conn
             .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
             .unwrap();
@@ -103,13 +123,11 @@ fn dump_connection(conn: &Connection) -> String {
         let mut rows = stmt.query([]).unwrap();
         while let Some(row) = rows.next().unwrap() {
             for i in 0..columns {
-                let value: rusqlite::types::Value = row.get(i).unwrap();
-                out.push_str(&format!("{value:?}|"));
+                f(Visit::Value(row.get_ref(i).unwrap()));
             }
-            out.push('\n');
+            f(Visit::RowEnd);
         }
     }
-    out
 }
 
 /// `PRAGMA integrity_check` of a database file.
@@ -184,33 +202,20 @@ pub fn digest_connection(conn: &Connection) -> u64 {
             hash = (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
     };
-    let tables: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_schema WHERE type='table' ORDER BY name")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for table in tables {
-        feed(table.as_bytes());
-        let mut stmt = conn
-            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY rowid"))
-            .unwrap();
-        let columns = stmt.column_count();
-        let mut rows = stmt.query([]).unwrap();
-        while let Some(row) = rows.next().unwrap() {
-            for i in 0..columns {
-                match row.get_ref(i).unwrap() {
-                    rusqlite::types::ValueRef::Null => feed(b"N"),
-                    rusqlite::types::ValueRef::Integer(v) => feed(&v.to_le_bytes()),
-                    rusqlite::types::ValueRef::Real(v) => feed(&v.to_le_bytes()),
-                    rusqlite::types::ValueRef::Text(t) => feed(t),
-                    rusqlite::types::ValueRef::Blob(b) => feed(b),
-                }
-                feed(b"|");
+    visit(conn, |item| match item {
+        Visit::Table(name, _) => feed(name.as_bytes()),
+        Visit::Value(value) => {
+            match value {
+                rusqlite::types::ValueRef::Null => feed(b"N"),
+                rusqlite::types::ValueRef::Integer(v) => feed(&v.to_le_bytes()),
+                rusqlite::types::ValueRef::Real(v) => feed(&v.to_le_bytes()),
+                rusqlite::types::ValueRef::Text(t) => feed(t),
+                rusqlite::types::ValueRef::Blob(b) => feed(b),
             }
+            feed(b"|");
         }
-    }
+        Visit::RowEnd => {}
+    });
     hash
 }
 
