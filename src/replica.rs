@@ -360,6 +360,12 @@ impl Replica {
         if !self.pending.is_empty() {
             return Ok(None);
         }
+        // Ship what is committed now, outside the barrier, so that what must be shipped while
+        // writers wait is only what they commit during this one upload.
+        if self.cut_to_end()?.is_err() {
+            return Ok(None);
+        }
+        self.flush()?;
         self.db.lock_writes()?;
         let before = match self.ship_rest_under_barrier() {
             Ok(Some(v)) => v,
