@@ -445,6 +445,7 @@ fn a_300_mib_transaction_streams_through_with_flat_memory() {
         },
     );
     let peak_kib = watch.peak_rss_kib();
+    eprintln!("walsync peak RSS while shipping a 300 MiB transaction: {peak_kib} KiB");
     assert!(
         peak_kib < 64 * 1024,
         "walsync peaked at {} MiB for a 300 MiB transaction",
