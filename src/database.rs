@@ -98,6 +98,9 @@ impl Database {
 
     fn configure(&self) -> Result<()> {
         self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        // walsync reads pages once (a snapshot) or not at all (the WAL is read directly), so
+        // a large page cache would only hold memory: 64 KiB per connection instead of 2 MiB.
+        self.conn.pragma_update(None, "cache_size", -64)?;
         self.conn
             .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
