@@ -9,7 +9,8 @@
 //! `endpoint=http://127.0.0.1:PORT bucket=B access_key=K secret_key=S region=us-east-1`,
 //! then serves until it is killed. Objects are files at `ROOT/B/<key>`. With
 //! `--request-log`, every request is appended to FILE as it arrives, one line each:
-//! `METHOD PATH[?QUERY]` (the query without its `X-Amz-*` signature parameters).
+//! `METHOD PATH[?QUERY] AGENT` (the query without its `X-Amz-*` signature parameters, then the
+//! first word of the User-Agent header, or `-`).
 //! Without `--root` the data goes to a temporary directory that is left behind on kill.
 
 #[path = "../tests/common/s3server.rs"]

@@ -65,8 +65,9 @@ pub struct Options {
     pub root: Option<PathBuf>,
     /// Listen on this port of 127.0.0.1; 0 picks a free one.
     pub port: u16,
-    /// Also append every request to this file as a line `METHOD PATH[?QUERY]` (the query
-    /// without its `X-Amz-*` signature parameters), written as it arrives.
+    /// Also append every request to this file as a line `METHOD PATH[?QUERY] AGENT` (the
+    /// query without its `X-Amz-*` signature parameters; the User-Agent's first word),
+    /// written as it arrives.
     pub request_log: Option<PathBuf>,
 }
 
@@ -317,7 +318,9 @@ fn s3_error(status: u16, code: &str, message: &str) -> hyper::Response<CutBody> 
         .unwrap()
 }
 
-/// `METHOD PATH[?QUERY]\n`, the query without its signature parameters.
+/// `METHOD PATH[?QUERY] AGENT\n`: the query without its signature parameters, and the first
+/// word of the User-Agent (`-` if none), which tells clients apart where the key does not
+/// (a multi-object delete names its keys in the body).
 fn log_line(req: &hyper::Request<hyper::body::Incoming>) -> String {
     let query: Vec<&str> = (req.uri().query().unwrap_or("").split('&'))
         .filter(|p| !p.is_empty() && !p.starts_with("X-Amz-"))
@@ -327,6 +330,11 @@ fn log_line(req: &hyper::Request<hyper::body::Incoming>) -> String {
         line.push('?');
         line.push_str(&query.join("&"));
     }
+    let agent = (req.headers().get("user-agent"))
+        .and_then(|v| v.to_str().ok()?.split_whitespace().next())
+        .unwrap_or("-");
+    line.push(' ');
+    line.push_str(agent);
     line.push('\n');
     line
 }

