@@ -73,8 +73,6 @@ impl Database {
             path: path.to_path_buf(),
             conn,
         };
-        db.configure()
-            .context(|| format!("configuring connection to {}", path.display()))?;
         let mode: String = db
             .conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -85,6 +83,8 @@ impl Database {
                 _ => Error::from(e)
                     .with_context(format!("reading journal mode of {}", path.display())),
             })?;
+        db.configure()
+            .context(|| format!("configuring connection to {}", path.display()))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::invalid(format!(
                 "{} is in '{mode}' journal mode, walsync needs WAL mode: run \

@@ -269,7 +269,10 @@ impl Replica {
     }
 
     /// An upload handed out by [`Replica::next_upload`] succeeded: its position is durable.
-    pub fn upload_done(&mut self, key: &str) -> Result<()> {
+    /// Returns true when it was a snapshot, after which `state.json` is worth rewriting
+    /// ([`Replica::state_object`]); the caller does that, so that a hundred databases do not
+    /// all write at once.
+    pub fn upload_done(&mut self, key: &str) -> Result<bool> {
         match self.pending.front() {
             Some(p) if p.key == key && p.file.is_none() => {}
             _ => {
@@ -280,16 +283,10 @@ impl Replica {
             }
         }
         let Some(done) = self.pending.pop_front() else {
-            return Ok(());
+            return Ok(false);
         };
         self.save_position(done.after)?;
-        if done.kind == ObjectKind::Snapshot {
-            if let Err(e) = self.write_state() {
-                // Only `list` reads state.json; the snapshot itself is stored.
-                log::warn!("{}: {e}", self.name);
-            }
-        }
-        Ok(())
+        Ok(done.kind == ObjectKind::Snapshot)
     }
 
     /// An upload handed out by [`Replica::next_upload`] could not be completed (walsync is
@@ -314,7 +311,12 @@ impl Replica {
                 return Err(e);
             }
             log::info!("{}: stored {}", self.name, upload.key);
-            self.upload_done(&upload.key)?;
+            if self.upload_done(&upload.key)? {
+                if let Err(e) = self.write_state() {
+                    // Only `list` reads state.json; the snapshot itself is stored.
+                    log::warn!("{}: {e}", self.name);
+                }
+            }
         }
         Ok(())
     }
@@ -757,8 +759,18 @@ impl Replica {
 
     /// Write `state.json` for `list` and for people; restores never need it.
     pub fn write_state(&self) -> Result<()> {
-        let Some(p) = &self.durable else {
+        let Some((key, body)) = self.state_object()? else {
             return Ok(());
+        };
+        self.storage
+            .put_bytes(&key, &body)
+            .context(|| format!("writing {key}"))
+    }
+
+    /// The key and content of `state.json` as of the durable position (None before any).
+    pub fn state_object(&self) -> Result<Option<(String, Vec<u8>)>> {
+        let Some(p) = &self.durable else {
+            return Ok(None);
         };
         let state = ReplicaState {
             name: self.name.clone(),
@@ -770,10 +782,7 @@ impl Replica {
             walsync_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let body = serde_json::to_vec_pretty(&state)?;
-        let key = layout::state_key(&self.name);
-        self.storage
-            .put_bytes(&key, &body)
-            .context(|| format!("writing {key}"))
+        Ok(Some((layout::state_key(&self.name), body)))
     }
 
     fn save_position(&mut self, position: Position) -> Result<()> {

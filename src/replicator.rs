@@ -130,6 +130,7 @@ impl Replicator {
             let path = replica.path().to_path_buf();
             let worker = DbWorker {
                 replica,
+                stop_deadline: None,
                 events: rx,
                 own_sender: tx.clone(),
                 pool: Arc::clone(&pool),
@@ -234,6 +235,8 @@ impl Replicator {
 /// The state of one database thread.
 struct DbWorker {
     replica: Replica,
+    /// When walsync must be gone by, once it is stopping.
+    stop_deadline: Option<Instant>,
     events: Receiver<Event>,
     own_sender: Sender<Event>,
     pool: Arc<UploadPool>,
@@ -343,8 +346,10 @@ impl DbWorker {
                 match result {
                     Ok(()) => {
                         let key = upload.key.clone();
-                        if let Err(e) = self.replica.upload_done(&key) {
-                            log::error!("{}: {e}", self.replica.name());
+                        match self.replica.upload_done(&key) {
+                            Ok(true) => drop(self.write_state()),
+                            Ok(false) => {}
+                            Err(e) => log::error!("{}: {e}", self.replica.name()),
                         }
                         for waiter in agenda.waiters.remove(&key).unwrap_or_default() {
                             waiter.answer(Ok(&key));
@@ -364,6 +369,7 @@ impl DbWorker {
             Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
             Event::Stop(deadline) => {
                 agenda.stop = Some(deadline);
+                self.stop_deadline = Some(deadline);
                 agenda.dirty = true;
                 agenda.force = true;
             }
@@ -474,12 +480,39 @@ impl DbWorker {
         result.map(|_| ())
     }
 
+    /// Write `state.json` through the upload pool, so that many databases stopping (or
+    /// snapshotting) at once make at most `upload_workers` requests at a time. The returned
+    /// channel says when it is done.
+    fn write_state(&self) -> Receiver<()> {
+        let (done, finished) = mpsc::channel();
+        let name = self.replica.name().to_string();
+        match self.replica.state_object() {
+            Ok(Some((key, body))) => self.pool.run(Box::new(move |storage: &dyn Storage| {
+                if let Err(e) = storage.put_bytes(&key, &body) {
+                    // Only `list` reads state.json; the objects themselves are stored.
+                    log::warn!("{name}: writing {key}: {e}");
+                }
+                let _ = done.send(());
+            })),
+            Ok(None) => drop(done.send(())),
+            Err(e) => {
+                log::warn!("{name}: {e}");
+                let _ = done.send(());
+            }
+        }
+        finished
+    }
+
     /// Leave: write state.json (best effort) and report whether everything was stored.
     fn finish(mut self, flushed: bool) -> Result<()> {
         let name = self.replica.name().to_string();
         if flushed {
-            if let Err(e) = self.replica.write_state() {
-                log::warn!("{name}: {e}");
+            // Wait for state.json, but not past the shutdown deadline.
+            let deadline = self.stop_deadline.unwrap_or_else(Instant::now);
+            let written = self.write_state();
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if written.recv_timeout(wait).is_err() {
+                log::warn!("{name}: state.json was not written before the shutdown deadline");
             }
             log::info!("{name}: stopped; everything committed is stored");
             Ok(())

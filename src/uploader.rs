@@ -24,10 +24,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Called with the outcome of a job: the upload back (stored or not) and the result.
 pub type Done = Box<dyn FnOnce(Upload, Result<()>) + Send>;
 
-struct Job {
-    label: String,
-    upload: Upload,
-    done: Done,
+/// A small storage task run on a worker (see [`UploadPool::run`]).
+pub type Task = Box<dyn FnOnce(&dyn Storage) + Send>;
+
+/// What a worker does: store a replica's object, or run a small storage task (such as
+/// writing a `state.json`) that should not add to the number of requests in flight.
+enum Job {
+    Upload {
+        label: String,
+        upload: Upload,
+        done: Done,
+    },
+    Task(Task),
 }
 
 /// The pool. Dropping it lets queued jobs finish (see [`UploadPool::shutdown`]).
@@ -72,18 +80,24 @@ impl UploadPool {
     /// Queue `upload`; `done` is called from a worker thread when it is stored (or, after a
     /// shutdown deadline, given up on).
     pub fn submit(&self, label: &str, upload: Upload, done: Done) {
-        let job = Job {
+        let job = Job::Upload {
             label: label.to_string(),
             upload,
             done,
         };
-        match &self.jobs {
-            Some(jobs) => {
-                if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                    (job.done)(job.upload, Err(Error::invalid("upload pool has stopped")));
-                }
-            }
-            None => (job.done)(job.upload, Err(Error::invalid("upload pool has stopped"))),
+        let refused = match &self.jobs {
+            Some(jobs) => jobs.send(job).err().map(|mpsc::SendError(job)| job),
+            None => Some(job),
+        };
+        if let Some(Job::Upload { upload, done, .. }) = refused {
+            done(upload, Err(Error::invalid("upload pool has stopped")));
+        }
+    }
+
+    /// Run `task` on a worker, with the pool's storage. Dropped if the pool has stopped.
+    pub fn run(&self, task: Task) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job::Task(task));
         }
     }
 
@@ -129,39 +143,45 @@ impl Worker {
                 Ok(jobs) => jobs.recv(),
                 Err(_) => return,
             };
-            let Ok(job) = job else { return };
-            let result = self.upload(&job);
-            (job.done)(job.upload, result);
+            match job {
+                Ok(Job::Upload {
+                    label,
+                    upload,
+                    done,
+                }) => {
+                    let result = self.upload(&label, &upload);
+                    done(upload, result);
+                }
+                Ok(Job::Task(task)) => task(self.storage.as_ref()),
+                Err(_) => return,
+            }
         }
     }
 
     /// Upload until it works or the shutdown deadline passes.
-    fn upload(&self, job: &Job) -> Result<()> {
-        let key = &job.upload.key;
+    fn upload(&self, label: &str, upload: &Upload) -> Result<()> {
+        let key = &upload.key;
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
         loop {
-            match self.storage.put_file(key, &job.upload.file) {
+            match self.storage.put_file(key, &upload.file) {
                 Ok(()) => {
                     if failures > 0 {
-                        log::warn!(
-                            "{}: stored {key} after {failures} failed attempts",
-                            job.label
-                        );
+                        log::warn!("{}: stored {key} after {failures} failed attempts", label);
                     } else {
-                        log::debug!("{}: stored {key}", job.label);
+                        log::debug!("{}: stored {key}", label);
                     }
                     return Ok(());
                 }
                 Err(e) => {
                     failures += 1;
                     if self.past_deadline(Instant::now() + backoff) {
-                        return Err(e.with_context(format!("{}: uploading {key}", job.label)));
+                        return Err(e.with_context(format!("{}: uploading {key}", label)));
                     }
                     log::warn!(
                         "{}: uploading {key} failed ({e}); the data stays pinned in the WAL, \
                          retrying in {}s",
-                        job.label,
+                        label,
                         backoff.as_secs()
                     );
                     self.sleep(backoff);

@@ -549,7 +549,9 @@ fn a_database_replaced_by_rename_starts_a_new_generation_of_the_new_file() {
     wait_until_replicated(&server, "replaced", "app", dir.path(), &expected_after);
     assert!(watch.log().contains("was replaced"), "{}", watch.log());
     assert!(watch.terminate(Duration::from_secs(30)).success());
-    assert_eq!(generations(&server.storage("replaced"), "app"), 2);
+    // Deleting the old -wal before the rename may itself be seen first, as a WAL
+    // checkpointed away, and start a generation of its own.
+    assert!(generations(&server.storage("replaced"), "app") >= 2);
 }
 
 #[test]
