@@ -57,9 +57,15 @@ applied=0
 if [ -d "$dir/$name/wal" ]; then
   for f in $(ls "$dir/$name/wal" | grep -E "^$generation-[0-9]{10}-[0-9T.]+Z\.wal\.gz\$" | sort); do
     index=$(index_of "$f")
-    [ "$index" -lt "$next" ] && continue
+    # A second segment with the index just applied: walsync stored it, was killed before it
+    # noted that, and cut the index again on restart, from the same place and with more in
+    # it. The next index follows the later cut, so apply that one on top (it rewrites every
+    # page the first one wrote).
+    again=0
+    [ "$applied" -gt 0 ] && [ "$index" -eq $((next - 1)) ] && again=1
+    [ "$index" -lt "$next" ] && [ "$again" -eq 0 ] && continue
     if [ -n "$until" ] && [[ "$(time_of "$f")" > "$until" ]]; then break; fi
-    [ "$index" -eq "$next" ] || die "segment $next of generation $generation is missing (found $f)"
+    [ "$index" -eq "$next" ] || [ "$again" -eq 1 ] || die "segment $next of generation $generation is missing (found $f)"
     gunzip -c "$dir/$name/wal/$f" > "$tmp-wal"
     rm -f "$tmp-shm"
     frames=$(( ($(stat -c %s "$tmp-wal") - 32) / (24 + page_size) ))
@@ -67,7 +73,7 @@ if [ -d "$dir/$name/wal" ]; then
     # busy|frames in the WAL|frames checkpointed: all of the segment's frames must be there.
     result=$(sqlite3 "$tmp" "PRAGMA wal_checkpoint;")
     [ "$result" = "0|$frames|$frames" ] || die "checkpoint of $f failed: got $result, expected 0|$frames|$frames"
-    next=$((next + 1)) applied=$((applied + 1))
+    [ "$again" -eq 1 ] || next=$((next + 1)) applied=$((applied + 1))
   done
 fi
 rm -f "$tmp-wal" "$tmp-shm"

@@ -49,6 +49,10 @@ struct WatchCmd {
     /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60)
+    #[argh(option, default = "60.0")]
+    s3_timeout: f64,
     /// seconds between snapshots of a changing database (default 3600)
     #[argh(option, default = "3600.0")]
     snapshot_interval: f64,
@@ -79,6 +83,10 @@ struct SnapshotCmd {
     /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60)
+    #[argh(option, default = "60.0")]
+    s3_timeout: f64,
     /// replica name (default: the file name without extension)
     #[argh(option)]
     name: Option<String>,
@@ -94,6 +102,10 @@ struct ListCmd {
     /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60)
+    #[argh(option, default = "60.0")]
+    s3_timeout: f64,
     /// print JSON (a stable format for scripts)
     #[argh(switch)]
     json: bool,
@@ -115,6 +127,10 @@ struct RestoreCmd {
     /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60)
+    #[argh(option, default = "60.0")]
+    s3_timeout: f64,
     /// restore the state as of this RFC 3339 time, e.g. 2026-01-10T12:00:00Z
     #[argh(option)]
     point_in_time: Option<String>,
@@ -164,6 +180,12 @@ fn main() -> ExitCode {
         "walsync=info,warn"
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        // ureq logs each request's URL at debug level and more at trace; presigned URLs carry
+        // the session token (X-Amz-Security-Token) and the signature in their query. Keep the
+        // HTTP client at info whatever RUST_LOG says, so `-v` and RUST_LOG=trace stay safe to
+        // paste. (These directives come after RUST_LOG's and replace any it gave for them.)
+        .filter_module("ureq", log::LevelFilter::Info)
+        .filter_module("ureq_proto", log::LevelFilter::Info)
         .format_timestamp_millis()
         .init();
     match run(cli.command) {
@@ -175,9 +197,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_storage(bucket: &str, endpoint: Option<&str>) -> Result<Arc<dyn Storage>> {
+fn open_storage(bucket: &str, endpoint: Option<&str>, s3_timeout: f64) -> Result<Arc<dyn Storage>> {
     let dest = Destination::parse(bucket)?;
-    Ok(Arc::from(storage::open(&dest, endpoint)?))
+    let s3_timeout = seconds("--s3-timeout", s3_timeout)?;
+    Ok(Arc::from(storage::open_with_timeout(
+        &dest, endpoint, s3_timeout,
+    )?))
 }
 
 /// Seconds from the command line as a Duration, refusing nonsense.
@@ -231,7 +256,7 @@ fn watch(cmd: WatchCmd) -> Result<()> {
         ..Options::default()
     };
     let shutdown_timeout = seconds("--shutdown-timeout", cmd.shutdown_timeout)?;
-    let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
+    let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
     let databases = layout::assign_names(&cmd.databases)?;
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
@@ -255,7 +280,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Watch(cmd) => watch(cmd)?,
         Command::Snapshot(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
+            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
             let name = match cmd.name {
                 Some(name) => name,
                 None => layout::default_name(&cmd.database)?,
@@ -266,7 +291,7 @@ fn run(command: Command) -> Result<()> {
             println!("{key}");
         }
         Command::List(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
+            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
             let listing = walsync::list::list(storage.as_ref())?;
             if cmd.json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -275,7 +300,7 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Restore(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref())?;
+            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
             let point_in_time = cmd
                 .point_in_time
                 .as_deref()

@@ -133,6 +133,11 @@ pub struct Replica {
     name: String,
     sidecar: PathBuf,
     position_path: PathBuf,
+    /// Records the newest generation this replica started, before its snapshot is
+    /// uploaded (see [`Replica::claim_generation`]).
+    claim_path: PathBuf,
+    /// The generation in `claim_path`.
+    claimed: Option<Generation>,
     durable: Option<Position>,
     tip: Option<Position>,
     pending: VecDeque<Pending>,
@@ -162,11 +167,29 @@ impl Replica {
             )));
         }
         let position_path = sidecar.join(format!("{stem}.json"));
+        let claim_path = sidecar.join(format!("{stem}.generation"));
+        let claimed = load_claim(&claim_path)?;
         let durable = load_position(&position_path)?
             .filter(|p| p.destination == destination && p.name == name);
         let pin = db.reopen()?;
         pin.pin()?;
         let opened = FileIdentity::of(db_path)?;
+        // A newer generation was started but its snapshot never confirmed stored: it may be
+        // in the bucket anyway, and a restore of the latest state would pick it over any
+        // segment added to the older generation. Start yet another generation instead.
+        let tip = durable.clone().filter(|p| {
+            let newer_claim = claimed
+                .as_ref()
+                .is_some_and(|c| Generation::parse(&p.generation).is_none_or(|g| g < *c));
+            if newer_claim {
+                log::warn!(
+                    "{name}: generation {} was started but not confirmed stored; a new \
+                     generation will start",
+                    claimed.as_ref().map_or_else(String::new, |c| c.to_string())
+                );
+            }
+            !newer_claim
+        });
         Ok(Replica {
             db,
             pin,
@@ -175,7 +198,9 @@ impl Replica {
             name: name.to_string(),
             sidecar,
             position_path,
-            tip: durable.clone(),
+            claim_path,
+            claimed,
+            tip,
             durable,
             pending: VecDeque::new(),
             _lock: lock,
@@ -597,6 +622,7 @@ impl Replica {
         self.db.release()?;
         let (mark, identity) = marked?;
         let generation = Generation::new();
+        self.claim_generation(&generation)?;
         let position = Position {
             destination: self.storage.describe(),
             name: self.name.clone(),
@@ -713,14 +739,20 @@ impl Replica {
         else {
             return Ok(());
         };
+        // A generation this replica started but whose snapshot it never saw stored (walsync
+        // was killed after the upload reached the bucket, before the position was saved) is
+        // ours too: without the claim, every later start would refuse to run.
         let ours = self
             .durable
             .as_ref()
-            .and_then(|p| Generation::parse(&p.generation));
+            .and_then(|p| Generation::parse(&p.generation))
+            .max(self.claimed.clone());
         if let Some(ours) = ours {
             if newest > ours {
                 return Err(Error::invalid(format!(
-                    "{}: {} holds a newer generation {newest} of {:?} than this database's                      {ours}: another walsync is writing that name; give this database another                      name with PATH:NAME",
+                    "{}: {} holds a newer generation {newest} of {:?} than this database's \
+                     {ours}: another walsync is writing that name; give this database another \
+                     name with PATH:NAME",
                     self.db.path().display(),
                     self.storage.describe(),
                     self.name
@@ -740,7 +772,8 @@ impl Replica {
         };
         if state.source != self.source() {
             return Err(Error::invalid(format!(
-                "{:?} in {} holds backups of {}, not {}: give this database another name with                  PATH:NAME, or remove {}/state.json to take the name over",
+                "{:?} in {} holds backups of {}, not {}: give this database another name with \
+                 PATH:NAME, or remove {}/state.json to take the name over",
                 self.name,
                 self.storage.describe(),
                 state.source,
@@ -785,6 +818,19 @@ impl Replica {
         Ok(Some((layout::state_key(&self.name), body)))
     }
 
+    /// Note in the sidecar, durably, that this replica is starting `generation`, before any
+    /// object of it is uploaded, so that [`Replica::check_ownership`] recognises it after a
+    /// crash that left the snapshot stored but the position unsaved.
+    fn claim_generation(&mut self, generation: &Generation) -> Result<()> {
+        let tmp = self.claim_path.with_extension("generation.tmp");
+        let what = || format!("saving the generation to {}", self.claim_path.display());
+        std::fs::write(&tmp, generation.as_str()).context(what)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).context(what)?;
+        std::fs::rename(&tmp, &self.claim_path).context(what)?;
+        self.claimed = Some(generation.clone());
+        Ok(())
+    }
+
     fn save_position(&mut self, position: Position) -> Result<()> {
         let tmp = self.position_path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&position)?;
@@ -824,6 +870,15 @@ fn load_position(path: &Path) -> Result<Option<Position>> {
                 Ok(None)
             }
         },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
+    }
+}
+
+/// The generation a replica last started, from its claim file (none if missing or unreadable).
+fn load_claim(path: &Path) -> Result<Option<Generation>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Generation::parse(text.trim())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
     }

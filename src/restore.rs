@@ -116,15 +116,22 @@ pub fn plan(
             )),
         });
     };
-    let candidates = &generations[generation].segments;
-    if let Some(pair) = candidates
-        .windows(2)
-        .find(|p| p[0].name.index == p[1].name.index)
-    {
-        return Err(Error::corrupt(format!(
-            "two segments with index {} in generation {generation} of {name:?}: {} and {}",
-            pair[0].name.index, pair[0].key, pair[1].key
-        )));
+    // Two segments with one index: walsync stored the segment, was killed before it noted
+    // that, and on restart cut that index again from the same place in the WAL. The later
+    // cut holds every frame of the earlier one (the WAL only grows until a checkpoint
+    // restart, which starts a new generation), and the next index continues from it. So keep
+    // the newest one in time; refusing would make the whole generation unrestorable.
+    let mut candidates: Vec<&StoredObject> = Vec::new();
+    for segment in &generations[generation].segments {
+        match candidates.last_mut() {
+            // Same index: listed oldest first, so a later one in time replaces it.
+            Some(last) if last.name.index == segment.name.index => {
+                if in_time(segment) {
+                    *last = segment;
+                }
+            }
+            _ => candidates.push(segment),
+        }
     }
     let mut segments: Vec<StoredObject> = Vec::new();
     let after_snapshot = candidates
@@ -141,7 +148,7 @@ pub fn plan(
                 segment.key
             )));
         }
-        segments.push(segment.clone());
+        segments.push((*segment).clone());
     }
     Ok(RestorePlan {
         name: name.to_string(),

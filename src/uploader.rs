@@ -175,6 +175,12 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
+                    // Once stopping, retry every FIRST_BACKOFF until the deadline: a backoff
+                    // grown during an outage (up to a minute) would outlast the shutdown
+                    // timeout even though storage may be back already.
+                    if self.stopping.load(Ordering::Relaxed) {
+                        backoff = backoff.min(FIRST_BACKOFF);
+                    }
                     if self.past_deadline(Instant::now() + backoff) {
                         return Err(e.with_context(format!("{}: uploading {key}", label)));
                     }
@@ -200,11 +206,15 @@ impl Worker {
                 .unwrap_or(true)
     }
 
-    /// Sleep, waking early if a shutdown deadline arrives meanwhile.
+    /// Sleep, waking early if a stop is requested (to retry at once: storage is often back
+    /// by then, and a long backoff would outlast the shutdown timeout) or a shutdown deadline
+    /// arrives meanwhile.
     fn sleep(&self, total: Duration) {
         let end = Instant::now() + total;
+        let was_stopping = self.stopping.load(Ordering::Relaxed);
         while Instant::now() < end {
-            if self.past_deadline(Instant::now()) {
+            let stop_requested = !was_stopping && self.stopping.load(Ordering::Relaxed);
+            if stop_requested || self.past_deadline(Instant::now()) {
                 return;
             }
             std::thread::sleep(

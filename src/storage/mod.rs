@@ -61,9 +61,20 @@ pub trait Storage: Send + Sync {
 /// [`s3::S3Config::from_env`]); `endpoint` is the `--endpoint` flag, which wins over
 /// `AWS_ENDPOINT_URL_S3`. It means nothing for `file://` destinations and is ignored there.
 pub fn open(dest: &Destination, endpoint: Option<&str>) -> Result<Box<dyn Storage>> {
+    open_with_timeout(dest, endpoint, s3::DEFAULT_TIMEOUT)
+}
+
+/// [`open`], with `s3_timeout` as the longest an S3 request may wait on one read or write
+/// (`--s3-timeout`) before it fails and is retried. It means nothing for `file://`.
+pub fn open_with_timeout(
+    dest: &Destination,
+    endpoint: Option<&str>,
+    s3_timeout: std::time::Duration,
+) -> Result<Box<dyn Storage>> {
     match dest {
         Destination::S3 { bucket, prefix } => {
-            let config = s3::S3Config::from_env(bucket, prefix, endpoint)?;
+            let mut config = s3::S3Config::from_env(bucket, prefix, endpoint)?;
+            config.timeout = s3_timeout;
             Ok(Box::new(s3::S3Storage::new(config)?))
         }
         Destination::File { root } => {

@@ -41,6 +41,10 @@ const MAX_PARTS: u64 = 10_000;
 /// How many times a request is tried before a transient failure is reported.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
+/// How long one read or one write on an S3 connection may block before the request fails
+/// (and is retried): the default of `--s3-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Presigned URLs are used at once; this only has to cover clock skew and slow starts.
 const SIGNATURE_VALIDITY: Duration = Duration::from_secs(60 * 60);
 
@@ -67,6 +71,10 @@ pub struct S3Config {
     pub access_key: String,
     pub secret_key: String,
     pub session_token: Option<String>,
+    /// Longest wait for one read or write on a connection ([`DEFAULT_TIMEOUT`] unless set):
+    /// a server that stops answering mid-request fails the attempt after this long, and the
+    /// request is retried, instead of hanging an upload worker.
+    pub timeout: Duration,
 }
 
 impl fmt::Debug for S3Config {
@@ -82,6 +90,7 @@ impl fmt::Debug for S3Config {
                 "session_token",
                 &self.session_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -127,6 +136,7 @@ impl S3Config {
             access_key,
             secret_key,
             session_token: var("AWS_SESSION_TOKEN"),
+            timeout: DEFAULT_TIMEOUT,
         })
     }
 }
@@ -236,8 +246,8 @@ impl S3Storage {
             .max_redirects(0)
             .timeout_resolve(Some(Duration::from_secs(10)))
             .timeout_connect(Some(Duration::from_secs(10)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
-            .timeout_per_write(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(config.timeout))
+            .timeout_per_write(Some(config.timeout))
             .user_agent(concat!("walsync/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();

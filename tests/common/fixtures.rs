@@ -240,8 +240,9 @@ impl WatchProcess {
                 cmd.env_remove(key);
             }
         }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "walsync=debug")
+        // Debug logging unless `env` says otherwise.
+        cmd.env("RUST_LOG", "walsync=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap());
         let child = cmd.spawn().expect("starting walsync watch");

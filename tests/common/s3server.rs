@@ -69,6 +69,9 @@ pub struct Options {
     /// query without its `X-Amz-*` signature parameters; the User-Agent's first word),
     /// written as it arrives.
     pub request_log: Option<PathBuf>,
+    /// Accept these (access key, secret key) instead of the default test keys, e.g. keys
+    /// the secrets test can recognise wherever they leak.
+    pub credentials: Option<(String, String)>,
 }
 
 pub struct S3Server {
@@ -76,6 +79,8 @@ pub struct S3Server {
     _temp: Option<tempfile::TempDir>,
     root: PathBuf,
     addr: SocketAddr,
+    access_key: String,
+    secret_key: String,
     shared: Arc<Shared>,
     running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -106,10 +111,15 @@ impl S3Server {
                 .unwrap_or_else(|e| panic!("request log {}: {e}", path.display()))
         });
         let listener = TcpListener::bind(("127.0.0.1", options.port)).expect("bind 127.0.0.1");
+        let (access_key, secret_key) = options
+            .credentials
+            .unwrap_or_else(|| (ACCESS_KEY.to_string(), SECRET_KEY.to_string()));
         let mut server = S3Server {
             _temp: temp,
             root,
             addr: listener.local_addr().unwrap(),
+            access_key,
+            secret_key,
             shared: Arc::new(Shared {
                 request_log: Mutex::new(request_log),
                 ..Shared::default()
@@ -120,6 +130,11 @@ impl S3Server {
         server
     }
 
+    /// The address the server listens on (kept across [`S3Server::restart`]).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -128,12 +143,12 @@ impl S3Server {
         BUCKET
     }
 
-    pub fn access_key(&self) -> &'static str {
-        ACCESS_KEY
+    pub fn access_key(&self) -> &str {
+        &self.access_key
     }
 
-    pub fn secret_key(&self) -> &'static str {
-        SECRET_KEY
+    pub fn secret_key(&self) -> &str {
+        &self.secret_key
     }
 
     /// The directory s3s-fs serves: objects are at `root/<bucket>/<key>`.
@@ -144,8 +159,8 @@ impl S3Server {
     /// Environment for a child process (`walsync -b s3://bucket/...`) to reach this server.
     pub fn env(&self) -> Vec<(String, String)> {
         [
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_string()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_string()),
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
             // Empty counts as unset: a token inherited from the test's environment would
             // otherwise be sent along with our test keys.
             ("AWS_SESSION_TOKEN", String::new()),
@@ -163,9 +178,10 @@ impl S3Server {
             prefix: prefix.to_string(),
             endpoint: Some(self.endpoint()),
             region: REGION.to_string(),
-            access_key: ACCESS_KEY.to_string(),
-            secret_key: SECRET_KEY.to_string(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
             session_token: None,
+            timeout: walsync::storage::s3::DEFAULT_TIMEOUT,
         }
     }
 
@@ -218,7 +234,10 @@ impl S3Server {
         listener.set_nonblocking(true).unwrap();
         let fs = s3s_fs::FileSystem::new(&self.root).expect("s3s-fs root");
         let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        builder.set_auth(SimpleAuth::from_single(
+            self.access_key.as_str(),
+            self.secret_key.as_str(),
+        ));
         let service = builder.build();
         let shared = Arc::clone(&self.shared);
         let (shutdown, stopped) = tokio::sync::oneshot::channel();
