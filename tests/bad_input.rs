@@ -253,3 +253,23 @@ fn a_second_replicator_of_the_same_database_is_refused() {
         "{second}"
     );
 }
+
+#[test]
+fn a_segment_with_a_bad_wal_checksum_inside_valid_gzip_is_refused() {
+    use std::io::{Read, Write};
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    replica_with_three_segments(&server, dir.path(), "w");
+    let victim = segment_file(&server, "w", 2);
+    let mut wal = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&victim).unwrap())
+        .read_to_end(&mut wal)
+        .unwrap();
+    // One byte of the first frame's page: the gzip layer stays valid, the WAL checksum not.
+    wal[32 + 24 + 100] ^= 0x01;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&wal).unwrap();
+    std::fs::write(&victim, gz.finish().unwrap()).unwrap();
+    let err = assert_restore_fails(&server, "w", &dir.path().join("out.db"), "0000000002");
+    assert!(err.contains("checksum"), "{err}");
+}
