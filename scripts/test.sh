@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need sqlite3 || ! need gunzip; then
-  # The emergency-restore script is tested with the real sqlite3 and gunzip.
+if ! need sqlite3 || ! need gunzip || ! need chattr; then
+  # The emergency-restore script is tested with the real sqlite3 and gunzip; a read-only
+  # directory is made with chattr (root ignores permission bits).
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq sqlite3 gzip >/dev/null
+  $sudo apt-get install -y -qq sqlite3 gzip e2fsprogs >/dev/null
 fi
 rustup component add rustfmt clippy
 rustup target add x86_64-unknown-freebsd

@@ -273,3 +273,46 @@ fn a_segment_with_a_bad_wal_checksum_inside_valid_gzip_is_refused() {
     let err = assert_restore_fails(&server, "w", &dir.path().join("out.db"), "0000000002");
     assert!(err.contains("checksum"), "{err}");
 }
+
+/// Makes a directory immutable (`chattr +i`: not even root may create files in it) for the
+/// life of the guard.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &Path) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("running chattr");
+        assert!(status.success(), "chattr +i {} failed", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_database_in_a_read_only_directory_is_refused_cleanly() {
+    // Under the target directory: the same filesystem as the checkout, which supports chattr.
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dbdir = base.path().join("db");
+    std::fs::create_dir(&dbdir).unwrap();
+    let app = AppDb::create(&dbdir, "app.db");
+    let replica = base.path().join("replica");
+    let dest = format!("file://{}", replica.display());
+    let _guard = Immutable::new(&dbdir);
+    for command in ["snapshot", "watch"] {
+        let err = walsync_err(&[command, path_str(&app.path), "-b", &dest], &[]);
+        assert!(err.contains("creating walsync's directory"), "{err}");
+        assert!(err.contains("not permitted"), "{err}");
+    }
+    assert!(!replica.exists(), "nothing may be stored");
+}
