@@ -16,6 +16,10 @@
 //! - truncate: forward only a prefix of the server's response, then close.
 //!
 //! What it injected is counted ([`FaultProxy::counts`]).
+//!
+//! Independently of faults it can also be slow: [`FaultProxy::set_delay`] holds every
+//! request for a while before doing anything with it (a slow S3, or with a long delay, a
+//! paused one).
 
 #![allow(dead_code)] // each test binary uses its own part of the helper
 
@@ -110,6 +114,8 @@ struct Shared {
     mix: Mutex<FaultMix>,
     rng: Mutex<u64>,
     stall: Duration,
+    /// How long every request is held before it is handled, in milliseconds.
+    delay_ms: AtomicU64,
     stopping: AtomicBool,
     passed: AtomicU64,
     resets: AtomicU64,
@@ -197,6 +203,7 @@ impl FaultProxy {
             mix: Mutex::new(FaultMix::none()),
             rng: Mutex::new(seed),
             stall,
+            delay_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             passed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
@@ -241,6 +248,15 @@ impl FaultProxy {
         *self.shared.mix.lock().unwrap() = mix;
     }
 
+    /// Hold every request for `delay` after it arrives, before forwarding it (or injecting
+    /// a fault). The delay is read again while a request waits, so lowering it releases the
+    /// requests already held: a long delay then `set_delay(Duration::ZERO)` pauses and
+    /// resumes traffic.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
     pub fn mix(&self) -> FaultMix {
         *self.shared.mix.lock().unwrap()
     }
@@ -280,6 +296,12 @@ fn handle(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         return Ok(());
     };
     let request = Head::parse(&head);
+    let arrived = Instant::now();
+    while arrived.elapsed() < Duration::from_millis(shared.delay_ms.load(Ordering::Relaxed))
+        && !shared.stopping.load(Ordering::Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let fault = shared.pick();
     match fault {
         Fault::ResetEarly => {
