@@ -162,6 +162,16 @@ impl Database {
         })
     }
 
+    /// Whether a read transaction (the pin) or the barrier is open on this connection.
+    pub fn in_transaction(&self) -> bool {
+        !self.conn.is_autocommit()
+    }
+
+    /// Set the busy timeout back to walsync's usual one after changing it for one call.
+    pub fn restore_busy_timeout(&self) -> Result<()> {
+        Ok(self.conn.busy_timeout(BUSY_TIMEOUT)?)
+    }
+
     /// End the pin or the barrier (nothing was written, so this is a rollback).
     pub fn release(&self) -> Result<()> {
         if !self.conn.is_autocommit() {

@@ -33,7 +33,7 @@ pub enum ErrorKind {
 }
 
 /// An error with a kind and a one-line message that includes its context.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,

@@ -183,6 +183,27 @@ impl Generation {
         Generation::starting_at(UtcTime::now(), random_u16())
     }
 
+    /// A new generation that sorts after `previous` even if the clock went back since it
+    /// was started: restore takes the newest generation by name, so a generation started
+    /// after a clock step must not hide behind an older one.
+    pub fn after(previous: Option<&Generation>) -> Generation {
+        let now = UtcTime::now();
+        let time = match previous {
+            Some(p) if p.start_time() >= now => UtcTime::from_millis(p.start_time().millis() + 1),
+            _ => now,
+        };
+        Generation::starting_at(time, random_u16())
+    }
+
+    /// The chain value of the generation's base snapshot: the 64 bits of its name, as two
+    /// words. Segment 1's WAL header salts equal it (see `segment.rs`).
+    pub fn chain_seed(&self) -> [u32; 2] {
+        let word = |range: std::ops::Range<usize>| {
+            u32::from_str_radix(&self.0[range], 16).unwrap_or_default()
+        };
+        [word(0..8), word(8..16)]
+    }
+
     fn starting_at(time: UtcTime, random: u16) -> Generation {
         let millis = time.millis().clamp(0, 0xffff_ffff_ffff) as u64;
         Generation(format!("{millis:012x}{random:04x}"))
@@ -232,7 +253,7 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
-    fn dir(self) -> &'static str {
+    pub fn dir(self) -> &'static str {
         match self {
             ObjectKind::Snapshot => "snapshots",
             ObjectKind::Segment => "wal",
@@ -260,9 +281,13 @@ impl ObjectName {
     /// The object's key under the destination, e.g.
     /// `app/wal/019a8b2c3d4e5f60-0000000003-20261121T094423.123Z.wal.gz`.
     pub fn key(&self, name: &str) -> String {
+        format!("{name}/{}/{}", self.kind.dir(), self.file_name())
+    }
+
+    /// The last part of the key: `<generation>-<index>-<time>.wal.gz` (or `.db.gz`).
+    pub fn file_name(&self) -> String {
         format!(
-            "{name}/{}/{}-{:010}-{}{}",
-            self.kind.dir(),
+            "{}-{:010}-{}{}",
             self.generation,
             self.index,
             self.time.to_compact(),
@@ -270,17 +295,11 @@ impl ObjectName {
         )
     }
 
-    /// Parse a key relative to the destination into the replica name and object name.
-    /// Keys that are not data objects (`state.json`, foreign files) give `None`.
-    pub fn parse_key(key: &str) -> Option<(String, ObjectName)> {
-        let mut parts = key.split('/');
-        let (name, dir, file) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || validate_name(name).is_err() {
-            return None;
-        }
+    /// Parse the last part of a key (see [`ObjectName::file_name`]).
+    pub fn parse_file_name(file: &str) -> Option<ObjectName> {
         let kind = [ObjectKind::Snapshot, ObjectKind::Segment]
             .into_iter()
-            .find(|k| k.dir() == dir)?;
+            .find(|k| file.ends_with(k.extension()))?;
         let stem = file.strip_suffix(kind.extension())?;
         let mut fields = stem.split('-');
         let generation = Generation::parse(fields.next()?)?;
@@ -293,12 +312,26 @@ impl ObjectName {
         if fields.next().is_some() {
             return None;
         }
-        let object = ObjectName {
+        Some(ObjectName {
             kind,
             generation,
             index,
             time,
-        };
+        })
+    }
+
+    /// Parse a key relative to the destination into the replica name and object name.
+    /// Keys that are not data objects (`state.json`, foreign files) give `None`.
+    pub fn parse_key(key: &str) -> Option<(String, ObjectName)> {
+        let mut parts = key.split('/');
+        let (name, dir, file) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || validate_name(name).is_err() {
+            return None;
+        }
+        let object = ObjectName::parse_file_name(file)?;
+        if object.kind.dir() != dir {
+            return None;
+        }
         Some((name.to_string(), object))
     }
 }

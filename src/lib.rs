@@ -8,7 +8,8 @@
 //! - [`database`]: opening the SQLite database walsync replicates, and pinning its WAL.
 //! - [`snapshot`]: consistent compressed copies of a database through the backup API.
 //! - [`segment`]: cutting committed WAL frames into standalone compressed segments.
-//! - [`replica`]: one database replicated to one destination: generations and positions.
+//! - [`sidecar`]: walsync's files beside a database: lock, position, staged objects.
+//! - [`replica`]: one database replicated to one destination: generations, staging, checkpoints.
 //! - [`watcher`]: file events (inotify, kqueue, or polling) that wake a database's thread.
 //! - [`uploader`]: the small pool of blocking upload workers shared by all databases.
 //! - [`replicator`]: continuous replication of many databases (`walsync watch`).
@@ -23,6 +24,7 @@ pub mod replica;
 pub mod replicator;
 pub mod restore;
 pub mod segment;
+pub mod sidecar;
 pub mod snapshot;
 pub mod spool;
 pub mod storage;

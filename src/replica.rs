@@ -1,57 +1,98 @@
-//! One database replicated to one destination: generations, positions, segments, snapshots
+//! One database replicated to one destination: generations, positions, staging, snapshots
 //! and checkpoints.
 //!
-//! # Positions
+//! # The tip, staging and uploads
 //!
-//! A [`Replica`] knows two positions, each a generation, a segment index and an exact place
-//! in the WAL (salts, byte offset and running checksum just after a commit frame):
+//! A [`Replica`] reads the WAL into *segments* (see [`crate::segment`]) and stages each one
+//! in its sidecar ([`crate::sidecar`]) before it counts as read: written, fsynced, then the
+//! *tip* (generation, segment index, exact place in the WAL, chain value) saved beside it.
+//! Only then may walsync let SQLite overwrite those frames, and only then is the object
+//! handed to the upload pool, which ships staged objects strictly in order and removes each
+//! once stored, also after a restart. So:
 //!
-//! - the *tip*: how far it has cut the WAL into segments (queued for upload), and
-//! - the *durable* position: how far those uploads have succeeded. Only this one is saved,
-//!   in a small JSON file in a sidecar directory beside the database (`.app.db-walsync/`),
-//!   after each upload, so a restart resumes exactly where storage ends.
-//!
-//! Uploads happen strictly in order, so the bucket never has a gap a restore would trip on.
+//! - the bucket never holds an object the sidecar does not account for: a restart resumes
+//!   from the tip, never from an older place that would cut an index again differently;
+//! - checkpoints wait for local disk, never for storage; an outage costs staged bytes (up to
+//!   a cap, after which the WAL stays pinned and grows instead), not a WAL that never shrinks;
+//! - a tip that cannot be saved (disk full, I/O error) stops this database's progress loudly:
+//!   nothing past the saved tip is uploaded, and the error repeats until the disk recovers.
 //!
 //! # Holding the WAL still
 //!
-//! The replica keeps a read transaction open (the *pin*, see [`crate::database`]). While it
-//! is open SQLite cannot restart the WAL, so every frame walsync has not read yet stays in the
-//! file. Checkpoints run by anyone may copy frames into the database file meanwhile; that is
-//! harmless, the frames stay in the WAL too. The pin is only moved under the *barrier* (the
-//! write lock), at moments when everything committed has been cut into segments.
+//! The replica keeps a read transaction open on its own connection: the *pin* (see
+//! [`crate::database`]). What it guarantees depends on SQLite's read marks:
 //!
-//! walsync checkpoints the WAL itself, only when every committed frame is durable: under the
-//! barrier it ships what is left, then releases the pin and checkpoints. After a complete
-//! checkpoint the next writer restarts the WAL with salt-1 and the checkpoint sequence both
-//! one higher; the replica expects exactly that and carries on in the same generation.
+//! - A pin on a read mark above 0 stops any writer from restarting the WAL, so every frame
+//!   stays in the file.
+//! - A pin taken when every frame was already copied into the database sits on read mark 0.
+//!   It stops every checkpoint from copying frames (they would change pages the pin reads
+//!   from the database file), but it does not stop the next writer from restarting the WAL,
+//!   once, over frames that are all in the database file already.
 //!
-//! # Continuity
+//! Either way, once the pin is held, a commit can leave the WAL unread only if it was in the
+//! WAL *before* the pin was taken. So when the tip has reached the end of the committed WAL
+//! as it was at pin time, the pin *guards* the replica: whatever happens to the WAL headers
+//! from then on (restarts after walsync's checkpoints, the application's own TRUNCATE
+//! checkpoints, any number of them), every commit is still in the current WAL, and reading
+//! it from the top after a restart loses nothing. That is [`Pin::Guarding`].
 //!
-//! Before cutting, the WAL must still be the one the tip describes: same salts and the same
-//! frame at the tip's offset (or the one restart walsync caused). Anything else (the WAL
-//! checkpointed and restarted while walsync was not holding it, the database file replaced,
-//! the page size changed) means frames may be missing, so the replica starts a new
-//! generation with a full snapshot and logs why.
+//! The pin is moved only under the *barrier* (`BEGIN IMMEDIATE`, the write lock) after the
+//! last commits are cut, so the new pin guards at once. The barrier covers local work only:
+//! reading a few frames into a staged file, moving the pin, a checkpoint of what slipped in
+//! since the last one. It never waits for the network.
 //!
-//! The sidecar also holds a lock file, so two walsync processes cannot replicate the same
-//! database to the same destination at once and interleave their segments.
+//! # Checkpoints
+//!
+//! walsync checkpoints the WAL itself, only over frames it has staged: first outside the
+//! barrier while the pin (at the end of everything staged) keeps the WAL from restarting,
+//! then once more under the barrier for what committed meanwhile, after which the pin is
+//! moved to a fresh read mark so the next writer can restart the WAL from the top. A WAL
+//! file left large by a big transaction is truncated with SQLite's own TRUNCATE checkpoint
+//! while the pin is still held ([`Replica::truncate_if_large`]). There is no race to detect:
+//! nothing commits while the pin is moved, and nothing unread can be copied out of the WAL,
+//! or truncated away, while it is held.
+//!
+//! # Continuity across restarts
+//!
+//! While walsync is stopped nothing holds the WAL. On the next start the WAL must still be
+//! the one the tip describes (same salts, the same frame at the tip), or walsync must be able
+//! to prove that nothing committed was lost: the tip records the database file's identity
+//! (size, modification time, inode) at a moment when the tip was the end of the committed
+//! WAL (*settled*). A commit that left the WAL since then must have been copied into the
+//! database file, which changes it; so an unchanged file proves it, and a changed one (an
+//! application that committed, then closed its last connection or truncated the WAL)
+//! means a new generation. So does a replaced database file or a changed page size.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::database::{Database, FileIdentity};
 use crate::error::{Context, Error, Result};
 use crate::layout::{self, Generation, ObjectKind, ObjectName, ReplicaState};
 use crate::segment;
+use crate::sidecar::{Sidecar, Staged};
 use crate::snapshot;
 use crate::storage::Storage;
 use crate::utc::UtcTime;
 use crate::wal::{WalHeader, WalPosition, WalReader, FRAME_HEADER_SIZE, HEADER_SIZE};
 
-/// How far a replica has shipped: saved in the sidecar after every durable upload.
+/// Staged bytes per database after which walsync stops reading the WAL until uploads catch
+/// up (the WAL then stays pinned and grows instead).
+pub const DEFAULT_STAGING_LIMIT: u64 = 1024 * 1024 * 1024;
+
+/// A WAL file at least this large is truncated after walsync's next complete checkpoint.
+pub const DEFAULT_WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// A file modified this recently may still change without its modification time changing
+/// (filesystem timestamps are only as fine as the kernel's clock tick), so its identity does
+/// not prove that it stayed the same.
+const TIMESTAMP_GRANULARITY: Duration = Duration::from_millis(20);
+
+/// How far the WAL has been read into staged objects: saved in the sidecar, and written
+/// before anything it covers is uploaded.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Position {
     destination: String,
@@ -60,11 +101,20 @@ struct Position {
     /// Last segment in this generation (0: only the base snapshot).
     index: u64,
     page_size: u32,
-    /// The WAL just after the last commit in a segment; `None` when the WAL had no valid
-    /// header then (no frames at all).
+    /// Chain value after `index` (see [`crate::segment`]).
+    chain: [u32; 2],
+    /// Time of the newest object, in milliseconds: object times never go back, even when
+    /// the clock does.
+    time_ms: i64,
+    /// Staging sequence number of the newest object this position counts.
+    seq: u64,
+    /// The WAL just after the last commit read; `None` when the WAL had no valid header.
     wal: Option<WalMark>,
-    /// The database file as of that commit.
+    /// The database file as of the last read (dev and inode tell a replacement).
     db: FileIdentity,
+    /// The database file at a moment when this position was the end of the committed WAL,
+    /// if that moment is known and the identity can be trusted (see the module docs).
+    settled: Option<FileIdentity>,
 }
 
 /// A place in one particular WAL (identified by its salts).
@@ -73,19 +123,16 @@ struct WalMark {
     salt: [u32; 2],
     checkpoint_seq: u32,
     end: WalPosition,
-    /// walsync itself checkpointed the whole WAL up to `end` with everything durable, so the
-    /// next writer will restart the WAL: one restart is expected, not a loss of continuity.
-    #[serde(default)]
-    backfilled: bool,
 }
 
-/// An object cut and waiting to be uploaded, with the position it makes durable.
-struct Pending {
-    key: String,
-    kind: ObjectKind,
-    /// Taken by whoever uploads it.
-    file: Option<File>,
-    after: Position,
+/// What the pin guarantees (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pin {
+    /// Every commit since the pin was taken is in the current WAL or already staged.
+    Guarding,
+    /// Unread commits may have been in the WAL when the pin was taken, up to this offset in
+    /// the WAL with these salts (or anywhere, if `None`); guarding once the tip gets there.
+    Behind(Option<([u32; 2], u64)>),
 }
 
 /// An upload for a worker: store `file` under `key`, then call [`Replica::upload_done`].
@@ -97,30 +144,43 @@ pub struct Upload {
 /// What one call to [`Replica::sync`] or [`Replica::poll`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SyncOutcome {
-    /// Nothing new was committed.
+    /// Nothing new was committed (or staging is full and the WAL waits).
     Idle,
-    /// A segment was cut (and, for [`Replica::sync`], stored).
+    /// A segment was cut and staged (and, for [`Replica::sync`], stored).
     Shipped { key: String, frames: u64 },
     /// A snapshot starting a new generation was taken (first run, or continuity was lost).
     NewGeneration { key: String, reason: String },
 }
 
-/// Which kind of checkpoint to run.
+/// What a checkpoint did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckpointMode {
-    /// Copy frames into the database without blocking anyone; the WAL file keeps its size.
-    Passive,
-    /// Copy every frame and truncate the WAL file to zero bytes.
-    Truncate,
+pub enum Checkpoint {
+    /// Not attempted: no generation yet, continuity lost, or staging full.
+    Skipped,
+    /// Some frames are still needed by a reader of an older snapshot; try again later.
+    Partial,
+    /// Every frame is in the database file; the next writer restarts the WAL.
+    Complete,
 }
 
-impl CheckpointMode {
-    fn sql(self) -> &'static str {
-        match self {
-            CheckpointMode::Passive => "PRAGMA wal_checkpoint(PASSIVE)",
-            CheckpointMode::Truncate => "PRAGMA wal_checkpoint(TRUNCATE)",
-        }
-    }
+/// What cutting the WAL found.
+enum Cut {
+    /// Nothing committed since the tip.
+    Idle,
+    /// A segment was staged (not yet saved: see [`Replica::persist`]).
+    Staged { key: String, frames: u64 },
+    /// Staging is full; the WAL is left alone until uploads catch up.
+    Held,
+    /// Continuity is lost, for this reason: a new generation must start.
+    Broken(String),
+}
+
+/// Where reading the WAL resumes, after checking that nothing was lost.
+enum Continuity {
+    From(WalPosition),
+    /// There is no WAL (or it has no valid header) and nothing was lost.
+    NoWal,
+    Lost(String),
 }
 
 /// One database replicated to one destination.
@@ -129,82 +189,95 @@ pub struct Replica {
     db: Database,
     /// Holds the read transaction that pins the WAL.
     pin: Database,
+    pin_state: Pin,
     storage: Arc<dyn Storage>,
     name: String,
-    sidecar: PathBuf,
-    position_path: PathBuf,
-    /// Records the newest generation this replica started, before its snapshot is
-    /// uploaded (see [`Replica::claim_generation`]).
-    claim_path: PathBuf,
-    /// The generation in `claim_path`.
-    claimed: Option<Generation>,
-    durable: Option<Position>,
-    tip: Option<Position>,
-    pending: VecDeque<Pending>,
+    sidecar: Sidecar,
     /// The database file the connections have open.
     opened: FileIdentity,
-    /// Held for the replica's lifetime: only one replicator per database and destination.
-    _lock: File,
+    tip: Option<Position>,
+    /// Staging sequence number of the saved tip: nothing past it is uploaded.
+    saved_seq: u64,
+    /// Staged objects not yet stored, in order; the front one may be out for upload.
+    staged: VecDeque<Staged>,
+    /// Staged objects whose files are not fsynced yet (staged under the barrier).
+    unsynced: Vec<Staged>,
+    /// The tip changed in a way worth saving although it counts no new object.
+    tip_changed: bool,
+    uploading: bool,
+    /// The newest object confirmed stored (for `state.json`).
+    stored: Option<(Generation, u64)>,
+    /// Where walsync's own checkpoints have copied the WAL up to (salts and offset).
+    backfilled: Option<([u32; 2], u64)>,
+    staging_limit: u64,
+    wal_size_limit: u64,
+    /// Staging is full and that has been said.
+    said_full: bool,
 }
 
 impl Replica {
-    /// Open `db_path` for replication to `storage` under `name`, and pin its WAL.
+    /// Open `db_path` for replication to `storage` under `name`, pin its WAL, pick up what a
+    /// previous run staged, and refuse a name another database is written under (see
+    /// [`Replica::check_ownership`]).
     pub fn open(db_path: &Path, storage: Arc<dyn Storage>, name: &str) -> Result<Replica> {
         layout::validate_name(name)?;
-        let db = Database::open(db_path)?;
-        let sidecar = sidecar_dir(db_path)?;
-        std::fs::create_dir_all(&sidecar)
-            .context(|| format!("creating walsync's directory {}", sidecar.display()))?;
+        let (db, pin, opened) = open_connections(db_path)?;
         let destination = storage.describe();
-        let stem = format!("{name}-{:016x}", fnv1a(&format!("{destination}\n{name}")));
-        let lock_path = sidecar.join(format!("{stem}.lock"));
-        let lock = File::create(&lock_path)
-            .context(|| format!("creating lock file {}", lock_path.display()))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::invalid(format!(
-                "another walsync is already replicating {} to {destination} as {name:?}",
-                db_path.display()
-            )));
-        }
-        let position_path = sidecar.join(format!("{stem}.json"));
-        let claim_path = sidecar.join(format!("{stem}.generation"));
-        let claimed = load_claim(&claim_path)?;
-        let durable = load_position(&position_path)?
+        let sidecar = Sidecar::open(db_path, &destination, name)?;
+        let tip = sidecar
+            .load_position::<Position>()?
             .filter(|p| p.destination == destination && p.name == name);
-        let pin = db.reopen()?;
-        pin.pin()?;
-        let opened = FileIdentity::of(db_path)?;
-        // A newer generation was started but its snapshot never confirmed stored: it may be
-        // in the bucket anyway, and a restore of the latest state would pick it over any
-        // segment added to the older generation. Start yet another generation instead.
-        let tip = durable.clone().filter(|p| {
-            let newer_claim = claimed
-                .as_ref()
-                .is_some_and(|c| Generation::parse(&p.generation).is_none_or(|g| g < *c));
-            if newer_claim {
-                log::warn!(
-                    "{name}: generation {} was started but not confirmed stored; a new \
-                     generation will start",
-                    claimed.as_ref().map_or_else(String::new, |c| c.to_string())
-                );
+        let saved_seq = tip.as_ref().map_or(0, |t| t.seq);
+        let mut staged = VecDeque::new();
+        for object in sidecar.staged()? {
+            if object.seq <= saved_seq && tip.is_some() {
+                staged.push_back(object);
+            } else {
+                // Written by a run killed before it saved the tip that would count it: the
+                // WAL still holds those frames (or continuity is lost), so it is cut again.
+                log::debug!("{name}: removing uncounted {}", object.path.display());
+                sidecar.remove(&object)?;
             }
-            !newer_claim
-        });
-        Ok(Replica {
+        }
+        if !staged.is_empty() {
+            log::info!(
+                "{name}: {} objects staged by an earlier run will be uploaded first",
+                staged.len()
+            );
+        }
+        let mut replica = Replica {
             db,
             pin,
-            opened,
+            pin_state: Pin::Behind(None),
             storage,
             name: name.to_string(),
             sidecar,
-            position_path,
-            claim_path,
-            claimed,
+            opened,
+            stored: None,
             tip,
-            durable,
-            pending: VecDeque::new(),
-            _lock: lock,
-        })
+            saved_seq,
+            staged,
+            unsynced: Vec::new(),
+            tip_changed: false,
+            uploading: false,
+            backfilled: None,
+            staging_limit: DEFAULT_STAGING_LIMIT,
+            wal_size_limit: DEFAULT_WAL_SIZE_LIMIT,
+            said_full: false,
+        };
+        replica.pin_state = replica.pin_state_now()?;
+        replica.check_ownership()?;
+        Ok(replica)
+    }
+
+    /// Stop reading the WAL while this many bytes are staged and not yet stored.
+    pub fn set_staging_limit(&mut self, bytes: u64) {
+        self.staging_limit = bytes;
+    }
+
+    /// Truncate a WAL file at least this large after a complete checkpoint.
+    pub fn set_wal_size_limit(&mut self, bytes: u64) {
+        self.wal_size_limit = bytes;
     }
 
     pub fn name(&self) -> &str {
@@ -215,41 +288,44 @@ impl Replica {
         self.db.path()
     }
 
-    /// The durable generation and last segment index, if any.
+    /// The generation and last segment index read so far, if any.
     pub fn generation(&self) -> Option<(Generation, u64)> {
-        let p = self.durable.as_ref()?;
+        let p = self.tip.as_ref()?;
         Some((Generation::parse(&p.generation)?, p.index))
     }
 
-    /// True when every object cut so far is durably stored.
+    /// True when every object cut so far is stored.
     pub fn is_flushed(&self) -> bool {
-        self.pending.is_empty()
+        self.staged.is_empty()
     }
 
-    /// The key of the last object queued and not yet stored.
+    /// Bytes staged and not yet stored.
+    pub fn staged_bytes(&self) -> u64 {
+        self.staged.iter().map(|s| s.bytes).sum()
+    }
+
+    /// The key of the last object staged and not yet stored.
     pub fn last_queued_key(&self) -> Option<String> {
-        self.pending.back().map(|p| p.key.clone())
+        self.staged.back().map(|s| s.object.key(&self.name))
     }
 
-    /// Frames in the WAL up to the tip that walsync has not checkpointed yet.
-    pub fn wal_frames(&self) -> u64 {
-        match self
-            .tip
-            .as_ref()
-            .and_then(|p| p.wal.map(|m| (m, p.page_size)))
-        {
-            // Checkpointed by walsync; the next writer restarts the WAL.
-            Some((mark, _)) if mark.backfilled => 0,
-            Some((mark, page_size)) => {
-                (mark.end.offset - HEADER_SIZE) / (FRAME_HEADER_SIZE + u64::from(page_size))
-            }
-            None => 0,
-        }
-    }
-
-    /// Size of the WAL file on disk (0 if there is none).
-    pub fn wal_file_size(&self) -> u64 {
-        std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len())
+    /// Whether a checkpoint is worth its barrier: at least `frames` frames read since
+    /// walsync's last complete checkpoint, or a WAL file of at least the size limit with
+    /// frames to copy or (once it has restarted) a dead tail to cut.
+    pub fn checkpoint_due(&self, frames: u64) -> bool {
+        let Some((tip, mark)) = self.tip.as_ref().and_then(|t| Some((t, t.wal?))) else {
+            return false;
+        };
+        let frame_size = FRAME_HEADER_SIZE + u64::from(tip.page_size);
+        let from = match self.backfilled {
+            Some((salt, offset)) if salt == mark.salt => offset,
+            _ => HEADER_SIZE,
+        };
+        let unbackfilled = mark.end.offset.saturating_sub(from) / frame_size;
+        let file_size = std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len());
+        let large = file_size >= self.wal_size_limit;
+        unbackfilled >= frames
+            || (large && (unbackfilled > 0 || file_size > mark.end.offset + frame_size))
     }
 
     /// Ship every transaction committed since the last call as one segment and wait for it
@@ -262,81 +338,188 @@ impl Replica {
     }
 
     /// Store a snapshot aligned to a segment boundary now and wait for it (and anything
-    /// queued before it) to be stored. Returns the snapshot's key.
+    /// staged before it) to be stored. Returns the snapshot's key.
     pub fn snapshot(&mut self) -> Result<String> {
         let key = self.queue_snapshot()?;
         self.flush()?;
         Ok(key)
     }
 
-    /// Cut what was committed since the tip into a segment queued for upload, or queue a new
-    /// generation's snapshot when there is no generation or continuity is lost.
+    /// Stage what was committed since the tip as a segment, or a new generation's snapshot
+    /// when there is no generation or continuity is lost.
     pub fn poll(&mut self) -> Result<SyncOutcome> {
-        self.follow_replacement()?;
-        match self.cut_to_end()? {
-            Ok(outcome) => Ok(outcome),
-            Err(reason) => {
-                let key = self.queue_new_generation(&reason)?;
-                Ok(SyncOutcome::NewGeneration { key, reason })
+        self.prepare()?;
+        let outcome = match self.cut()? {
+            Cut::Idle | Cut::Held => SyncOutcome::Idle,
+            Cut::Staged { key, frames } => SyncOutcome::Shipped { key, frames },
+            Cut::Broken(reason) => {
+                let key = self.new_generation(&reason)?;
+                SyncOutcome::NewGeneration { key, reason }
             }
-        }
+        };
+        self.persist()?;
+        Ok(outcome)
     }
 
-    /// The next object to upload, if none is being uploaded now. Uploads go one at a time,
-    /// in order; report each with [`Replica::upload_done`].
-    pub fn next_upload(&mut self) -> Option<Upload> {
-        let front = self.pending.front_mut()?;
-        let file = front.file.take()?;
-        Some(Upload {
-            key: front.key.clone(),
-            file,
+    /// Stage a snapshot aligned to a segment boundary (after the segment of whatever was
+    /// committed but not yet cut). Returns the snapshot's key.
+    pub fn queue_snapshot(&mut self) -> Result<String> {
+        self.prepare()?;
+        // Cut what is there outside the barrier, so the barrier only covers a small rest.
+        let outside = self.cut()?;
+        self.persist()?;
+        let cut = match outside {
+            Cut::Broken(reason) => return self.new_generation(&reason),
+            Cut::Held => return Err(self.staging_full_error()),
+            Cut::Idle | Cut::Staged { .. } => self.under_barrier(|r| r.cut_rest_and_repin())?,
+        };
+        self.persist()?;
+        match cut {
+            Cut::Broken(reason) => return self.new_generation(&reason),
+            Cut::Held => return Err(self.staging_full_error()),
+            Cut::Idle | Cut::Staged { .. } => {}
+        }
+        // The pin now sees exactly what the tip's last segment ends with.
+        let tip = self
+            .tip
+            .clone()
+            .ok_or_else(|| Error::invalid("no generation"))?;
+        self.stage_snapshot(tip)
+    }
+
+    /// Record, under the barrier, that the tip is the end of the committed WAL, so that a
+    /// restart can prove nothing was committed while walsync was stopped (if the database
+    /// file is then unchanged). Call before stopping, after the last [`Replica::poll`].
+    pub fn settle(&mut self) -> Result<()> {
+        self.prepare()?;
+        if self.tip.is_none() {
+            return Ok(());
+        }
+        for _ in 0..5 {
+            let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
+            self.persist()?;
+            match cut {
+                Cut::Broken(_) | Cut::Held => return Ok(()),
+                Cut::Idle | Cut::Staged { .. } => {}
+            }
+            if self.tip.as_ref().is_some_and(|t| t.settled.is_some()) {
+                return Ok(());
+            }
+            // The database file was written too recently for its identity to prove much.
+            std::thread::sleep(TIMESTAMP_GRANULARITY);
+        }
+        Ok(())
+    }
+
+    /// Checkpoint the WAL over what is staged (see the module docs).
+    pub fn checkpoint(&mut self) -> Result<Checkpoint> {
+        self.prepare()?;
+        if self.tip.is_none() {
+            return Ok(Checkpoint::Skipped);
+        }
+        let outside = self.cut()?;
+        self.persist()?;
+        if matches!(outside, Cut::Broken(_) | Cut::Held) {
+            return Ok(Checkpoint::Skipped);
+        }
+        // Move the pin to the end of what is staged, so the copy below covers all of it
+        // while no writer can restart the WAL.
+        let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
+        self.persist()?;
+        if matches!(cut, Cut::Broken(_) | Cut::Held) {
+            return Ok(Checkpoint::Skipped);
+        }
+        // The bulk of the copy, while the application goes on writing.
+        self.run_checkpoint(&self.db)?;
+        // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
+        let (cut, complete) = self.under_barrier(|r| {
+            let cut = r.cut()?;
+            if matches!(cut, Cut::Broken(_) | Cut::Held) {
+                return Ok((cut, false));
+            }
+            r.pin.release()?;
+            let copied = r.run_checkpoint(&r.pin);
+            r.pin.pin()?;
+            r.pin_state = Pin::Guarding;
+            let complete = copied?;
+            if complete {
+                r.note_backfilled()?;
+            }
+            Ok((cut, complete))
+        })?;
+        self.persist()?;
+        if complete {
+            self.truncate_if_large()?;
+        }
+        Ok(match cut {
+            Cut::Broken(_) | Cut::Held => Checkpoint::Skipped,
+            _ if complete => Checkpoint::Complete,
+            _ => Checkpoint::Partial,
         })
     }
 
-    /// An upload handed out by [`Replica::next_upload`] succeeded: its position is durable.
-    /// Returns true when it was a snapshot, after which `state.json` is worth rewriting
-    /// ([`Replica::state_object`]); the caller does that, so that a hundred databases do not
-    /// all write at once.
+    /// The next object to upload, if none is out for upload now. Uploads go one at a time,
+    /// in order, and only up to the saved tip; report each with [`Replica::upload_done`].
+    pub fn next_upload(&mut self) -> Result<Option<Upload>> {
+        if self.uploading {
+            return Ok(None);
+        }
+        let Some(front) = self.staged.front() else {
+            return Ok(None);
+        };
+        if front.seq > self.saved_seq {
+            return Ok(None);
+        }
+        let file = File::open(&front.path)
+            .context(|| format!("{}: opening staged {}", self.name, front.path.display()))?;
+        self.uploading = true;
+        Ok(Some(Upload {
+            key: front.object.key(&self.name),
+            file,
+        }))
+    }
+
+    /// An upload handed out by [`Replica::next_upload`] succeeded. Returns true when it was a
+    /// snapshot, after which `state.json` is worth rewriting ([`Replica::state_object`]); the
+    /// caller does that, so that a hundred databases do not all write at once.
     pub fn upload_done(&mut self, key: &str) -> Result<bool> {
-        match self.pending.front() {
-            Some(p) if p.key == key && p.file.is_none() => {}
+        let front = match self.staged.front() {
+            Some(s) if self.uploading && s.object.key(&self.name) == key => s.clone(),
             _ => {
                 return Err(Error::invalid(format!(
                     "{}: upload of {key} finished out of order",
                     self.name
                 )))
             }
-        }
-        let Some(done) = self.pending.pop_front() else {
-            return Ok(false);
         };
-        self.save_position(done.after)?;
-        Ok(done.kind == ObjectKind::Snapshot)
+        self.uploading = false;
+        self.staged.pop_front();
+        self.sidecar.remove(&front)?;
+        let object = front.object;
+        self.stored = Some((object.generation.clone(), object.index));
+        Ok(object.kind == ObjectKind::Snapshot)
     }
 
     /// An upload handed out by [`Replica::next_upload`] could not be completed (walsync is
-    /// stopping): put it back so a later call can retry it.
-    pub fn upload_returned(&mut self, upload: Upload) {
-        if let Some(front) = self.pending.front_mut() {
-            if front.key == upload.key {
-                front.file = Some(upload.file);
-            }
-        }
+    /// stopping): a later call hands it out again.
+    pub fn upload_returned(&mut self, _upload: Upload) {
+        self.uploading = false;
     }
 
-    /// Upload everything queued, in order, from this thread.
+    /// Upload everything staged, in order, from this thread.
     pub fn flush(&mut self) -> Result<()> {
-        while let Some(upload) = self.next_upload() {
+        while let Some(upload) = self.next_upload()? {
             let stored = self
                 .storage
                 .put_file(&upload.key, &upload.file)
                 .context(|| format!("{}: uploading {}", self.name, upload.key));
+            let key = upload.key.clone();
             if let Err(e) = stored {
                 self.upload_returned(upload);
                 return Err(e);
             }
-            log::info!("{}: stored {}", self.name, upload.key);
-            if self.upload_done(&upload.key)? {
+            log::info!("{}: stored {key}", self.name);
+            if self.upload_done(&key)? {
                 if let Err(e) = self.write_state() {
                     // Only `list` reads state.json; the snapshot itself is stored.
                     log::warn!("{}: {e}", self.name);
@@ -344,379 +527,6 @@ impl Replica {
             }
         }
         Ok(())
-    }
-
-    /// Queue a snapshot aligned to a segment boundary (and the segment before it, if
-    /// anything is committed but not yet cut). Returns the snapshot's key.
-    pub fn queue_snapshot(&mut self) -> Result<String> {
-        // Cut what is there outside the barrier, so the barrier only covers a small rest.
-        if let Err(reason) = self.cut_to_end()? {
-            return self.queue_new_generation(&reason);
-        }
-        self.db.lock_writes()?;
-        let cut = self.cut_to_end().and_then(|cut| {
-            if cut.is_ok() {
-                self.repin()?;
-            }
-            Ok(cut)
-        });
-        self.db.release()?;
-        if let Err(reason) = cut? {
-            return self.queue_new_generation(&reason);
-        }
-        // The pin now sees exactly what the tip's last segment ends with.
-        let tip = self
-            .tip
-            .clone()
-            .ok_or_else(|| Error::invalid("no generation"))?;
-        let generation = Generation::parse(&tip.generation)
-            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
-        self.queue_snapshot_object(generation, tip)
-    }
-
-    /// Checkpoint the WAL if every committed frame is durable. Returns `None` if it was not
-    /// attempted (uploads are pending, or continuity is lost), else whether it copied every
-    /// frame (readers of older snapshots can hold frames back).
-    ///
-    /// Under the barrier, what was committed since the last segment is cut and uploaded
-    /// right away (writers wait for that one small upload), then the pin is released and
-    /// the checkpoint runs on its connection. A PASSIVE checkpoint runs inside the barrier; a TRUNCATE
-    /// checkpoint needs the write lock itself, so it runs just after, and
-    /// `PRAGMA data_version` tells whether another connection committed in between.
-    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<Option<bool>> {
-        if !self.pending.is_empty() {
-            return Ok(None);
-        }
-        // Ship what is committed now, outside the barrier, so that what must be shipped while
-        // writers wait is only what they commit during this one upload.
-        if self.cut_to_end()?.is_err() {
-            return Ok(None);
-        }
-        self.flush()?;
-        self.db.lock_writes()?;
-        let before = match self.ship_rest_under_barrier() {
-            Ok(Some(v)) => v,
-            Ok(None) => {
-                self.db.release()?;
-                return Ok(None);
-            }
-            Err(e) => {
-                self.db.release()?;
-                return Err(e);
-            }
-        };
-        self.pin.release()?;
-        let result = match mode {
-            CheckpointMode::Passive => {
-                let r = self.run_checkpoint(mode);
-                self.pin.pin()?;
-                self.db.release()?;
-                r
-            }
-            CheckpointMode::Truncate => {
-                self.db.release()?;
-                let r = self.run_checkpoint(mode);
-                self.pin.pin()?;
-                r
-            }
-        };
-        let (busy, log_frames, checkpointed) = result?;
-        let slipped = self.data_version()? != before;
-        if slipped {
-            // A commit landed between the barrier and the checkpoint and may have been
-            // checkpointed out of the WAL before walsync read it.
-            log::warn!("{}: a commit raced the checkpoint", self.name);
-            self.tip = None;
-            return Ok(Some(false));
-        }
-        let complete = busy == 0 && log_frames == checkpointed;
-        log::debug!(
-            "{}: {mode:?} checkpoint: busy={busy} log={log_frames} checkpointed={checkpointed}",
-            self.name
-        );
-        if complete {
-            if let Some(tip) = self.tip.as_mut() {
-                if let Some(mark) = tip.wal.as_mut() {
-                    mark.backfilled = true;
-                }
-            }
-            let tip = self.tip.clone();
-            if let Some(tip) = tip {
-                self.save_position(tip)?;
-            }
-        }
-        Ok(Some(complete))
-    }
-
-    /// Under the barrier: cut and upload whatever is left, so the tip is the end of the
-    /// committed WAL and durable. Returns the control connection's data version, or None if
-    /// continuity is lost (the caller must not checkpoint; the next poll starts over).
-    fn ship_rest_under_barrier(&mut self) -> Result<Option<i64>> {
-        if self.cut_to_end()?.is_err() {
-            return Ok(None);
-        }
-        self.flush()?;
-        Ok(Some(self.data_version()?))
-    }
-
-    /// Run on the pin's connection while it is released: the control connection may be
-    /// holding the barrier, and SQLite refuses to checkpoint inside a transaction.
-    fn run_checkpoint(&self, mode: CheckpointMode) -> Result<(i64, i64, i64)> {
-        self.pin
-            .connection()
-            .query_row(mode.sql(), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .context(|| format!("{}: {mode:?} checkpoint", self.name))
-    }
-
-    fn data_version(&self) -> Result<i64> {
-        Ok(self
-            .db
-            .connection()
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
-    }
-
-    /// Cut the committed frames after the tip into a queued segment. The inner `Err` says
-    /// why continuity is lost (a new generation is needed).
-    fn cut_to_end(&mut self) -> Result<Result<SyncOutcome, String>> {
-        let Some(tip) = self.tip.clone() else {
-            return Ok(Err("no generation yet".into()));
-        };
-        let wal = self.db.open_wal()?;
-        let reader = match &wal {
-            Some(file) => WalReader::open(file)?,
-            None => None,
-        };
-        let (Some(file), Some(mut reader)) = (&wal, reader) else {
-            return Ok(self.check_without_wal(&tip)?.map(|()| SyncOutcome::Idle));
-        };
-        let start = match self.check_continuity(&tip, &reader)? {
-            Ok(start) => start,
-            Err(reason) => return Ok(Err(reason)),
-        };
-        reader.seek(start);
-        let Some(end) = reader.find_last_commit()? else {
-            return Ok(Ok(SyncOutcome::Idle));
-        };
-        // The segment's time: every commit in it happened before this moment, so a
-        // point-in-time restore to it never includes a later transaction.
-        let time = UtcTime::now();
-        let header = *reader.header();
-        let cut = match segment::cut(file, &header, start, end, &self.sidecar) {
-            Ok(cut) => cut,
-            Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
-                return Ok(Err(format!("the WAL changed while it was read: {e}")))
-            }
-            Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
-        };
-        let generation = Generation::parse(&tip.generation)
-            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
-        let object = ObjectName {
-            kind: ObjectKind::Segment,
-            generation,
-            index: tip.index + 1,
-            time,
-        };
-        let key = object.key(&self.name);
-        let after = Position {
-            index: object.index,
-            wal: Some(WalMark {
-                salt: header.salt,
-                checkpoint_seq: header.checkpoint_seq,
-                end,
-                backfilled: false,
-            }),
-            db: FileIdentity::of(self.db.path())?,
-            ..tip
-        };
-        log::debug!("{}: cut {key} ({} frames)", self.name, cut.frames);
-        self.push(key.clone(), ObjectKind::Segment, cut.file, after);
-        Ok(Ok(SyncOutcome::Shipped {
-            key,
-            frames: cut.frames,
-        }))
-    }
-
-    /// Where to start reading the WAL after `tip`, or why continuity is lost.
-    fn check_continuity(
-        &self,
-        tip: &Position,
-        reader: &WalReader,
-    ) -> Result<Result<WalPosition, String>> {
-        let identity = FileIdentity::of(self.db.path())?;
-        if !identity.same_file(&tip.db) {
-            return Ok(Err("the database file was replaced".into()));
-        }
-        let header = *reader.header();
-        if header.page_size != tip.page_size {
-            return Ok(Err(format!(
-                "page size changed from {} to {}",
-                tip.page_size, header.page_size
-            )));
-        }
-        let top = WalPosition {
-            offset: HEADER_SIZE,
-            checksum: header.checksum,
-        };
-        let Some(mark) = tip.wal else {
-            // The WAL had no header when the tip was taken: every frame in it now is newer,
-            // provided nothing was checkpointed into the database file meanwhile.
-            if identity != tip.db {
-                return Ok(Err(
-                    "the database file changed while walsync was not watching".into(),
-                ));
-            }
-            return Ok(Ok(top));
-        };
-        if header.salt == mark.salt {
-            return Ok(if reader.still_holds(mark.end)? {
-                Ok(mark.end)
-            } else {
-                Err("the WAL no longer holds the frames last shipped".into())
-            });
-        }
-        // The one restart walsync's own complete checkpoint leads to.
-        let one_restart = header.salt[0] == mark.salt[0].wrapping_add(1)
-            && header.checkpoint_seq == mark.checkpoint_seq.wrapping_add(1);
-        if mark.backfilled && one_restart {
-            return Ok(Ok(top));
-        }
-        Ok(Err(
-            "the WAL was checkpointed and restarted while walsync was not holding it".into(),
-        ))
-    }
-
-    /// Continuity when there is no WAL file or it has no valid header.
-    fn check_without_wal(&self, tip: &Position) -> Result<Result<(), String>> {
-        let identity = FileIdentity::of(self.db.path())?;
-        if !identity.same_file(&tip.db) {
-            return Ok(Err("the database file was replaced".into()));
-        }
-        let backfilled = tip.wal.is_some_and(|m| m.backfilled);
-        log::debug!(
-            "{}: no WAL header; database now {identity:?}, at tip {:?}",
-            self.name,
-            tip.db
-        );
-        if (tip.wal.is_none() && identity == tip.db) || backfilled {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(
-                "the WAL was checkpointed away while walsync was not holding it".into(),
-            ))
-        }
-    }
-
-    /// Start a new generation, because of `reason`: under the barrier, note where the
-    /// committed WAL ends and move the pin there; then snapshot through the pin.
-    fn queue_new_generation(&mut self, reason: &str) -> Result<String> {
-        if self.tip.is_some() {
-            log::warn!("{}: starting a new generation: {reason}", self.name);
-        } else {
-            log::info!("{}: starting the first generation", self.name);
-        }
-        self.db.lock_writes()?;
-        let marked = self.mark_committed_end().and_then(|mark| {
-            self.repin()?;
-            Ok((mark, FileIdentity::of(self.db.path())?))
-        });
-        self.db.release()?;
-        let (mark, identity) = marked?;
-        let generation = Generation::new();
-        self.claim_generation(&generation)?;
-        let position = Position {
-            destination: self.storage.describe(),
-            name: self.name.clone(),
-            generation: generation.as_str().to_string(),
-            index: 0,
-            page_size: self.pin.page_size()?,
-            wal: mark,
-            db: identity,
-        };
-        let key = self.queue_snapshot_object(generation, position.clone())?;
-        self.tip = Some(position);
-        Ok(key)
-    }
-
-    /// Where the committed part of the WAL ends right now (call under the barrier).
-    fn mark_committed_end(&self) -> Result<Option<WalMark>> {
-        let Some(file) = self.db.open_wal()? else {
-            return Ok(None);
-        };
-        let Some(mut reader) = WalReader::open(&file)? else {
-            return Ok(None);
-        };
-        let header: WalHeader = *reader.header();
-        let end = reader.find_last_commit()?.unwrap_or(WalPosition {
-            offset: HEADER_SIZE,
-            checksum: header.checksum,
-        });
-        Ok(Some(WalMark {
-            salt: header.salt,
-            checkpoint_seq: header.checkpoint_seq,
-            end,
-            backfilled: false,
-        }))
-    }
-
-    /// Copy the pinned database into a queued snapshot at `position`'s index.
-    fn queue_snapshot_object(
-        &mut self,
-        generation: Generation,
-        position: Position,
-    ) -> Result<String> {
-        let snap = snapshot::take(&self.pin, &self.sidecar)
-            .context(|| format!("{}: taking a snapshot", self.name))?;
-        let object = ObjectName {
-            kind: ObjectKind::Snapshot,
-            generation,
-            index: position.index,
-            time: UtcTime::now(),
-        };
-        let key = object.key(&self.name);
-        log::debug!(
-            "{}: snapshot {key} ({} bytes uncompressed)",
-            self.name,
-            snap.db_size
-        );
-        self.push(key.clone(), ObjectKind::Snapshot, snap.file, position);
-        Ok(key)
-    }
-
-    fn push(&mut self, key: String, kind: ObjectKind, file: File, after: Position) {
-        self.tip = Some(after.clone());
-        self.pending.push_back(Pending {
-            key,
-            kind,
-            file: Some(file),
-            after,
-        });
-    }
-
-    /// If another file was renamed into the database's place, reopen the connections on it
-    /// (they still point at the old file); continuity is then lost and the next cut says so.
-    fn follow_replacement(&mut self) -> Result<()> {
-        let now = FileIdentity::of(self.db.path())?;
-        if now.same_file(&self.opened) {
-            return Ok(());
-        }
-        log::warn!(
-            "{}: {} was replaced by another file; reopening it",
-            self.name,
-            self.db.path().display()
-        );
-        let db = Database::open(self.db.path())?;
-        let pin = db.reopen()?;
-        pin.pin()?;
-        self.db = db;
-        self.pin = pin;
-        self.opened = now;
-        Ok(())
-    }
-
-    /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
-    fn repin(&self) -> Result<()> {
-        self.pin.release()?;
-        self.pin.pin()
     }
 
     /// Refuse to write into a replica name that another database is writing to.
@@ -739,15 +549,9 @@ impl Replica {
         else {
             return Ok(());
         };
-        // A generation this replica started but whose snapshot it never saw stored (walsync
-        // was killed after the upload reached the bucket, before the position was saved) is
-        // ours too: without the claim, every later start would refuse to run.
-        let ours = self
-            .durable
-            .as_ref()
-            .and_then(|p| Generation::parse(&p.generation))
-            .max(self.claimed.clone());
-        if let Some(ours) = ours {
+        // The tip is saved before anything it counts is uploaded, so every generation this
+        // database wrote is at most the tip's.
+        if let Some((ours, _)) = self.generation() {
             if newest > ours {
                 return Err(Error::invalid(format!(
                     "{}: {} holds a newer generation {newest} of {:?} than this database's \
@@ -784,12 +588,6 @@ impl Replica {
         Ok(())
     }
 
-    /// `host:/absolute/path` of this database, as recorded in `state.json`.
-    fn source(&self) -> String {
-        let path = std::path::absolute(self.db.path()).unwrap_or_else(|_| self.db.path().into());
-        format!("{}:{}", hostname(), path.display())
-    }
-
     /// Write `state.json` for `list` and for people; restores never need it.
     pub fn write_state(&self) -> Result<()> {
         let Some((key, body)) = self.state_object()? else {
@@ -800,17 +598,17 @@ impl Replica {
             .context(|| format!("writing {key}"))
     }
 
-    /// The key and content of `state.json` as of the durable position (None before any).
+    /// The key and content of `state.json` as of the newest stored object (None before any).
     pub fn state_object(&self) -> Result<Option<(String, Vec<u8>)>> {
-        let Some(p) = &self.durable else {
+        let (Some((generation, index)), Some(tip)) = (&self.stored, &self.tip) else {
             return Ok(None);
         };
         let state = ReplicaState {
             name: self.name.clone(),
-            generation: p.generation.clone(),
-            index: p.index,
+            generation: generation.to_string(),
+            index: *index,
             updated: UtcTime::now().to_rfc3339(),
-            page_size: p.page_size,
+            page_size: tip.page_size,
             source: self.source(),
             walsync_version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -818,70 +616,519 @@ impl Replica {
         Ok(Some((layout::state_key(&self.name), body)))
     }
 
-    /// Note in the sidecar, durably, that this replica is starting `generation`, before any
-    /// object of it is uploaded, so that [`Replica::check_ownership`] recognises it after a
-    /// crash that left the snapshot stored but the position unsaved.
-    fn claim_generation(&mut self, generation: &Generation) -> Result<()> {
-        let tmp = self.claim_path.with_extension("generation.tmp");
-        let what = || format!("saving the generation to {}", self.claim_path.display());
-        std::fs::write(&tmp, generation.as_str()).context(what)?;
-        File::open(&tmp).and_then(|f| f.sync_all()).context(what)?;
-        std::fs::rename(&tmp, &self.claim_path).context(what)?;
-        self.claimed = Some(generation.clone());
+    // ----- steps -----
+
+    /// Before any step: save a tip that an earlier step could not save, follow a database
+    /// file replaced by rename, and make sure the pin is held.
+    fn prepare(&mut self) -> Result<()> {
+        self.persist()?;
+        self.follow_replacement()?;
+        if !self.pin.in_transaction() {
+            // Lost on an error path: whatever it guarded is no longer guarded.
+            self.pin.pin()?;
+            self.pin_state = self.pin_state_now()?;
+        }
         Ok(())
     }
 
-    fn save_position(&mut self, position: Position) -> Result<()> {
-        let tmp = self.position_path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&position)?;
-        let what = || format!("saving position to {}", self.position_path.display());
-        std::fs::write(&tmp, body).context(what)?;
-        File::open(&tmp).and_then(|f| f.sync_all()).context(what)?;
-        std::fs::rename(&tmp, &self.position_path).context(what)?;
-        self.durable = Some(position);
-        Ok(())
-    }
-}
-
-/// `.app.db-walsync/` beside `app.db`: positions, locks and spool files.
-fn sidecar_dir(db_path: &Path) -> Result<PathBuf> {
-    let file_name = db_path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{} does not name a file", db_path.display())))?;
-    let mut dir_name = std::ffi::OsString::from(".");
-    dir_name.push(file_name);
-    dir_name.push("-walsync");
-    let parent = db_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(parent.join(dir_name))
-}
-
-fn load_position(path: &Path) -> Result<Option<Position>> {
-    match std::fs::read(path) {
-        Ok(body) => match serde_json::from_slice(&body) {
-            Ok(p) => Ok(Some(p)),
-            Err(e) => {
+    /// Cut the committed frames after the tip into a staged segment.
+    fn cut(&mut self) -> Result<Cut> {
+        let Some(tip) = self.tip.clone() else {
+            return Ok(Cut::Broken("no generation yet".into()));
+        };
+        let staged = self.staged_bytes();
+        if staged >= self.staging_limit {
+            if !self.said_full {
                 log::warn!(
-                    "ignoring unreadable position file {} ({e}); a new generation will start",
-                    path.display()
+                    "{}: {} MiB staged and not yet stored (limit {} MiB): the WAL stays pinned \
+                     and grows until uploads catch up",
+                    self.name,
+                    staged >> 20,
+                    self.staging_limit >> 20
                 );
-                Ok(None)
+                self.said_full = true;
             }
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
+            return Ok(Cut::Held);
+        }
+        self.said_full = false;
+        // Taken before reading: everything committed by now is read below.
+        let identity = FileIdentity::of(self.db.path())?;
+        let wal = self.db.open_wal()?;
+        let mut reader = match &wal {
+            Some(file) => WalReader::open(file)?,
+            None => None,
+        };
+        let start = match self.continuity(&tip, reader.as_ref(), &identity)? {
+            Continuity::Lost(reason) => return Ok(Cut::Broken(reason)),
+            Continuity::NoWal => {
+                self.note_settled(identity);
+                return Ok(Cut::Idle);
+            }
+            Continuity::From(start) => start,
+        };
+        let (Some(file), Some(reader)) = (&wal, reader.as_mut()) else {
+            return Ok(Cut::Idle);
+        };
+        reader.seek(start);
+        let header = *reader.header();
+        let Some(end) = reader.find_last_commit()? else {
+            self.note_settled(identity);
+            self.note_reached(&header, start.offset);
+            return Ok(Cut::Idle);
+        };
+        let generation = Generation::parse(&tip.generation)
+            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
+        // Every commit in the segment happened before this moment, so a point-in-time
+        // restore to it never includes a later transaction.
+        let object = ObjectName {
+            kind: ObjectKind::Segment,
+            generation,
+            index: tip.index + 1,
+            time: self.next_time(&tip),
+        };
+        let draft = self.sidecar.draft()?;
+        let segment = match segment::cut(file, &header, start, end, tip.chain, &draft.file) {
+            Ok(segment) => segment,
+            Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
+                return Ok(Cut::Broken(format!(
+                    "the WAL changed while it was read: {e}"
+                )))
+            }
+            Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
+        };
+        let staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
+        let key = object.key(&self.name);
+        log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
+        self.tip = Some(Position {
+            index: object.index,
+            chain: segment.chain,
+            time_ms: object.time.millis(),
+            seq: staged.seq,
+            wal: Some(mark(&header, end)),
+            db: identity,
+            settled: trusted(identity),
+            ..tip
+        });
+        self.note_reached(&header, end.offset);
+        self.unsynced.push(staged.clone());
+        self.staged.push_back(staged);
+        Ok(Cut::Staged {
+            key,
+            frames: segment.frames,
+        })
+    }
+
+    /// Under the barrier: cut the last commits and move the pin to the present, so that it
+    /// guards. (Nothing commits meanwhile.)
+    fn cut_rest_and_repin(&mut self) -> Result<Cut> {
+        if !FileIdentity::of(self.db.path())?.same_file(&self.opened) {
+            return Ok(Cut::Broken("the database file was replaced".into()));
+        }
+        let cut = self.cut()?;
+        if matches!(cut, Cut::Idle | Cut::Staged { .. }) {
+            self.repin()?;
+            self.pin_state = Pin::Guarding;
+        }
+        Ok(cut)
+    }
+
+    /// Where reading the WAL resumes after the tip, or why continuity is lost.
+    fn continuity(
+        &mut self,
+        tip: &Position,
+        reader: Option<&WalReader>,
+        identity: &FileIdentity,
+    ) -> Result<Continuity> {
+        if !identity.same_file(&tip.db) {
+            return Ok(Continuity::Lost("the database file was replaced".into()));
+        }
+        // Nothing that was committed can have left the WAL unread: the pin guards, or the
+        // database file has not changed since the tip was the end of the WAL.
+        let proven = tip.settled.as_ref() == Some(identity);
+        let guarded = self.pin_state == Pin::Guarding || proven;
+        let Some(reader) = reader else {
+            if !guarded {
+                return Ok(Continuity::Lost(
+                    "the WAL was checkpointed away while walsync was not holding it".into(),
+                ));
+            }
+            // The pin, taken before this check, guards from now on.
+            self.pin_state = Pin::Guarding;
+            return Ok(Continuity::NoWal);
+        };
+        let header = *reader.header();
+        if header.page_size != tip.page_size {
+            return Ok(Continuity::Lost(format!(
+                "page size changed from {} to {}",
+                tip.page_size, header.page_size
+            )));
+        }
+        let start = match tip.wal {
+            Some(mark) if header.salt == mark.salt => {
+                if !reader.still_holds(mark.end)? {
+                    return Ok(Continuity::Lost(
+                        "the WAL no longer holds the frames last read".into(),
+                    ));
+                }
+                mark.end
+            }
+            // The WAL restarted (or appeared) since the tip: every frame in it is newer.
+            _ if guarded => WalPosition {
+                offset: HEADER_SIZE,
+                checksum: header.checksum,
+            },
+            _ => {
+                return Ok(Continuity::Lost(
+                    "the WAL was checkpointed and restarted while walsync was not holding it"
+                        .into(),
+                ))
+            }
+        };
+        if proven {
+            self.pin_state = Pin::Guarding;
+        }
+        Ok(Continuity::From(start))
+    }
+
+    /// Start a new generation because of `reason`: under the barrier, note where the
+    /// committed WAL ends and move the pin there; then snapshot through the pin.
+    fn new_generation(&mut self, reason: &str) -> Result<String> {
+        if self.tip.is_some() {
+            log::warn!("{}: starting a new generation: {reason}", self.name);
+        } else {
+            log::info!("{}: starting the first generation", self.name);
+        }
+        let mut marked = None;
+        for _ in 0..3 {
+            self.follow_replacement()?;
+            marked = self.under_barrier(|r| {
+                let identity = FileIdentity::of(r.db.path())?;
+                if !identity.same_file(&r.opened) {
+                    return Ok(None); // replaced just now: follow it, then try again
+                }
+                let end = r.committed_end()?;
+                r.repin()?;
+                r.pin_state = Pin::Guarding;
+                Ok(Some((end, identity)))
+            })?;
+            if marked.is_some() {
+                break;
+            }
+        }
+        let (end, identity) = marked.ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: {} keeps being replaced",
+                self.name,
+                self.db.path().display()
+            ))
+        })?;
+        let previous = self.tip.as_ref();
+        let generation = Generation::after(
+            previous
+                .and_then(|t| Generation::parse(&t.generation))
+                .as_ref(),
+        );
+        let base = Position {
+            destination: self.storage.describe(),
+            name: self.name.clone(),
+            generation: generation.as_str().to_string(),
+            index: 0,
+            page_size: self.pin.page_size()?,
+            chain: generation.chain_seed(),
+            time_ms: previous.map_or(0, |t| t.time_ms),
+            seq: self.next_seq() - 1,
+            wal: end,
+            db: identity,
+            settled: trusted(identity),
+        };
+        self.backfilled = None;
+        self.stage_snapshot(base)
+    }
+
+    /// Copy the pinned database into a staged snapshot at `tip` (the position the pin sees:
+    /// the current tip, or a new generation's base), and count it.
+    fn stage_snapshot(&mut self, mut tip: Position) -> Result<String> {
+        let generation = Generation::parse(&tip.generation)
+            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
+        let draft = self.sidecar.draft()?;
+        let scratch = self.sidecar.scratch_database()?;
+        let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file)
+            .context(|| format!("{}: taking a snapshot", self.name))?;
+        let object = ObjectName {
+            kind: ObjectKind::Snapshot,
+            generation,
+            index: tip.index,
+            time: self.next_time(&tip),
+        };
+        let staged = self.sidecar.stage(draft, self.next_seq(), &object, true)?;
+        let key = object.key(&self.name);
+        log::debug!(
+            "{}: snapshot {key} ({db_size} bytes uncompressed)",
+            self.name
+        );
+        tip.seq = staged.seq;
+        tip.time_ms = object.time.millis();
+        // Only now: a generation without its base snapshot must never get segments.
+        self.tip = Some(tip);
+        self.staged.push_back(staged);
+        self.persist()?;
+        Ok(key)
+    }
+
+    /// Make every staged object durable and save the tip. Until this succeeds nothing past
+    /// the previously saved tip is uploaded, and each step retries it first.
+    fn persist(&mut self) -> Result<()> {
+        let Some(tip) = &self.tip else {
+            return Ok(());
+        };
+        if tip.seq == self.saved_seq && self.unsynced.is_empty() && !self.tip_changed {
+            return Ok(());
+        }
+        let what = || {
+            format!(
+                "{}: saving the replication position in {} (nothing more is uploaded until \
+                 it can be saved)",
+                self.name,
+                self.sidecar.dir().display()
+            )
+        };
+        for staged in &self.unsynced {
+            self.sidecar
+                .sync(staged)
+                .map_err(|e| e.with_context(what()))?;
+        }
+        self.unsynced.clear();
+        self.sidecar
+            .save_position(tip)
+            .map_err(|e| e.with_context(what()))?;
+        self.saved_seq = tip.seq;
+        self.tip_changed = false;
+        Ok(())
+    }
+
+    /// Run a PASSIVE checkpoint on `conn` (which must not be in a transaction: SQLite
+    /// refuses to checkpoint inside one). Returns whether every frame was copied.
+    fn run_checkpoint(&self, conn: &Database) -> Result<bool> {
+        let (busy, log_frames, copied): (i64, i64, i64) = conn
+            .connection()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .context(|| format!("{}: checkpoint", self.name))?;
+        log::debug!(
+            "{}: checkpoint: busy={busy} log={log_frames} copied={copied}",
+            self.name
+        );
+        Ok(busy == 0 && log_frames == copied)
+    }
+
+    /// Under the barrier, after a complete checkpoint: remember it, and that the database
+    /// file (changed by the copy) is settled at the tip.
+    fn note_backfilled(&mut self) -> Result<()> {
+        let identity = FileIdentity::of(self.db.path())?;
+        if let Some(tip) = self.tip.as_mut() {
+            self.backfilled = tip.wal.map(|m| (m.salt, m.end.offset));
+            tip.db = identity;
+            tip.settled = trusted(identity);
+            self.tip_changed = true;
+        }
+        Ok(())
+    }
+
+    /// After a complete checkpoint, outside the barrier: give a WAL file grown past the size
+    /// limit back to the filesystem with SQLite's own TRUNCATE checkpoint. The pin stays
+    /// held, which makes this safe: SQLite truncates only a WAL whose every frame is in the
+    /// database file and that no reader uses, and a commit that slipped in since the barrier
+    /// is one it cannot copy past the pin, so it reports busy and leaves the WAL alone. It
+    /// does not wait (busy timeout 0): it must not hold the application's write lock while
+    /// waiting for the application's readers.
+    fn truncate_if_large(&self) -> Result<()> {
+        let size = std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len());
+        if size < self.wal_size_limit {
+            return Ok(());
+        }
+        let conn = self.db.connection();
+        conn.busy_timeout(Duration::ZERO)?;
+        let result: rusqlite::Result<i64> =
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
+        self.db.restore_busy_timeout()?;
+        let busy = result.context(|| format!("{}: truncating the WAL", self.name))?;
+        if busy == 0 {
+            log::info!("{}: truncated the {} MiB WAL file", self.name, size >> 20);
+        } else {
+            log::debug!("{}: the WAL is in use; not truncated this time", self.name);
+        }
+        Ok(())
+    }
+
+    /// Hold the barrier (the application's write lock) around `f`, and always release it.
+    /// How long it was held is logged at debug level (`scripts/bench.sh` reads it).
+    fn under_barrier<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.db.lock_writes()?;
+        let started = Instant::now();
+        let result = f(self);
+        let released = self.db.release();
+        log::debug!(
+            "{}: write lock held for {} us",
+            self.name,
+            started.elapsed().as_micros()
+        );
+        let value = result?;
+        released?;
+        Ok(value)
+    }
+
+    /// If another file was renamed into the database's place, reopen the connections on it
+    /// (they still point at the old file); continuity is then lost and the next cut says so.
+    fn follow_replacement(&mut self) -> Result<()> {
+        let now = FileIdentity::of(self.db.path())?;
+        if now.same_file(&self.opened) {
+            return Ok(());
+        }
+        log::warn!(
+            "{}: {} was replaced by another file; reopening it",
+            self.name,
+            self.db.path().display()
+        );
+        let (db, pin, opened) = open_connections(self.db.path())?;
+        self.db = db;
+        self.pin = pin;
+        self.opened = opened;
+        self.pin_state = Pin::Behind(None);
+        self.backfilled = None;
+        Ok(())
+    }
+
+    /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
+    fn repin(&self) -> Result<()> {
+        self.pin.release()?;
+        self.pin.pin()
+    }
+
+    /// What the pin guarantees, judged right after it was taken.
+    fn pin_state_now(&self) -> Result<Pin> {
+        let end = self.committed_end()?;
+        let tip_end = self.tip.as_ref().and_then(|t| t.wal);
+        Ok(match (end, tip_end) {
+            (Some(now), Some(tip)) if now.salt == tip.salt && now.end == tip.end => Pin::Guarding,
+            (Some(now), _) => Pin::Behind(Some((now.salt, now.end.offset))),
+            (None, _) => Pin::Behind(None),
+        })
+    }
+
+    /// The tip reached `offset` in the WAL with `header`: a pin that was behind may now
+    /// guard.
+    fn note_reached(&mut self, header: &WalHeader, offset: u64) {
+        if let Pin::Behind(Some((salt, end))) = self.pin_state {
+            if salt == header.salt && offset >= end {
+                self.pin_state = Pin::Guarding;
+            }
+        }
+    }
+
+    /// Nothing new in the WAL: the tip is the end of the committed WAL as of `identity`
+    /// (taken before looking). Saved (by [`Replica::persist`]) only when it differs, to
+    /// spare the disk.
+    fn note_settled(&mut self, identity: FileIdentity) {
+        let Some(tip) = self.tip.as_mut() else {
+            return;
+        };
+        let settled = trusted(identity);
+        if settled.is_some() && tip.settled != settled {
+            tip.settled = settled;
+            tip.db = identity;
+            self.tip_changed = true;
+        }
+    }
+
+    /// Where the committed part of the WAL ends right now (under the barrier, or after
+    /// pinning).
+    fn committed_end(&self) -> Result<Option<WalMark>> {
+        let Some(file) = self.db.open_wal()? else {
+            return Ok(None);
+        };
+        let Some(mut reader) = WalReader::open(&file)? else {
+            return Ok(None);
+        };
+        let header: WalHeader = *reader.header();
+        let end = reader.find_last_commit()?.unwrap_or(WalPosition {
+            offset: HEADER_SIZE,
+            checksum: header.checksum,
+        });
+        Ok(Some(mark(&header, end)))
+    }
+
+    /// The time for the next object: now, but never before the previous one.
+    fn next_time(&self, tip: &Position) -> UtcTime {
+        let now = UtcTime::now();
+        if now.millis() > tip.time_ms {
+            now
+        } else {
+            UtcTime::from_millis(tip.time_ms + 1)
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        let last_staged = self.staged.back().map_or(0, |s| s.seq);
+        self.tip.as_ref().map_or(0, |t| t.seq).max(last_staged) + 1
+    }
+
+    fn staging_full_error(&self) -> Error {
+        Error::new(
+            crate::ErrorKind::Transient,
+            format!(
+                "{}: staging is full ({} MiB not yet stored); try again once uploads catch up",
+                self.name,
+                self.staged_bytes() >> 20
+            ),
+        )
+    }
+
+    /// `host:/absolute/path` of this database, as recorded in `state.json`.
+    fn source(&self) -> String {
+        let path = std::path::absolute(self.db.path()).unwrap_or_else(|_| self.db.path().into());
+        format!("{}:{}", hostname(), path.display())
     }
 }
 
-/// The generation a replica last started, from its claim file (none if missing or unreadable).
-fn load_claim(path: &Path) -> Result<Option<Generation>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Generation::parse(text.trim())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
+/// Open the control and pin connections on the same file (retrying if the path is
+/// replaced meanwhile) and pin the WAL.
+fn open_connections(path: &Path) -> Result<(Database, Database, FileIdentity)> {
+    for _ in 0..3 {
+        let before = FileIdentity::of(path);
+        // Says clearly why a path is unusable (missing, not a database, not in WAL mode).
+        let db = Database::open(path)?;
+        let before = before?;
+        let pin = db.reopen()?;
+        pin.pin()?;
+        let after = FileIdentity::of(path)?;
+        if before.same_file(&after) {
+            return Ok((db, pin, after));
+        }
     }
+    Err(Error::invalid(format!(
+        "{} keeps being replaced while walsync opens it",
+        path.display()
+    )))
+}
+
+fn mark(header: &WalHeader, end: WalPosition) -> WalMark {
+    WalMark {
+        salt: header.salt,
+        checkpoint_seq: header.checkpoint_seq,
+        end,
+    }
+}
+
+/// `identity`, if it can vouch that the file has not changed since: not when the file was
+/// modified within the filesystem's timestamp granularity (or in the future, after a clock
+/// step), since a write right after would leave the same modification time.
+fn trusted(identity: FileIdentity) -> Option<FileIdentity> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let age = now - identity.mtime_ns;
+    (age >= TIMESTAMP_GRANULARITY.as_nanos() as i128).then_some(identity)
 }
 
 /// This machine's host name, or "localhost" if it cannot be read.
@@ -894,11 +1141,4 @@ fn hostname() -> String {
         Ok(name) if rc == 0 && !name.is_empty() => name.to_string(),
         _ => "localhost".to_string(),
     }
-}
-
-/// FNV-1a, 64 bits: a stable short name for a (destination, name) pair.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::replica::{CheckpointMode, Replica, SyncOutcome, Upload};
+use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
 use crate::storage::Storage;
 use crate::uploader::UploadPool;
 use crate::watcher::{WatchMode, Watcher};
@@ -43,10 +43,14 @@ pub struct Options {
     pub poll_interval: Duration,
     /// How often each database re-checks its WAL even without events.
     pub safety_interval: Duration,
-    /// Run a PASSIVE checkpoint once the WAL holds this many frames and all are stored.
+    /// Checkpoint once walsync has staged this many frames since its last checkpoint.
     pub passive_checkpoint_frames: u64,
-    /// Run a TRUNCATE checkpoint once the WAL file is this large and all is stored.
-    pub truncate_checkpoint_bytes: u64,
+    /// A WAL file at least this large is truncated (TRUNCATE checkpoint, while walsync's
+    /// read transaction keeps it safe) after walsync's next complete checkpoint.
+    pub wal_size_limit: u64,
+    /// Per database: stop reading the WAL while this many bytes are staged on local disk
+    /// and not yet stored (storage is down or slow); the WAL then stays pinned.
+    pub staging_limit: u64,
 }
 
 impl Default for Options {
@@ -59,7 +63,8 @@ impl Default for Options {
             poll_interval: Duration::from_secs(1),
             safety_interval: Duration::from_secs(10),
             passive_checkpoint_frames: 1000,
-            truncate_checkpoint_bytes: 64 * 1024 * 1024,
+            wal_size_limit: replica::DEFAULT_WAL_SIZE_LIMIT,
+            staging_limit: replica::DEFAULT_STAGING_LIMIT,
         }
     }
 }
@@ -110,8 +115,9 @@ impl Replicator {
     ) -> Result<Replicator> {
         let mut replicas = Vec::new();
         for (path, name) in databases {
-            let replica = Replica::open(path, Arc::clone(&storage), name)?;
-            replica.check_ownership()?;
+            let mut replica = Replica::open(path, Arc::clone(&storage), name)?;
+            replica.set_staging_limit(options.staging_limit);
+            replica.set_wal_size_limit(options.wal_size_limit);
             replicas.push(replica);
         }
         let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
@@ -130,11 +136,15 @@ impl Replicator {
             let path = replica.path().to_path_buf();
             let worker = DbWorker {
                 replica,
-                stop_deadline: None,
                 events: rx,
                 own_sender: tx.clone(),
                 pool: Arc::clone(&pool),
                 options: options.clone(),
+                agenda: Agenda {
+                    dirty: true,
+                    last_snapshot: Some(Instant::now()),
+                    ..Agenda::default()
+                },
             };
             let thread = std::thread::Builder::new()
                 .name(format!("walsync-{name}"))
@@ -235,12 +245,11 @@ impl Replicator {
 /// The state of one database thread.
 struct DbWorker {
     replica: Replica,
-    /// When walsync must be gone by, once it is stopping.
-    stop_deadline: Option<Instant>,
     events: Receiver<Event>,
     own_sender: Sender<Event>,
     pool: Arc<UploadPool>,
     options: Options,
+    agenda: Agenda,
 }
 
 /// Someone waiting for an object to be stored.
@@ -260,7 +269,7 @@ impl Waiter {
     }
 }
 
-/// What a database thread is waiting to do.
+/// What a database thread is waiting to do: the one schedule every step reads.
 #[derive(Default)]
 struct Agenda {
     /// The WAL may hold new commits.
@@ -268,58 +277,57 @@ struct Agenda {
     /// Ship now regardless of `min_interval`.
     force: bool,
     last_ship: Option<Instant>,
-    uploading: bool,
     last_snapshot: Option<Instant>,
     changed_since_snapshot: bool,
     next_checkpoint: Option<Instant>,
+    /// After a local error, nothing runs before this.
     retry_at: Option<Instant>,
     /// Sync requests not yet tied to an object.
     sync_requests: Vec<Sender<Result<()>>>,
     snapshot_requests: Vec<Sender<Result<String>>>,
     /// Requests answered when the object with this key is stored.
     waiters: HashMap<String, Vec<Waiter>>,
+    /// Stopping: walsync must be gone by then.
     stop: Option<Instant>,
+    /// Stopping, and the tip has been settled (see [`Replica::settle`]).
+    settled: bool,
 }
 
 impl DbWorker {
     fn run(mut self) -> Result<()> {
         let name = self.replica.name().to_string();
-        let mut agenda = Agenda {
-            dirty: true,
-            last_snapshot: Some(Instant::now()),
-            ..Agenda::default()
-        };
         loop {
-            let wait = self.next_wake(&agenda);
+            let wait = self.next_wake();
             match self.events.recv_timeout(wait) {
-                Ok(event) => self.handle(event, &mut agenda),
-                Err(RecvTimeoutError::Timeout) => agenda.dirty = true,
+                Ok(event) => self.handle(event),
+                Err(RecvTimeoutError::Timeout) => self.agenda.dirty = true,
                 Err(RecvTimeoutError::Disconnected) => {
-                    agenda.stop.get_or_insert_with(Instant::now);
+                    self.agenda.stop.get_or_insert_with(Instant::now);
                 }
             }
             // Coalesce whatever else arrived meanwhile.
             while let Ok(event) = self.events.try_recv() {
-                self.handle(event, &mut agenda);
+                self.handle(event);
             }
-            if let Err(e) = self.step(&mut agenda) {
+            if let Err(e) = self.step() {
                 log::error!("{name}: {e}; retrying in {}s", ERROR_RETRY.as_secs());
-                agenda.retry_at = Some(Instant::now() + ERROR_RETRY);
-                for waiter in agenda.sync_requests.drain(..) {
-                    let _ = waiter.send(Err(Error::new(e.kind(), e.to_string())));
+                self.agenda.retry_at = Some(Instant::now() + ERROR_RETRY);
+                for waiter in self.agenda.sync_requests.drain(..) {
+                    let _ = waiter.send(Err(e.clone()));
                 }
             }
-            if let Some(deadline) = agenda.stop {
-                let flushed = self.replica.is_flushed() && !agenda.uploading;
+            if let Some(deadline) = self.agenda.stop {
+                let flushed = self.replica.is_flushed();
                 if flushed || Instant::now() >= deadline {
-                    return self.finish(flushed);
+                    return self.finish(flushed, deadline);
                 }
             }
         }
     }
 
     /// How long to sleep before looking at the WAL again without being told to.
-    fn next_wake(&self, agenda: &Agenda) -> Duration {
+    fn next_wake(&self) -> Duration {
+        let agenda = &self.agenda;
         let now = Instant::now();
         let mut wake = now + self.options.safety_interval;
         if agenda.dirty {
@@ -338,28 +346,24 @@ impl DbWorker {
             .max(Duration::from_millis(1))
     }
 
-    fn handle(&mut self, event: Event, agenda: &mut Agenda) {
+    fn handle(&mut self, event: Event) {
+        let agenda = &mut self.agenda;
         match event {
             Event::Changed => agenda.dirty = true,
-            Event::Uploaded(upload, result) => {
-                agenda.uploading = false;
-                match result {
-                    Ok(()) => {
-                        let key = upload.key.clone();
-                        match self.replica.upload_done(&key) {
-                            Ok(true) => drop(self.write_state()),
-                            Ok(false) => {}
-                            Err(e) => log::error!("{}: {e}", self.replica.name()),
-                        }
-                        for waiter in agenda.waiters.remove(&key).unwrap_or_default() {
-                            waiter.answer(Ok(&key));
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("{}: {e}", self.replica.name());
-                        self.replica.upload_returned(upload);
-                    }
+            Event::Uploaded(upload, Ok(())) => {
+                let key = upload.key.clone();
+                match self.replica.upload_done(&key) {
+                    Ok(true) => drop(self.write_state()),
+                    Ok(false) => {}
+                    Err(e) => log::error!("{}: {e}", self.replica.name()),
                 }
+                for waiter in self.agenda.waiters.remove(&key).unwrap_or_default() {
+                    waiter.answer(Ok(&key));
+                }
+            }
+            Event::Uploaded(upload, Err(e)) => {
+                log::error!("{}: {e}", self.replica.name());
+                self.replica.upload_returned(upload);
             }
             Event::Sync(reply) => {
                 agenda.dirty = true;
@@ -369,115 +373,148 @@ impl DbWorker {
             Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
             Event::Stop(deadline) => {
                 agenda.stop = Some(deadline);
-                self.stop_deadline = Some(deadline);
                 agenda.dirty = true;
                 agenda.force = true;
             }
         }
     }
 
-    /// Do whatever is due: ship, snapshot, checkpoint, hand out the next upload.
-    fn step(&mut self, agenda: &mut Agenda) -> Result<()> {
-        let now = Instant::now();
-        if agenda.retry_at.is_some_and(|t| now < t) {
+    /// Do whatever is due, in this order: ship, snapshot, checkpoint, settle before a stop,
+    /// hand out the next upload, answer syncs.
+    fn step(&mut self) -> Result<()> {
+        if self.agenda.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
-        agenda.retry_at = None;
+        self.agenda.retry_at = None;
+        self.ship()?;
+        self.snapshot_if_due()?;
+        self.checkpoint_if_due()?;
+        self.settle_if_stopping()?;
+        self.upload_next()?;
+        self.answer_syncs();
+        Ok(())
+    }
+
+    /// Stage what was committed, if the WAL changed and `min_interval` allows (or forced).
+    fn ship(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let agenda = &mut self.agenda;
         let due = agenda
             .last_ship
             .is_none_or(|t| now >= t + self.options.min_interval);
-        if agenda.dirty && (agenda.force || due) {
-            agenda.dirty = false;
-            agenda.force = false;
-            match self.replica.poll()? {
-                SyncOutcome::Idle => {}
-                SyncOutcome::Shipped { .. } => {
-                    agenda.last_ship = Some(now);
-                    agenda.changed_since_snapshot = true;
-                }
-                SyncOutcome::NewGeneration { .. } => {
-                    agenda.last_ship = Some(now);
-                    agenda.last_snapshot = Some(now);
-                }
+        if !(agenda.dirty && (agenda.force || due)) {
+            return Ok(());
+        }
+        agenda.dirty = false;
+        agenda.force = false;
+        match self.replica.poll()? {
+            SyncOutcome::Idle => {}
+            SyncOutcome::Shipped { .. } => {
+                self.agenda.last_ship = Some(now);
+                self.agenda.changed_since_snapshot = true;
             }
-        }
-        let interval_due = agenda.changed_since_snapshot
-            && agenda
-                .last_snapshot
-                .is_none_or(|t| now >= t + self.options.snapshot_interval);
-        if agenda.stop.is_none() && (!agenda.snapshot_requests.is_empty() || interval_due) {
-            let key = self.replica.queue_snapshot();
-            let requests = std::mem::take(&mut agenda.snapshot_requests);
-            match key {
-                Ok(key) => {
-                    agenda.last_snapshot = Some(now);
-                    agenda.changed_since_snapshot = false;
-                    let waiters = agenda.waiters.entry(key).or_default();
-                    waiters.extend(requests.into_iter().map(Waiter::Snapshot));
-                }
-                Err(e) => {
-                    for r in requests {
-                        let _ = r.send(Err(Error::new(e.kind(), e.to_string())));
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        if !agenda.uploading && agenda.stop.is_none() {
-            self.maybe_checkpoint(agenda)?;
-        }
-        if !agenda.uploading {
-            if let Some(upload) = self.replica.next_upload() {
-                agenda.uploading = true;
-                let events = self.own_sender.clone();
-                self.pool.submit(
-                    self.replica.name(),
-                    upload,
-                    Box::new(move |upload, result| {
-                        let _ = events.send(Event::Uploaded(upload, result));
-                    }),
-                );
-            }
-        }
-        // Sync requests wait for the last object queued after their forced poll.
-        if !agenda.sync_requests.is_empty() && !agenda.force {
-            let requests = agenda.sync_requests.drain(..).map(Waiter::Sync);
-            match self.replica.last_queued_key() {
-                Some(key) => agenda.waiters.entry(key).or_default().extend(requests),
-                None => requests.for_each(|w| w.answer(Ok(""))),
+            SyncOutcome::NewGeneration { .. } => {
+                self.agenda.last_ship = Some(now);
+                self.agenda.last_snapshot = Some(now);
             }
         }
         Ok(())
     }
 
-    /// Checkpoint when the WAL is large and everything in it is stored.
-    fn maybe_checkpoint(&mut self, agenda: &mut Agenda) -> Result<()> {
+    /// Snapshot when asked to, or every `snapshot_interval` while the database changes.
+    fn snapshot_if_due(&mut self) -> Result<()> {
         let now = Instant::now();
-        if !self.replica.is_flushed() || agenda.next_checkpoint.is_some_and(|t| now < t) {
+        let agenda = &mut self.agenda;
+        let interval_due = agenda.changed_since_snapshot
+            && agenda
+                .last_snapshot
+                .is_none_or(|t| now >= t + self.options.snapshot_interval);
+        if agenda.stop.is_some() || (agenda.snapshot_requests.is_empty() && !interval_due) {
             return Ok(());
         }
-        let mode = if self.replica.wal_file_size() >= self.options.truncate_checkpoint_bytes {
-            CheckpointMode::Truncate
-        } else if self.replica.wal_frames() >= self.options.passive_checkpoint_frames {
-            CheckpointMode::Passive
-        } else {
+        let requests = std::mem::take(&mut agenda.snapshot_requests);
+        match self.replica.queue_snapshot() {
+            Ok(key) => {
+                self.agenda.last_snapshot = Some(now);
+                self.agenda.changed_since_snapshot = false;
+                let waiters = self.agenda.waiters.entry(key).or_default();
+                waiters.extend(requests.into_iter().map(Waiter::Snapshot));
+                Ok(())
+            }
+            Err(e) => {
+                for r in requests {
+                    let _ = r.send(Err(e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Checkpoint once enough is staged (see [`Replica::checkpoint_due`]). Checkpoints wait
+    /// for local disk only, never for uploads.
+    fn checkpoint_if_due(&mut self) -> Result<()> {
+        let now = Instant::now();
+        if self.agenda.stop.is_some()
+            || self.agenda.next_checkpoint.is_some_and(|t| now < t)
+            || !self
+                .replica
+                .checkpoint_due(self.options.passive_checkpoint_frames)
+        {
             return Ok(());
-        };
+        }
         let started = Instant::now();
-        let result = self.replica.checkpoint(mode);
+        let result = self.replica.checkpoint();
         log::debug!(
-            "{}: {mode:?} checkpoint took {} ms",
+            "{}: checkpoint took {} ms: {result:?}",
             self.replica.name(),
             started.elapsed().as_millis()
         );
-        // Unless it copied everything, do not try again at once: the WAL may stay large (a
-        // reader holds old frames) and every attempt briefly holds the write lock.
-        agenda.next_checkpoint = match result {
-            Ok(Some(true)) => None,
+        // Unless it copied everything, do not try again at once: a reader may hold old
+        // frames, and every attempt briefly takes the write lock.
+        self.agenda.next_checkpoint = match result {
+            Ok(Checkpoint::Complete) => None,
             _ => Some(now + CHECKPOINT_RETRY),
         };
-        agenda.dirty = true;
+        self.agenda.dirty = true;
         result.map(|_| ())
+    }
+
+    /// Once stopping and everything committed is staged: note under the barrier that the
+    /// tip is the end of the WAL, so the next start can prove nothing was lost meanwhile.
+    fn settle_if_stopping(&mut self) -> Result<()> {
+        if self.agenda.stop.is_none() || self.agenda.settled {
+            return Ok(());
+        }
+        self.agenda.settled = true;
+        self.replica.settle()
+    }
+
+    /// Hand the next staged object to the upload pool, if none of this database's is out.
+    fn upload_next(&mut self) -> Result<()> {
+        if let Some(upload) = self.replica.next_upload()? {
+            let events = self.own_sender.clone();
+            self.pool.submit(
+                self.replica.name(),
+                upload,
+                Box::new(move |upload, result| {
+                    let _ = events.send(Event::Uploaded(upload, result));
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Sync requests wait for the last object staged after their forced poll.
+    fn answer_syncs(&mut self) {
+        let agenda = &mut self.agenda;
+        if agenda.sync_requests.is_empty() || agenda.force {
+            return;
+        }
+        let requests = agenda.sync_requests.drain(..).map(Waiter::Sync);
+        match self.replica.last_queued_key() {
+            Some(key) => agenda.waiters.entry(key).or_default().extend(requests),
+            None => requests.for_each(|w| w.answer(Ok(""))),
+        }
     }
 
     /// Write `state.json` through the upload pool, so that many databases stopping (or
@@ -504,11 +541,10 @@ impl DbWorker {
     }
 
     /// Leave: write state.json (best effort) and report whether everything was stored.
-    fn finish(mut self, flushed: bool) -> Result<()> {
+    fn finish(mut self, flushed: bool, deadline: Instant) -> Result<()> {
         let name = self.replica.name().to_string();
         if flushed {
             // Wait for state.json, but not past the shutdown deadline.
-            let deadline = self.stop_deadline.unwrap_or_else(Instant::now);
             let written = self.write_state();
             let wait = deadline.saturating_duration_since(Instant::now());
             if written.recv_timeout(wait).is_err() {
@@ -522,8 +558,8 @@ impl DbWorker {
             Err(Error::new(
                 crate::ErrorKind::Transient,
                 format!(
-                    "{name}: stopped before the last uploads finished; the data is still in \
-                     the WAL and will be shipped on the next start"
+                    "{name}: stopped before the last uploads finished; they stay staged in \
+                     the sidecar and are uploaded on the next start"
                 ),
             ))
         }

@@ -3,18 +3,16 @@
 //! A segment holds the frames between two commit boundaries of the live WAL, rewritten under
 //! a fresh WAL header with the checksum chain recomputed (see [`crate::wal::WalWriter`]), so
 //! that `gunzip` gives a file SQLite itself accepts as a WAL for the database as of the
-//! segment before it. It is built in an unlinked spool file and never held in memory, so a
-//! transaction of hundreds of MiB costs disk, not RAM.
+//! segment before it. It is written straight into a file in the sidecar and never held in
+//! memory, so a transaction of hundreds of MiB costs disk, not RAM.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom};
-use std::path::Path;
+use std::io::BufWriter;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
 use crate::error::{Context, Error, Result};
-use crate::spool;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter};
 
 /// Compression level for segments and snapshots.
@@ -26,20 +24,33 @@ use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter};
 /// of a cut that runs while writers wait at a checkpoint barrier.
 pub const GZIP_LEVEL: u32 = 3;
 
-/// A segment ready to upload.
+/// A segment cut into a file.
 pub struct Segment {
-    /// The gzipped standalone WAL (an unlinked spool file).
-    pub file: File,
     /// Frames in the segment.
     pub frames: u64,
     /// Size of the database in pages after the segment's last commit.
     pub commit_size: u32,
     /// Where in the live WAL the segment ends (just after its last commit frame).
     pub end: WalPosition,
+    /// The chain value after this segment: its last frame's checksum, which the next
+    /// segment's header salts must equal.
+    pub chain: [u32; 2],
 }
 
 /// Copy the frames of `wal` from `from` up to `to` (both commit boundaries found by a
-/// [`WalReader`] on the same header) into a gzipped standalone WAL in `spool_dir`.
+/// [`WalReader`] on the same header) into `out` as a gzipped standalone WAL whose header
+/// salts are `chain`, the chain value of the object before it.
+///
+/// # The chain
+///
+/// Each segment names the exact state it applies to: its salts are the previous segment's
+/// last frame checksum (for the first segment of a generation, the generation's
+/// [`chain_seed`](crate::layout::Generation::chain_seed); a snapshot records the chain value
+/// it was taken at in its gzip header, see `snapshot.rs`). Since the checksum chain of a WAL
+/// starts from a header checksum that covers the salts, every segment's last checksum
+/// vouches for every segment before it, and a restore can prove that the segments it applies
+/// form one unbroken history rather than pieces of two. SQLite ignores salt values when it
+/// replays a WAL, so `gunzip` + `sqlite3` still restore by hand.
 ///
 /// The frames are validated again as they are copied; if the WAL no longer holds the same
 /// valid frames up to `to` (it was restarted under us), this fails rather than ship garbage.
@@ -48,16 +59,16 @@ pub fn cut(
     header: &WalHeader,
     from: WalPosition,
     to: WalPosition,
-    spool_dir: &Path,
+    chain: [u32; 2],
+    out: &File,
 ) -> Result<Segment> {
     let mut reader = WalReader::open(wal)?
         .filter(|r| r.header() == header)
         .ok_or_else(|| Error::corrupt("the WAL was restarted while a segment was being cut"))?;
     reader.seek(from);
 
-    let out = spool::anonymous(spool_dir)?;
-    let gz = GzEncoder::new(BufWriter::new(&out), Compression::new(GZIP_LEVEL));
-    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, header.salt);
+    let gz = GzEncoder::new(BufWriter::new(out), Compression::new(GZIP_LEVEL));
+    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
     let mut writer = WalWriter::new(gz, fresh)?;
     let mut page = Vec::new();
     let mut commit_size = 0;
@@ -77,6 +88,7 @@ pub fn cut(
         ));
     }
     let frames = writer.frames();
+    let chain = writer.checksum();
     let buffered = writer
         .finish()?
         .finish()
@@ -84,13 +96,11 @@ pub fn cut(
     buffered
         .into_inner()
         .map_err(|e| Error::from(e.into_error()))
-        .context(|| "writing segment spool")?;
-    let mut file = out;
-    file.seek(SeekFrom::Start(0))?;
+        .context(|| "writing segment")?;
     Ok(Segment {
-        file,
         frames,
         commit_size,
         end: to,
+        chain,
     })
 }

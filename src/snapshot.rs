@@ -4,47 +4,53 @@
 //! transaction, so it is exactly the database as of that transaction's start: pages still in
 //! the WAL are included and later commits are not. (A raw read of the database file would
 //! miss WAL pages; `VACUUM INTO` renumbers pages and could not be a base for WAL replay.)
-//! The copy lands in a spool database beside the source and is then gzipped into an
-//! unlinked spool file; memory use does not depend on the database size.
+//! The copy lands in a scratch database in the sidecar and is then gzipped into the staged
+//! object; memory use does not depend on the database size.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Seek, SeekFrom};
-use std::path::Path;
+use std::io::{BufReader, BufWriter};
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
+use flate2::{Compression, GzBuilder};
 use rusqlite::backup::Backup;
 use rusqlite::Connection;
 
 use crate::database::Database;
 use crate::error::{Context, Error, Result};
 use crate::segment::GZIP_LEVEL;
-use crate::spool::{self, NamedSpool};
+use crate::spool::NamedSpool;
 
 /// Pages copied per backup step; bounds how long each step holds SQLite's mutexes.
 const PAGES_PER_STEP: std::os::raw::c_int = 4096;
 
-/// A compressed snapshot ready to upload.
-pub struct Snapshot {
-    /// The gzipped database file (an unlinked spool file), positioned at its start.
-    pub file: File,
-    /// Size of the uncompressed database in bytes.
-    pub db_size: u64,
+/// The gzip header comment that records a snapshot's chain value (see `segment.rs`):
+/// `walsync-chain=XXXXXXXX-XXXXXXXX`. It is the only optional gzip header field walsync
+/// writes, so it starts at byte 10 of the object, where a shell script can read it.
+pub fn chain_comment(chain: [u32; 2]) -> String {
+    format!("walsync-chain={:08x}-{:08x}", chain[0], chain[1])
 }
 
-/// Copy `db` as of its current read transaction (the caller has pinned it) into a gzipped
-/// spool file in `spool_dir`.
-pub fn take(db: &Database, spool_dir: &Path) -> Result<Snapshot> {
-    let copy = NamedSpool::new(spool_dir, "snapshot");
+/// The chain value in a snapshot's gzip comment; `None` if there is none (a snapshot written
+/// before segments were chained) or it is not walsync's.
+pub fn parse_chain_comment(comment: &[u8]) -> Option<[u32; 2]> {
+    let text = std::str::from_utf8(comment).ok()?;
+    let (a, b) = text.strip_prefix("walsync-chain=")?.split_once('-')?;
+    let word = |w: &str| (w.len() == 8).then(|| u32::from_str_radix(w, 16).ok())?;
+    Some([word(a)?, word(b)?])
+}
+
+/// Copy `db` as of its current read transaction (the caller has pinned it) into `out`,
+/// gzipped, with `chain` (the chain value of the segment it is aligned to) in the gzip
+/// header. `scratch` is where the uncompressed copy is made. Returns the database size.
+pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> Result<u64> {
     let context = || format!("copying {} with the backup API", db.path().display());
     {
-        let mut target = Connection::open(copy.path()).context(context)?;
+        let mut target = Connection::open(scratch.path()).context(context)?;
         let backup = Backup::new(db.connection(), &mut target).context(context)?;
         backup
             .run_to_completion(PAGES_PER_STEP, std::time::Duration::ZERO, None)
             .context(context)?;
     }
-    let plain = File::open(copy.path()).context(context)?;
+    let plain = File::open(scratch.path()).context(context)?;
     let db_size = plain.metadata()?.len();
     if db_size == 0 {
         return Err(Error::corrupt(format!(
@@ -52,18 +58,42 @@ pub fn take(db: &Database, spool_dir: &Path) -> Result<Snapshot> {
             db.path().display()
         )));
     }
-    let mut gz_file = spool::anonymous(spool_dir)?;
-    {
-        let mut gz = GzEncoder::new(BufWriter::new(&gz_file), Compression::new(GZIP_LEVEL));
-        std::io::copy(&mut BufReader::new(plain), &mut gz).context(|| "compressing snapshot")?;
-        gz.finish()?
-            .into_inner()
-            .map_err(|e| Error::from(e.into_error()))
-            .context(|| "writing snapshot spool")?;
+    let mut gz = GzBuilder::new()
+        .comment(chain_comment(chain))
+        .write(BufWriter::new(out), Compression::new(GZIP_LEVEL));
+    std::io::copy(&mut BufReader::new(plain), &mut gz).context(|| "compressing snapshot")?;
+    gz.finish()?
+        .into_inner()
+        .map_err(|e| Error::from(e.into_error()))
+        .context(|| "writing snapshot")?;
+    Ok(db_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_comments_round_trip_and_sit_at_byte_ten() {
+        let chain = [0x0123_abcd, 0xffff_0000];
+        let comment = chain_comment(chain);
+        assert_eq!(comment, "walsync-chain=0123abcd-ffff0000");
+        assert_eq!(parse_chain_comment(comment.as_bytes()), Some(chain));
+        for bad in [
+            "",
+            "walsync-chain=0123abcd",
+            "other=0123abcd-ffff0000",
+            "walsync-chain=123abcd-ffff0000",
+        ] {
+            assert_eq!(parse_chain_comment(bad.as_bytes()), None, "{bad}");
+        }
+        let mut gz = GzBuilder::new()
+            .comment(comment.clone())
+            .write(Vec::new(), Compression::new(GZIP_LEVEL));
+        std::io::Write::write_all(&mut gz, b"data").unwrap();
+        let bytes = gz.finish().unwrap();
+        assert_eq!(bytes[3], 0x10, "FLG: only FCOMMENT");
+        assert_eq!(&bytes[10..10 + comment.len()], comment.as_bytes());
+        assert_eq!(bytes[10 + comment.len()], 0);
     }
-    gz_file.seek(SeekFrom::Start(0))?;
-    Ok(Snapshot {
-        file: gz_file,
-        db_size,
-    })
 }

@@ -523,6 +523,12 @@ impl<W: Write> WalWriter<W> {
         self.frames
     }
 
+    /// The cumulative checksum of everything written so far (the last frame's, or the
+    /// header's before any frame).
+    pub fn checksum(&self) -> [u32; 2] {
+        self.checksum
+    }
+
     /// Flush and return the inner writer.
     pub fn finish(mut self) -> Result<W> {
         self.out.flush().context(|| "flushing WAL")?;

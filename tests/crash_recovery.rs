@@ -1,7 +1,7 @@
 //! What a crash between "stored in the bucket" and "noted in the sidecar" leaves behind, and
-//! that walsync and restore cope with it. Both cases were found by the torture harness
-//! (`scripts/torture.sh`) when walsync was SIGKILLed at the wrong moment; these tests make
-//! the same moment happen deterministically through the library.
+//! that walsync and restore cope with it. Both moments were found by the torture harness
+//! (`scripts/torture.sh`) when walsync was SIGKILLed at the wrong time; these tests make the
+//! same moment happen deterministically through the library.
 
 mod common;
 
@@ -20,7 +20,7 @@ use walsync::storage::Storage;
 /// Store the next queued object the way an upload worker would, then "crash": drop the
 /// replica without telling it the upload succeeded. Returns the stored key.
 fn store_then_crash(mut replica: Replica, storage: &dyn Storage) -> String {
-    let upload = replica.next_upload().expect("an object queued");
+    let upload = replica.next_upload().unwrap().expect("an object staged");
     storage.put_file(&upload.key, &upload.file).unwrap();
     upload.key
 }
@@ -36,8 +36,11 @@ fn restore_dump(storage: &dyn Storage, dir: &std::path::Path, n: u32, key: Optio
     dump(&out)
 }
 
+/// The staged object survives the crash and is uploaded again (the same bytes under the
+/// same key); the next segment continues the chain after it. Before objects were staged,
+/// the next start cut the same index again from an older place.
 #[test]
-fn a_segment_stored_but_not_noted_is_cut_again_and_both_restore() {
+fn a_segment_stored_but_not_noted_is_uploaded_again_and_the_chain_continues() {
     let dir = tempfile::tempdir().unwrap();
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().join("bucket")));
     let mut app = AppDb::create(dir.path(), "app.db");
@@ -50,20 +53,24 @@ fn a_segment_stored_but_not_noted_is_cut_again_and_both_restore() {
         SyncOutcome::Shipped { .. }
     ));
     let at_orphan = app.dump();
-    let orphan = store_then_crash(replica, storage.as_ref());
+    let stored = store_then_crash(replica, storage.as_ref());
+    let stored_bytes = std::fs::read(dir.path().join("bucket").join(&stored)).unwrap();
 
-    // The next start cuts the same index again, from the same place, with more in it.
     std::thread::sleep(Duration::from_millis(5));
-    // Pages that only the second cut writes (no later segment rewrites them).
+    // Pages that only the next segment writes.
     app.exec("CREATE TABLE other(x); INSERT INTO other VALUES (1), (2);");
     let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
-    let again = match replica.sync().unwrap() {
+    let next = match replica.sync().unwrap() {
         SyncOutcome::Shipped { key, .. } => key,
         other => panic!("expected a segment, got {other:?}"),
     };
     let index = |key: &str| ObjectName::parse_key(key).unwrap().1.index;
-    assert_eq!(index(&again), index(&orphan));
-    assert_ne!(again, orphan);
+    assert_eq!(index(&next), index(&stored) + 1);
+    assert_eq!(
+        std::fs::read(dir.path().join("bucket").join(&stored)).unwrap(),
+        stored_bytes,
+        "the object uploaded again is the same"
+    );
     app.insert(5, 100);
     replica.sync().unwrap();
 
@@ -72,16 +79,16 @@ fn a_segment_stored_but_not_noted_is_cut_again_and_both_restore() {
         app.dump()
     );
     assert_eq!(
-        restore_dump(storage.as_ref(), dir.path(), 1, Some(&orphan)),
+        restore_dump(storage.as_ref(), dir.path(), 1, Some(&stored)),
         at_orphan,
-        "a point in time between the two cuts restores the first"
+        "a point in time between the two segments restores the first"
     );
 
-    // The emergency restore script copes too.
+    // The emergency restore script agrees.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/restore-by-hand.sh");
     let by_hand = dir.path().join("by-hand.db");
-    let orphan_time = ObjectName::parse_key(&orphan).unwrap().1.time.to_compact();
-    for (until, expected) in [(None, app.dump()), (Some(orphan_time), at_orphan)] {
+    let stored_time = ObjectName::parse_key(&stored).unwrap().1.time.to_compact();
+    for (until, expected) in [(None, app.dump()), (Some(stored_time), at_orphan)] {
         let _ = std::fs::remove_file(&by_hand);
         let mut cmd = Command::new(&script);
         cmd.arg(dir.path().join("bucket")).arg("app").arg(&by_hand);
@@ -111,17 +118,16 @@ fn a_generation_stored_but_not_noted_still_belongs_to_its_database() {
     app.exec("PRAGMA wal_checkpoint(TRUNCATE);");
     app.insert(5, 100);
     let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
-    replica.check_ownership().unwrap();
     assert!(matches!(
         replica.poll().unwrap(),
         SyncOutcome::NewGeneration { .. }
     ));
     store_then_crash(replica, storage.as_ref());
 
-    // That newer generation is this database's own: starting again must not refuse.
+    // That newer generation is this database's own: starting again (which checks who owns
+    // the name) must not refuse.
     app.insert(5, 100);
     let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
-    replica.check_ownership().unwrap();
     replica.sync().unwrap();
     app.insert(5, 100);
     replica.sync().unwrap();

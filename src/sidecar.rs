@@ -1,0 +1,426 @@
+//! The sidecar: walsync's own files beside a database, `.app.db-walsync/`.
+//!
+//! Each replica (one database replicated to one destination under one name) gets a directory
+//! of its own inside it, `<name>-<hash of destination and name>/`, holding:
+//!
+//! - `lock`: held (flock) for as long as a walsync replicates this database to this
+//!   destination, so two of them can never interleave segments under one name.
+//! - `position.json`: how far the WAL has been read into staged objects (see `replica.rs`).
+//! - Staged objects, `<seq>-<object file name>` (for example
+//!   `000000000042-019a8b2c3d4e5f60-0000000007-20261121T094423.123Z.wal.gz`): segments and
+//!   snapshots cut and written here before they count as read, then uploaded in `seq`
+//!   order and removed. They survive a crash or a restart, so a storage outage costs local
+//!   disk, never the data.
+//! - Scratch files (`.walsync-*`) while an object is being written.
+//!
+//! Everything is written with [`write_atomically`]: a temporary file, fsync, rename, then an
+//! fsync of the directory, so a power cut leaves either the old or the new file and never
+//! moves a position back after walsync relied on it.
+//!
+//! Nobody reads through the sidecar what the database does not let them read: the
+//! directories and files get the database file's permission bits (never more, and always
+//! enough for the owner), whatever the umask says.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Context, Error, Result};
+use crate::layout::{ObjectKind, ObjectName};
+use crate::spool;
+
+/// The sidecar directory of one replica, locked for this process.
+pub struct Sidecar {
+    dir: PathBuf,
+    /// Permission bits for files: the database's, plus read and write for the owner.
+    file_mode: u32,
+    /// Held for the sidecar's lifetime (see the module docs).
+    _lock: File,
+}
+
+/// An object staged for upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    /// Staging order; uploads go in this order.
+    pub seq: u64,
+    pub object: ObjectName,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// An object being written into the sidecar, not staged yet (see [`Sidecar::stage`]).
+pub struct Draft {
+    pub file: File,
+    path: PathBuf,
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Sidecar {
+    /// Create (if needed) and lock the sidecar of `db_path` for replica `name` at
+    /// `destination`. Fails clearly when another walsync holds it.
+    pub fn open(db_path: &Path, destination: &str, name: &str) -> Result<Sidecar> {
+        let db_mode = std::fs::metadata(db_path)
+            .context(|| format!("reading {}", db_path.display()))?
+            .mode()
+            & 0o777;
+        let file_mode = db_mode | 0o600;
+        // Directories: search permission wherever the database is readable.
+        let dir_mode = file_mode | ((file_mode & 0o444) >> 2);
+        let root = root_dir(db_path)?;
+        let stem = format!("{name}-{:016x}", fnv1a(&format!("{destination}\n{name}")));
+        let dir = root.join(stem);
+        for d in [&root, &dir] {
+            create_dir(d, dir_mode)?;
+        }
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(file_mode)
+            .open(&lock_path)
+            .context(|| format!("creating lock file {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::invalid(format!(
+                "another walsync is already replicating {} to {destination} as {name:?}",
+                db_path.display()
+            )));
+        }
+        Ok(Sidecar {
+            dir,
+            file_mode,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Read `position.json`; `None` if there is none. An unreadable one is reported and
+    /// ignored (the caller starts a new generation), since it may be a torn write from a
+    /// filesystem that does not honour rename atomicity.
+    pub fn load_position<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        let path = self.dir.join("position.json");
+        match std::fs::read(&path) {
+            Ok(body) => match serde_json::from_slice(&body) {
+                Ok(p) => Ok(Some(p)),
+                Err(e) => {
+                    log::warn!(
+                        "ignoring unreadable position file {} ({e}); a new generation will start",
+                        path.display()
+                    );
+                    Ok(None)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::from(e).with_context(format!("reading {}", path.display()))),
+        }
+    }
+
+    /// Replace `position.json` atomically and durably.
+    pub fn save_position<T: serde::Serialize>(&self, position: &T) -> Result<()> {
+        let body = serde_json::to_vec_pretty(position)?;
+        write_atomically(&self.dir.join("position.json"), &body, self.file_mode)
+    }
+
+    /// A new, empty scratch file to write an object into; see [`Sidecar::stage`].
+    pub fn draft(&self) -> Result<Draft> {
+        let path = spool::unique_path(&self.dir, "draft");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(self.file_mode)
+            .open(&path)
+            .context(|| format!("creating {}", path.display()))?;
+        Ok(Draft { file, path })
+    }
+
+    /// A scratch path for files SQLite creates itself (a snapshot's copy), with the right
+    /// permissions already in place.
+    pub fn scratch_database(&self) -> Result<spool::NamedSpool> {
+        let spool = spool::NamedSpool::new(&self.dir, "snapshot");
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(self.file_mode)
+            .open(spool.path())
+            .context(|| format!("creating {}", spool.path().display()))?;
+        Ok(spool)
+    }
+
+    /// Give a finished draft its staged name. With `durable`, the file and the directory
+    /// are fsynced first; without it (inside the write-lock barrier, where only local
+    /// milliseconds are allowed), the caller makes it durable later with
+    /// [`Sidecar::sync`] before relying on it after a power cut.
+    pub fn stage(
+        &self,
+        mut draft: Draft,
+        seq: u64,
+        object: &ObjectName,
+        durable: bool,
+    ) -> Result<Staged> {
+        let path = self.dir.join(format!("{seq:012}-{}", object.file_name()));
+        let what = || format!("staging {}", path.display());
+        draft.file.flush().context(what)?;
+        if durable {
+            draft.file.sync_all().context(what)?;
+        }
+        let bytes = draft.file.metadata().context(what)?.len();
+        std::fs::rename(&draft.path, &path).context(what)?;
+        draft.path = PathBuf::new();
+        if durable {
+            sync_dir(&self.dir)?;
+        }
+        Ok(Staged {
+            seq,
+            object: object.clone(),
+            path,
+            bytes,
+        })
+    }
+
+    /// fsync a staged object and the directory (see [`Sidecar::stage`]).
+    pub fn sync(&self, staged: &Staged) -> Result<()> {
+        File::open(&staged.path)
+            .and_then(|f| f.sync_all())
+            .context(|| format!("syncing {}", staged.path.display()))?;
+        sync_dir(&self.dir)
+    }
+
+    /// The staged objects, in staging order. Leftover scratch files from a killed process
+    /// are removed.
+    pub fn staged(&self) -> Result<Vec<Staged>> {
+        let mut found = Vec::new();
+        let entries =
+            std::fs::read_dir(&self.dir).context(|| format!("reading {}", self.dir.display()))?;
+        for entry in entries {
+            let entry = entry.context(|| format!("reading {}", self.dir.display()))?;
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            if file_name.starts_with(".walsync-") {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            let Some((seq, object)) = parse_staged_name(file_name) else {
+                continue;
+            };
+            let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            found.push(Staged {
+                seq,
+                object,
+                path: entry.path(),
+                bytes,
+            });
+        }
+        found.sort_by_key(|s| s.seq);
+        Ok(found)
+    }
+
+    /// Remove a staged object (uploaded, or never counted). Not fsynced: a removal undone by
+    /// a power cut only means the same bytes are uploaded again under the same key.
+    pub fn remove(&self, staged: &Staged) -> Result<()> {
+        match std::fs::remove_file(&staged.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::from(e).with_context(format!("removing {}", staged.path.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `<seq>-<object file name>` back into its parts.
+fn parse_staged_name(file_name: &str) -> Option<(u64, ObjectName)> {
+    let (seq, rest) = file_name.split_once('-')?;
+    if seq.len() != 12 || !seq.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let object = ObjectName::parse_file_name(rest)?;
+    matches!(object.kind, ObjectKind::Snapshot | ObjectKind::Segment)
+        .then_some((seq.parse().ok()?, object))
+}
+
+/// `.app.db-walsync/` beside `app.db`.
+fn root_dir(db_path: &Path) -> Result<PathBuf> {
+    let file_name = db_path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} does not name a file", db_path.display())))?;
+    let mut dir_name = std::ffi::OsString::from(".");
+    dir_name.push(file_name);
+    dir_name.push("-walsync");
+    let parent = db_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(parent.join(dir_name))
+}
+
+/// Create `dir` with `mode` (exactly, whatever the umask), or tighten an existing one that
+/// is more open than `mode`.
+fn create_dir(dir: &Path, mode: u32) -> Result<()> {
+    let what = || format!("creating walsync's directory {}", dir.display());
+    match DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::from(e).with_context(what())),
+    }
+    let current = std::fs::metadata(dir).context(what)?.mode() & 0o777;
+    if current != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).context(what)?;
+    }
+    Ok(())
+}
+
+/// Write `body` to `path` so that, after a crash or power cut, `path` holds either its old
+/// or its new content: a temporary file beside it, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, body: &[u8], mode: u32) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = spool::unique_path(dir, "tmp");
+    let what = || format!("writing {}", path.display());
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(body)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::from(e).with_context(what()));
+    }
+    sync_dir(dir)
+}
+
+/// fsync a directory, so that renames and new files in it survive a power cut.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// FNV-1a, 64 bits: a stable short name for a (destination, name) pair.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Generation;
+    use crate::utc::UtcTime;
+
+    fn database(dir: &Path, mode: u32) -> PathBuf {
+        let path = dir.join("app.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn files_and_directories_are_no_more_open_than_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let sidecar = Sidecar::open(&db, "file:///b", "app").unwrap();
+        sidecar.save_position(&serde_json::json!({"x": 1})).unwrap();
+        let draft = sidecar.draft().unwrap();
+        let object = ObjectName {
+            kind: ObjectKind::Segment,
+            generation: Generation::new(),
+            index: 1,
+            time: UtcTime::now(),
+        };
+        let staged = sidecar.stage(draft, 1, &object, true).unwrap();
+        let scratch = sidecar.scratch_database().unwrap();
+        assert_eq!(mode_of(sidecar.dir().parent().unwrap()), 0o700);
+        assert_eq!(mode_of(sidecar.dir()), 0o700);
+        for file in [
+            sidecar.dir().join("position.json"),
+            sidecar.dir().join("lock"),
+            staged.path.clone(),
+            scratch.path().to_path_buf(),
+        ] {
+            assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+        }
+
+        // A group-readable database gives a group-readable sidecar, and a directory made
+        // more open by hand is tightened again.
+        let other = tempfile::tempdir().unwrap();
+        let db = database(other.path(), 0o640);
+        let root = root_dir(&db).unwrap();
+        DirBuilder::new().mode(0o777).create(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sidecar = Sidecar::open(&db, "file:///b", "app").unwrap();
+        assert_eq!(mode_of(&root), 0o750);
+        assert_eq!(mode_of(&sidecar.dir().join("lock")), 0o640);
+    }
+
+    #[test]
+    fn staged_objects_come_back_in_order_and_scratch_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let sidecar = Sidecar::open(&db, "file:///b", "app").unwrap();
+        let generation = Generation::new();
+        let mut expected = Vec::new();
+        for (seq, kind, index) in [
+            (9, ObjectKind::Snapshot, 0),
+            (10, ObjectKind::Segment, 1),
+            (11, ObjectKind::Segment, 2),
+        ] {
+            let mut draft = sidecar.draft().unwrap();
+            draft.file.write_all(b"data").unwrap();
+            let object = ObjectName {
+                kind,
+                generation: generation.clone(),
+                index,
+                time: UtcTime::now(),
+            };
+            expected.push(sidecar.stage(draft, seq, &object, false).unwrap());
+        }
+        let abandoned = sidecar.draft().unwrap();
+        std::mem::forget(abandoned); // as if killed while writing
+        assert_eq!(sidecar.staged().unwrap(), expected);
+        let names: Vec<String> = std::fs::read_dir(sidecar.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with(".walsync-")),
+            "{names:?}"
+        );
+        sidecar.remove(&expected[0]).unwrap();
+        assert_eq!(sidecar.staged().unwrap(), expected[1..]);
+    }
+
+    #[test]
+    fn a_second_sidecar_for_the_same_replica_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let _first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        let err = Sidecar::open(&db, "file:///b", "app").err().unwrap();
+        assert!(err.to_string().contains("already replicating"), "{err}");
+        Sidecar::open(&db, "file:///other", "app").unwrap();
+    }
+}
