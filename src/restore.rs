@@ -1034,6 +1034,60 @@ mod tests {
         assert_eq!(keys(&plan.abandoned), [&old3]);
     }
 
+    /// Run `scripts/restore-by-hand.sh` on the replica: Ok(rows) or Err(stderr).
+    fn by_hand(r: &Replica, out: &str) -> std::result::Result<(Vec<String>, String), String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/restore-by-hand.sh");
+        let out = r.root.join(out);
+        let done = std::process::Command::new("bash")
+            .arg(script)
+            .arg(r.root.join("replica"))
+            .arg("app")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr).into_owned();
+        if !done.status.success() {
+            assert!(!out.exists());
+            return Err(stderr);
+        }
+        Ok((rows(&Connection::open(&out).unwrap()), stderr))
+    }
+
+    #[test]
+    fn the_script_follows_and_checks_the_chain_too() {
+        let r = Replica::new();
+        let old = Source::create(r.root.join("old.db"));
+        let base = ChainValue::of_generation(&r.generation);
+        r.snapshot(0, 0, &old.file(), Some(base));
+        let (_, c1) = r.segment(1, 1, base, &old.commit(&["k"]));
+        let new = old.fork(r.root.join("new.db"));
+        let (_, c2) = r.segment(2, 2, c1, &old.commit(&["old 2"]));
+        let (old3, _) = r.segment(3, 3, c2, &old.commit(&["old 3"]));
+        let (new2, _) = r.segment(2, 5, c1, &new.commit(&["new 2"]));
+
+        let (rows, stderr) = by_hand(&r, "by-hand.db").unwrap();
+        assert_eq!(rows, ["k", "new 2"]);
+        let file = |key: &str| key.rsplit('/').next().unwrap().to_string();
+        assert!(
+            stderr.contains("abandoned") && stderr.contains(&file(&old3)),
+            "{stderr}"
+        );
+        let (plan, _) = r.restore(None).unwrap();
+        assert_eq!(keys(&plan.abandoned), [&old3]);
+        assert_eq!(
+            std::fs::read(r.root.join("by-hand.db")).unwrap(),
+            std::fs::read(r.root.join("out-None.db")).unwrap(),
+            "the script and walsync restore the same bytes"
+        );
+
+        // A segment from another history stops it, naming the segment and what it follows.
+        let (stray, _) = r.segment(3, 6, ChainValue([5, 6]), &new.commit(&["stray"]));
+        let stderr = by_hand(&r, "by-hand-2.db").unwrap_err();
+        assert!(stderr.contains(&file(&stray)), "{stderr}");
+        assert!(stderr.contains(&file(&new2)), "{stderr}");
+        assert!(stderr.contains("another history"), "{stderr}");
+    }
+
     #[test]
     fn a_legacy_snapshot_without_a_chain_value_still_restores() {
         let r = Replica::new();
