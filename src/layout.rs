@@ -336,6 +336,52 @@ impl ObjectName {
     }
 }
 
+/// The value that links a generation's objects into one chain (`notes/chain-spec.md`): two
+/// 32-bit words, spelled `xxxxxxxx-xxxxxxxx` (lowercase hex).
+///
+/// A base snapshot's chain value comes from its generation id; every snapshot carries its
+/// value in its gzip header comment ([`ChainValue::comment`]); a segment's WAL header salts
+/// equal the value after the index before it, and the value after a segment is the
+/// cumulative checksum of its last frame. A snapshot without the comment belongs to a
+/// generation written before chains existed, which restore does not check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChainValue(pub [u32; 2]);
+
+impl ChainValue {
+    const COMMENT_PREFIX: &'static str = "walsync-chain=";
+
+    /// The chain value of a generation's base snapshot: its id read as two hex words.
+    pub fn of_generation(generation: &Generation) -> ChainValue {
+        let word = |hex: &str| u32::from_str_radix(hex, 16).unwrap_or(0);
+        let id = generation.as_str();
+        ChainValue([word(&id[..8]), word(&id[8..])])
+    }
+
+    /// The gzip header comment of a snapshot with this chain value.
+    pub fn comment(&self) -> String {
+        format!("{}{self}", Self::COMMENT_PREFIX)
+    }
+
+    /// Parse a snapshot's gzip header comment; None unless it is exactly what
+    /// [`comment`](Self::comment) writes.
+    pub fn parse_comment(comment: &[u8]) -> Option<ChainValue> {
+        let text = std::str::from_utf8(comment).ok()?;
+        let value = text.strip_prefix(Self::COMMENT_PREFIX)?;
+        let (a, b) = value.split_once('-')?;
+        let word = |hex: &str| {
+            let ok = hex.len() == 8 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+            ok.then(|| u32::from_str_radix(hex, 16).ok()).flatten()
+        };
+        Some(ChainValue([word(a)?, word(b)?]))
+    }
+}
+
+impl fmt::Display for ChainValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}-{:08x}", self.0[0], self.0[1])
+    }
+}
+
 /// `state.json`: the last position walsync knows of, for `list` and for people. A restore
 /// never needs it; the object names alone are the truth.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -472,6 +518,29 @@ mod tests {
             "a/b/wal/019ba7c71200beef-0000000003-20260110T120000.030Z.wal.gz",
         ] {
             assert!(ObjectName::parse_key(key).is_none(), "{key} parsed");
+        }
+    }
+
+    #[test]
+    fn chain_values_round_trip_through_the_snapshot_comment() {
+        let generation = Generation::parse("019ba7c71200beef").unwrap();
+        let chain = ChainValue::of_generation(&generation);
+        assert_eq!(chain, ChainValue([0x019b_a7c7, 0x1200_beef]));
+        assert_eq!(chain.comment(), "walsync-chain=019ba7c7-1200beef");
+        assert_eq!(
+            ChainValue::parse_comment(b"walsync-chain=019ba7c7-1200beef"),
+            Some(chain)
+        );
+        for bad in [
+            &b""[..],
+            b"walsync-chain=019BA7C7-1200beef",
+            b"walsync-chain=019ba7c7-1200bee",
+            b"walsync-chain=019ba7c71200beef",
+            b"walsync-chain=019ba7c7-1200beef ",
+            b"other=019ba7c7-1200beef",
+            b"walsync-chain=+19ba7c7-1200beef",
+        ] {
+            assert_eq!(ChainValue::parse_comment(bad), None, "{bad:?}");
         }
     }
 

@@ -140,6 +140,9 @@ struct RestoreCmd {
     /// downloads in flight at once (default 4)
     #[argh(option, default = "4")]
     parallel: usize,
+    /// permission bits of the restored file, in octal, less the umask (default 0600)
+    #[argh(option)]
+    mode: Option<String>,
 }
 
 /// Process-wide memory settings, made before anything else runs. walsync keeps two SQLite
@@ -211,6 +214,18 @@ fn seconds(what: &str, value: f64) -> Result<Duration> {
         .ok()
         .filter(|d| !d.is_zero() || what == "--min-interval")
         .ok_or_else(|| Error::invalid(format!("{what} must be a positive number of seconds")))
+}
+
+/// `--mode`: octal permission bits such as `640` or `0640`.
+fn parse_mode(text: &str) -> Result<u32> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777 && !text.starts_with(['+', '-']))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "--mode {text:?}: expected octal permission bits such as 0640"
+            ))
+        })
 }
 
 /// Block SIGTERM and SIGINT in this thread and every thread started after, so that
@@ -309,6 +324,7 @@ fn run(command: Command) -> Result<()> {
                 point_in_time,
                 force: cmd.force,
                 parallelism: cmd.parallel.max(1),
+                mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
             };
             let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options)?;
             log::info!(

@@ -397,3 +397,151 @@ fn restore_by_hand_script_matches_walsync_restore() {
     run(&at, Some(&time.to_compact()));
     assert_eq!(&dump(&at), expected);
 }
+
+/// Permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Run the walsync binary under umask 022 (the usual one), insisting that it succeeds.
+fn walsync_umask_022(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 022 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_walsync"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "walsync {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn file_replicas_and_restores_are_readable_only_by_the_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(20, 100);
+    std::fs::set_permissions(&app.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let replica_dir = dir.path().join("replica");
+    let dest = format!("file://{}", replica_dir.display());
+    let db = path_str(&app.path).to_string();
+    walsync_umask_022(&["snapshot", &db, "-b", &dest]);
+    app.insert(5, 100);
+    // Ships the new commit as a segment first, then a second snapshot.
+    walsync_umask_022(&["snapshot", &db, "-b", &dest]);
+
+    let mut seen = (0, 0);
+    let mut pending = vec![replica_dir.clone()];
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            assert_eq!(mode_of(&path), 0o700, "{}", path.display());
+            pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            seen.0 += 1;
+        } else {
+            assert_eq!(mode_of(&path), 0o600, "{}", path.display());
+            seen.1 += 1;
+        }
+    }
+    // The root, app/, snapshots/, wal/; two snapshots, a segment and state.json.
+    assert_eq!(seen, (4, 4), "directories and files checked");
+
+    // The restored file: 0600 by default, or --mode less the umask.
+    for (mode, expected) in [(None, 0o600), (Some("0640"), 0o640), (Some("666"), 0o644)] {
+        let out = dir.path().join(format!("restored-{mode:?}.db"));
+        let mut args = vec!["restore", "app", "-o", path_str(&out), "-b", &dest];
+        args.extend(mode.map(|m| ["--mode", m]).into_iter().flatten());
+        walsync_umask_022(&args);
+        assert_eq!(mode_of(&out), expected, "--mode {mode:?}");
+        assert_eq!(dump(&out), app.dump());
+    }
+    let err = walsync_err(
+        &[
+            "restore",
+            "app",
+            "-o",
+            "/nonexistent/x.db",
+            "-b",
+            &dest,
+            "--mode",
+            "0999",
+        ],
+        &[],
+    );
+    assert!(err.contains("--mode"), "{err}");
+}
+
+/// Storage that notes the mode of the restore's temporary file at every download.
+struct WatchTmp {
+    inner: FileStorage,
+    tmp: std::path::PathBuf,
+    modes: std::sync::Mutex<Vec<u32>>,
+}
+
+impl Storage for WatchTmp {
+    fn put_bytes(&self, key: &str, data: &[u8]) -> walsync::error::Result<()> {
+        self.inner.put_bytes(key, data)
+    }
+    fn put_file(&self, key: &str, file: &std::fs::File) -> walsync::error::Result<()> {
+        self.inner.put_file(key, file)
+    }
+    fn get(&self, key: &str, out: &mut dyn std::io::Write) -> walsync::error::Result<u64> {
+        self.modes.lock().unwrap().push(mode_of(&self.tmp));
+        self.inner.get(key, out)
+    }
+    fn list(&self, prefix: &str) -> walsync::error::Result<Vec<walsync::storage::ObjectInfo>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> walsync::error::Result<()> {
+        self.inner.delete(key)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn the_restore_temporary_file_is_never_wider_than_the_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().join("replica")));
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(10, 100);
+    let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
+    replica.snapshot().unwrap();
+    for _ in 0..2 {
+        app.insert(3, 100);
+        shipped_key(replica.sync().unwrap());
+    }
+    let out = dir.path().join("out.db");
+    let tmp = dir.path().join("out.db.tmp");
+    for mode in [None, Some(0o640)] {
+        // A leftover of an interrupted restore, readable by all, is not reused.
+        std::fs::write(&tmp, b"stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let watch = WatchTmp {
+            inner: FileStorage::new(dir.path().join("replica")),
+            tmp: tmp.clone(),
+            modes: Default::default(),
+        };
+        let options = walsync::restore::RestoreOptions {
+            mode,
+            force: true,
+            ..Default::default()
+        };
+        walsync::restore::restore(&watch, "app", &out, &options).unwrap();
+        let allowed = mode.unwrap_or(0o600);
+        let modes = watch.modes.into_inner().unwrap();
+        assert_eq!(modes.len(), 3, "snapshot and two segments");
+        for seen in modes.iter().chain([&mode_of(&out)]) {
+            assert_eq!(seen & !allowed, 0, "mode {seen:o} wider than {allowed:o}");
+        }
+        assert_eq!(dump(&out), app.dump());
+        assert!(!tmp.exists());
+    }
+}

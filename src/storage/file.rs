@@ -4,20 +4,29 @@
 //! written to a temporary sibling (`.<name>.tmp-<pid>-<counter>`), synced, then renamed into
 //! place, so a reader sees an object whole or not at all, even after a crash. Listings skip
 //! those temporary files.
+//!
+//! A replica holds the database's data, so only its owner may read it: objects (and their
+//! temporary files) are created with mode 0600 ([`spool::create_private`]), the directories
+//! created for them 0700 (both less the umask). Directories that already exist are left as they are.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_key, FileRange, ObjectInfo, Storage};
 use crate::error::{Context, Error, ErrorKind, Result};
+use crate::spool;
 
 /// Size of the buffer used to copy files in and out.
 const COPY_BUFFER: usize = 64 * 1024;
 
 /// Distinguishes temporary files of concurrent puts within one process.
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Mode of the directories created for objects (less the umask).
+const DIR_MODE: u32 = 0o700;
 
 /// Storage in a directory: `file:///root`.
 #[derive(Debug, Clone)]
@@ -61,14 +70,18 @@ impl FileStorage {
             )));
         };
         let name = name.to_string_lossy();
-        fs::create_dir_all(dir).context(what)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .context(what)?;
         let tmp = dir.join(format!(
             ".{name}.tmp-{}-{}",
             std::process::id(),
             TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let written = (|| {
-            let mut file = File::create(&tmp)?;
+            let mut file = spool::create_private(&tmp)?;
             fill(&mut file)?;
             file.sync_all()?;
             fs::rename(&tmp, &path)
@@ -383,6 +396,31 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn objects_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, s) = storage();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        s.put_bytes("db/state.json", b"{}").unwrap();
+        s.put_bytes("db/wal/x.wal.gz", b"data").unwrap();
+        // Whatever the umask, nothing is wider than owner-only, and the owner can use it.
+        for file in [s.root.join("db/state.json"), s.root.join("db/wal/x.wal.gz")] {
+            assert_eq!(mode(&file) | 0o600, 0o600, "{}", file.display());
+            assert_eq!(mode(&file) & 0o600, 0o600, "{}", file.display());
+        }
+        for created in [s.root.clone(), s.root.join("db"), s.root.join("db/wal")] {
+            assert_eq!(mode(&created) | 0o700, 0o700, "{}", created.display());
+        }
+        // A leftover temporary file with a wide mode is replaced, not reused as it is.
+        let leftover = s.root.join("db/wal/.y.wal.gz.tmp-1-1");
+        fs::write(&leftover, b"old").unwrap();
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut file = spool::create_private(&leftover).unwrap();
+        file.write_all(b"new").unwrap();
+        assert_eq!(mode(&leftover) | 0o600, 0o600);
+        assert_eq!(fs::read(&leftover).unwrap(), b"new");
     }
 
     #[test]
