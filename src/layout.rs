@@ -195,15 +195,6 @@ impl Generation {
         Generation::starting_at(time, random_u16())
     }
 
-    /// The chain value of the generation's base snapshot: the 64 bits of its name, as two
-    /// words. Segment 1's WAL header salts equal it (see `segment.rs`).
-    pub fn chain_seed(&self) -> [u32; 2] {
-        let word = |range: std::ops::Range<usize>| {
-            u32::from_str_radix(&self.0[range], 16).unwrap_or_default()
-        };
-        [word(0..8), word(8..16)]
-    }
-
     fn starting_at(time: UtcTime, random: u16) -> Generation {
         let millis = time.millis().clamp(0, 0xffff_ffff_ffff) as u64;
         Generation(format!("{millis:012x}{random:04x}"))

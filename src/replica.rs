@@ -71,7 +71,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::database::{Database, FileIdentity};
 use crate::error::{Context, Error, Result};
-use crate::layout::{self, Generation, ObjectKind, ObjectName, ReplicaState};
+use crate::layout::{self, ChainValue, Generation, ObjectKind, ObjectName, ReplicaState};
 use crate::segment;
 use crate::sidecar::{Sidecar, Staged};
 use crate::snapshot;
@@ -834,7 +834,7 @@ impl Replica {
             generation: generation.as_str().to_string(),
             index: 0,
             page_size: self.pin.page_size()?,
-            chain: generation.chain_seed(),
+            chain: ChainValue::of_generation(&generation).0,
             time_ms: previous.map_or(0, |t| t.time_ms),
             seq: self.next_seq() - 1,
             wal: end,
@@ -851,7 +851,7 @@ impl Replica {
         let generation = Generation::parse(&tip.generation)
             .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
         let draft = self.sidecar.draft()?;
-        let scratch = self.sidecar.scratch_database()?;
+        let scratch = self.sidecar.scratch_database();
         let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file)
             .context(|| format!("{}: taking a snapshot", self.name))?;
         let object = ObjectName {

@@ -45,7 +45,7 @@ pub struct Segment {
 ///
 /// Each segment names the exact state it applies to: its salts are the previous segment's
 /// last frame checksum (for the first segment of a generation, the generation's
-/// [`chain_seed`](crate::layout::Generation::chain_seed); a snapshot records the chain value
+/// [`ChainValue::of_generation`](crate::layout::ChainValue::of_generation); a snapshot records the chain value
 /// it was taken at in its gzip header, see `snapshot.rs`). Since the checksum chain of a WAL
 /// starts from a header checksum that covers the salts, every segment's last checksum
 /// vouches for every segment before it, and a restore can prove that the segments it applies

@@ -145,17 +145,9 @@ impl Sidecar {
         Ok(Draft { file, path })
     }
 
-    /// A scratch path for files SQLite creates itself (a snapshot's copy), with the right
-    /// permissions already in place.
-    pub fn scratch_database(&self) -> Result<spool::NamedSpool> {
-        let spool = spool::NamedSpool::new(&self.dir, "snapshot");
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(self.file_mode)
-            .open(spool.path())
-            .context(|| format!("creating {}", spool.path().display()))?;
-        Ok(spool)
+    /// A scratch database for a snapshot's copy (owner-only, see [`spool::NamedSpool`]).
+    pub fn scratch_database(&self) -> spool::NamedSpool {
+        spool::NamedSpool::new(&self.dir, "snapshot")
     }
 
     /// Give a finished draft its staged name. With `durable`, the file and the directory
@@ -353,7 +345,7 @@ mod tests {
             time: UtcTime::now(),
         };
         let staged = sidecar.stage(draft, 1, &object, true).unwrap();
-        let scratch = sidecar.scratch_database().unwrap();
+        let scratch = sidecar.scratch_database();
         assert_eq!(mode_of(sidecar.dir().parent().unwrap()), 0o700);
         assert_eq!(mode_of(sidecar.dir()), 0o700);
         for file in [

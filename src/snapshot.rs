@@ -16,27 +16,12 @@ use rusqlite::Connection;
 
 use crate::database::Database;
 use crate::error::{Context, Error, Result};
+use crate::layout::ChainValue;
 use crate::segment::GZIP_LEVEL;
 use crate::spool::NamedSpool;
 
 /// Pages copied per backup step; bounds how long each step holds SQLite's mutexes.
 const PAGES_PER_STEP: std::os::raw::c_int = 4096;
-
-/// The gzip header comment that records a snapshot's chain value (see `segment.rs`):
-/// `walsync-chain=XXXXXXXX-XXXXXXXX`. It is the only optional gzip header field walsync
-/// writes, so it starts at byte 10 of the object, where a shell script can read it.
-pub fn chain_comment(chain: [u32; 2]) -> String {
-    format!("walsync-chain={:08x}-{:08x}", chain[0], chain[1])
-}
-
-/// The chain value in a snapshot's gzip comment; `None` if there is none (a snapshot written
-/// before segments were chained) or it is not walsync's.
-pub fn parse_chain_comment(comment: &[u8]) -> Option<[u32; 2]> {
-    let text = std::str::from_utf8(comment).ok()?;
-    let (a, b) = text.strip_prefix("walsync-chain=")?.split_once('-')?;
-    let word = |w: &str| (w.len() == 8).then(|| u32::from_str_radix(w, 16).ok())?;
-    Some([word(a)?, word(b)?])
-}
 
 /// Copy `db` as of its current read transaction (the caller has pinned it) into `out`,
 /// gzipped, with `chain` (the chain value of the segment it is aligned to) in the gzip
@@ -58,8 +43,10 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
             db.path().display()
         )));
     }
+    // The chain value is the only optional gzip header field walsync writes, so the
+    // comment starts at byte 10 of the object, where a shell script can read it.
     let mut gz = GzBuilder::new()
-        .comment(chain_comment(chain))
+        .comment(ChainValue(chain).comment())
         .write(BufWriter::new(out), Compression::new(GZIP_LEVEL));
     std::io::copy(&mut BufReader::new(plain), &mut gz).context(|| "compressing snapshot")?;
     gz.finish()?
@@ -74,19 +61,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chain_comments_round_trip_and_sit_at_byte_ten() {
-        let chain = [0x0123_abcd, 0xffff_0000];
-        let comment = chain_comment(chain);
-        assert_eq!(comment, "walsync-chain=0123abcd-ffff0000");
-        assert_eq!(parse_chain_comment(comment.as_bytes()), Some(chain));
-        for bad in [
-            "",
-            "walsync-chain=0123abcd",
-            "other=0123abcd-ffff0000",
-            "walsync-chain=123abcd-ffff0000",
-        ] {
-            assert_eq!(parse_chain_comment(bad.as_bytes()), None, "{bad}");
-        }
+    fn the_chain_comment_sits_at_byte_ten() {
+        let comment = ChainValue([0x0123_abcd, 0xffff_0000]).comment();
         let mut gz = GzBuilder::new()
             .comment(comment.clone())
             .write(Vec::new(), Compression::new(GZIP_LEVEL));
