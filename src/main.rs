@@ -68,6 +68,10 @@ struct WatchCmd {
     /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30)
     #[argh(option, default = "30.0")]
     shutdown_timeout: f64,
+    /// local disk each database may fill with staged segments while storage is slow or down,
+    /// in MiB (default 1024); past it the WAL stays pinned and grows instead
+    #[argh(option, default = "1024")]
+    staging_limit: u64,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
@@ -263,6 +267,7 @@ fn watch(cmd: WatchCmd) -> Result<()> {
         min_interval: seconds("--min-interval", cmd.min_interval)?,
         snapshot_interval: seconds("--snapshot-interval", cmd.snapshot_interval)?,
         upload_workers: cmd.upload_workers.max(1),
+        staging_limit: cmd.staging_limit.saturating_mul(1024 * 1024),
         watch_mode: if cmd.poll {
             WatchMode::Poll
         } else {
