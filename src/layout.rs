@@ -513,6 +513,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_generation_sorts_after_the_previous_one_even_when_the_clock_went_back() {
+        let day = 86_400_000;
+        let from_the_future =
+            Generation::starting_at(UtcTime::from_millis(UtcTime::now().millis() + day), 0xffff);
+        let next = Generation::after(Some(&from_the_future));
+        assert!(next > from_the_future);
+        assert_eq!(
+            next.start_time().millis(),
+            from_the_future.start_time().millis() + 1
+        );
+        let old = Generation::starting_at(UtcTime::from_millis(1_000), 0);
+        let next = Generation::after(Some(&old));
+        assert!(
+            next.start_time().millis() > UtcTime::now().millis() - day,
+            "uses the clock"
+        );
+    }
+
+    #[test]
     fn chain_values_round_trip_through_the_snapshot_comment() {
         let generation = Generation::parse("019ba7c71200beef").unwrap();
         let chain = ChainValue::of_generation(&generation);

@@ -207,6 +207,9 @@ pub struct Replica {
     uploading: bool,
     /// The newest object confirmed stored (for `state.json`).
     stored: Option<(Generation, u64)>,
+    /// The newest generation of this name in storage when the replica was opened: a new
+    /// generation must sort after it even if the sidecar was lost and the clock went back.
+    newest_stored: Option<Generation>,
     /// Where walsync's own checkpoints have copied the WAL up to (salts and offset).
     backfilled: Option<([u32; 2], u64)>,
     staging_limit: u64,
@@ -261,6 +264,7 @@ impl Replica {
             tip_changed: false,
             uploading: false,
             backfilled: None,
+            newest_stored: None,
             staging_limit: DEFAULT_STAGING_LIMIT,
             wal_size_limit: DEFAULT_WAL_SIZE_LIMIT,
             said_full: false,
@@ -536,7 +540,7 @@ impl Replica {
     /// database's own, or, for a database without one, a `state.json` naming another
     /// source (host and path). Removing that `state.json` hands the name over, for example
     /// to a database restored onto a new host.
-    pub fn check_ownership(&self) -> Result<()> {
+    pub fn check_ownership(&mut self) -> Result<()> {
         let listing = self
             .storage
             .list(&format!("{}/", self.name))
@@ -549,6 +553,7 @@ impl Replica {
         else {
             return Ok(());
         };
+        self.newest_stored = Some(newest.clone());
         // The tip is saved before anything it counts is uploaded, so every generation this
         // database wrote is at most the tip's.
         if let Some((ours, _)) = self.generation() {
@@ -823,11 +828,10 @@ impl Replica {
             ))
         })?;
         let previous = self.tip.as_ref();
-        let generation = Generation::after(
-            previous
-                .and_then(|t| Generation::parse(&t.generation))
-                .as_ref(),
-        );
+        let newest = previous
+            .and_then(|t| Generation::parse(&t.generation))
+            .max(self.newest_stored.clone());
+        let generation = Generation::after(newest.as_ref());
         let base = Position {
             destination: self.storage.describe(),
             name: self.name.clone(),
