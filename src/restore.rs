@@ -58,6 +58,9 @@ pub struct RestoreOptions {
     /// Permission bits of the restored file, less the umask as for open(2);
     /// [`DEFAULT_MODE`] (0600) when None.
     pub mode: Option<u32>,
+    /// Restore from this generation (its newest snapshot within the point in time) instead
+    /// of the newest one.
+    pub generation: Option<Generation>,
 }
 
 impl Default for RestoreOptions {
@@ -67,6 +70,7 @@ impl Default for RestoreOptions {
             force: false,
             parallelism: 4,
             mode: None,
+            generation: None,
         }
     }
 }
@@ -106,6 +110,41 @@ pub fn plan(
     name: &str,
     point_in_time: Option<UtcTime>,
 ) -> Result<RestorePlan> {
+    plan_in(storage, name, point_in_time, None)
+}
+
+/// Whether `storage` holds a replica of `name` with a snapshot to restore from.
+pub fn replica_exists(storage: &dyn Storage, name: &str) -> Result<bool> {
+    layout::validate_name(name)?;
+    let listing = storage
+        .list(&format!("{name}/"))
+        .context(|| format!("listing {}/{name}", storage.describe()))?;
+    let catalog = Catalog::from_listing(listing);
+    Ok(catalog
+        .databases
+        .get(name)
+        .is_some_and(|generations| generations.values().any(|o| !o.snapshots.is_empty())))
+}
+
+/// Refuse to plan a restore over an existing `output` unless `force`.
+pub fn check_output(output: &Path, force: bool) -> Result<()> {
+    if !force && output.exists() {
+        return Err(Error::invalid(format!(
+            "{} already exists; choose another output or pass --force to replace it",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+/// [`plan`], from `generation` only when given (an unknown one is a NotFound error naming
+/// the generations there are).
+pub fn plan_in(
+    storage: &dyn Storage,
+    name: &str,
+    point_in_time: Option<UtcTime>,
+    generation: Option<&Generation>,
+) -> Result<RestorePlan> {
     layout::validate_name(name)?;
     let listing = storage
         .list(&format!("{name}/"))
@@ -117,10 +156,22 @@ pub fn plan(
             storage.describe()
         ))
     })?;
+    if let Some(wanted) = generation.filter(|g| !generations.contains_key(*g)) {
+        let known: Vec<&str> = generations.keys().map(Generation::as_str).collect();
+        return Err(Error::not_found(format!(
+            "replica {name:?} in {} has no generation {wanted}; it has {}",
+            storage.describe(),
+            known.join(", ")
+        )));
+    }
     let in_time = |o: &StoredObject| point_in_time.is_none_or(|t| o.name.time <= t);
+    let wanted = || {
+        generations
+            .iter()
+            .filter(|(g, _)| generation.is_none_or(|wanted| wanted == *g))
+    };
     // Newest generation first; within it, the newest usable snapshot.
-    let chosen = generations
-        .iter()
+    let chosen = wanted()
         .flat_map(|(generation, objects)| objects.snapshots.iter().map(move |s| (generation, s)))
         .filter(|(_, s)| in_time(s))
         .max_by(|(ga, a), (gb, b)| match point_in_time {
@@ -128,9 +179,8 @@ pub fn plan(
             None => (ga, a.name.index).cmp(&(gb, b.name.index)),
         });
     let Some((generation, snapshot)) = chosen else {
-        let earliest = generations
-            .values()
-            .flat_map(|o| &o.snapshots)
+        let earliest = wanted()
+            .flat_map(|(_, o)| &o.snapshots)
             .map(|s| s.name.time)
             .min();
         return Err(match (point_in_time, earliest) {
@@ -198,13 +248,13 @@ pub fn restore(
     output: &Path,
     options: &RestoreOptions,
 ) -> Result<RestorePlan> {
-    if !options.force && output.exists() {
-        return Err(Error::invalid(format!(
-            "{} already exists; choose another output or pass --force to replace it",
-            output.display()
-        )));
-    }
-    let mut plan = plan(storage, name, options.point_in_time)?;
+    check_output(output, options.force)?;
+    let mut plan = plan_in(
+        storage,
+        name,
+        options.point_in_time,
+        options.generation.as_ref(),
+    )?;
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
