@@ -1,30 +1,66 @@
 //! The `walsync` command line: a thin layer over the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use argh::FromArgs;
 
-use std::time::Duration;
-
-use walsync::error::{Error, Result};
-use walsync::layout;
+use walsync::error::{Error, ErrorKind, Result};
+use walsync::layout::{self, Generation};
 use walsync::replica::Replica;
 use walsync::replicator::{Options, Replicator};
-use walsync::restore::{self, RestoreOptions};
+use walsync::restore::{self, RestoreOptions, RestorePlan};
 use walsync::storage::{self, Destination, Storage};
 use walsync::utc::UtcTime;
 use walsync::watcher::WatchMode;
 
-/// Back up SQLite databases in WAL mode to S3-compatible storage, and restore them.
+/// The placeholder for the version in the top-level help (argh takes only literals there).
+const VERSION_PLACEHOLDER: &str = "walsync VERSION";
+
+/// Exit status of a command-line usage error (bad flags included).
+const USAGE: u8 = 2;
+
+/// walsync VERSION: back up SQLite databases in WAL mode to S3-compatible storage, and
+/// restore them.
 #[derive(FromArgs)]
+#[argh(
+    note = "Each command's settings may also come from WALSYNC_* variables (see its\n\
+            --help); a flag always wins. Credentials come from AWS_ACCESS_KEY_ID,\n\
+            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION.",
+    error_code(
+        0,
+        "success, also when --if-db-not-exists or --if-replica-exists had nothing to do"
+    ),
+    error_code(
+        1,
+        "any other error (local I/O, SQLite, an unexpected storage response)"
+    ),
+    error_code(
+        2,
+        "usage: bad flags or values, a missing setting, or input the command refuses"
+    ),
+    error_code(
+        3,
+        "not found: no such replica, generation or backup, or a missing database file"
+    ),
+    error_code(4, "corrupt or unverifiable backup data"),
+    error_code(
+        5,
+        "storage unreachable, credentials refused, or storage errors that outlasted retries"
+    )
+)]
 struct Cli {
     /// log more (debug level); RUST_LOG overrides
     #[argh(switch, short = 'v')]
     verbose: bool,
+    /// print the version (walsync VERSION) and exit
+    #[argh(switch)]
+    version: bool,
     #[argh(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(FromArgs)]
@@ -38,59 +74,67 @@ enum Command {
 
 /// Replicate databases continuously until SIGTERM or SIGINT.
 #[derive(FromArgs)]
-#[argh(subcommand, name = "watch")]
+#[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
 struct WatchCmd {
     /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
     #[argh(positional)]
     databases: Vec<String>,
-    /// destination: s3://bucket/prefix or file:///dir
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
     #[argh(option, short = 'b')]
-    bucket: String,
-    /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
     /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60)
-    #[argh(option, default = "60.0")]
-    s3_timeout: f64,
-    /// seconds between snapshots of a changing database (default 3600)
-    #[argh(option, default = "3600.0")]
-    snapshot_interval: f64,
-    /// under steady writes, ship each database at most this often, in seconds (default 1)
-    #[argh(option, default = "1.0")]
-    min_interval: f64,
-    /// upload workers shared by all databases (default 2)
-    #[argh(option, default = "2")]
-    upload_workers: usize,
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
+    /// seconds between snapshots of a changing database (default 3600; or
+    /// WALSYNC_SNAPSHOT_INTERVAL)
+    #[argh(option)]
+    snapshot_interval: Option<f64>,
+    /// under steady writes, ship each database at most this often, in seconds (default 1;
+    /// or WALSYNC_MIN_INTERVAL)
+    #[argh(option)]
+    min_interval: Option<f64>,
+    /// upload workers shared by all databases (default 2; or WALSYNC_UPLOAD_WORKERS)
+    #[argh(option)]
+    upload_workers: Option<usize>,
     /// poll files for changes instead of using inotify/kqueue
     #[argh(switch)]
     poll: bool,
-    /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30)
-    #[argh(option, default = "30.0")]
-    shutdown_timeout: f64,
+    /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30; or
+    /// WALSYNC_SHUTDOWN_TIMEOUT)
+    #[argh(option)]
+    shutdown_timeout: Option<f64>,
     /// local disk each database may fill with staged segments while storage is slow or down,
-    /// in MiB (default 1024); past it the WAL stays pinned and grows instead
-    #[argh(option, default = "1024")]
-    staging_limit: u64,
+    /// in MiB (default 1024; or WALSYNC_STAGING_LIMIT); past it the WAL stays pinned and
+    /// grows instead
+    #[argh(option)]
+    staging_limit: Option<u64>,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
 #[derive(FromArgs)]
-#[argh(subcommand, name = "snapshot")]
+#[argh(
+    subcommand,
+    name = "snapshot",
+    note = "Exit codes: see walsync --help."
+)]
 struct SnapshotCmd {
     /// the database file (must be in WAL mode)
     #[argh(positional)]
     database: PathBuf,
-    /// destination: s3://bucket/prefix or file:///dir
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
     #[argh(option, short = 'b')]
-    bucket: String,
-    /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
     /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60)
-    #[argh(option, default = "60.0")]
-    s3_timeout: f64,
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
     /// replica name (default: the file name without extension)
     #[argh(option)]
     name: Option<String>,
@@ -98,18 +142,18 @@ struct SnapshotCmd {
 
 /// List the databases backed up under a destination.
 #[derive(FromArgs)]
-#[argh(subcommand, name = "list")]
+#[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
 struct ListCmd {
-    /// destination: s3://bucket/prefix or file:///dir
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
     #[argh(option, short = 'b')]
-    bucket: String,
-    /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
     /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60)
-    #[argh(option, default = "60.0")]
-    s3_timeout: f64,
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
     /// print JSON (a stable format for scripts)
     #[argh(switch)]
     json: bool,
@@ -117,7 +161,7 @@ struct ListCmd {
 
 /// Restore a database from its replica.
 #[derive(FromArgs)]
-#[argh(subcommand, name = "restore")]
+#[argh(subcommand, name = "restore", note = "Exit codes: see walsync --help.")]
 struct RestoreCmd {
     /// replica name, as shown by `walsync list`
     #[argh(positional)]
@@ -125,22 +169,35 @@ struct RestoreCmd {
     /// output database file
     #[argh(option, short = 'o')]
     output: PathBuf,
-    /// destination: s3://bucket/prefix or file:///dir
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
     #[argh(option, short = 'b')]
-    bucket: String,
-    /// S3 endpoint URL (default: AWS_ENDPOINT_URL_S3, else AWS)
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
     #[argh(option)]
     endpoint: Option<String>,
     /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60)
-    #[argh(option, default = "60.0")]
-    s3_timeout: f64,
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
     /// restore the state as of this RFC 3339 time, e.g. 2026-01-10T12:00:00Z
     #[argh(option)]
     point_in_time: Option<String>,
+    /// restore from this generation (as `walsync list` shows it) instead of the newest
+    #[argh(option)]
+    generation: Option<String>,
     /// replace the output file if it exists
     #[argh(switch)]
     force: bool,
+    /// do nothing (exit 0) if the output file already exists
+    #[argh(switch)]
+    if_db_not_exists: bool,
+    /// do nothing (exit 0) if the destination holds no replica of NAME
+    #[argh(switch)]
+    if_replica_exists: bool,
+    /// print what would be downloaded (keys, sizes, the time restored to) and exit without
+    /// downloading or writing anything
+    #[argh(switch)]
+    dry_run: bool,
     /// downloads in flight at once (default 4)
     #[argh(option, default = "4")]
     parallel: usize,
@@ -180,7 +237,18 @@ fn tune_memory() {
 
 fn main() -> ExitCode {
     tune_memory();
-    let cli: Cli = argh::from_env();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    if cli.version {
+        println!("walsync {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let Some(command) = cli.command else {
+        eprintln!("walsync: error: a command is required (watch, snapshot, list or restore); see walsync --help");
+        return ExitCode::from(USAGE);
+    };
     let default_level = if cli.verbose {
         "walsync=debug,info"
     } else {
@@ -195,29 +263,138 @@ fn main() -> ExitCode {
         .filter_module("ureq_proto", log::LevelFilter::Info)
         .format_timestamp_millis()
         .init();
-    match run(cli.command) {
+    match run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("walsync: error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(e.kind()))
         }
     }
 }
 
-fn open_storage(bucket: &str, endpoint: Option<&str>, s3_timeout: f64) -> Result<Arc<dyn Storage>> {
-    let dest = Destination::parse(bucket)?;
-    let s3_timeout = seconds("--s3-timeout", s3_timeout)?;
-    Ok(Arc::from(storage::open_with_timeout(
-        &dest, endpoint, s3_timeout,
-    )?))
+/// The exit status for an error, the same for every command (listed in `--help` and the
+/// README). Bad flags, which argh reports before any of this runs, exit with [`USAGE`] too.
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Invalid => USAGE,
+        ErrorKind::NotFound => 3,
+        ErrorKind::Corrupt => 4,
+        ErrorKind::Auth | ErrorKind::Transient => 5,
+        ErrorKind::Io | ErrorKind::Sqlite | ErrorKind::Other => 1,
+    }
 }
 
-/// Seconds from the command line as a Duration, refusing nonsense.
-fn seconds(what: &str, value: f64) -> Result<Duration> {
+/// Parse the command line, or the exit status after printing help (0) or a usage error
+/// ([`USAGE`]; `argh::from_env` would exit 1, the status of any other error).
+fn parse_args() -> std::result::Result<Cli, ExitCode> {
+    let Some(args) = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string().ok())
+        .collect::<Option<Vec<String>>>()
+    else {
+        eprintln!("walsync: error: arguments must be valid UTF-8");
+        return Err(ExitCode::from(USAGE));
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Cli::from_args(&["walsync"], &args).map_err(|exit| match exit.status {
+        Ok(()) => {
+            let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", exit.output.replace(VERSION_PLACEHOLDER, &version));
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!(
+                "walsync: error: {}\nRun walsync --help for more information.",
+                exit.output.trim_end()
+            );
+            ExitCode::from(USAGE)
+        }
+    })
+}
+
+/// A setting from its flag, else from its environment variable (empty counts as unset),
+/// with where it came from (the flag's or the variable's name) for messages. A flag always
+/// wins; a variable that does not parse is an error naming it (never quoting its value).
+fn setting<T: FromStr>(
+    flag: Option<T>,
+    flag_name: &'static str,
+    var: &'static str,
+    expected: &str,
+) -> Result<Option<(T, &'static str)>> {
+    if let Some(value) = flag {
+        return Ok(Some((value, flag_name)));
+    }
+    match std::env::var(var) {
+        Ok(text) if text.trim().is_empty() => Ok(None),
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(|value| Some((value, var)))
+            .map_err(|_| Error::invalid(format!("{var} must be {expected}"))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(Error::invalid(format!("{var} is not valid UTF-8")))
+        }
+    }
+}
+
+/// Where a replica is and how to reach it: the options every command shares, from flags or
+/// from WALSYNC_BUCKET, WALSYNC_ENDPOINT and WALSYNC_S3_TIMEOUT.
+struct StorageArgs<'a> {
+    bucket: Option<&'a str>,
+    endpoint: Option<&'a str>,
+    s3_timeout: Option<f64>,
+}
+
+impl StorageArgs<'_> {
+    /// The destination (as given) and its storage.
+    fn open(self) -> Result<(String, Arc<dyn Storage>)> {
+        let bucket = setting(
+            self.bucket.map(str::to_string),
+            "-b",
+            "WALSYNC_BUCKET",
+            "a destination URL",
+        )?
+        .map(|(bucket, _)| bucket)
+        .ok_or_else(|| {
+            Error::invalid(
+                "no destination: pass -b s3://bucket/prefix (or file:///dir), \
+                 or set WALSYNC_BUCKET",
+            )
+        })?;
+        let endpoint = setting(
+            self.endpoint.map(str::to_string),
+            "--endpoint",
+            "WALSYNC_ENDPOINT",
+            "a URL",
+        )?
+        .map(|(endpoint, _)| endpoint);
+        let s3_timeout = seconds(
+            setting(
+                self.s3_timeout,
+                "--s3-timeout",
+                "WALSYNC_S3_TIMEOUT",
+                "a number of seconds",
+            )?,
+            storage::s3::DEFAULT_TIMEOUT,
+            false,
+        )?;
+        let dest = Destination::parse(&bucket)?;
+        let storage = storage::open_with_timeout(&dest, endpoint.as_deref(), s3_timeout)?;
+        Ok((bucket, Arc::from(storage)))
+    }
+}
+
+/// A number of seconds from [`setting`] as a Duration (`default` if not given), refusing
+/// nonsense.
+fn seconds(setting: Option<(f64, &str)>, default: Duration, zero_ok: bool) -> Result<Duration> {
+    let Some((value, from)) = setting else {
+        return Ok(default);
+    };
     Duration::try_from_secs_f64(value)
         .ok()
-        .filter(|d| !d.is_zero() || what == "--min-interval")
-        .ok_or_else(|| Error::invalid(format!("{what} must be a positive number of seconds")))
+        .filter(|d| zero_ok || !d.is_zero())
+        .ok_or_else(|| Error::invalid(format!("{from} must be a positive number of seconds")))
 }
 
 /// `--mode`: octal permission bits such as `640` or `0640`.
@@ -258,34 +435,90 @@ fn wait_for_signal(set: &libc::sigset_t) -> &'static str {
     }
 }
 
+/// Shutdown timeout unless `--shutdown-timeout` or WALSYNC_SHUTDOWN_TIMEOUT says otherwise.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl WatchCmd {
+    /// The replicator's options and the shutdown timeout, from flags or WALSYNC_* variables.
+    fn options(&self) -> Result<(Options, Duration)> {
+        let defaults = Options::default();
+        let seconds_of = |flag, flag_name, var, default, zero_ok| {
+            seconds(
+                setting(flag, flag_name, var, "a number of seconds")?,
+                default,
+                zero_ok,
+            )
+        };
+        let options = Options {
+            min_interval: seconds_of(
+                self.min_interval,
+                "--min-interval",
+                "WALSYNC_MIN_INTERVAL",
+                defaults.min_interval,
+                true,
+            )?,
+            snapshot_interval: seconds_of(
+                self.snapshot_interval,
+                "--snapshot-interval",
+                "WALSYNC_SNAPSHOT_INTERVAL",
+                defaults.snapshot_interval,
+                false,
+            )?,
+            upload_workers: setting(
+                self.upload_workers,
+                "--upload-workers",
+                "WALSYNC_UPLOAD_WORKERS",
+                "a whole number",
+            )?
+            .map_or(defaults.upload_workers, |(n, _)| n)
+            .max(1),
+            staging_limit: setting(
+                self.staging_limit,
+                "--staging-limit",
+                "WALSYNC_STAGING_LIMIT",
+                "a whole number of MiB",
+            )?
+            .map_or(defaults.staging_limit, |(mib, _)| {
+                mib.saturating_mul(1024 * 1024)
+            }),
+            watch_mode: if self.poll {
+                WatchMode::Poll
+            } else {
+                WatchMode::Auto
+            },
+            ..defaults
+        };
+        let shutdown_timeout = seconds_of(
+            self.shutdown_timeout,
+            "--shutdown-timeout",
+            "WALSYNC_SHUTDOWN_TIMEOUT",
+            SHUTDOWN_TIMEOUT,
+            false,
+        )?;
+        Ok((options, shutdown_timeout))
+    }
+}
+
 fn watch(cmd: WatchCmd) -> Result<()> {
     if cmd.databases.is_empty() {
         return Err(Error::invalid("watch needs at least one database"));
     }
     let signals = block_stop_signals();
-    let options = Options {
-        min_interval: seconds("--min-interval", cmd.min_interval)?,
-        snapshot_interval: seconds("--snapshot-interval", cmd.snapshot_interval)?,
-        upload_workers: cmd.upload_workers.max(1),
-        staging_limit: cmd.staging_limit.saturating_mul(1024 * 1024),
-        watch_mode: if cmd.poll {
-            WatchMode::Poll
-        } else {
-            WatchMode::Auto
-        },
-        ..Options::default()
+    let (options, shutdown_timeout) = cmd.options()?;
+    let storage = StorageArgs {
+        bucket: cmd.bucket.as_deref(),
+        endpoint: cmd.endpoint.as_deref(),
+        s3_timeout: cmd.s3_timeout,
     };
-    let shutdown_timeout = seconds("--shutdown-timeout", cmd.shutdown_timeout)?;
-    let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
+    let (destination, storage) = storage.open()?;
     let databases = layout::assign_names(&cmd.databases)?;
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         println!("watching {} as {name}", path.display());
     }
     log::info!(
-        "replicating {} database(s) to {} ({} events)",
+        "replicating {} database(s) to {destination} ({} events)",
         databases.len(),
-        cmd.bucket,
         replicator.watch_backend()
     );
     let signal = wait_for_signal(&signals);
@@ -296,11 +529,135 @@ fn watch(cmd: WatchCmd) -> Result<()> {
     replicator.stop(shutdown_timeout)
 }
 
+fn restore_command(cmd: RestoreCmd) -> Result<()> {
+    if cmd.force && cmd.if_db_not_exists {
+        return Err(Error::invalid(
+            "--force and --if-db-not-exists contradict each other; pass one",
+        ));
+    }
+    if cmd.if_db_not_exists && cmd.output.exists() {
+        eprintln!(
+            "walsync: {} already exists; not restoring (--if-db-not-exists)",
+            cmd.output.display()
+        );
+        return Ok(());
+    }
+    let point_in_time = cmd
+        .point_in_time
+        .as_deref()
+        .map(UtcTime::parse_rfc3339)
+        .transpose()?;
+    let generation = cmd
+        .generation
+        .as_deref()
+        .map(|text| {
+            Generation::parse(text).ok_or_else(|| {
+                Error::invalid(format!(
+                    "--generation {text:?}: expected 16 lowercase hex digits, as `walsync list` \
+                     shows them"
+                ))
+            })
+        })
+        .transpose()?;
+    let options = RestoreOptions {
+        point_in_time,
+        force: cmd.force,
+        parallelism: cmd.parallel.max(1),
+        mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
+        generation,
+    };
+    let storage = StorageArgs {
+        bucket: cmd.bucket.as_deref(),
+        endpoint: cmd.endpoint.as_deref(),
+        s3_timeout: cmd.s3_timeout,
+    };
+    let (_, storage) = storage.open()?;
+    if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
+        eprintln!(
+            "walsync: no replica of {:?} in {}; not restoring (--if-replica-exists)",
+            cmd.name,
+            storage.describe()
+        );
+        return Ok(());
+    }
+    if cmd.dry_run {
+        restore::check_output(&cmd.output, cmd.force)?;
+        let plan = restore::plan_in(
+            storage.as_ref(),
+            &cmd.name,
+            options.point_in_time,
+            options.generation.as_ref(),
+        )?;
+        print!("{}", describe_plan(&plan, storage.as_ref(), &cmd.output));
+        return Ok(());
+    }
+    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options)?;
+    log::info!(
+        "restored {} to {} from generation {} (snapshot {} + {} segments, as of {})",
+        cmd.name,
+        cmd.output.display(),
+        plan.generation,
+        plan.snapshot.name.index,
+        plan.segments.len(),
+        plan.restored_to()
+    );
+    Ok(())
+}
+
+/// `restore --dry-run`'s report: what a restore would download, from [`restore::plan_in`].
+fn describe_plan(plan: &RestorePlan, storage: &dyn Storage, output: &Path) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "dry run: would restore {} from {} to {} (nothing downloaded or written)",
+        plan.name,
+        storage.describe(),
+        output.display()
+    );
+    let _ = writeln!(out, "generation   {}", plan.generation);
+    let _ = writeln!(
+        out,
+        "snapshot     {}  {} bytes",
+        plan.snapshot.key, plan.snapshot.size
+    );
+    for segment in &plan.segments {
+        let _ = writeln!(out, "segment      {}  {} bytes", segment.key, segment.size);
+    }
+    for other in &plan.alternatives {
+        let _ = writeln!(out, "duplicate    {}  {} bytes", other.key, other.size);
+    }
+    let total = plan.snapshot.size + plan.segments.iter().map(|s| s.size).sum::<u64>();
+    let _ = writeln!(
+        out,
+        "total        {total} bytes (1 snapshot, {} segments)",
+        plan.segments.len()
+    );
+    if plan.alternatives.is_empty() {
+        let _ = writeln!(out, "restores to  {}", plan.restored_to());
+    } else {
+        let extra: u64 = plan.alternatives.iter().map(|s| s.size).sum();
+        let _ = writeln!(out, "restores to  at most {}", plan.restored_to());
+        let _ = writeln!(
+            out,
+            "note: some indexes were cut more than once (the duplicates above, {extra} bytes \
+             more); duplicates are resolved at download time by the segment chain, which may \
+             choose another cut or end the restore earlier"
+        );
+    }
+    out
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Watch(cmd) => watch(cmd)?,
         Command::Snapshot(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
+            let storage = StorageArgs {
+                bucket: cmd.bucket.as_deref(),
+                endpoint: cmd.endpoint.as_deref(),
+                s3_timeout: cmd.s3_timeout,
+            };
+            let (_, storage) = storage.open()?;
             let name = match cmd.name {
                 Some(name) => name,
                 None => layout::default_name(&cmd.database)?,
@@ -310,7 +667,12 @@ fn run(command: Command) -> Result<()> {
             println!("{key}");
         }
         Command::List(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
+            let storage = StorageArgs {
+                bucket: cmd.bucket.as_deref(),
+                endpoint: cmd.endpoint.as_deref(),
+                s3_timeout: cmd.s3_timeout,
+            };
+            let (_, storage) = storage.open()?;
             let listing = walsync::list::list(storage.as_ref())?;
             if cmd.json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -318,30 +680,7 @@ fn run(command: Command) -> Result<()> {
                 print!("{}", listing.to_text());
             }
         }
-        Command::Restore(cmd) => {
-            let storage = open_storage(&cmd.bucket, cmd.endpoint.as_deref(), cmd.s3_timeout)?;
-            let point_in_time = cmd
-                .point_in_time
-                .as_deref()
-                .map(UtcTime::parse_rfc3339)
-                .transpose()?;
-            let options = RestoreOptions {
-                point_in_time,
-                force: cmd.force,
-                parallelism: cmd.parallel.max(1),
-                mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
-            };
-            let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options)?;
-            log::info!(
-                "restored {} to {} from generation {} (snapshot {} + {} segments, as of {})",
-                cmd.name,
-                cmd.output.display(),
-                plan.generation,
-                plan.snapshot.name.index,
-                plan.segments.len(),
-                plan.restored_to()
-            );
-        }
+        Command::Restore(cmd) => restore_command(cmd)?,
     }
     Ok(())
 }
