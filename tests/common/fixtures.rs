@@ -137,12 +137,12 @@ pub fn integrity(path: &Path) -> String {
         .unwrap()
 }
 
-/// Run the real `walsync` binary with `env` (and no other AWS_* variables).
+/// Run the real `walsync` binary with `env` (and no other AWS_* or WALSYNC_* variables).
 pub fn walsync(args: &[&str], env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
     cmd.args(args);
     for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") {
+        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
             cmd.env_remove(key);
         }
     }
@@ -236,7 +236,7 @@ impl WatchProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
         cmd.arg("watch").args(args);
         for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") {
+            if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
                 cmd.env_remove(key);
             }
         }
