@@ -387,7 +387,7 @@ impl Replica {
         let tip = self
             .tip
             .clone()
-            .ok_or_else(|| Error::invalid("no generation"))?;
+            .ok_or_else(|| Error::new(crate::ErrorKind::Other, "no generation"))?;
         self.stage_snapshot(tip)
     }
 
@@ -490,10 +490,10 @@ impl Replica {
         let front = match self.staged.front() {
             Some(s) if self.uploading && s.object.key(&self.name) == key => s.clone(),
             _ => {
-                return Err(Error::invalid(format!(
-                    "{}: upload of {key} finished out of order",
-                    self.name
-                )))
+                return Err(Error::new(
+                    crate::ErrorKind::Other,
+                    format!("{}: upload of {key} finished out of order", self.name),
+                ))
             }
         };
         self.uploading = false;

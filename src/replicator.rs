@@ -182,8 +182,12 @@ impl Replicator {
     pub fn sync(&self, name: &str) -> Result<()> {
         let (tx, rx) = mpsc::channel();
         self.send(name, Event::Sync(tx))?;
-        rx.recv()
-            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))?
+        rx.recv().map_err(|_| {
+            Error::new(
+                crate::ErrorKind::Other,
+                format!("{name}: replication thread stopped"),
+            )
+        })?
     }
 
     /// Ship everything committed in every database and wait until it is stored.
@@ -198,8 +202,12 @@ impl Replicator {
     pub fn snapshot(&self, name: &str) -> Result<String> {
         let (tx, rx) = mpsc::channel();
         self.send(name, Event::Snapshot(tx))?;
-        rx.recv()
-            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))?
+        rx.recv().map_err(|_| {
+            Error::new(
+                crate::ErrorKind::Other,
+                format!("{name}: replication thread stopped"),
+            )
+        })?
     }
 
     /// Stop watching, ship what is committed, wait up to `timeout` for uploads, write each
@@ -236,9 +244,12 @@ impl Replicator {
             .iter()
             .find(|d| d.name == name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
-        db.events
-            .send(event)
-            .map_err(|_| Error::invalid(format!("{name}: replication thread stopped")))
+        db.events.send(event).map_err(|_| {
+            Error::new(
+                crate::ErrorKind::Other,
+                format!("{name}: replication thread stopped"),
+            )
+        })
     }
 }
 

@@ -90,7 +90,13 @@ impl UploadPool {
             None => Some(job),
         };
         if let Some(Job::Upload { upload, done, .. }) = refused {
-            done(upload, Err(Error::invalid("upload pool has stopped")));
+            done(
+                upload,
+                Err(Error::new(
+                    crate::ErrorKind::Other,
+                    "upload pool has stopped",
+                )),
+            );
         }
     }
 
