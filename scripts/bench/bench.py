@@ -830,6 +830,7 @@ def barrier_run(tool, server, work, seconds, interval, writer_py):
     prefix = f"bench/barrier/{name}"
     db = make_db(os.path.join(work, f"{tag}.db"))
     proc = None
+    offset = server.log_offset()
     try:
         if tool is not None:
             proc = tool.start([(db, "barrier")], prefix, tag, verbose=True)
@@ -850,6 +851,9 @@ def barrier_run(tool, server, work, seconds, interval, writer_py):
     finally:
         if proc is not None and proc.returncode is None:
             tool.children.stop(proc, timeout=5)
+    if tool is not None:
+        # All of them held 200 ms (the slow server's log, so only this run's tool).
+        result["s3_requests"] = len(server.requests(offset))
     if tool is not None and tool.name == "walsync":
         result.update(walsync_barrier_log(os.path.join(work, f"{tag}.walsync.log")))
     log(f"{name}: {result['commits']} commits, p50 {result['p50_ms']} ms, p99 "
