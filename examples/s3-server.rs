@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example s3-server -- [--port N] [--root DIR] [--request-log FILE]
+//!                                             [--latency-ms N]
 //! ```
 //!
 //! Prints one line on stdout when it is ready,
@@ -12,7 +13,15 @@
 //! `METHOD PATH[?QUERY] AGENT` (the query without its `X-Amz-*` signature parameters, then the
 //! first word of the User-Agent header, or `-`).
 //! Without `--root` the data goes to a temporary directory that is left behind on kill.
+//!
+//! With `--latency-ms N` the printed endpoint is a proxy on another loopback port (the
+//! tests' fault proxy, `tests/common/faultproxy.rs`, with no faults) that holds every request
+//! for N ms before forwarding it: a distant S3. The proxy sends each request on its own
+//! connection (`Connection: close`), so a client's keep-alive does not skip the delay.
+//! `--port` is then the server's port behind the proxy.
 
+#[path = "../tests/common/faultproxy.rs"]
+mod faultproxy;
 #[path = "../tests/common/s3server.rs"]
 mod s3server;
 
@@ -20,12 +29,15 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use faultproxy::FaultProxy;
 use s3server::{Options, S3Server};
 
-const USAGE: &str = "usage: s3-server [--port N] [--root DIR] [--request-log FILE]";
+const USAGE: &str =
+    "usage: s3-server [--port N] [--root DIR] [--request-log FILE] [--latency-ms N]";
 
 fn main() {
     let mut options = Options::default();
+    let mut latency_ms: u64 = 0;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -41,6 +53,12 @@ fn main() {
             }
             "--root" => options.root = Some(PathBuf::from(value("--root"))),
             "--request-log" => options.request_log = Some(PathBuf::from(value("--request-log"))),
+            "--latency-ms" => {
+                let ms = value("--latency-ms");
+                latency_ms = ms
+                    .parse()
+                    .unwrap_or_else(|_| fail(&format!("bad latency {ms:?}")));
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return;
@@ -50,11 +68,20 @@ fn main() {
     }
 
     let server = S3Server::start_with(options);
+    // The proxy never stalls (no faults are mixed in), so its stall time is unused.
+    let proxy = (latency_ms > 0).then(|| {
+        let proxy = FaultProxy::start(server.addr(), 0, Duration::from_secs(1));
+        proxy.set_delay(Duration::from_millis(latency_ms));
+        proxy
+    });
+    let endpoint = proxy
+        .as_ref()
+        .map_or_else(|| server.endpoint(), FaultProxy::endpoint);
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
         "endpoint={} bucket={} access_key={} secret_key={} region=us-east-1 root={}",
-        server.endpoint(),
+        endpoint,
         server.bucket(),
         server.access_key(),
         server.secret_key(),

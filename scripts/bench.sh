@@ -4,7 +4,7 @@
 #
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
 #                    [--dbs N] [--write-seconds S] [--commits N] [--db-mib N]
-#                    [--skip size|rss|lag|idle|snapshot]...
+#                    [--barrier-seconds S] [--skip size|rss|lag|idle|snapshot|barrier]...
 #
 # Measures, for each tool:
 #   - binary size (stripped);
@@ -16,8 +16,17 @@
 #   - S3 requests made by one idle database over an idle window (600 s; both tools side by
 #     side, requests told apart by key prefix), after the initial replication settled;
 #   - peak RSS and time of `walsync snapshot` and `walsync restore` of a 200 MiB database
-#     (Litestream: `replicate -once -force-snapshot` and `restore`, the nearest equivalents).
-# --quick: 10 databases, 10 s of writes, 10 commits, 20 s idle, a 20 MiB database.
+#     (Litestream: `replicate -once -force-snapshot` and `restore`, the nearest equivalents);
+#   - barrier: with a second S3 server that holds every request 200 ms (--latency-ms), an
+#     application commits one small transaction every 10 ms for 60 s to one database (busy
+#     timeout 5000 ms), first with no replication, then under each tool with its defaults
+#     (walsync checkpoints every 1000 WAL frames, about every 10 s here): the application's
+#     commit latency p99 and max and its "database is locked" errors (each tool's column,
+#     the no-replication value in the row's label), and, for walsync only, how long it held
+#     the write lock each time (p50, p99, max), from its `-v` log ("write lock held for N
+#     us"; Litestream logs nothing comparable: n/a).
+# --quick: 10 databases, 10 s of writes, 10 commits, 20 s idle, a 20 MiB database, 15 s of
+# barrier writes.
 #
 # Prints a table (walsync, litestream, ratio walsync/litestream) and writes everything to
 # target/bench/results.json. Work files are in target/bench/work (replaced on each run).
@@ -36,7 +45,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --quick) args+=(--quick) ;;
     --only) only=${2:?--only needs walsync or litestream}; args+=(--only "$2"); shift ;;
-    --idle-seconds|--dbs|--write-seconds|--commits|--db-mib|--skip)
+    --idle-seconds|--dbs|--write-seconds|--commits|--db-mib|--barrier-seconds|--skip)
       args+=("$1" "${2:?$1 needs a value}"); shift ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac

@@ -136,15 +136,22 @@ def run_timed(cmd, env, out_path):
 
 
 class Server:
-    def __init__(self, children, exe, work):
-        self.root = os.path.join(work, "s3")
-        self.log_path = os.path.join(work, "requests.log")
+    """One s3-server process. With `latency_ms`, its endpoint is a proxy in front of it that
+    holds every request that long (see examples/s3-server.rs); `name` keeps a second server's
+    files apart from the first one's."""
+
+    def __init__(self, children, exe, work, name="s3", latency_ms=0):
+        self.children = children
+        self.root = os.path.join(work, name)
+        self.log_path = os.path.join(work, "requests.log" if name == "s3" else f"{name}-requests.log")
+        self.latency_ms = latency_ms
         os.makedirs(self.root, exist_ok=True)
         open(self.log_path, "w").close()
-        self.stderr = open(os.path.join(work, "s3-server.err"), "w")
-        self.proc = children.start(
-            [exe, "--port", "0", "--root", self.root, "--request-log", self.log_path],
-            stdout=subprocess.PIPE, stderr=self.stderr)
+        self.stderr = open(os.path.join(work, f"{name}-server.err"), "w")
+        cmd = [exe, "--port", "0", "--root", self.root, "--request-log", self.log_path]
+        if latency_ms:
+            cmd += ["--latency-ms", str(latency_ms)]
+        self.proc = children.start(cmd, stdout=subprocess.PIPE, stderr=self.stderr)
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
         if not ready:
             raise RuntimeError("S3 server did not start in 30 s")
@@ -158,7 +165,11 @@ class Server:
         self.secret_key = fields["secret_key"]
         self.region = fields.get("region", "us-east-1")
         assert self.endpoint.startswith("http://127.0.0.1:"), self.endpoint
-        log(f"S3 server {self.endpoint} bucket {self.bucket}, objects in {self.root}")
+        slow = f", +{latency_ms} ms a request" if latency_ms else ""
+        log(f"S3 server {self.endpoint} bucket {self.bucket}{slow}, objects in {self.root}")
+
+    def stop(self):
+        self.children.stop(self.proc, timeout=5)
 
     def path(self, key_prefix):
         return os.path.join(self.root, self.bucket, key_prefix)
@@ -345,6 +356,94 @@ def writer_main(argv):
     print(json.dumps({"commits": n, "max_late_s": round(late, 3)}))
 
 
+def commit_writer_main(argv):
+    """`bench.py commit-writer --interval S --duration S --busy-timeout-ms N DB`: an
+    application writing one small transaction (BEGIN IMMEDIATE, one INSERT, COMMIT) every
+    `interval` seconds to one database, with SQLite's defaults otherwise (synchronous FULL,
+    wal_autocheckpoint 1000). Times every transaction from BEGIN to COMMIT's return, counts
+    "database is locked" (SQLITE_BUSY after the busy timeout) and other errors, and counts
+    WAL restarts (a new salt in the WAL header: a checkpoint finished and a writer started
+    the WAL over). Prints a JSON summary."""
+    p = argparse.ArgumentParser(prog="bench.py commit-writer")
+    p.add_argument("--interval", type=float, default=0.01)
+    p.add_argument("--duration", type=float, default=60)
+    p.add_argument("--busy-timeout-ms", type=int, default=5000)
+    p.add_argument("--row-bytes", type=int, default=200)
+    p.add_argument("db")
+    a = p.parse_args(argv)
+    # isolation_level=None: the module issues no BEGIN of its own; we say BEGIN IMMEDIATE.
+    conn = sqlite3.connect(a.db, isolation_level=None, timeout=a.busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout={a.busy_timeout_ms}")
+    wal = a.db + "-wal"
+
+    def wal_salt():
+        try:
+            with open(wal, "rb") as f:
+                header = f.read(24)
+        except FileNotFoundError:
+            return None
+        return header[16:24] if len(header) == 24 else None
+
+    rng = random.Random(11)
+    latencies_ms, slowest = [], []
+    locked, failed_ms, other_errors = 0, [], {}
+    salt, restarts = wal_salt(), 0
+    late = 0.0
+    start = time.monotonic()
+    n = 0
+    while True:
+        due = start + n * a.interval
+        if due - start >= a.duration:
+            break
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            late = max(late, now - due)
+        n += 1
+        t0 = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t(body, at) VALUES (?, ?)",
+                         (rng.randbytes(a.row_bytes), time.time()))
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            took = (time.monotonic() - t0) * 1000
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if "locked" in str(e) or "busy" in str(e):
+                locked += 1
+                failed_ms.append(round(took, 3))
+            else:
+                other_errors[str(e)] = other_errors.get(str(e), 0) + 1
+            continue
+        took = (time.monotonic() - t0) * 1000
+        latencies_ms.append(took)
+        slowest.append((took, t0 - start))
+        if len(slowest) > 20:
+            slowest = sorted(slowest, reverse=True)[:5]
+        now_salt = wal_salt()
+        if now_salt is not None and salt is not None and now_salt != salt:
+            restarts += 1
+        salt = now_salt if now_salt is not None else salt
+    conn.close()
+    print(json.dumps({
+        "attempts": n,
+        "commits": len(latencies_ms),
+        "locked_errors": locked,
+        "locked_attempts_ms": failed_ms,
+        "other_errors": other_errors,
+        "p50_ms": round(percentile(latencies_ms, 50), 3) if latencies_ms else None,
+        "p99_ms": round(percentile(latencies_ms, 99), 3) if latencies_ms else None,
+        "max_ms": round(max(latencies_ms), 3) if latencies_ms else None,
+        "mean_ms": round(sum(latencies_ms) / len(latencies_ms), 3) if latencies_ms else None,
+        "slowest": [{"ms": round(ms, 3), "at_s": round(at, 2)}
+                    for ms, at in sorted(slowest, reverse=True)[:5]],
+        "wal_restarts": restarts,
+        "max_late_s": round(late, 3),
+    }))
+
+
 # ---------------------------------------------------------------------------------------------
 # The tools.
 
@@ -366,7 +465,9 @@ class Tool:
         """Key prefix where each shipped batch of commits lands as a new object."""
         raise NotImplementedError
 
-    def start(self, dbs, prefix, tag):
+    def start(self, dbs, prefix, tag, verbose=False):
+        """Start watching `dbs` [(path, name)]; output to `tag`.<tool>.log in the work
+        directory. `verbose`: debug logging, where the tool has it."""
         raise NotImplementedError
 
 
@@ -383,8 +484,9 @@ class Walsync(Tool):
     def increment_dir(self, prefix, name):
         return f"{prefix}/{name}/wal"
 
-    def start(self, dbs, prefix, tag):
-        cmd = [self.exe, "watch", *[f"{path}:{name}" for path, name in dbs],
+    def start(self, dbs, prefix, tag, verbose=False):
+        cmd = [self.exe, *(["-v"] if verbose else []), "watch",
+               *[f"{path}:{name}" for path, name in dbs],
                "-b", f"s3://{self.server.bucket}/{prefix}", "--endpoint", self.server.endpoint]
         out = open(os.path.join(self.work, f"{tag}.walsync.log"), "w")
         return self.children.start(cmd, env=self.server.env(), stdout=out, stderr=subprocess.STDOUT)
@@ -431,7 +533,7 @@ class Litestream(Tool):
             f.write("\n".join(lines) + "\n")
         return path
 
-    def start(self, dbs, prefix, tag):
+    def start(self, dbs, prefix, tag, verbose=False):
         cfg = self.config(dbs, prefix, tag)
         out = open(os.path.join(self.work, f"{tag}.litestream.log"), "w")
         return self.children.start([self.exe, "replicate", "-config", cfg],
@@ -691,6 +793,104 @@ def phase_snapshot_restore(walsync, litestream, server, work, mib):
     return results
 
 
+def phase_barrier(tools, s3_exe, children, work, seconds, interval, latency_ms, writer_py):
+    """Does replication make the application's commits wait, when S3 is slow?
+
+    Replication tools take SQLite's write lock now and then (walsync: its *barrier*, around
+    each checkpoint); if one held it across an S3 request, every commit meanwhile would wait
+    that long, or fail with "database is locked" after its busy timeout. So: a second S3
+    server whose every request takes `latency_ms` longer (a proxy in front of it); one
+    database; an application committing one small transaction every `interval` s for
+    `seconds` s with a 5000 ms busy timeout (`commit-writer`), first with no replication (the
+    baseline), then under each tool in `tools` with its default settings. Under walsync's
+    defaults such a writer reaches its PASSIVE checkpoint threshold (1000 WAL frames) about
+    every 10 s, so several checkpoints fall inside the window.
+
+    Measures per run: commit latency p50/p99/max and "database is locked" errors; for
+    walsync also every barrier hold, from its `-v` log (`write lock held for N us`: from
+    BEGIN IMMEDIATE succeeding to the lock's release), and its checkpoints. Litestream logs
+    nothing comparable, so its lock holds show only through the commit latencies."""
+    server = Server(children, s3_exe, work, name="s3-slow", latency_ms=latency_ms)
+    results = {"seconds": seconds, "interval_s": interval, "s3_latency_ms": latency_ms,
+               "busy_timeout_ms": 5000}
+    try:
+        for tool in [None, *(cls(exe, server, children, work) for cls, exe in tools)]:
+            name = tool.name if tool else "none"
+            results[name] = barrier_run(tool, server, work, seconds, interval, writer_py)
+    finally:
+        server.stop()
+    return results
+
+
+def barrier_run(tool, server, work, seconds, interval, writer_py):
+    """One run of phase_barrier: `tool` (None: no replication) watching a fresh database
+    while commit-writer runs."""
+    name = tool.name if tool else "none"
+    tag = f"barrier-{name}"
+    prefix = f"bench/barrier/{name}"
+    db = make_db(os.path.join(work, f"{tag}.db"))
+    proc = None
+    offset = server.log_offset()
+    try:
+        if tool is not None:
+            proc = tool.start([(db, "barrier")], prefix, tag, verbose=True)
+            if wait_replicated(server, [tool.replica_dir(prefix, "barrier")], timeout=60,
+                               quiet=2, proc=proc) is None:
+                raise RuntimeError(f"{tool.name} did not replicate the barrier database in 60 s")
+        log(f"{name}: one commit every {interval * 1000:g} ms for {seconds} s, busy timeout "
+            f"5000 ms" + (f", S3 +{server.latency_ms} ms a request" if tool else ""))
+        writer = subprocess.run([sys.executable, writer_py, "commit-writer",
+                                 "--interval", str(interval), "--duration", str(seconds),
+                                 "--busy-timeout-ms", "5000", db],
+                                capture_output=True, text=True, check=True)
+        result = json.loads(writer.stdout)
+        if proc is not None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{tool.name} exited with {proc.returncode} during the writes")
+            result["exit_code"] = tool.children.stop(proc, timeout=60)["rc"]
+    finally:
+        if proc is not None and proc.returncode is None:
+            tool.children.stop(proc, timeout=5)
+    if tool is not None:
+        # All of them held 200 ms (the slow server's log, so only this run's tool).
+        result["s3_requests"] = len(server.requests(offset))
+    if tool is not None and tool.name == "walsync":
+        result.update(walsync_barrier_log(os.path.join(work, f"{tag}.walsync.log")))
+    log(f"{name}: {result['commits']} commits, p50 {result['p50_ms']} ms, p99 "
+        f"{result['p99_ms']} ms, max {result['max_ms']} ms, {result['locked_errors']} locked, "
+        f"{result['wal_restarts']} WAL restarts"
+        + (f"; write lock held {len(result['holds_us'])} times, p50 {result['hold_p50_us']} us, "
+           f"max {result['hold_max_us']} us, checkpoints {result['checkpoints']}"
+           if "holds_us" in result else ""))
+    server.remove(prefix)
+    remove_db(db)
+    shutil.rmtree(os.path.join(work, f".{tag}.db-walsync"), ignore_errors=True)
+    return result
+
+
+def walsync_barrier_log(path):
+    """Barrier holds and checkpoints from a `walsync -v watch` log: every `write lock held
+    for N us` (startup, checkpoints, shutdown alike) and every `checkpoint took N ms:
+    Ok(Outcome)`."""
+    holds, checkpoints = [], {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = re.search(r"write lock held for (\d+) us", line)
+            if m:
+                holds.append(int(m.group(1)))
+            m = re.search(r"checkpoint took \d+ ms: (\w+)\((\w+)", line)
+            if m:
+                outcome = m.group(2) if m.group(1) == "Ok" else "error"
+                checkpoints[outcome] = checkpoints.get(outcome, 0) + 1
+    return {
+        "holds_us": holds,
+        "hold_p50_us": percentile(holds, 50),
+        "hold_p99_us": percentile(holds, 99),
+        "hold_max_us": max(holds) if holds else None,
+        "checkpoints": dict(sorted(checkpoints.items())),
+    }
+
+
 def remove_db(path):
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
@@ -739,6 +939,10 @@ def fmt(value, unit):
         return f"{value / KIB:.1f} MiB"
     if unit == "ms":
         return f"{value:.0f} ms"
+    if unit == "ms1":
+        return f"{value:.1f} ms"
+    if unit == "us":
+        return f"{value} us"
     if unit == "s":
         return f"{value:.2f} s"
     return f"{value}"
@@ -768,6 +972,8 @@ def table(metrics, notes):
 def main(argv):
     if argv[:1] == ["writer"]:
         return writer_main(argv[1:])
+    if argv[:1] == ["commit-writer"]:
+        return commit_writer_main(argv[1:])
     p = argparse.ArgumentParser(prog="bench.py")
     p.add_argument("--walsync", required=True)
     p.add_argument("--s3-server", required=True)
@@ -781,14 +987,18 @@ def main(argv):
     p.add_argument("--write-seconds", type=float, help="length of the RSS runs' writes")
     p.add_argument("--commits", type=int, help="commits for the lag run")
     p.add_argument("--db-mib", type=int, help="size of the snapshot/restore database")
+    p.add_argument("--barrier-seconds", type=float, help="length of the barrier run's writes")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["size", "rss", "lag", "idle", "snapshot"], help="skip a phase")
+                   choices=["size", "rss", "lag", "idle", "snapshot", "barrier"],
+                   help="skip a phase")
     p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
     a = p.parse_args(argv)
 
     quick = a.quick
     if a.idle_seconds is not None and float(a.idle_seconds).is_integer():
         a.idle_seconds = int(a.idle_seconds)
+    if a.barrier_seconds is not None and float(a.barrier_seconds).is_integer():
+        a.barrier_seconds = int(a.barrier_seconds)
     load_at_start = os.getloadavg()
     params = {
         "quick": quick,
@@ -798,6 +1008,9 @@ def main(argv):
         "write_interval_s": 0.1,
         "lag_commits": a.commits or (10 if quick else 60),
         "db_mib": a.db_mib or (20 if quick else 200),
+        "barrier_seconds": a.barrier_seconds or (15 if quick else 60),
+        "barrier_interval_s": 0.01,
+        "barrier_s3_latency_ms": 200,
     }
     work = a.work
     os.makedirs(work, exist_ok=True)
@@ -854,6 +1067,11 @@ def main(argv):
         if "snapshot" not in a.skip:
             ph["snapshot_restore"] = phase_snapshot_restore(walsync, litestream, server, work,
                                                             params["db_mib"])
+        if "barrier" not in a.skip:
+            ph["barrier"] = phase_barrier([(type(t), t.exe) for t in watchers], a.s3_server,
+                                          children, work, params["barrier_seconds"],
+                                          params["barrier_interval_s"],
+                                          params["barrier_s3_latency_ms"], writer_py)
     finally:
         children.stop_all()
 
@@ -911,6 +1129,36 @@ def main(argv):
         for t, r in sr.items():
             if not r["restore_matches"]:
                 notes.append(f"WARNING: {t}'s restore did not match the source database")
+    if "barrier" in ph:
+        b = ph["barrier"]
+        base = b["none"]
+        every = f"1 commit / {b['interval_s'] * 1000:g} ms, S3 +{b['s3_latency_ms']} ms"
+        add("barrier_hold_p50_us", f"write lock hold p50 ({every})", "us",
+            lambda t: b[t]["hold_p50_us"])
+        add("barrier_hold_p99_us", "write lock hold p99", "us", lambda t: b[t]["hold_p99_us"])
+        add("barrier_hold_max_us", "write lock hold max", "us", lambda t: b[t]["hold_max_us"])
+        add("commit_p99_ms", f"app commit p99 (no replication: {fmt(base['p99_ms'], 'ms1')})",
+            "ms1", lambda t: b[t]["p99_ms"])
+        add("commit_max_ms", f"app slowest commit (no replication: {fmt(base['max_ms'], 'ms1')})",
+            "ms1", lambda t: b[t]["max_ms"])
+        add("commit_locked_errors",
+            f"app 'database is locked' errors (no replication: {base['locked_errors']})", "",
+            lambda t: b[t]["locked_errors"])
+        for m in metrics[-3:]:
+            m["baseline"] = {"commit_p99_ms": base["p99_ms"], "commit_max_ms": base["max_ms"],
+                             "commit_locked_errors": base["locked_errors"]}[m["id"]]
+        if "walsync" in b:
+            w = b["walsync"]
+            notes.append(f"barrier: {b['seconds']:g} s of writes; walsync held the write lock "
+                         f"{len(w['holds_us'])} times (start and stop included), checkpoints "
+                         f"{w['checkpoints'] or 'none'}; Litestream logs no lock holds (n/a), "
+                         "its effect shows in the commit rows")
+            if not w["checkpoints"]:
+                notes.append("WARNING: barrier: walsync ran no checkpoint during the writes")
+        for t in ("none", "walsync", "litestream"):
+            if t in b and (b[t]["other_errors"] or b[t]["commits"] < b[t]["attempts"] * 0.9):
+                notes.append(f"WARNING: barrier: {t}: {b[t]['commits']} of {b[t]['attempts']} "
+                             f"commits succeeded, other errors {b[t]['other_errors']}")
     if "lag" in ph:
         for t, r in ph["lag"].items():
             if r["missed"]:
