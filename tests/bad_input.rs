@@ -5,7 +5,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb};
+use common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
 use common::s3server::S3Server;
 use walsync::replica::Replica;
 use walsync::storage::Storage;
@@ -272,31 +272,6 @@ fn a_segment_with_a_bad_wal_checksum_inside_valid_gzip_is_refused() {
     std::fs::write(&victim, gz.finish().unwrap()).unwrap();
     let err = assert_restore_fails(&server, "w", &dir.path().join("out.db"), "0000000002");
     assert!(err.contains("checksum"), "{err}");
-}
-
-/// Makes a directory immutable (`chattr +i`: not even root may create files in it) for the
-/// life of the guard.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn new(dir: &Path) -> Immutable {
-        let status = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .status()
-            .expect("running chattr");
-        assert!(status.success(), "chattr +i {} failed", dir.display());
-        Immutable(dir.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]

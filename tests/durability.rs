@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::FaultProxy;
-use common::fixtures::{dump, dump_of, integrity, wait_for, walsync, AppDb, WatchProcess};
+use common::fixtures::{
+    dump, dump_of, integrity, wait_for, walsync, AppDb, Immutable, WatchProcess,
+};
 use common::s3server::S3Server;
 use rusqlite::{params, Connection};
 use walsync::layout::{Catalog, ObjectKind, ObjectName};
@@ -261,8 +263,9 @@ fn commits_made_while_walsync_is_stopped_are_shipped_after_an_app_truncate() {
 }
 
 /// 2. walsync's own checkpoint of a WAL grown past the size limit, and truncating the WAL
-///    file after it, are walsync's doing, not a lost history: the generation goes on. (It used to run a TRUNCATE checkpoint after releasing the write lock, and
-///    took the wal-index change that causes for a commit racing it.)
+///    file after it, are walsync's doing, not a lost history: the generation goes on. (It
+///    used to run a TRUNCATE checkpoint after releasing the write lock, and took the
+///    wal-index change that causes for a commit racing it.)
 #[test]
 fn walsyncs_own_truncate_checkpoint_keeps_one_generation() {
     let server = S3Server::start();
@@ -441,31 +444,6 @@ fn a_database_renamed_over_the_path_when_a_snapshot_is_due_restores_as_the_new_d
         &expected,
         "the restore is not the database renamed into place",
     );
-}
-
-/// Makes a directory immutable (`chattr +i`: not even root may create or remove files in
-/// it) for the life of the guard; undone on drop, also when the test panics.
-struct Immutable(PathBuf);
-
-impl Immutable {
-    fn new(dir: &Path) -> Immutable {
-        let status = std::process::Command::new("chattr")
-            .arg("+i")
-            .arg(dir)
-            .status()
-            .expect("running chattr");
-        assert!(status.success(), "chattr +i {} failed", dir.display());
-        Immutable(dir.to_path_buf())
-    }
-}
-
-impl Drop for Immutable {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("chattr")
-            .arg("-i")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// Commit through `app` and note the time and the content right after.

@@ -335,3 +335,25 @@ pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Makes a directory immutable (`chattr +i`: not even root may create or remove files in
+/// it) for the life of the guard; undone on drop, also when the test panics.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    pub fn new(dir: &Path) -> Immutable {
+        let status = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("running chattr");
+        assert!(status.success(), "chattr +i {} failed", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
