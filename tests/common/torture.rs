@@ -111,6 +111,8 @@ pub struct Totals {
     pub busy_commits: u64,
     /// Longest a commit took (walsync's barrier can hold writers).
     pub slowest_commit: Duration,
+    /// The chaos under way when the slowest commit started.
+    pub slowest_commit_during: String,
     pub kills: u64,
     pub starts: u64,
     /// walsync exited at startup because S3 was unreachable, and was started again (as a
@@ -176,7 +178,10 @@ impl Totals {
         self.schema_changes += r.schema_changes;
         self.vacuums += r.vacuums;
         self.busy_commits += r.busy_commits;
-        self.slowest_commit = self.slowest_commit.max(r.slowest_commit);
+        if r.slowest_commit > self.slowest_commit {
+            self.slowest_commit = r.slowest_commit;
+            self.slowest_commit_during = r.slowest_commit_during.clone();
+        }
         self.kills += r.kills;
         self.starts += r.starts;
         self.startup_exits += r.startup_exits;
@@ -228,13 +233,14 @@ impl Totals {
     /// The counters of one round on one line.
     pub fn one_line(&self) -> String {
         format!(
-            "{} commits (slowest {} ms), {} kills, {} starts ({} after a startup error), checkpoints P/F/R/T {}/{}/{}/{}, \
+            "{} commits (slowest {} ms, during {}), {} kills, {} starts ({} after a startup error), checkpoints P/F/R/T {}/{}/{}/{}, \
              {} server pauses, faults {}/{}/{}/{}/{} (reset/500/503/stall/truncated), \
              stops TERM/KILL {}/{} then close/TRUNCATE {}/{}, replacements {} (fresh {}, snapshot due {}), \
              sidecar frozen/full {}/{}, slow S3 {}, clock steps {} ({} generations), \
              chain links {} in {} generations, PITR {} (exact {}, max lag {}), {} failures",
             self.commits,
             self.slowest_commit.as_millis(),
+            self.slowest_commit_during,
             self.kills,
             self.starts,
             self.startup_exits,
@@ -274,14 +280,15 @@ impl Totals {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "rounds {}, commits {} (blobs {}, schema changes {}, VACUUM {}, failed busy {}), slowest commit {} ms",
+            "rounds {}, commits {} (blobs {}, schema changes {}, VACUUM {}, failed busy {}), slowest commit {} ms (during {})",
             self.rounds,
             self.commits,
             self.blobs,
             self.schema_changes,
             self.vacuums,
             self.busy_commits,
-            self.slowest_commit.as_millis()
+            self.slowest_commit.as_millis(),
+            self.slowest_commit_during
         );
         let _ = writeln!(
             s,
@@ -954,6 +961,8 @@ impl<'a> Round<'a> {
         for i in (1..agenda.len()).rev() {
             agenda.swap(i, self.rng.below(i as u64 + 1) as usize);
         }
+        // When each action started, to say what was going on at the slowest commit.
+        let mut events: Vec<(UtcTime, &str)> = Vec::new();
         let end = Instant::now() + self.config.round_time;
         while Instant::now() < end || !agenda.is_empty() {
             let pause = if agenda.is_empty() { 500 } else { 300 };
@@ -964,6 +973,7 @@ impl<'a> Round<'a> {
             } else {
                 agenda.remove(0)
             };
+            events.push((UtcTime::now(), ACTIONS[action as usize]));
             match action {
                 0 | 7 => {
                     // SIGKILL, stay down a moment (the writer keeps committing), restart.
@@ -1010,6 +1020,12 @@ impl<'a> Round<'a> {
         totals.vacuums += stats.vacuums;
         totals.busy_commits += stats.busy;
         totals.slowest_commit = stats.slowest;
+        totals.slowest_commit_during = events
+            .iter()
+            .rev()
+            .find(|(t, _)| stats.slowest_at.is_some_and(|at| *t <= at))
+            .map_or("the start", |(_, what)| what)
+            .to_string();
         for busy in &stats.busy_failures {
             totals.failures.push(format!(
                 "round {}: the application's commit failed with SQLITE_BUSY (busy timeout 5 s): {busy}",
@@ -1143,7 +1159,8 @@ impl<'a> Round<'a> {
         if app == AppAction::Truncate && !self.plan.clock_step_after_replacement {
             self.start_next_under_stepped_clock(totals);
         }
-        self.start_watch(totals)
+        self.start_watch(totals)?;
+        self.let_stepped_clock_start_generation(totals)
     }
 
     /// Replace the database by rename while walsync watches it: a changed copy of it
@@ -1194,6 +1211,7 @@ impl<'a> Round<'a> {
             totals.kills += 1;
             self.start_next_under_stepped_clock(totals);
             self.start_watch(totals)?;
+            self.let_stepped_clock_start_generation(totals)?;
         }
         drop(paused);
         self.checkpointer = Some(open_checkpointer(&self.db)?);
@@ -1297,6 +1315,25 @@ impl<'a> Round<'a> {
             self.clock_stepped_at = Some(staged_until);
         }
         self.next_start_clock = Some(self.plan.clock_step.clone());
+    }
+
+    /// If the current walsync runs under a stepped clock, give it (10 s at most) the time
+    /// to start its generation, so that the next chaos does not kill it first.
+    fn let_stepped_clock_start_generation(&mut self, totals: &mut Totals) -> Result<(), String> {
+        if !self.clock_stepped_watch {
+            return Ok(());
+        }
+        self.wait_until_watching(totals)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && self.watch.is_some() {
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let ours = log.get(self.log_start as usize..).unwrap_or_default();
+            if String::from_utf8_lossy(ours).contains(" generation") {
+                break;
+            }
+            sleep_ms(20);
+        }
+        Ok(())
     }
 
     /// The time of the newest object staged so far (`time_ms` in the sidecar's
@@ -1723,10 +1760,30 @@ struct WriterStats {
     busy: u64,
     busy_failures: Vec<String>,
     slowest: Duration,
+    slowest_at: Option<UtcTime>,
     /// States recorded at a reopen because the file changed under the closed connection
     /// (a replacement), not by a commit.
     switches: u64,
 }
+
+/// What [`Round::play`]'s actions are, by number.
+const ACTIONS: [&str; 15] = [
+    "a SIGKILL",
+    "a PASSIVE checkpoint",
+    "a FULL checkpoint",
+    "a RESTART checkpoint",
+    "a TRUNCATE checkpoint",
+    "a server pause",
+    "a fault switch",
+    "a SIGKILL",
+    "a server pause",
+    "a fault switch",
+    "a stop then close/TRUNCATE",
+    "a stop then close/TRUNCATE",
+    "a replacement",
+    "a sidecar fault",
+    "a slow S3",
+];
 
 /// The application: commits random transactions on its own thread and records each.
 struct Writer {
@@ -1833,7 +1890,10 @@ impl Writer {
                     Err(e) => return Err(format!("writer: {e}")),
                 }
                 let end = UtcTime::now();
-                stats.slowest = stats.slowest.max(t0.elapsed());
+                if t0.elapsed() > stats.slowest {
+                    stats.slowest = t0.elapsed();
+                    stats.slowest_at = Some(start);
+                }
                 let d = digest(&conn).map_err(|e| format!("writer digest: {e}"))?;
                 if let Ok(mut list) = c.lock() {
                     list.push(Commit {
