@@ -6,12 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need sqlite3 || ! need gunzip || ! need chattr; then
+if ! need sqlite3 || ! need gunzip || ! need chattr || ! need faketime; then
   # The emergency-restore script is tested with the real sqlite3 and gunzip; a read-only
-  # directory is made with chattr (root ignores permission bits).
+  # directory is made with chattr (root ignores permission bits); the torture harness steps
+  # walsync's clock back with libfaketime.
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq sqlite3 gzip e2fsprogs >/dev/null
+  $sudo apt-get install -y -qq sqlite3 gzip e2fsprogs faketime >/dev/null
+fi
+# The harness finds the library itself; without it, it skips the clock step and says so.
+if ! dpkg -L libfaketime 2>/dev/null | grep -q '/libfaketime\.so\.1$'; then
+  echo "test.sh: libfaketime.so.1 not found; the torture harness will skip the clock step" >&2
 fi
 rustup component add rustfmt clippy
 rustup target add x86_64-unknown-freebsd

@@ -5,9 +5,27 @@
 //! `walsync watch` binary: a writer thread commits random transactions and records, after each
 //! commit, its start and end time and a digest of the database's logical content; meanwhile
 //! the harness SIGKILLs and restarts walsync, runs application checkpoints of every mode,
-//! stops and restarts the S3 server, and switches proxy faults on and off. At the end of the
-//! round (faults off, server up) walsync gets SIGTERM and must exit 0; then the latest state
-//! and several points in time are restored with the real binary and checked:
+//! stops and restarts the S3 server, and switches proxy faults on and off. It also plays the
+//! lifecycle events of real hosts that hid bugs before, each in its own `chaos_*` function
+//! (every round plays each of them; `p = (seed + round) % 2` picks the variants, so any two
+//! consecutive rounds play every variant, see [`Plan`]):
+//!
+//! - walsync stopped (SIGTERM or SIGKILL) while the application commits, then the
+//!   application closes every connection (SQLite checkpoints and deletes the WAL) or runs a
+//!   TRUNCATE checkpoint, then walsync started again ([`Round::chaos_stop_then_app_rewrites_wal`]);
+//! - the database replaced by rename while watched, in rounds with a short
+//!   `--snapshot-interval` while a snapshot is due ([`Round::chaos_replace_database`]);
+//! - the sidecar unwritable (`chattr +i`) or its filesystem full (a small tmpfs mounted on
+//!   it, filled up), with a SIGKILL and restart in between ([`Round::chaos_sidecar_fault`]);
+//! - a slow S3: every request delayed by seconds ([`Round::chaos_slow_s3`]), while the
+//!   application's commits (busy timeout 5 s) must never fail with SQLITE_BUSY;
+//! - the wall clock stepped back (libfaketime) for a walsync started right after a change
+//!   that forces a new generation ([`Round::start_next_under_stepped_clock`]).
+//!
+//! At the end of the round (faults off, server up) walsync gets SIGTERM and must exit 0; then
+//! every stored object is downloaded and its place in the chain checked
+//! ([`Round::check_chain`]), and the latest state and several points in time are restored with
+//! the real binary and checked:
 //!
 //! - (a) the latest restore equals the digest after the final commit;
 //! - (b) a point-in-time restore at `T` equals the digest after some commit `j` that started
@@ -16,22 +34,30 @@
 //!   judged (the granularity of point-in-time restore is one segment);
 //! - every restore passes `PRAGMA integrity_check`.
 //!
+//! A replaced database continues the recorded states: the new file's state at the switch is
+//! recorded like a commit, so states of both files count. After a walsync ran under the
+//! stepped-back clock, object times no longer say when their commits happened (walsync keeps
+//! them monotonic, so they lag), so points in time from then on are only checked to equal
+//! some recorded state.
+//!
 //! Rounds are seeded (`seed`, `round`): the same pair makes the same choices, though thread
 //! timing still differs from run to run.
 
 #![allow(dead_code)] // each test binary uses its own part of the helper
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
 use std::fmt::Write as _;
 use std::fs::File;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
-use walsync::layout::Catalog;
+use walsync::layout::{Catalog, ChainValue, Generation, GenerationObjects};
 use walsync::storage::Storage;
 use walsync::utc::UtcTime;
 
@@ -80,9 +106,13 @@ pub struct Totals {
     pub blobs: u64,
     pub schema_changes: u64,
     pub vacuums: u64,
+    /// Commits that failed with SQLITE_BUSY despite the writer's 5 s busy timeout: each is
+    /// also a failure (walsync held the write lock for seconds).
     pub busy_commits: u64,
     /// Longest a commit took (walsync's barrier can hold writers).
     pub slowest_commit: Duration,
+    /// The chaos under way when the slowest commit started.
+    pub slowest_commit_during: String,
     pub kills: u64,
     pub starts: u64,
     /// walsync exited at startup because S3 was unreachable, and was started again (as a
@@ -105,6 +135,38 @@ pub struct Totals {
     /// Points in time before the first snapshot (nothing to restore; not counted).
     pub pitr_too_early: u64,
     pub sigterm_exits_ok: u64,
+    /// [`Round::chaos_stop_then_app_rewrites_wal`]: stops by SIGTERM and by SIGKILL.
+    pub stops_sigterm: u64,
+    pub stops_sigkill: u64,
+    /// Stops followed by the application closing every connection, and how many of those
+    /// left no WAL file behind (SQLite checkpointed and deleted it).
+    pub app_closes: u64,
+    pub wal_deleted: u64,
+    /// Stops followed by an application TRUNCATE checkpoint that completed.
+    pub app_truncates: u64,
+    /// [`Round::chaos_replace_database`]: replacements, how many by a fresh database (the
+    /// others are a changed copy), and how many in rounds with a short snapshot interval.
+    pub replacements: u64,
+    pub fresh_replacements: u64,
+    pub replacements_snapshot_due: u64,
+    /// [`Round::chaos_sidecar_fault`]: sidecar made immutable, sidecar filesystem full.
+    pub sidecar_frozen: u64,
+    pub sidecar_full: u64,
+    /// walsync log lines reporting ENOSPC or EPERM: the sidecar faults really bit.
+    pub sidecar_errors_logged: u64,
+    /// [`Round::chaos_slow_s3`]: periods of delayed requests.
+    pub slow_s3: u64,
+    /// walsync starts under a stepped-back clock, and generations such a walsync started.
+    pub clock_steps: u64,
+    pub clock_step_generations: u64,
+    /// Points in time after a clock step (checked only to be some recorded state).
+    pub pitr_clock_relaxed: u64,
+    /// [`Round::check_chain`]: generations and links checked, duplicate indexes seen.
+    pub chain_generations: u64,
+    pub chain_links: u64,
+    pub chain_duplicates: u64,
+    /// Chaos this machine cannot play (no root, no libfaketime, ...), said once each.
+    pub skipped: Vec<String>,
     pub failures: Vec<String>,
 }
 
@@ -116,7 +178,10 @@ impl Totals {
         self.schema_changes += r.schema_changes;
         self.vacuums += r.vacuums;
         self.busy_commits += r.busy_commits;
-        self.slowest_commit = self.slowest_commit.max(r.slowest_commit);
+        if r.slowest_commit > self.slowest_commit {
+            self.slowest_commit = r.slowest_commit;
+            self.slowest_commit_during = r.slowest_commit_during.clone();
+        }
         self.kills += r.kills;
         self.starts += r.starts;
         self.startup_exits += r.startup_exits;
@@ -134,16 +199,48 @@ impl Totals {
         self.pitr_lag_sum += r.pitr_lag_sum;
         self.pitr_too_early += r.pitr_too_early;
         self.sigterm_exits_ok += r.sigterm_exits_ok;
+        self.stops_sigterm += r.stops_sigterm;
+        self.stops_sigkill += r.stops_sigkill;
+        self.app_closes += r.app_closes;
+        self.wal_deleted += r.wal_deleted;
+        self.app_truncates += r.app_truncates;
+        self.replacements += r.replacements;
+        self.fresh_replacements += r.fresh_replacements;
+        self.replacements_snapshot_due += r.replacements_snapshot_due;
+        self.sidecar_frozen += r.sidecar_frozen;
+        self.sidecar_full += r.sidecar_full;
+        self.sidecar_errors_logged += r.sidecar_errors_logged;
+        self.slow_s3 += r.slow_s3;
+        self.clock_steps += r.clock_steps;
+        self.clock_step_generations += r.clock_step_generations;
+        self.pitr_clock_relaxed += r.pitr_clock_relaxed;
+        self.chain_generations += r.chain_generations;
+        self.chain_links += r.chain_links;
+        self.chain_duplicates += r.chain_duplicates;
+        for note in &r.skipped {
+            self.skip(note);
+        }
         self.failures.extend(r.failures.iter().cloned());
+    }
+
+    /// Note chaos that could not be played here (once per distinct note).
+    pub fn skip(&mut self, note: &str) {
+        if !self.skipped.iter().any(|n| n == note) {
+            self.skipped.push(note.to_string());
+        }
     }
 
     /// The counters of one round on one line.
     pub fn one_line(&self) -> String {
         format!(
-            "{} commits, {} kills, {} starts ({} after a startup error), checkpoints P/F/R/T {}/{}/{}/{}, \
+            "{} commits (slowest {} ms, during {}), {} kills, {} starts ({} after a startup error), checkpoints P/F/R/T {}/{}/{}/{}, \
              {} server pauses, faults {}/{}/{}/{}/{} (reset/500/503/stall/truncated), \
-             PITR {} (exact {}, max lag {}), {} failures",
+             stops TERM/KILL {}/{} then close/TRUNCATE {}/{}, replacements {} (fresh {}, snapshot due {}), \
+             sidecar frozen/full {}/{}, slow S3 {}, clock steps {} ({} generations), \
+             chain links {} in {} generations, PITR {} (exact {}, max lag {}), {} failures",
             self.commits,
+            self.slowest_commit.as_millis(),
+            self.slowest_commit_during,
             self.kills,
             self.starts,
             self.startup_exits,
@@ -157,6 +254,20 @@ impl Totals {
             self.faults.slowdowns503,
             self.faults.stalls,
             self.faults.truncations,
+            self.stops_sigterm,
+            self.stops_sigkill,
+            self.app_closes,
+            self.app_truncates,
+            self.replacements,
+            self.fresh_replacements,
+            self.replacements_snapshot_due,
+            self.sidecar_frozen,
+            self.sidecar_full,
+            self.slow_s3,
+            self.clock_steps,
+            self.clock_step_generations,
+            self.chain_links,
+            self.chain_generations,
             self.pitr_checks,
             self.pitr_exact,
             self.pitr_max_lag,
@@ -169,14 +280,15 @@ impl Totals {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "rounds {}, commits {} (blobs {}, schema changes {}, VACUUM {}, busy {}), slowest commit {} ms",
+            "rounds {}, commits {} (blobs {}, schema changes {}, VACUUM {}, failed busy {}), slowest commit {} ms (during {})",
             self.rounds,
             self.commits,
             self.blobs,
             self.schema_changes,
             self.vacuums,
             self.busy_commits,
-            self.slowest_commit.as_millis()
+            self.slowest_commit.as_millis(),
+            self.slowest_commit_during
         );
         let _ = writeln!(
             s,
@@ -200,6 +312,36 @@ impl Totals {
             self.faults,
             self.faults.injected()
         );
+        let _ = writeln!(
+            s,
+            "walsync stopped while the application commits: SIGTERM {} / SIGKILL {}, then the \
+             application closed every connection {} (WAL deleted {}) / ran TRUNCATE {}",
+            self.stops_sigterm,
+            self.stops_sigkill,
+            self.app_closes,
+            self.wal_deleted,
+            self.app_truncates
+        );
+        let _ = writeln!(
+            s,
+            "database replaced by rename {} (fresh {}, with a snapshot interval {}); sidecar \
+             immutable {} / full {} (walsync logged {} ENOSPC/EPERM errors); slow S3 periods {}; \
+             clock stepped back {} (generations started under it {})",
+            self.replacements,
+            self.fresh_replacements,
+            self.replacements_snapshot_due,
+            self.sidecar_frozen,
+            self.sidecar_full,
+            self.sidecar_errors_logged,
+            self.slow_s3,
+            self.clock_steps,
+            self.clock_step_generations
+        );
+        let _ = writeln!(
+            s,
+            "chain: {} links checked in {} generations, {} duplicate indexes",
+            self.chain_links, self.chain_generations, self.chain_duplicates
+        );
         let mean = if self.pitr_checks > 0 {
             self.pitr_lag_sum as f64 / self.pitr_checks as f64
         } else {
@@ -207,13 +349,17 @@ impl Totals {
         };
         let _ = writeln!(
             s,
-            "restores checked: latest {}, point-in-time {} (exactly the newest commit {}, lag mean {mean:.2} max {} commits; {} times before the first snapshot skipped)",
+            "restores checked: latest {}, point-in-time {} (exactly the newest commit {}, lag mean {mean:.2} max {} commits; {} after a clock step checked as a recorded state only; {} times before the first snapshot skipped)",
             self.latest_checks,
             self.pitr_checks,
             self.pitr_exact,
             self.pitr_max_lag,
+            self.pitr_clock_relaxed,
             self.pitr_too_early
         );
+        for note in &self.skipped {
+            let _ = writeln!(s, "SKIPPED {note}");
+        }
         let _ = write!(s, "failures: {}", self.failures.len());
         for f in &self.failures {
             let _ = write!(s, "\n  FAIL {f}");
@@ -293,6 +439,218 @@ struct Commit {
     digest: u64,
 }
 
+/// How walsync is stopped in [`Round::chaos_stop_then_app_rewrites_wal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Term,
+    Kill,
+}
+
+/// What the application does to the WAL while walsync is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppAction {
+    /// Close every connection: the last close checkpoints and deletes the WAL.
+    CloseAll,
+    /// `PRAGMA wal_checkpoint(TRUNCATE)`.
+    Truncate,
+}
+
+/// How the sidecar fails in [`Round::chaos_sidecar_fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SidecarFault {
+    /// `chattr +i` on the sidecar directory and the replica's directory.
+    Immutable,
+    /// A small tmpfs mounted on the sidecar directory for the round, filled up.
+    Full,
+}
+
+/// The lifecycle chaos of one round, fixed by the seed and the round number. Every round
+/// plays every kind; the variants follow `p = (seed + round) % 2`, so any two consecutive
+/// rounds (and so `cargo test`'s two rounds) play every variant.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// `--snapshot-interval` (seconds) in rounds with `p == 0`, so that the replacement
+    /// happens while a snapshot is due.
+    snapshot_interval: Option<f64>,
+    /// The round's two stops: both signals, each with one application action; `p` swaps
+    /// the pairs.
+    stops: [(Stop, AppAction); 2],
+    /// The replacement is a fresh database rather than a changed copy.
+    fresh_replacement: bool,
+    sidecar: SidecarFault,
+    /// The walsync started right after the replacement (`p == 0`) or right after the stop
+    /// followed by a TRUNCATE (`p == 1`) runs under a clock this far back (a libfaketime
+    /// offset: within an hour, since S3 rejects requests signed further from its clock).
+    clock_step: String,
+    clock_step_after_replacement: bool,
+}
+
+impl Plan {
+    fn new(seed: u64, round: u64) -> Plan {
+        let even = seed.wrapping_add(round).is_multiple_of(2);
+        let mut rng = Rng::new(seed, round, 3);
+        let stops = if even {
+            [
+                (Stop::Term, AppAction::CloseAll),
+                (Stop::Kill, AppAction::Truncate),
+            ]
+        } else {
+            [
+                (Stop::Term, AppAction::Truncate),
+                (Stop::Kill, AppAction::CloseAll),
+            ]
+        };
+        Plan {
+            snapshot_interval: even.then(|| [1.0, 1.5][rng.below(2) as usize]),
+            stops,
+            fresh_replacement: rng.chance(0.4),
+            sidecar: if even {
+                SidecarFault::Immutable
+            } else {
+                SidecarFault::Full
+            },
+            clock_step: format!("-{}m", rng.range(5, 40)),
+            clock_step_after_replacement: even,
+        }
+    }
+}
+
+/// `chattr +i` on some directories until dropped (also on a panic or an early return).
+struct Frozen {
+    dirs: Vec<PathBuf>,
+}
+
+impl Frozen {
+    /// Freeze `dirs` in order; on failure, unfreezes what was frozen and says why.
+    fn freeze(dirs: Vec<PathBuf>) -> Result<Frozen, String> {
+        let mut frozen = Frozen { dirs: Vec::new() };
+        for dir in dirs {
+            chattr("+i", &dir)?;
+            frozen.dirs.push(dir);
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            let _ = chattr("-i", dir);
+        }
+    }
+}
+
+fn chattr(flag: &str, dir: &Path) -> Result<(), String> {
+    let output = Command::new("chattr")
+        .arg(flag)
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("running chattr: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "chattr {flag} {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// A tmpfs mounted on a directory until dropped: then its content is copied to a plain
+/// directory of the same name (a kept round shows the sidecar as it was).
+struct TmpfsMount {
+    dir: PathBuf,
+}
+
+impl TmpfsMount {
+    fn mount(dir: &Path, bytes: u64) -> Result<TmpfsMount, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let target = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let options = CString::new(format!("size={bytes},mode=0755")).map_err(|e| e.to_string())?;
+        // SAFETY: mount(2) with valid NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "mount -t tmpfs on {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(TmpfsMount {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Fill the filesystem with `file` until writes fail with ENOSPC.
+    fn fill(&self, file: &Path) -> Result<u64, String> {
+        use std::io::Write as _;
+        let mut out =
+            File::create(file).map_err(|e| format!("creating {}: {e}", file.display()))?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut written = 0u64;
+        loop {
+            match out.write(&chunk) {
+                Ok(0) => return Err("filling the tmpfs: wrote nothing".into()),
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(written),
+                Err(e) => return Err(format!("filling the tmpfs: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let copy = self.dir.with_extension("tmpfs-copy");
+        let _ = copy_tree(&self.dir, &copy);
+        let target = CString::new(self.dir.as_os_str().as_encoded_bytes());
+        if let Ok(target) = target {
+            // SAFETY: umount2(2) on a path we mounted; a lazy unmount if something (a
+            // walsync we failed to reap) still uses it.
+            unsafe {
+                if libc::umount2(target.as_ptr(), 0) != 0 {
+                    libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+        if std::fs::remove_dir(&self.dir).is_ok() {
+            let _ = std::fs::rename(&copy, &self.dir);
+        }
+    }
+}
+
+/// Where libfaketime is, if installed (Debian: package `faketime`).
+fn find_libfaketime() -> Option<PathBuf> {
+    let listed = Command::new("dpkg")
+        .args(["-L", "libfaketime"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    listed
+        .lines()
+        .map(PathBuf::from)
+        .chain(
+            [
+                "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                "/usr/lib/faketime/libfaketime.so.1",
+                "/usr/local/lib/faketime/libfaketime.so.1",
+            ]
+            .map(PathBuf::from),
+        )
+        .find(|p| p.file_name().is_some_and(|n| n == "libfaketime.so.1") && p.exists())
+}
+
 /// Everything in one round; failures are collected, not panicked on, so that processes and
 /// directories are always cleaned up.
 fn run_round(config: &Config, round: u64) -> Totals {
@@ -369,6 +727,25 @@ struct Round<'a> {
     log_start: u64,
     rng: Rng,
     min_interval: f64,
+    plan: Plan,
+    /// The application's own connection for checkpoints (closed when it closes everything).
+    checkpointer: Option<Connection>,
+    /// libfaketime, if installed.
+    faketime: Option<PathBuf>,
+    /// The next walsync start runs under this clock offset (see
+    /// [`Round::start_next_under_stepped_clock`]).
+    next_start_clock: Option<String>,
+    /// The current walsync runs under a stepped clock; its part of the log starts at
+    /// `log_start`.
+    clock_stepped_watch: bool,
+    /// Parts of the log written by walsyncs under a stepped clock.
+    clock_stepped_logs: Vec<(u64, u64)>,
+    /// From this time on, object times may be earlier than their commits: the newest
+    /// object time when the first walsync under a stepped clock was started.
+    clock_stepped_at: Option<UtcTime>,
+    /// Undone when dropped (also on a panic); declared after everything that uses them.
+    frozen: Option<Frozen>,
+    tmpfs: Option<TmpfsMount>,
 }
 
 impl<'a> Round<'a> {
@@ -381,6 +758,7 @@ impl<'a> Round<'a> {
             config.s3_timeout + Duration::from_millis(1500),
         );
         let min_interval = [0.05, 0.1, 0.2][rng.below(3) as usize];
+        let plan = Plan::new(config.seed, round);
         Round {
             config,
             round,
@@ -394,6 +772,32 @@ impl<'a> Round<'a> {
             log_start: 0,
             rng,
             min_interval,
+            plan,
+            checkpointer: None,
+            faketime: find_libfaketime(),
+            next_start_clock: None,
+            clock_stepped_watch: false,
+            clock_stepped_logs: Vec::new(),
+            clock_stepped_at: None,
+            frozen: None,
+            tmpfs: None,
+        }
+    }
+
+    /// The sidecar directory beside the database.
+    fn sidecar_root(&self) -> PathBuf {
+        self.dir.join(".app.db-walsync")
+    }
+
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// The current walsync is gone: remember its part of the log if its clock was stepped.
+    fn watch_gone(&mut self) {
+        if std::mem::take(&mut self.clock_stepped_watch) {
+            let end = self.log_len();
+            self.clock_stepped_logs.push((self.log_start, end));
         }
     }
 
@@ -436,19 +840,37 @@ impl<'a> Round<'a> {
         let dest = self.dest();
         let min_interval = self.min_interval.to_string();
         let timeout = self.config.s3_timeout.as_secs_f64().to_string();
-        let child = self
-            .command(&[
-                "watch",
-                &db,
-                "-b",
-                &dest,
-                "--min-interval",
-                &min_interval,
-                "--s3-timeout",
-                &timeout,
-                "--shutdown-timeout",
-                "30",
-            ])
+        let mut args = vec![
+            "watch",
+            &db,
+            "-b",
+            &dest,
+            "--min-interval",
+            &min_interval,
+            "--s3-timeout",
+            &timeout,
+            "--shutdown-timeout",
+            "30",
+        ];
+        let interval = self.plan.snapshot_interval.map(|s| s.to_string());
+        if let Some(interval) = &interval {
+            args.extend(["--snapshot-interval", interval]);
+        }
+        let mut command = self.command(&args);
+        if let Some(offset) = self.next_start_clock.take() {
+            if let Some(lib) = &self.faketime {
+                // Only the wall clock steps: file times stay the kernel's, and monotonic
+                // clocks (timeouts, intervals) keep running as on a host whose NTP stepped.
+                command
+                    .env("LD_PRELOAD", lib)
+                    .env("FAKETIME", offset)
+                    .env("NO_FAKE_STAT", "1")
+                    .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+                self.clock_stepped_watch = true;
+                totals.clock_steps += 1;
+            }
+        }
+        let child = command
             .env("RUST_LOG", "walsync=debug")
             .stdin(Stdio::null())
             .stdout(log)
@@ -464,6 +886,7 @@ impl<'a> Round<'a> {
         if let Some(mut child) = self.watch.take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.watch_gone();
         }
     }
 
@@ -478,6 +901,7 @@ impl<'a> Round<'a> {
             return Ok(());
         };
         self.watch = None;
+        self.watch_gone();
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let error = log
             .lines()
@@ -513,6 +937,15 @@ impl<'a> Round<'a> {
 
     fn play(&mut self, totals: &mut Totals) -> Result<(), String> {
         create_database(&self.db, self.rng.chance(0.5)).map_err(|e| e.to_string())?;
+        if self.plan.sidecar == SidecarFault::Full {
+            // Before walsync creates its sidecar, so that all of it lives on the tmpfs.
+            match TmpfsMount::mount(&self.sidecar_root(), SIDECAR_TMPFS_BYTES) {
+                Ok(mount) => self.tmpfs = Some(mount),
+                Err(e) => totals.skip(&format!(
+                    "sidecar filesystem full (ENOSPC): cannot mount a tmpfs here ({e})"
+                )),
+            }
+        }
         let writer = Writer::start(&self.db, Rng::new(self.config.seed, self.round, 2))?;
         // Faults from the very start: walsync's first requests (the ownership check, the
         // first snapshot) must survive them too.
@@ -520,26 +953,27 @@ impl<'a> Round<'a> {
         self.proxy.set_mix(mix);
         totals.fault_switches += 1;
         self.start_watch(totals)?;
-        let checkpointer = Connection::open(&self.db).map_err(|e| e.to_string())?;
-        checkpointer
-            .busy_timeout(Duration::from_millis(100))
-            .map_err(|e| e.to_string())?;
+        self.checkpointer = Some(open_checkpointer(&self.db)?);
 
         // Every kind of chaos at least once per round (even if that takes longer than
-        // `round_time`), then random ones.
-        let mut agenda: Vec<u64> = vec![0, 1, 2, 3, 4, 5, 9];
+        // `round_time`), then random ones of the first ten kinds.
+        let mut agenda: Vec<u64> = vec![0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14];
         for i in (1..agenda.len()).rev() {
             agenda.swap(i, self.rng.below(i as u64 + 1) as usize);
         }
+        // When each action started, to say what was going on at the slowest commit.
+        let mut events: Vec<(UtcTime, &str)> = Vec::new();
         let end = Instant::now() + self.config.round_time;
         while Instant::now() < end || !agenda.is_empty() {
-            sleep_ms(self.rng.range(50, 500));
+            let pause = if agenda.is_empty() { 500 } else { 300 };
+            sleep_ms(self.rng.range(50, pause));
             self.check_watch_alive(totals)?;
             let action = if agenda.is_empty() {
                 self.rng.below(10)
             } else {
                 agenda.remove(0)
             };
+            events.push((UtcTime::now(), ACTIONS[action as usize]));
             match action {
                 0 | 7 => {
                     // SIGKILL, stay down a moment (the writer keeps committing), restart.
@@ -551,12 +985,8 @@ impl<'a> Round<'a> {
                 1..=4 => {
                     let mode = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"][action as usize - 1];
                     totals.checkpoints[action as usize - 1] += 1;
-                    let sql = format!("PRAGMA wal_checkpoint({mode})");
-                    match checkpointer.query_row(&sql, [], |r| r.get::<_, i64>(0)) {
-                        Ok(0) => {}
-                        Ok(_) => totals.checkpoints_busy += 1,
-                        Err(e) if is_busy(&e) => totals.checkpoints_busy += 1,
-                        Err(e) => return Err(format!("{mode} checkpoint: {e}")),
+                    if !self.app_checkpoint(mode)? {
+                        totals.checkpoints_busy += 1;
                     }
                 }
                 5 | 8 => {
@@ -565,6 +995,13 @@ impl<'a> Round<'a> {
                     sleep_ms(self.rng.range(200, 2500));
                     self.set_server(true);
                 }
+                10 | 11 => {
+                    let (stop, app) = self.plan.stops[action as usize - 10];
+                    self.chaos_stop_then_app_rewrites_wal(stop, app, &writer, totals)?;
+                }
+                12 => self.chaos_replace_database(&writer, totals)?,
+                13 => self.chaos_sidecar_fault(totals)?,
+                14 => self.chaos_slow_s3(totals),
                 _ => {
                     totals.fault_switches += 1;
                     if action == 9 && self.proxy.mix() != FaultMix::none() {
@@ -577,13 +1014,25 @@ impl<'a> Round<'a> {
             }
         }
         let (commits, stats) = writer.stop()?;
-        totals.commits += commits.len() as u64 - 1;
+        totals.commits += commits.len() as u64 - 1 - stats.switches;
         totals.blobs += stats.blobs;
         totals.schema_changes += stats.schema_changes;
         totals.vacuums += stats.vacuums;
         totals.busy_commits += stats.busy;
         totals.slowest_commit = stats.slowest;
-        drop(checkpointer);
+        totals.slowest_commit_during = events
+            .iter()
+            .rev()
+            .find(|(t, _)| stats.slowest_at.is_some_and(|at| *t <= at))
+            .map_or("the start", |(_, what)| what)
+            .to_string();
+        for busy in &stats.busy_failures {
+            totals.failures.push(format!(
+                "round {}: the application's commit failed with SQLITE_BUSY (busy timeout 5 s): {busy}",
+                self.round
+            ));
+        }
+        self.checkpointer = None;
 
         // The end of the round: a healthy destination, then a clean stop.
         self.proxy.set_mix(FaultMix::none());
@@ -614,7 +1063,346 @@ impl<'a> Round<'a> {
                 let _ = self.terminate()?;
             }
         }
+        self.scan_log(totals);
+        self.check_chain(totals)?;
         self.check_restores(&commits, totals)
+    }
+
+    /// `PRAGMA wal_checkpoint(mode)` on the application's checkpoint connection; false if
+    /// it could not complete (busy).
+    fn app_checkpoint(&mut self, mode: &str) -> Result<bool, String> {
+        if self.checkpointer.is_none() {
+            self.checkpointer = Some(open_checkpointer(&self.db)?);
+        }
+        let Some(conn) = &self.checkpointer else {
+            return Err("no checkpoint connection".into());
+        };
+        let sql = format!("PRAGMA wal_checkpoint({mode})");
+        match conn.query_row(&sql, [], |r| r.get::<_, i64>(0)) {
+            Ok(0) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) if is_busy(&e) => Ok(false),
+            Err(e) => Err(format!("{mode} checkpoint: {e}")),
+        }
+    }
+
+    /// Stop walsync (SIGTERM or SIGKILL) while the application commits; then the
+    /// application closes every connection (the last close checkpoints the WAL into the
+    /// database file and deletes it: the writer thread really closes its connection and
+    /// reopens it afterwards) or runs `PRAGMA wal_checkpoint(TRUNCATE)`; it commits a little
+    /// more, and walsync starts again (after a TRUNCATE, in `p == 1` rounds, under a
+    /// stepped-back clock).
+    ///
+    /// Hunts restarts that trust a saved tip the WAL no longer backs: commits that went
+    /// into the database file while nobody watched must start a new generation (or be
+    /// proven absent), never be skipped, and no index may be cut again from a WAL that was
+    /// rewritten (a fork in the chain).
+    fn chaos_stop_then_app_rewrites_wal(
+        &mut self,
+        stop: Stop,
+        app: AppAction,
+        writer: &Writer,
+        totals: &mut Totals,
+    ) -> Result<(), String> {
+        sleep_ms(self.rng.range(50, 300));
+        match stop {
+            Stop::Term => {
+                totals.stops_sigterm += 1;
+                if self.watch.is_some() {
+                    self.wait_until_watching(totals)?;
+                    match self.terminate()? {
+                        Some(status) if status.success() => {}
+                        outcome => totals.failures.push(format!(
+                            "round {}: SIGTERM while the application commits: walsync {}; see {}",
+                            self.round,
+                            match outcome {
+                                Some(status) => format!("exited with {status}"),
+                                None => "did not exit within 90 s".to_string(),
+                            },
+                            self.log.display()
+                        )),
+                    }
+                }
+            }
+            Stop::Kill => {
+                totals.stops_sigkill += 1;
+                totals.kills += 1;
+                self.kill_watch();
+            }
+        }
+        // The writer keeps committing while nobody watches.
+        sleep_ms(self.rng.range(20, 200));
+        match app {
+            AppAction::CloseAll => {
+                totals.app_closes += 1;
+                let paused = writer.pause()?;
+                self.checkpointer = None;
+                if !with_suffix(&self.db, "-wal").exists() {
+                    totals.wal_deleted += 1;
+                }
+                drop(paused);
+                self.checkpointer = Some(open_checkpointer(&self.db)?);
+            }
+            AppAction::Truncate => {
+                // The writer holds the write lock for a moment now and then: try again.
+                for _ in 0..50 {
+                    if self.app_checkpoint("TRUNCATE")? {
+                        totals.app_truncates += 1;
+                        break;
+                    }
+                    sleep_ms(10);
+                }
+            }
+        }
+        // More commits into the rewritten (or new) WAL before walsync looks again.
+        sleep_ms(self.rng.range(50, 300));
+        if app == AppAction::Truncate && !self.plan.clock_step_after_replacement {
+            self.start_next_under_stepped_clock(totals);
+        }
+        self.start_watch(totals)?;
+        self.let_stepped_clock_start_generation(totals)
+    }
+
+    /// Replace the database by rename while walsync watches it: a changed copy of it
+    /// (`VACUUM INTO`, then more changes) or a fresh database, prepared aside. The
+    /// application closes its connections, removes the old `-wal` and `-shm` (as an
+    /// application swapping files does) and renames the new file into place, then reopens
+    /// it; the recorded states continue from the new file's. In rounds with a short
+    /// `--snapshot-interval` the application stays quiet past the interval first, so that a
+    /// snapshot is due at the swap. In `p == 0` rounds walsync is SIGKILLed right after the
+    /// rename and started under a stepped-back clock.
+    ///
+    /// Hunts: the new file's pages filed under the old generation (a restore mixing two
+    /// databases), a due snapshot taken through the old file's pinned connection, the old
+    /// WAL's frames shipped against the new file, and (with the clock step) a new generation
+    /// sorting before the old one.
+    fn chaos_replace_database(
+        &mut self,
+        writer: &Writer,
+        totals: &mut Totals,
+    ) -> Result<(), String> {
+        let replacement = self
+            .dir
+            .join(format!("replacement-{}.db", totals.replacements));
+        let fresh = self.plan.fresh_replacement;
+        prepare_replacement(&self.db, &replacement, fresh, &mut self.rng)?;
+        let paused = writer.pause()?;
+        self.checkpointer = None;
+        if let Some(interval) = self.plan.snapshot_interval {
+            let ms = (interval * 1000.0) as u64;
+            sleep_ms(self.rng.range(ms, ms + 300));
+            totals.replacements_snapshot_due += 1;
+        }
+        for suffix in ["-wal", "-shm"] {
+            match std::fs::remove_file(with_suffix(&self.db, suffix)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing the old {suffix}: {e}")),
+            }
+        }
+        std::fs::rename(&replacement, &self.db)
+            .map_err(|e| format!("renaming the replacement: {e}"))?;
+        totals.replacements += 1;
+        if fresh {
+            totals.fresh_replacements += 1;
+        }
+        if self.plan.clock_step_after_replacement {
+            self.kill_watch();
+            totals.kills += 1;
+            self.start_next_under_stepped_clock(totals);
+            self.start_watch(totals)?;
+            self.let_stepped_clock_start_generation(totals)?;
+        }
+        drop(paused);
+        self.checkpointer = Some(open_checkpointer(&self.db)?);
+        Ok(())
+    }
+
+    /// Make the sidecar unwritable for a while, with a SIGKILL and a restart in between:
+    /// immutable (`chattr +i` on `.app.db-walsync/` and the replica's directory: nothing can
+    /// be created, renamed or removed there) in `p == 0` rounds, full (the round's tmpfs
+    /// under it filled up: ENOSPC) in `p == 1` rounds. Always undone, also on a panic.
+    ///
+    /// Hunts: a tip saved past what is really staged, an object uploaded whose staging
+    /// failed (or a staged object dropped before it is stored), a checkpoint over frames
+    /// that are not staged, and a walsync that exits, spins or blocks the application
+    /// instead of waiting loudly and resuming when the disk recovers, also across a restart.
+    fn chaos_sidecar_fault(&mut self, totals: &mut Totals) -> Result<(), String> {
+        let root = self.sidecar_root();
+        let filler = root.join("filler");
+        match self.plan.sidecar {
+            SidecarFault::Immutable => {
+                let mut dirs = vec![root.clone()];
+                if let Ok(entries) = std::fs::read_dir(&root) {
+                    dirs.extend(
+                        entries
+                            .flatten()
+                            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                            .map(|e| e.path()),
+                    );
+                }
+                match Frozen::freeze(dirs) {
+                    Ok(frozen) => self.frozen = Some(frozen),
+                    Err(e) => {
+                        totals.skip(&format!("sidecar made immutable: {e}"));
+                        return Ok(());
+                    }
+                }
+                totals.sidecar_frozen += 1;
+            }
+            SidecarFault::Full => {
+                let Some(tmpfs) = &self.tmpfs else {
+                    return Ok(()); // skipped, said when the mount failed
+                };
+                tmpfs.fill(&filler)?;
+                totals.sidecar_full += 1;
+            }
+        }
+        sleep_ms(self.rng.range(200, 700));
+        self.kill_watch();
+        totals.kills += 1;
+        sleep_ms(self.rng.range(0, 300));
+        self.start_watch(totals)?;
+        sleep_ms(self.rng.range(200, 700));
+        self.frozen = None;
+        match std::fs::remove_file(&filler) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", filler.display())),
+        }
+        Ok(())
+    }
+
+    /// A slow S3: every request held by the proxy for 0.5-1.8 s (or 3 s, past
+    /// `--s3-timeout`, so that requests time out and are retried) for 1.5-2.5 s, while the
+    /// application commits.
+    ///
+    /// Hunts the write lock held across network I/O (Litestream #724, #1332): the
+    /// application's commits would wait on S3, and with its 5 s busy timeout fail with
+    /// SQLITE_BUSY, which fails the round (the slowest commit is reported too); and
+    /// uploads that time out and are then lost or stored twice.
+    fn chaos_slow_s3(&mut self, totals: &mut Totals) {
+        let delay = if self.rng.chance(0.3) {
+            3000
+        } else {
+            self.rng.range(500, 1800)
+        };
+        self.proxy.set_delay(Duration::from_millis(delay));
+        totals.slow_s3 += 1;
+        sleep_ms(self.rng.range(1500, 2500));
+        self.proxy.set_delay(Duration::ZERO);
+    }
+
+    /// Make the next walsync start run under a wall clock stepped back by the plan's offset
+    /// (libfaketime), right after a change that forces a new generation (a replacement, or
+    /// a stop followed by the application's TRUNCATE). Points in time from then on are only
+    /// checked to be some recorded state (object times cannot say when their commits
+    /// happened while the clock is wrong); the latest restore must still be the newest state.
+    ///
+    /// Hunts generations and objects named by a clock that went back: a generation that
+    /// sorts before older ones would make the latest restore silently pick an old history.
+    fn start_next_under_stepped_clock(&mut self, totals: &mut Totals) {
+        if self.faketime.is_none() {
+            totals
+                .skip("clock stepped back: libfaketime.so.1 not found (apt-get install faketime)");
+            return;
+        }
+        // Objects of a walsync under the stepped clock are named just after the newest
+        // object staged so far (walsync keeps object times monotonic): from that time on,
+        // object times no longer bound commit times.
+        let staged_until = self.staged_until().unwrap_or(UtcTime::from_millis(0));
+        if self.clock_stepped_at.is_none_or(|t| staged_until < t) {
+            self.clock_stepped_at = Some(staged_until);
+        }
+        self.next_start_clock = Some(self.plan.clock_step.clone());
+    }
+
+    /// If the current walsync runs under a stepped clock, give it (10 s at most) the time
+    /// to start its generation, so that the next chaos does not kill it first.
+    fn let_stepped_clock_start_generation(&mut self, totals: &mut Totals) -> Result<(), String> {
+        if !self.clock_stepped_watch {
+            return Ok(());
+        }
+        self.wait_until_watching(totals)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && self.watch.is_some() {
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let ours = log.get(self.log_start as usize..).unwrap_or_default();
+            if String::from_utf8_lossy(ours).contains(" generation") {
+                break;
+            }
+            sleep_ms(20);
+        }
+        Ok(())
+    }
+
+    /// The time of the newest object staged so far (`time_ms` in the sidecar's
+    /// `position.json`; see `src/replica.rs`).
+    fn staged_until(&self) -> Option<UtcTime> {
+        for entry in std::fs::read_dir(self.sidecar_root()).ok()?.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("position.json")) else {
+                continue;
+            };
+            let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+            return value["time_ms"].as_i64().map(UtcTime::from_millis);
+        }
+        None
+    }
+
+    /// From walsync's log: the errors the sidecar faults caused, and the generations
+    /// started by walsyncs under a stepped clock (in their parts of the log).
+    fn scan_log(&mut self, totals: &mut Totals) {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        totals.sidecar_errors_logged += String::from_utf8_lossy(&log)
+            .lines()
+            .filter(|l| {
+                l.contains("No space left on device") || l.contains("Operation not permitted")
+            })
+            .count() as u64;
+        for &(from, to) in &self.clock_stepped_logs {
+            let part = log
+                .get(from as usize..(to as usize).min(log.len()))
+                .unwrap_or_default();
+            totals.clock_step_generations += String::from_utf8_lossy(part)
+                .lines()
+                .filter(|l| {
+                    l.contains("starting a new generation")
+                        || l.contains("starting the first generation")
+                })
+                .count() as u64;
+        }
+    }
+
+    /// Download every stored object of every generation and check the chain (see
+    /// `src/segment.rs`): each segment's WAL header salts must equal the chain value after
+    /// the index before it (the generation id read as two hex words for index 1), and each
+    /// snapshot's gzip comment must be the chain value at its index. A duplicate index
+    /// passes only if exactly one of the duplicates chains onward (at the end of a
+    /// generation: only if they all end at the same value).
+    ///
+    /// Hunts two histories in one generation (an index cut again after a restart, a
+    /// replaced file's frames shipped under the old generation, a gap), which a restore
+    /// must refuse and a restore by hand would apply.
+    fn check_chain(&self, totals: &mut Totals) -> Result<(), String> {
+        let storage = self.server.storage(PREFIX);
+        let listing = storage
+            .list(&format!("{NAME}/"))
+            .map_err(|e| format!("listing the bucket: {e}"))?;
+        let catalog = Catalog::from_listing(listing);
+        let generations = catalog
+            .databases
+            .get(NAME)
+            .ok_or("no replica in the bucket")?;
+        for (generation, objects) in generations {
+            totals.chain_generations += 1;
+            if let Err(e) = check_generation_chain(&storage, generation, objects, totals) {
+                totals.failures.push(format!(
+                    "round {}: chain of generation {generation}: {e}",
+                    self.round
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A random fault mix: one kind, or all of them, at a high enough rate to matter.
@@ -670,17 +1458,19 @@ impl<'a> Round<'a> {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
+        let outcome = loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                return Ok(Some(status));
+                break Some(status);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Ok(None);
+                break None;
             }
             sleep_ms(20);
-        }
+        };
+        self.watch_gone();
+        Ok(outcome)
     }
 
     /// Restore with the real binary into a fresh file; its digest, or the error output.
@@ -805,6 +1595,16 @@ impl<'a> Round<'a> {
                     continue;
                 }
             };
+            if self.clock_stepped_at.is_some_and(|s| at >= s) {
+                // Object times after the clock step do not bound commit times.
+                totals.pitr_clock_relaxed += 1;
+                if !by_digest.contains_key(&d) {
+                    totals.failures.push(format!(
+                        "round {round}: (b) restore at {at} (after the clock step) is no recorded state (a partial transaction, or corrupt)"
+                    ));
+                }
+                continue;
+            }
             let newest = commits.iter().rposition(|c| c.start <= at).unwrap_or(0);
             let matches = by_digest.get(&d).cloned().unwrap_or_default();
             let allowed: Vec<usize> = matches
@@ -848,7 +1648,11 @@ impl<'a> Round<'a> {
     fn shut_down(&mut self) {
         self.kill_watch();
         self.proxy.set_mix(FaultMix::none());
+        self.proxy.set_delay(Duration::ZERO);
         self.set_server(true);
+        self.checkpointer = None;
+        self.frozen = None;
+        self.tmpfs = None;
     }
 }
 
@@ -952,15 +1756,78 @@ struct WriterStats {
     blobs: u64,
     schema_changes: u64,
     vacuums: u64,
+    /// Commits that failed with SQLITE_BUSY, and what each said (the first few).
     busy: u64,
+    busy_failures: Vec<String>,
     slowest: Duration,
+    slowest_at: Option<UtcTime>,
+    /// States recorded at a reopen because the file changed under the closed connection
+    /// (a replacement), not by a commit.
+    switches: u64,
 }
+
+/// What [`Round::play`]'s actions are, by number.
+const ACTIONS: [&str; 15] = [
+    "a SIGKILL",
+    "a PASSIVE checkpoint",
+    "a FULL checkpoint",
+    "a RESTART checkpoint",
+    "a TRUNCATE checkpoint",
+    "a server pause",
+    "a fault switch",
+    "a SIGKILL",
+    "a server pause",
+    "a fault switch",
+    "a stop then close/TRUNCATE",
+    "a stop then close/TRUNCATE",
+    "a replacement",
+    "a sidecar fault",
+    "a slow S3",
+];
 
 /// The application: commits random transactions on its own thread and records each.
 struct Writer {
     stop: Arc<AtomicBool>,
     commits: Arc<Mutex<Vec<Commit>>>,
-    thread: std::thread::JoinHandle<Result<WriterStats, String>>,
+    control: mpsc::Sender<PauseRequest>,
+    thread: Option<std::thread::JoinHandle<Result<WriterStats, String>>>,
+}
+
+/// Asks the writer to close its connection (see [`Writer::pause`]).
+struct PauseRequest {
+    closed: mpsc::SyncSender<()>,
+    resume: mpsc::Receiver<()>,
+}
+
+/// The writer's connection is closed until this is dropped.
+struct Paused {
+    _resume: mpsc::Sender<()>,
+}
+
+/// The application's connection: a 5 s busy timeout, as an application sharing its
+/// database with walsync should set (see DESIGN.md); a commit that still fails with
+/// SQLITE_BUSY means walsync held the write lock for seconds.
+fn open_app(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path).map_err(|e| format!("opening the database: {e}"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// The application's second connection, for checkpoints: a short busy timeout, so that a
+/// checkpoint never holds the write lock long against the writer.
+fn open_checkpointer(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path).map_err(|e| format!("opening the database: {e}"))?;
+    conn.busy_timeout(Duration::from_millis(100))
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// `path` with `suffix` appended (`app.db-wal`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
 }
 
 /// Keep the blobs (and so the database) to a few MiB.
@@ -968,11 +1835,8 @@ const BLOB_BUDGET: i64 = 5 * 1024 * 1024;
 
 impl Writer {
     fn start(path: &Path, mut rng: Rng) -> Result<Writer, String> {
-        let conn = Connection::open(path).map_err(|e| e.to_string())?;
-        // walsync's barrier (and the shipping under it) may hold the write lock for a while
-        // when S3 misbehaves; an application would wait too.
-        conn.busy_timeout(Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
+        let conn = open_app(path)?;
+        let path = path.to_path_buf();
         let first = UtcTime::now();
         let d0 = digest(&conn).map_err(|e| e.to_string())?;
         let commits = Arc::new(Mutex::new(vec![Commit {
@@ -982,22 +1846,54 @@ impl Writer {
         }]));
         let stop = Arc::new(AtomicBool::new(false));
         let (s, c) = (Arc::clone(&stop), Arc::clone(&commits));
+        let (control, requests) = mpsc::channel::<PauseRequest>();
         let thread = std::thread::spawn(move || {
             let mut stats = WriterStats::default();
             let mut next_table = 0u64;
+            let mut conn = conn;
             while !s.load(Ordering::Relaxed) {
+                if let Ok(request) = requests.try_recv() {
+                    // Really close the connection (the last close checkpoints and deletes
+                    // the WAL), wait, and reopen whatever file is at the path now.
+                    let paused_at = UtcTime::now();
+                    drop(conn);
+                    let _ = request.closed.send(());
+                    let _ = request.resume.recv();
+                    conn = open_app(&path)?;
+                    let d = digest(&conn).map_err(|e| format!("writer digest: {e}"))?;
+                    if let Ok(mut list) = c.lock() {
+                        if list.last().is_some_and(|l| l.digest != d) {
+                            stats.switches += 1;
+                            list.push(Commit {
+                                start: paused_at,
+                                end: UtcTime::now(),
+                                digest: d,
+                            });
+                        }
+                    }
+                    continue;
+                }
                 let start = UtcTime::now();
                 let t0 = Instant::now();
                 match one_transaction(&conn, &mut rng, &mut stats, &mut next_table) {
                     Ok(()) => {}
                     Err(e) if is_busy(&e) => {
+                        // Not retried silently: the round fails (see `play`).
                         stats.busy += 1;
+                        if stats.busy_failures.len() < 3 {
+                            stats
+                                .busy_failures
+                                .push(format!("after {} ms: {e}", t0.elapsed().as_millis()));
+                        }
                         continue;
                     }
                     Err(e) => return Err(format!("writer: {e}")),
                 }
                 let end = UtcTime::now();
-                stats.slowest = stats.slowest.max(t0.elapsed());
+                if t0.elapsed() > stats.slowest {
+                    stats.slowest = t0.elapsed();
+                    stats.slowest_at = Some(start);
+                }
                 let d = digest(&conn).map_err(|e| format!("writer digest: {e}"))?;
                 if let Ok(mut list) = c.lock() {
                     list.push(Commit {
@@ -1013,19 +1909,243 @@ impl Writer {
         Ok(Writer {
             stop,
             commits,
-            thread,
+            control,
+            thread: Some(thread),
         })
     }
 
-    fn stop(self) -> Result<(Vec<Commit>, WriterStats), String> {
+    /// Close the writer's connection (after its current transaction) until the returned
+    /// guard is dropped; then it reopens the path and, if the content changed meanwhile (a
+    /// replacement), records the new state.
+    fn pause(&self) -> Result<Paused, String> {
+        let (closed, closed_rx) = mpsc::sync_channel(1);
+        let (resume_tx, resume) = mpsc::channel();
+        self.control
+            .send(PauseRequest { closed, resume })
+            .map_err(|_| "the writer has stopped".to_string())?;
+        closed_rx
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|_| "the writer did not close its connection (has it failed?)".to_string())?;
+        Ok(Paused { _resume: resume_tx })
+    }
+
+    fn stop(mut self) -> Result<(Vec<Commit>, WriterStats), String> {
         self.stop.store(true, Ordering::Relaxed);
         let stats = self
             .thread
+            .take()
+            .ok_or("the writer was already stopped")?
             .join()
             .map_err(|_| "the writer thread panicked".to_string())??;
         let commits = self.commits.lock().map_err(|e| e.to_string())?.clone();
         Ok((commits, stats))
     }
+}
+
+impl Drop for Writer {
+    /// On an early return, the writer stops too (its thread is not waited for).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A replacement for the database at `db`, written at `out` with no WAL beside it (WAL
+/// mode): a copy of its current content (`VACUUM INTO`) or a fresh database, either way
+/// with a marker row and the counter moved on, so its state differs from every recorded
+/// one.
+fn prepare_replacement(db: &Path, out: &Path, fresh: bool, rng: &mut Rng) -> Result<(), String> {
+    let fail = |e: rusqlite::Error| format!("preparing the replacement: {e}");
+    if fresh {
+        create_database(out, true).map_err(fail)?;
+    } else {
+        let source = open_app(db)?;
+        source
+            .execute("VACUUM INTO ?1", [out.to_string_lossy()])
+            .map_err(fail)?;
+    }
+    let conn = Connection::open(out).map_err(fail)?;
+    conn.execute_batch("PRAGMA journal_mode=WAL")
+        .map_err(fail)?;
+    conn.execute(
+        "INSERT INTO items(label, n) VALUES (?1, ?2)",
+        params![
+            format!("replacement {}", rng.next()),
+            rng.below(1000) as i64
+        ],
+    )
+    .map_err(fail)?;
+    conn.execute("UPDATE meta SET n = n + 1000 WHERE k = 1", [])
+        .map_err(fail)?;
+    // The last close checkpoints and removes the replacement's own WAL.
+    drop(conn);
+    Ok(())
+}
+
+/// Size of the tmpfs under the sidecar in rounds that fill it: room for the staged
+/// objects of an outage and a snapshot's scratch copy.
+const SIDECAR_TMPFS_BYTES: u64 = 256 << 20;
+
+fn download(storage: &dyn Storage, key: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    storage
+        .get(key, &mut body)
+        .map_err(|e| format!("downloading {key}: {e}"))?;
+    Ok(body)
+}
+
+/// A segment's WAL header salts and the chain value after it (its last frame's cumulative
+/// checksum), from the gunzipped segment.
+fn segment_chain(wal: &[u8]) -> Option<(ChainValue, ChainValue)> {
+    let word = |at: usize| -> Option<u32> {
+        let bytes: [u8; 4] = wal.get(at..at + 4)?.try_into().ok()?;
+        Some(u32::from_be_bytes(bytes))
+    };
+    let frame = 24 + word(8)? as usize;
+    let body = wal.len().checked_sub(32)?;
+    if body == 0 || !body.is_multiple_of(frame) {
+        return None;
+    }
+    let last = 32 + body - frame;
+    Some((
+        ChainValue([word(16)?, word(20)?]),
+        ChainValue([word(last + 16)?, word(last + 20)?]),
+    ))
+}
+
+/// The chain of one generation (see [`Round::check_chain`]).
+fn check_generation_chain(
+    storage: &dyn Storage,
+    generation: &Generation,
+    objects: &GenerationObjects,
+    totals: &mut Totals,
+) -> Result<(), String> {
+    // Segments by index: key, salts, chain value after it (four downloads at a time).
+    let links: Vec<Result<(ChainValue, ChainValue), String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                scope.spawn(move || {
+                    objects
+                        .segments
+                        .iter()
+                        .skip(w)
+                        .step_by(4)
+                        .map(|segment| {
+                            let mut wal = Vec::new();
+                            flate2::read::GzDecoder::new(
+                                download(storage, &segment.key)?.as_slice(),
+                            )
+                            .read_to_end(&mut wal)
+                            .map_err(|e| format!("gunzipping {}: {e}", segment.key))?;
+                            segment_chain(&wal).ok_or_else(|| {
+                                format!("{} is not a WAL file with whole frames", segment.key)
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut results: Vec<_> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default().into_iter())
+            .collect();
+        (0..objects.segments.len())
+            .map(|i| {
+                results[i % 4]
+                    .next()
+                    .unwrap_or_else(|| Err("a download thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut by_index: BTreeMap<u64, Vec<(String, ChainValue, ChainValue)>> = BTreeMap::new();
+    for (segment, link) in objects.segments.iter().zip(links) {
+        let (salts, after) = link?;
+        by_index
+            .entry(segment.name.index)
+            .or_default()
+            .push((segment.key.clone(), salts, after));
+    }
+    let last = by_index.keys().next_back().copied().unwrap_or(0);
+    let mut value = ChainValue::of_generation(generation);
+    let mut after_index = BTreeMap::from([(0u64, value)]);
+    for index in 1..=last {
+        let candidates = by_index
+            .get(&index)
+            .ok_or_else(|| format!("index {index} is missing (segments go up to {last})"))?;
+        if let Some((key, salts, _)) = candidates.iter().find(|c| c.1 != value) {
+            return Err(format!(
+                "{key} does not continue the chain: its salts are {salts}, the value after index {} is {value}",
+                index - 1
+            ));
+        }
+        totals.chain_links += 1;
+        value = if let [(_, _, after)] = candidates.as_slice() {
+            *after
+        } else {
+            totals.chain_duplicates += candidates.len() as u64 - 1;
+            let keys: Vec<&str> = candidates.iter().map(|c| c.0.as_str()).collect();
+            let next: Vec<ChainValue> = by_index
+                .get(&(index + 1))
+                .map(|n| n.iter().map(|c| c.1).collect())
+                .unwrap_or_default();
+            let onward: Vec<ChainValue> = candidates
+                .iter()
+                .map(|c| c.2)
+                .filter(|after| next.contains(after))
+                .collect();
+            if index == last {
+                if candidates.iter().any(|c| c.2 != candidates[0].2) {
+                    return Err(format!(
+                        "the last index {index} is stored {} times, ending at different values: {keys:?}",
+                        candidates.len()
+                    ));
+                }
+                candidates[0].2
+            } else if let [after] = onward.as_slice() {
+                *after
+            } else {
+                return Err(format!(
+                    "index {index} is stored {} times and {} of them chain onward: {keys:?}",
+                    candidates.len(),
+                    onward.len()
+                ));
+            }
+        };
+        after_index.insert(index, value);
+    }
+    if !objects.segments.is_empty() && !objects.snapshots.iter().any(|s| s.name.index == 0) {
+        return Err("segments but no base snapshot (index 0)".into());
+    }
+    for snapshot in &objects.snapshots {
+        let body = download(storage, &snapshot.key)?;
+        let mut decoder = flate2::read::GzDecoder::new(body.as_slice());
+        // The header is parsed on the first read.
+        let _ = decoder.read(&mut [0u8; 1]);
+        let comment = decoder
+            .header()
+            .and_then(|h| h.comment())
+            .unwrap_or_default();
+        let chain = ChainValue::parse_comment(comment).ok_or_else(|| {
+            format!(
+                "{} has no walsync-chain comment ({:?})",
+                snapshot.key,
+                String::from_utf8_lossy(comment)
+            )
+        })?;
+        let expected = after_index.get(&snapshot.name.index).ok_or_else(|| {
+            format!(
+                "{} is at index {} but segment {} is not stored",
+                snapshot.key, snapshot.name.index, snapshot.name.index
+            )
+        })?;
+        if chain != *expected {
+            return Err(format!(
+                "{} carries chain value {chain}, the value at its index is {expected}",
+                snapshot.key
+            ));
+        }
+        totals.chain_links += 1;
+    }
+    Ok(())
 }
 
 /// One random transaction (or a VACUUM), committed.
