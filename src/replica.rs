@@ -303,6 +303,18 @@ impl Replica {
         self.staged.is_empty()
     }
 
+    /// True when the tip and every object it counts are saved in the sidecar.
+    pub fn is_saved(&self) -> bool {
+        self.tip.as_ref().is_none_or(|t| t.seq == self.saved_seq)
+            && self.unsynced.is_empty()
+            && !self.tip_changed
+    }
+
+    /// Objects staged and not yet stored.
+    pub fn staged_count(&self) -> usize {
+        self.staged.len()
+    }
+
     /// Bytes staged and not yet stored.
     pub fn staged_bytes(&self) -> u64 {
         self.staged.iter().map(|s| s.bytes).sum()
@@ -806,12 +818,13 @@ impl Replica {
         let mut marked = None;
         for _ in 0..3 {
             self.follow_replacement()?;
+            let known = self.committed_end()?;
             marked = self.under_barrier(|r| {
                 let identity = FileIdentity::of(r.db.path())?;
                 if !identity.same_file(&r.opened) {
                     return Ok(None); // replaced just now: follow it, then try again
                 }
-                let end = r.committed_end()?;
+                let end = r.committed_end_after(known)?;
                 r.repin()?;
                 r.pin_state = Pin::Guarding;
                 Ok(Some((end, identity)))
@@ -1048,6 +1061,13 @@ impl Replica {
     /// Where the committed part of the WAL ends right now (under the barrier, or after
     /// pinning).
     fn committed_end(&self) -> Result<Option<WalMark>> {
+        self.committed_end_after(None)
+    }
+
+    /// [`Replica::committed_end`], scanning only from `known` on if the WAL still holds it
+    /// (a place found a moment earlier): under the barrier, reading a large WAL from the
+    /// top would keep the application waiting.
+    fn committed_end_after(&self, known: Option<WalMark>) -> Result<Option<WalMark>> {
         let Some(file) = self.db.open_wal()? else {
             return Ok(None);
         };
@@ -1055,10 +1075,17 @@ impl Replica {
             return Ok(None);
         };
         let header: WalHeader = *reader.header();
-        let end = reader.find_last_commit()?.unwrap_or(WalPosition {
+        let mut end = WalPosition {
             offset: HEADER_SIZE,
             checksum: header.checksum,
-        });
+        };
+        if let Some(known) = known {
+            if known.salt == header.salt && reader.still_holds(known.end)? {
+                reader.seek(known.end);
+                end = known.end;
+            }
+        }
+        let end = reader.find_last_commit()?.unwrap_or(end);
         Ok(Some(mark(&header, end)))
     }
 

@@ -407,9 +407,14 @@ impl DbWorker {
     }
 
     /// Stage what was committed, if the WAL changed and `min_interval` allows (or forced).
+    /// Once stopping and settled, nothing more is read: later commits stay in the WAL for
+    /// the next start, and the stop waits only for uploads.
     fn ship(&mut self) -> Result<()> {
         let now = Instant::now();
         let agenda = &mut self.agenda;
+        if agenda.settled {
+            return Ok(());
+        }
         let due = agenda
             .last_ship
             .is_none_or(|t| now >= t + self.options.min_interval);
@@ -551,7 +556,10 @@ impl DbWorker {
         finished
     }
 
-    /// Leave: write state.json (best effort) and report whether everything was stored.
+    /// Leave: write state.json (best effort) and report whether everything committed is
+    /// safe. Objects still staged when the deadline passes are safe on local disk (uploaded
+    /// on the next start), so that is a warning; only a position that could not be saved
+    /// is an error.
     fn finish(mut self, flushed: bool, deadline: Instant) -> Result<()> {
         let name = self.replica.name().to_string();
         if flushed {
@@ -563,14 +571,23 @@ impl DbWorker {
             }
             log::info!("{name}: stopped; everything committed is stored");
             Ok(())
+        } else if self.replica.is_saved() {
+            log::warn!(
+                "{name}: stopped with {} objects ({} KiB) staged but not yet stored; they are \
+                 safe in the sidecar and uploaded on the next start",
+                self.replica.staged_count(),
+                self.replica.staged_bytes() >> 10
+            );
+            drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
+            Ok(())
         } else {
             // Drop the pool's reference to this thread's sender so late results go nowhere.
             drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
             Err(Error::new(
                 crate::ErrorKind::Transient,
                 format!(
-                    "{name}: stopped before the last uploads finished; they stay staged in \
-                     the sidecar and are uploaded on the next start"
+                    "{name}: stopped before the replication position could be saved; what \
+                     was not saved is still in the WAL and read again on the next start"
                 ),
             ))
         }
