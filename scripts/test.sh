@@ -22,6 +22,11 @@ rustup component add rustfmt clippy
 rustup target add x86_64-unknown-freebsd
 
 cargo fmt --check
+# The service scripts in contrib/ are plain POSIX sh.
+for script in contrib/runit/walsync/run contrib/runit/walsync/log/run contrib/s6/*/run \
+  contrib/s6/*/log/run; do
+  sh -n "$script"
+done
 cargo clippy --locked --all-targets -- -D warnings
 # SQLite is not bundled here, so no C cross-compiler is needed to type-check for FreeBSD.
 cargo check --locked --target x86_64-unknown-freebsd --no-default-features

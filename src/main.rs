@@ -69,6 +69,7 @@ enum Command {
     Watch(WatchCmd),
     Snapshot(SnapshotCmd),
     List(ListCmd),
+    Status(StatusCmd),
     Restore(RestoreCmd),
 }
 
@@ -112,6 +113,11 @@ struct WatchCmd {
     /// grows instead
     #[argh(option)]
     staging_limit: Option<u64>,
+    /// once replication has started, run this command through /bin/sh -c, forward SIGTERM
+    /// and SIGINT to it, and when it exits, ship what is left and exit with its status (or
+    /// WALSYNC_EXEC)
+    #[argh(option)]
+    exec: Option<String>,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
@@ -144,6 +150,32 @@ struct SnapshotCmd {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
 struct ListCmd {
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
+    #[argh(option, short = 'b')]
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
+    #[argh(option)]
+    endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
+    /// print JSON (a stable format for scripts)
+    #[argh(switch)]
+    json: bool,
+}
+
+/// Show how fresh each replica is: its newest stored commit and that commit's age.
+#[derive(FromArgs)]
+#[argh(
+    subcommand,
+    name = "status",
+    note = "One LIST, no GETs. Exit codes: see walsync --help (3 if a NAME has no replica)."
+)]
+struct StatusCmd {
+    /// replica names, as shown by `walsync list` (default: every database)
+    #[argh(positional)]
+    names: Vec<String>,
     /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
     #[argh(option, short = 'b')]
     bucket: Option<String>,
@@ -246,7 +278,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(command) = cli.command else {
-        eprintln!("walsync: error: a command is required (watch, snapshot, list or restore); see walsync --help");
+        eprintln!("walsync: error: a command is required (watch, snapshot, list, status or restore); see walsync --help");
         return ExitCode::from(USAGE);
     };
     let default_level = if cli.verbose {
@@ -264,7 +296,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     match run(command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("walsync: error: {e}");
             ExitCode::from(exit_code(e.kind()))
@@ -409,29 +441,81 @@ fn parse_mode(text: &str) -> Result<u32> {
         })
 }
 
-/// Block SIGTERM and SIGINT in this thread and every thread started after, so that
-/// [`wait_for_signal`] can take them synchronously.
-fn block_stop_signals() -> libc::sigset_t {
+/// Block SIGTERM and SIGINT (and SIGCHLD, with `child_too`, to notice an `--exec` child's
+/// exit) in this thread and every thread started after, so that [`wait_for_signal`] can take
+/// them synchronously. A blocked SIGCHLD stays pending until taken, so a child that exits
+/// before the wait starts is not missed. (Children get an empty mask: std resets it.)
+fn block_stop_signals(child_too: bool) -> libc::sigset_t {
     // SAFETY: plain libc calls on a sigset_t we own; called before any thread is started.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        if child_too {
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
-/// Wait until SIGTERM or SIGINT arrives; returns its name.
-fn wait_for_signal(set: &libc::sigset_t) -> &'static str {
+/// Wait until one of the signals in `set` arrives; returns its number.
+fn wait_for_signal(set: &libc::sigset_t) -> libc::c_int {
     let mut signal: libc::c_int = 0;
     // SAFETY: `set` is initialised and the signals in it are blocked in every thread.
     while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
-    if signal == libc::SIGINT {
-        "SIGINT"
-    } else {
-        "SIGTERM"
+    signal
+}
+
+fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        _ => "a signal",
+    }
+}
+
+/// The `--exec` command's exit status as walsync's own: its code, or 128 + the signal that
+/// killed it, as shells report it.
+fn child_exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
+        (None, None) => 1,
+    }
+}
+
+/// Run `command` through `/bin/sh -c` (inheriting stdin, stdout, stderr and the
+/// environment), forward SIGTERM and SIGINT to it, and return its exit status once it has
+/// exited. SIGCHLD must be in `signals` (see [`block_stop_signals`]).
+fn supervise(command: &str, signals: &libc::sigset_t) -> Result<std::process::ExitStatus> {
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .spawn()
+        .map_err(|e| Error::from(e).with_context(format!("starting --exec {command:?}")))?;
+    let pid = child.id() as libc::pid_t;
+    log::info!("started --exec command (pid {pid})");
+    loop {
+        let signal = wait_for_signal(signals);
+        if signal != libc::SIGCHLD {
+            log::info!("{}: forwarding it to pid {pid}", signal_name(signal));
+            // SAFETY: kill(2) on our own child, not yet reaped (so the pid is still ours).
+            unsafe {
+                libc::kill(pid, signal);
+            }
+            continue;
+        }
+        // SIGCHLD: our only child may have exited (or merely stopped or continued).
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Error::from(e).with_context("waiting for the --exec command"))?
+        {
+            return Ok(status);
+        }
     }
 }
 
@@ -499,11 +583,15 @@ impl WatchCmd {
     }
 }
 
-fn watch(cmd: WatchCmd) -> Result<()> {
+/// `walsync watch`; returns the exit status (0, or the `--exec` command's).
+fn watch(cmd: WatchCmd) -> Result<u8> {
     if cmd.databases.is_empty() {
         return Err(Error::invalid("watch needs at least one database"));
     }
-    let signals = block_stop_signals();
+    let exec = setting(cmd.exec.clone(), "--exec", "WALSYNC_EXEC", "a command")?
+        .map(|(command, _)| command)
+        .filter(|command| !command.trim().is_empty());
+    let signals = block_stop_signals(exec.is_some());
     let (options, shutdown_timeout) = cmd.options()?;
     let storage = StorageArgs {
         bucket: cmd.bucket.as_deref(),
@@ -521,12 +609,32 @@ fn watch(cmd: WatchCmd) -> Result<()> {
         databases.len(),
         replicator.watch_backend()
     );
-    let signal = wait_for_signal(&signals);
+    let Some(command) = exec else {
+        let signal = wait_for_signal(&signals);
+        log::info!(
+            "{}: shipping what is left (up to {}s)",
+            signal_name(signal),
+            shutdown_timeout.as_secs_f64()
+        );
+        replicator.stop(shutdown_timeout)?;
+        return Ok(0);
+    };
+    let status = match supervise(&command, &signals) {
+        Ok(status) => status,
+        Err(e) => {
+            // Still ship what is committed; the error is what gets reported.
+            if let Err(stop) = replicator.stop(shutdown_timeout) {
+                log::error!("{stop}");
+            }
+            return Err(e);
+        }
+    };
     log::info!(
-        "{signal}: shipping what is left (up to {}s)",
+        "--exec command exited ({status}): shipping what is left (up to {}s)",
         shutdown_timeout.as_secs_f64()
     );
-    replicator.stop(shutdown_timeout)
+    replicator.stop(shutdown_timeout)?;
+    Ok(child_exit_code(status))
 }
 
 fn restore_command(cmd: RestoreCmd) -> Result<()> {
@@ -648,9 +756,10 @@ fn describe_plan(plan: &RestorePlan, storage: &dyn Storage, output: &Path) -> St
     out
 }
 
-fn run(command: Command) -> Result<()> {
+/// Run a command; returns the exit status on success (0 except for `watch --exec`).
+fn run(command: Command) -> Result<u8> {
     match command {
-        Command::Watch(cmd) => watch(cmd)?,
+        Command::Watch(cmd) => return watch(cmd),
         Command::Snapshot(cmd) => {
             let storage = StorageArgs {
                 bucket: cmd.bucket.as_deref(),
@@ -680,7 +789,21 @@ fn run(command: Command) -> Result<()> {
                 print!("{}", listing.to_text());
             }
         }
+        Command::Status(cmd) => {
+            let storage = StorageArgs {
+                bucket: cmd.bucket.as_deref(),
+                endpoint: cmd.endpoint.as_deref(),
+                s3_timeout: cmd.s3_timeout,
+            };
+            let (_, storage) = storage.open()?;
+            let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
+            if cmd.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.to_text());
+            }
+        }
         Command::Restore(cmd) => restore_command(cmd)?,
     }
-    Ok(())
+    Ok(0)
 }

@@ -131,8 +131,9 @@ fn version_and_help_name_the_version_exit_codes_and_variables() {
         "WALSYNC_UPLOAD_WORKERS",
         "WALSYNC_SHUTDOWN_TIMEOUT",
         "WALSYNC_STAGING_LIMIT",
+        "WALSYNC_EXEC",
     ];
-    for command in ["watch", "snapshot", "list", "restore"] {
+    for command in ["watch", "snapshot", "list", "status", "restore"] {
         let (help, _) = succeeds(&[command, "--help"], &[]);
         // argh wraps descriptions; compare without line breaks and indentation.
         let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
