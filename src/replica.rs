@@ -115,6 +115,9 @@ struct Position {
     /// The database file at a moment when this position was the end of the committed WAL,
     /// if that moment is known and the identity can be trusted (see the module docs).
     settled: Option<FileIdentity>,
+    /// Staging numbers of uncounted files that could not be removed yet: never uploaded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    leftovers: Vec<u64>,
 }
 
 /// A place in one particular WAL (identified by its salts).
@@ -200,6 +203,12 @@ pub struct Replica {
     saved_seq: u64,
     /// Staged objects not yet stored, in order; the front one may be out for upload.
     staged: VecDeque<Staged>,
+    /// The highest staging number of any file found in the sidecar at start, counted or
+    /// not: new objects are numbered past it, so no two files ever share a number.
+    seq_floor: u64,
+    /// Uncounted files found at start that could not be removed (see [`pick_up_staged`]),
+    /// for a new generation's first position when there was no position to keep them in.
+    leftovers: Vec<u64>,
     /// Staged objects whose files are not fsynced yet (staged under the barrier).
     unsynced: Vec<Staged>,
     /// The tip changed in a way worth saving although it counts no new object.
@@ -227,20 +236,15 @@ impl Replica {
         let (db, pin, opened) = open_connections(db_path)?;
         let destination = storage.describe();
         let sidecar = Sidecar::open(db_path, &destination, name)?;
-        let tip = sidecar
+        let mut tip = sidecar
             .load_position::<Position>()?
             .filter(|p| p.destination == destination && p.name == name);
         let saved_seq = tip.as_ref().map_or(0, |t| t.seq);
-        let mut staged = VecDeque::new();
-        for object in sidecar.staged()? {
-            if object.seq <= saved_seq && tip.is_some() {
-                staged.push_back(object);
-            } else {
-                // Written by a run killed before it saved the tip that would count it: the
-                // WAL still holds those frames (or continuity is lost), so it is cut again.
-                log::debug!("{name}: removing uncounted {}", object.path.display());
-                sidecar.remove(&object)?;
-            }
+        let (staged, seq_floor, leftovers) = pick_up_staged(&sidecar, name, tip.as_ref())?;
+        let mut tip_changed = false;
+        if let Some(tip) = tip.as_mut().filter(|t| t.leftovers != leftovers) {
+            tip.leftovers = leftovers.clone();
+            tip_changed = true;
         }
         if !staged.is_empty() {
             log::info!(
@@ -260,8 +264,10 @@ impl Replica {
             tip,
             saved_seq,
             staged,
+            seq_floor,
+            leftovers,
             unsynced: Vec::new(),
-            tip_changed: false,
+            tip_changed,
             uploading: false,
             backfilled: None,
             newest_stored: None,
@@ -510,7 +516,10 @@ impl Replica {
         };
         self.uploading = false;
         self.staged.pop_front();
-        self.sidecar.remove(&front)?;
+        if let Err(e) = self.sidecar.remove(&front) {
+            // Stored all the same; a later start uploads the same bytes again.
+            log::warn!("{}: {e}", self.name);
+        }
         let object = front.object;
         self.stored = Some((object.generation.clone(), object.index));
         Ok(object.kind == ObjectKind::Snapshot)
@@ -857,6 +866,7 @@ impl Replica {
             wal: end,
             db: identity,
             settled: trusted(identity),
+            leftovers: previous.map_or_else(|| self.leftovers.clone(), |t| t.leftovers.clone()),
         };
         self.backfilled = None;
         self.stage_snapshot(base)
@@ -1101,7 +1111,8 @@ impl Replica {
 
     fn next_seq(&self) -> u64 {
         let last_staged = self.staged.back().map_or(0, |s| s.seq);
-        self.tip.as_ref().map_or(0, |t| t.seq).max(last_staged) + 1
+        let tip = self.tip.as_ref().map_or(0, |t| t.seq);
+        tip.max(last_staged).max(self.seq_floor) + 1
     }
 
     fn staging_full_error(&self) -> Error {
@@ -1120,6 +1131,47 @@ impl Replica {
         let path = std::path::absolute(self.db.path()).unwrap_or_else(|_| self.db.path().into());
         format!("{}:{}", hostname(), path.display())
     }
+}
+
+/// The objects an earlier run staged and counted, in order, the highest staging number of
+/// any file found, and the numbers of uncounted files that could not be removed.
+///
+/// A file numbered past the saved tip was written by a run killed before it saved the tip
+/// that would count it: the WAL still holds those frames (or continuity is lost), so they
+/// are cut again and the file is removed. If it cannot be removed (the sidecar is read-only
+/// for now), its number is kept in the tip's `leftovers`, so that it is never taken for a
+/// counted object, and removal is tried again at the next start.
+fn pick_up_staged(
+    sidecar: &Sidecar,
+    name: &str,
+    tip: Option<&Position>,
+) -> Result<(VecDeque<Staged>, u64, Vec<u64>)> {
+    let found = sidecar.staged()?;
+    let seq_floor = found.iter().map(|s| s.seq).max().unwrap_or(0);
+    let saved_seq = tip.as_ref().map_or(0, |t| t.seq);
+    let mut leftovers: Vec<u64> = Vec::new();
+    let mut staged = VecDeque::new();
+    for object in found {
+        let leftover = tip
+            .as_ref()
+            .is_some_and(|t| t.leftovers.contains(&object.seq));
+        if tip.is_some() && object.seq <= saved_seq && !leftover {
+            staged.push_back(object);
+            continue;
+        }
+        log::debug!("{name}: removing uncounted {}", object.path.display());
+        if let Err(e) = sidecar.remove(&object) {
+            log::warn!("{name}: {e}; it is left alone and never uploaded");
+            leftovers.push(object.seq);
+        }
+    }
+    if !staged.is_empty() {
+        log::info!(
+            "{name}: {} objects staged by an earlier run will be uploaded first",
+            staged.len()
+        );
+    }
+    Ok((staged, seq_floor, leftovers))
 }
 
 /// Open the control and pin connections on the same file (retrying if the path is

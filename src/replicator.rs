@@ -75,6 +75,9 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
 /// After a local error (reading the WAL, taking a snapshot), wait this long, then retry.
 const ERROR_RETRY: Duration = Duration::from_secs(5);
 
+/// The same while stopping, when the shutdown deadline is near.
+const STOP_RETRY: Duration = Duration::from_secs(1);
+
 /// What wakes a database thread.
 enum Event {
     /// The WAL or database file changed.
@@ -300,7 +303,8 @@ struct Agenda {
     waiters: HashMap<String, Vec<Waiter>>,
     /// Stopping: walsync must be gone by then.
     stop: Option<Instant>,
-    /// Stopping, and the tip has been settled (see [`Replica::settle`]).
+    /// Stopping, and everything committed is staged and the tip settled (see
+    /// [`Replica::settle`]).
     settled: bool,
 }
 
@@ -321,16 +325,22 @@ impl DbWorker {
                 self.handle(event);
             }
             if let Err(e) = self.step() {
-                log::error!("{name}: {e}; retrying in {}s", ERROR_RETRY.as_secs());
-                self.agenda.retry_at = Some(Instant::now() + ERROR_RETRY);
+                // While stopping, try again sooner: the deadline is near.
+                let retry = if self.agenda.stop.is_some() {
+                    STOP_RETRY
+                } else {
+                    ERROR_RETRY
+                };
+                log::error!("{name}: {e}; retrying in {}s", retry.as_secs());
+                self.agenda.retry_at = Some(Instant::now() + retry);
                 for waiter in self.agenda.sync_requests.drain(..) {
                     let _ = waiter.send(Err(e.clone()));
                 }
             }
             if let Some(deadline) = self.agenda.stop {
-                let flushed = self.replica.is_flushed();
-                if flushed || Instant::now() >= deadline {
-                    return self.finish(flushed, deadline);
+                let done = self.agenda.settled && self.replica.is_flushed();
+                if done || Instant::now() >= deadline {
+                    return self.finish(deadline);
                 }
             }
         }
@@ -384,6 +394,8 @@ impl DbWorker {
             Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
             Event::Stop(deadline) => {
                 agenda.stop = Some(deadline);
+                // A local error's retry delay must not skip the last read of the WAL.
+                agenda.retry_at = None;
                 agenda.dirty = true;
                 agenda.force = true;
             }
@@ -501,8 +513,9 @@ impl DbWorker {
         if self.agenda.stop.is_none() || self.agenda.settled {
             return Ok(());
         }
+        self.replica.settle()?;
         self.agenda.settled = true;
-        self.replica.settle()
+        Ok(())
     }
 
     /// Hand the next staged object to the upload pool, if none of this database's is out.
@@ -558,11 +571,12 @@ impl DbWorker {
 
     /// Leave: write state.json (best effort) and report whether everything committed is
     /// safe. Objects still staged when the deadline passes are safe on local disk (uploaded
-    /// on the next start), so that is a warning; only a position that could not be saved
-    /// is an error.
-    fn finish(mut self, flushed: bool, deadline: Instant) -> Result<()> {
+    /// on the next start), so that is a warning; commits that could not be staged (the
+    /// sidecar was unwritable until the deadline) are an error.
+    fn finish(mut self, deadline: Instant) -> Result<()> {
         let name = self.replica.name().to_string();
-        if flushed {
+        let settled = self.agenda.settled && self.replica.is_saved();
+        if settled && self.replica.is_flushed() {
             // Wait for state.json, but not past the shutdown deadline.
             let written = self.write_state();
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -571,7 +585,7 @@ impl DbWorker {
             }
             log::info!("{name}: stopped; everything committed is stored");
             Ok(())
-        } else if self.replica.is_saved() {
+        } else if settled {
             log::warn!(
                 "{name}: stopped with {} objects ({} KiB) staged but not yet stored; they are \
                  safe in the sidecar and uploaded on the next start",
@@ -586,8 +600,8 @@ impl DbWorker {
             Err(Error::new(
                 crate::ErrorKind::Transient,
                 format!(
-                    "{name}: stopped before the replication position could be saved; what \
-                     was not saved is still in the WAL and read again on the next start"
+                    "{name}: stopped before the last commits could be staged (see the errors \
+                     above); they are still in the WAL and read on the next start"
                 ),
             ))
         }

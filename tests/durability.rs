@@ -705,3 +705,123 @@ fn a_repin_after_a_full_application_checkpoint_keeps_one_generation() {
     );
     assert_restored(restored, &app.dump(), "the latest restore");
 }
+
+/// The replica's own directory inside `.app.db-walsync/` (one destination and name).
+fn replica_sidecar(db: &Path) -> PathBuf {
+    let root = db.with_file_name(format!(
+        ".{}-walsync",
+        db.file_name().unwrap().to_string_lossy()
+    ));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}
+
+/// Found by the torture harness: a SIGTERM that arrives while walsync waits to retry a
+/// local error (here: its sidecar was unwritable, and is writable again) must still read
+/// the last commits before it stops. It used to skip them, report "everything committed is
+/// stored" and exit 0 with the last commits missing from the replica.
+#[test]
+fn a_sigterm_during_a_local_error_still_ships_the_last_commits() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(3, 100);
+    let dest = s3_url(&server, "retrying");
+    let watch = WatchProcess::start(
+        &[path_str(&app.path), "-b", &dest, "--min-interval", "0.05"],
+        &server.env(),
+        dir.path(),
+    );
+    let storage = server.storage("retrying");
+    wait_for(Duration::from_secs(20), "the first generation", || {
+        count_objects(&storage, "app", ObjectKind::Snapshot) == 1
+    });
+    let frozen = Immutable::new(&replica_sidecar(&app.path));
+    app.insert(3, 100);
+    wait_for(Duration::from_secs(20), "walsync to hit the error", || {
+        watch.log().contains("Operation not permitted")
+    });
+    drop(frozen);
+    app.insert(3, 100);
+    // Well inside the 5 s retry delay.
+    let status = watch.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status}");
+    assert_restored(
+        restore_dump(&storage, "app", dir.path(), None),
+        &app.dump(),
+        "the restore after the stop",
+    );
+}
+
+/// Found by the torture harness: an uncounted staged file (left by a run killed before it
+/// saved its position) that cannot be removed at start, because the sidecar is read-only
+/// for now, must neither stop walsync from starting nor ever be uploaded.
+#[test]
+fn an_uncounted_file_that_cannot_be_removed_is_never_uploaded() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(3, 100);
+    let dest = s3_url(&server, "leftover");
+    let storage = server.storage("leftover");
+    let watch = WatchProcess::start(
+        &[path_str(&app.path), "-b", &dest],
+        &server.env(),
+        dir.path(),
+    );
+    wait_for(Duration::from_secs(20), "the first generation", || {
+        count_objects(&storage, "app", ObjectKind::Snapshot) == 1
+    });
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+
+    // As if a killed run had staged segment 1 of some generation with a number past the
+    // saved position.
+    let sidecar = replica_sidecar(&app.path);
+    let stray = "999999999999-01a2000000000000-0000000001-20260101T000000.000Z.wal.gz";
+    std::fs::write(sidecar.join(stray), b"not a segment").unwrap();
+    let frozen = Immutable::new(&sidecar);
+    let watch = WatchProcess::start(
+        &[path_str(&app.path), "-b", &dest],
+        &server.env(),
+        dir.path(),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the warning about the stray",
+        || watch.log().contains("never uploaded"),
+    );
+    drop(frozen);
+    for _ in 0..3 {
+        app.insert(3, 100);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let keys: Vec<String> = storage
+        .list("app/")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        !keys.iter().any(|k| k.contains("01a2000000000000")),
+        "the stray was uploaded: {keys:?}"
+    );
+    // A later start removes it.
+    let watch = WatchProcess::start(
+        &[path_str(&app.path), "-b", &dest],
+        &server.env(),
+        dir.path(),
+    );
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    assert!(!sidecar.join(stray).exists());
+    assert_restored(
+        restore_dump(&storage, "app", dir.path(), None),
+        &app.dump(),
+        "the restore after the stray",
+    );
+}
