@@ -246,12 +246,6 @@ impl Replica {
             tip.leftovers = leftovers.clone();
             tip_changed = true;
         }
-        if !staged.is_empty() {
-            log::info!(
-                "{name}: {} objects staged by an earlier run will be uploaded first",
-                staged.len()
-            );
-        }
         let mut replica = Replica {
             db,
             pin,
@@ -835,7 +829,9 @@ impl Replica {
                 }
                 let end = r.committed_end_after(known)?;
                 r.repin()?;
-                r.pin_state = Pin::Guarding;
+                // Guarding only once the new generation's base is in place (below): until
+                // then the tip is the old one, whose continuity is lost.
+                r.pin_state = Pin::Behind(None);
                 Ok(Some((end, identity)))
             })?;
             if marked.is_some() {
@@ -869,7 +865,10 @@ impl Replica {
             leftovers: previous.map_or_else(|| self.leftovers.clone(), |t| t.leftovers.clone()),
         };
         self.backfilled = None;
-        self.stage_snapshot(base)
+        let key = self.stage_snapshot(base)?;
+        // The pin was moved under the barrier to exactly where the new base is.
+        self.pin_state = Pin::Guarding;
+        Ok(key)
     }
 
     /// Copy the pinned database into a staged snapshot at `tip` (the position the pin sees:

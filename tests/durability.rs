@@ -18,8 +18,10 @@ use common::fixtures::{
 use common::s3server::S3Server;
 use rusqlite::{params, Connection};
 use walsync::layout::{Catalog, ObjectKind, ObjectName};
+use walsync::replica::{Replica, SyncOutcome};
 use walsync::replicator::{Options, Replicator};
 use walsync::restore::{self, RestoreOptions};
+use walsync::storage::file::FileStorage;
 use walsync::storage::s3::{S3Config, S3Storage};
 use walsync::storage::Storage;
 use walsync::utc::UtcTime;
@@ -823,5 +825,46 @@ fn an_uncounted_file_that_cannot_be_removed_is_never_uploaded() {
         restore_dump(&storage, "app", dir.path(), None),
         &app.dump(),
         "the restore after the stray",
+    );
+}
+
+/// Found by the torture harness: when continuity is lost and the new generation's snapshot
+/// cannot be staged (here: the sidecar is read-only for a moment), the next attempt must
+/// start that new generation again. It used to append the WAL's new frames to the old
+/// generation instead, as segments on top of a state they do not follow: the restore
+/// failed `PRAGMA integrity_check`.
+#[test]
+fn a_new_generation_that_could_not_be_staged_is_started_again_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().join("bucket")));
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(20, 500);
+    let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
+    replica.sync().unwrap();
+    drop(replica);
+
+    // While walsync is away the application writes, copies it all into the database file
+    // and restarts the WAL: continuity is lost.
+    app.exec("UPDATE items SET label = label || ' changed';");
+    app.exec("PRAGMA wal_checkpoint(TRUNCATE);");
+    app.insert(20, 500);
+    let mut replica = Replica::open(&app.path, Arc::clone(&storage), "app").unwrap();
+    {
+        let _frozen = Immutable::new(&replica_sidecar(&app.path));
+        assert!(replica.poll().is_err(), "the snapshot cannot be staged");
+    }
+    app.insert(20, 500);
+    assert!(
+        matches!(replica.poll().unwrap(), SyncOutcome::NewGeneration { .. }),
+        "continuity was lost: the next poll must start the new generation"
+    );
+    app.insert(5, 500);
+    replica.sync().unwrap();
+    drop(replica);
+    assert_eq!(generations(storage.as_ref(), "app"), 2);
+    assert_restored(
+        restore_dump(storage.as_ref(), "app", dir.path(), None),
+        &app.dump(),
+        "the restore after the retried generation",
     );
 }
