@@ -400,7 +400,8 @@ fn a_database_renamed_over_the_path_then_snapshotted_restores_as_the_new_databas
 /// 3b. The same with the snapshot coming from `snapshot_interval` instead of a request.
 ///
 /// Timing: the rename must come after the interval is due but before anything else makes
-/// walsync look at the WAL; the test sleeps past the interval (3 s) to get there.
+/// walsync look at the WAL; the test sleeps past the interval (8 s, far more than the
+/// setup needs even on a loaded machine) to get there.
 #[test]
 fn a_database_renamed_over_the_path_when_a_snapshot_is_due_restores_as_the_new_database() {
     let server = S3Server::start();
@@ -408,7 +409,7 @@ fn a_database_renamed_over_the_path_when_a_snapshot_is_due_restores_as_the_new_d
     let storage: Arc<dyn Storage> = Arc::new(server.storage("swap-interval"));
     let mut app = AppDb::create(dir.path(), "app.db");
     app.insert(50, 500);
-    let interval = Duration::from_secs(3);
+    let interval = Duration::from_secs(8);
     let options = Options {
         min_interval: Duration::from_secs(60),
         snapshot_interval: interval,
