@@ -124,7 +124,6 @@ struct Position {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct WalMark {
     salt: [u32; 2],
-    checkpoint_seq: u32,
     end: WalPosition,
 }
 
@@ -409,7 +408,9 @@ impl Replica {
     pub fn settle(&mut self) -> Result<()> {
         self.prepare()?;
         if self.tip.is_none() {
-            return Ok(());
+            // No generation yet (its snapshot failed so far): try once more, so that a stop
+            // never reports success with nothing stored.
+            self.poll()?;
         }
         for _ in 0..5 {
             let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
@@ -1197,7 +1198,6 @@ fn open_connections(path: &Path) -> Result<(Database, Database, FileIdentity)> {
 fn mark(header: &WalHeader, end: WalPosition) -> WalMark {
     WalMark {
         salt: header.salt,
-        checkpoint_seq: header.checkpoint_seq,
         end,
     }
 }
