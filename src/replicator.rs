@@ -185,12 +185,7 @@ impl Replicator {
     pub fn sync(&self, name: &str) -> Result<()> {
         let (tx, rx) = mpsc::channel();
         self.send(name, Event::Sync(tx))?;
-        rx.recv().map_err(|_| {
-            Error::new(
-                crate::ErrorKind::Other,
-                format!("{name}: replication thread stopped"),
-            )
-        })?
+        rx.recv().map_err(|_| thread_stopped(name))?
     }
 
     /// Ship everything committed in every database and wait until it is stored.
@@ -205,12 +200,7 @@ impl Replicator {
     pub fn snapshot(&self, name: &str) -> Result<String> {
         let (tx, rx) = mpsc::channel();
         self.send(name, Event::Snapshot(tx))?;
-        rx.recv().map_err(|_| {
-            Error::new(
-                crate::ErrorKind::Other,
-                format!("{name}: replication thread stopped"),
-            )
-        })?
+        rx.recv().map_err(|_| thread_stopped(name))?
     }
 
     /// Stop watching, ship what is committed, wait up to `timeout` for uploads, write each
@@ -247,13 +237,16 @@ impl Replicator {
             .iter()
             .find(|d| d.name == name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
-        db.events.send(event).map_err(|_| {
-            Error::new(
-                crate::ErrorKind::Other,
-                format!("{name}: replication thread stopped"),
-            )
-        })
+        db.events.send(event).map_err(|_| thread_stopped(name))
     }
+}
+
+/// A database's thread is gone (it stopped on an error, or `stop` was called).
+fn thread_stopped(name: &str) -> Error {
+    Error::new(
+        crate::ErrorKind::Other,
+        format!("{name}: replication thread stopped"),
+    )
 }
 
 /// The state of one database thread.
