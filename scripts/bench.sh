@@ -3,16 +3,26 @@
 # server (examples/s3-server.rs: s3s-fs with SigV4, on 127.0.0.1, logging every request).
 #
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
-#                    [--dbs N] [--write-seconds S] [--commits N] [--db-mib N]
-#                    [--barrier-seconds S] [--skip size|rss|lag|idle|snapshot|barrier]...
+#                    [--dbs N] [--write-seconds S] [--db-mib N] [--barrier-seconds S]
+#                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many]...
 #
 # Measures, for each tool:
-#   - binary size (stripped);
+#   - binary size (stripped), and walsync's static musl build (scripts/build-static.sh)
+#     beside Litestream's release binary, which is static itself;
 #   - peak RSS (and CPU time, S3 requests) watching 1 database and watching N (100)
 #     databases while a writer commits to them round-robin every 100 ms for 30 s;
-#   - replication lag, p50 and p99, over 60 single commits about a second apart: the time
-#     from COMMIT returning to the shipped object appearing in the server's directory
-#     (polled every 5 ms);
+#   - replication lag, p50 and p99, at three commit rates (30 commits 2 s apart, 120 at 4 a
+#     second, 1000 at 50 a second): for every commit, the time from COMMIT returning to the
+#     first stored object that holds it (each row carries a random token; the server's
+#     directory is polled every 5 ms and each new object searched, gunzipped for walsync);
+#   - heavy writes: 100 MiB written as fast as possible in 100-row transactions (1000-byte
+#     rows that compress about 2:1): the tool's CPU time (user+sys) and CPU per MiB, the
+#     bytes it stored, its peak RSS, and how long it took to catch up;
+#   - application slowdown: the wall time of writing 60 MiB in 10-row transactions under
+#     each tool, over the same with no replication;
+#   - many databases: 1, 100 and 1000 small idle databases watched by one process: startup
+#     (until every database has an object stored and the tool is quiet for 5 s), then over
+#     60 s the S3 requests made and the resident size at the end (RSS once idle);
 #   - S3 requests made by one idle database over an idle window (600 s; both tools side by
 #     side, requests told apart by key prefix), after the initial replication settled;
 #   - peak RSS and time of `walsync snapshot` and `walsync restore` of a 200 MiB database
@@ -25,8 +35,9 @@
 #     the no-replication value in the row's label), and, for walsync only, how long it held
 #     the write lock each time (p50, p99, max), from its `-v` log ("write lock held for N
 #     us"; Litestream logs nothing comparable: n/a).
-# --quick: 10 databases, 10 s of writes, 10 commits, 20 s idle, a 20 MiB database, 15 s of
-# barrier writes.
+# --quick: 10 databases, 10 s of writes, 20 s idle, a 20 MiB database, 15 s of barrier
+# writes, fewer lag commits, 10 MiB heavy and slowdown writes, 1/10/100 idle databases for
+# 10 s.
 #
 # Prints a table (walsync, litestream, ratio walsync/litestream) and writes everything to
 # target/bench/results.json. Work files are in target/bench/work (replaced on each run).
@@ -39,14 +50,17 @@ repo=$PWD
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 args=()
+skips=()
 only=
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --quick) args+=(--quick) ;;
     --only) only=${2:?--only needs walsync or litestream}; args+=(--only "$2"); shift ;;
-    --idle-seconds|--dbs|--write-seconds|--commits|--db-mib|--barrier-seconds|--skip)
+    --idle-seconds|--dbs|--write-seconds|--db-mib|--barrier-seconds)
       args+=("$1" "${2:?$1 needs a value}"); shift ;;
+    --skip)
+      skips+=("${2:?--skip needs a phase}"); args+=("$1" "$2"); shift ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift
@@ -67,6 +81,15 @@ cargo build --release --quiet
 cargo build --release --quiet --example s3-server
 walsync=$repo/target/release/walsync
 s3server=$repo/target/release/examples/s3-server
+walsync_static=
+if [[ " ${skips[*]-} " != *" size "* ]] && [ "$only" != litestream ]; then
+  say "building the static musl binary (scripts/build-static.sh)"
+  if scripts/build-static.sh >&2; then
+    walsync_static=$repo/target/x86_64-unknown-linux-musl/release/walsync
+  else
+    say "scripts/build-static.sh failed: the static size row will be n/a"
+  fi
+fi
 
 # The real litestream binary, not a pyenv shim or wrapper script (we measure its RSS and size).
 find_litestream() {
@@ -128,6 +151,7 @@ rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- src 2>/dev/null || rev="$rev+dirty"
 python3 scripts/bench/bench.py \
   --walsync "$walsync" --s3-server "$s3server" ${litestream:+--litestream "$litestream"} \
+  ${walsync_static:+--walsync-static "$walsync_static"} \
   --work "$work" --out "$out/results.json" \
   --meta "walsync_rev=$rev" --meta "litestream_path=${litestream:-}" \
   ${args[@]+"${args[@]}"} &

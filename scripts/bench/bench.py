@@ -12,6 +12,7 @@ Only the Python standard library is used (sqlite3 for the databases).
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zlib
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -116,6 +118,32 @@ def vm_hwm_kib(pid):
     except OSError:
         return None
     return None
+
+
+def vm_rss_kib(pid):
+    """VmRSS (resident now) of a running process, KiB (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def threads_of(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+
+
+def open_files_of(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
 
 
 def run_timed(cmd, env, out_path):
@@ -444,6 +472,62 @@ def commit_writer_main(argv):
     }))
 
 
+def bulk_writer_main(argv):
+    """`bench.py bulk-writer --mib M --rows-per-txn R DB`: an application writing M MiB as
+    fast as it can, in transactions of R rows of 1000 bytes each (half random bytes, half
+    repeated text, so the data compresses about 2:1), with SQLite's defaults (synchronous
+    FULL, wal_autocheckpoint 1000). Prints a JSON summary with its wall time."""
+    p = argparse.ArgumentParser(prog="bench.py bulk-writer")
+    p.add_argument("--mib", type=float, required=True)
+    p.add_argument("--rows-per-txn", type=int, required=True)
+    p.add_argument("db")
+    a = p.parse_args(argv)
+    conn = connect(a.db)
+    conn.execute("CREATE TABLE IF NOT EXISTS bulk(id INTEGER PRIMARY KEY, body BLOB)")
+    conn.commit()
+    rng = random.Random(5)
+    text = (b"walsync benchmark bulk row " * 40)[:500]
+    rows = int(a.mib * MIB) // 1000
+    start = time.monotonic()
+    txns = 0
+    for first in range(0, rows, a.rows_per_txn):
+        n = min(a.rows_per_txn, rows - first)
+        conn.executemany("INSERT INTO bulk(body) VALUES (?)",
+                         ((rng.randbytes(500) + text,) for _ in range(n)))
+        conn.commit()
+        txns += 1
+    wall = time.monotonic() - start
+    conn.close()
+    print(json.dumps({"rows": rows, "transactions": txns, "bytes": rows * 1000,
+                      "wall_s": round(wall, 3)}))
+
+
+def token_writer_main(argv):
+    """`bench.py token-writer --interval S --count N DB`: N commits, one every S seconds, each
+    inserting one row that holds a fresh random 16-byte token. Prints one JSON line per
+    commit (token in hex, wall-clock time just after COMMIT returned), flushed at once, so the
+    lag phase can find each commit in the objects the tool stores. The token is random so
+    that it stays verbatim in an LZ4-compressed object (Litestream's LTX) and unique enough
+    never to be found by accident."""
+    p = argparse.ArgumentParser(prog="bench.py token-writer")
+    p.add_argument("--interval", type=float, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("db")
+    a = p.parse_args(argv)
+    conn = connect(a.db)
+    start = time.monotonic()
+    for n in range(a.count):
+        due = start + n * a.interval
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        token = os.urandom(16)
+        conn.execute("INSERT INTO t(body, at) VALUES (?, ?)", (token + os.urandom(48), time.time()))
+        conn.commit()
+        print(json.dumps({"token": token.hex(), "at": time.time()}), flush=True)
+    conn.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The tools.
 
@@ -640,65 +724,208 @@ def phase_rss(tool, server, work, n_dbs, duration, interval, writer_py):
     return result
 
 
-def phase_lag(tool, server, work, commits):
-    tag = "lag"
-    prefix = f"bench/{tag}/{tool.name}"
-    db = make_db(os.path.join(work, f"lag-{tool.name}.db"))
-    proc = tool.start([(db, "lag")], prefix, tag)
-    lags, missed = [], 0
+def object_payload(path):
+    """The bytes of a stored object as a tool wrote them, gunzipped when gzipped (walsync);
+    None if it cannot be read whole yet (still being written)."""
     try:
-        if wait_replicated(server, [tool.replica_dir(prefix, "lag")], timeout=60, quiet=2,
-                           proc=proc) is None:
-            raise RuntimeError(f"{tool.name} did not replicate the lag database in 60 s")
-        inc = server.path(tool.increment_dir(prefix, "lag"))
-        seen = listdir(inc)
-        conn = connect(db)
-        rng = random.Random(3)
-        log(f"{tool.name}: replication lag over {commits} single commits ~1-1.5 s apart")
-        next_at = time.monotonic() + 1.0
-        for i in range(commits):
-            now = time.monotonic()
-            if next_at > now:
-                time.sleep(next_at - now)
-            conn.execute("INSERT INTO t(body, at) VALUES (?, ?)", (os.urandom(100), time.time()))
-            conn.commit()
-            t0 = time.monotonic()
-            # A random phase, so a tool that works on a fixed tick is not always caught at
-            # the same point of it.
-            next_at = t0 + 1.0 + rng.uniform(0, 0.5)
-            deadline = t0 + 15
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if path.endswith(".gz"):
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            return None
+    return data
+
+
+def phase_lag(tool, server, work, rates, writer_py):
+    """Replication lag at several commit rates: for each (interval, count), a fresh database
+    and a fresh run of the tool with its defaults; `token-writer` commits one row holding a
+    random token every `interval` s; this process lists the directory where the tool stores
+    each shipped batch every 5 ms, reads each new object at once, and finds the tokens in
+    it. A commit's lag is from COMMIT returning to the first stored object that holds it
+    appearing in the server's directory, so it counts every commit, also when one object
+    carries many."""
+    results = {}
+    for i, (interval, count) in enumerate(rates):
+        tag = f"lag{i}"
+        prefix = f"bench/{tag}/{tool.name}"
+        db = make_db(os.path.join(work, f"{tag}-{tool.name}.db"))
+        proc = tool.start([(db, "lag")], prefix, tag)
+        found, pending_tokens, unread = {}, {}, {}
+        writer = None
+        try:
+            if wait_replicated(server, [tool.replica_dir(prefix, "lag")], timeout=60, quiet=2,
+                               proc=proc) is None:
+                raise RuntimeError(f"{tool.name} did not replicate the lag database in 60 s")
+            inc = server.path(tool.increment_dir(prefix, "lag"))
+            seen = set(server.objects(tool.increment_dir(prefix, "lag")))
+            log(f"{tool.name}: replication lag over {count} commits {interval:g} s apart")
+            writer = subprocess.Popen([sys.executable, writer_py, "token-writer", "--interval",
+                                       str(interval), "--count", str(count), db],
+                                      stdout=subprocess.PIPE)
+            out_fd = writer.stdout.fileno()
+            os.set_blocking(out_fd, False)
+            buffered = b""
+
+            def take(lines):
+                for line in lines:
+                    if line.strip():
+                        entry = json.loads(line)
+                        pending_tokens[bytes.fromhex(entry["token"])] = entry["at"]
+
+            def read_writer():
+                nonlocal buffered
+                while True:
+                    try:
+                        chunk = os.read(out_fd, 65536)
+                    except BlockingIOError:
+                        return
+                    if not chunk:
+                        return
+                    buffered += chunk
+                    *lines, buffered = buffered.split(b"\n")
+                    take(lines)
+
+            done_at = None
             while True:
-                names = listdir(inc)
-                if names - seen:
-                    lags.append(time.monotonic() - t0)
-                    seen |= names
+                now = time.time()
+                read_writer()
+                for rel in set(server.objects(tool.increment_dir(prefix, "lag"))) - seen:
+                    seen.add(rel)
+                    unread[rel] = now
+                for rel, at in list(unread.items()):
+                    data = object_payload(os.path.join(inc, rel))
+                    if data is None and now - at < 5:
+                        continue  # still being written: read it on the next round
+                    del unread[rel]
+                    for token in [t for t in pending_tokens if data and t in data]:
+                        found[token] = (pending_tokens.pop(token), at)
+                if writer.poll() is not None and done_at is None:
+                    done_at = time.monotonic()
+                    read_writer()
+                    take([buffered])
+                    buffered = b""
+                if done_at is not None and not pending_tokens and not unread:
                     break
-                if time.monotonic() > deadline:
-                    missed += 1
-                    seen |= names
+                if done_at is not None and time.monotonic() - done_at > 15:
                     break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{tool.name} exited with {proc.returncode}")
                 time.sleep(0.005)
-            next_at = max(next_at, time.monotonic() + 0.2)
-        conn.close()
-        stats = tool.children.stop(proc)
+            stats = tool.children.stop(proc)
+        finally:
+            if writer is not None and writer.poll() is None:
+                writer.kill()
+                writer.wait()
+            if proc.returncode is None:
+                tool.children.stop(proc, timeout=5)
+        server.remove(prefix)
+        remove_db(db)
+        shutil.rmtree(os.path.join(work, f".{tag}-{tool.name}.db-walsync"), ignore_errors=True)
+        ms = sorted(round((seen_at - at) * 1000, 1) for at, seen_at in found.values())
+        result = {
+            "interval_s": interval,
+            "commits": count,
+            "detected": len(ms),
+            "missed": len(pending_tokens),
+            "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99),
+            "mean_ms": round(sum(ms) / len(ms), 1) if ms else None,
+            "max_ms": max(ms) if ms else None,
+            "exit_code": stats["rc"],
+        }
+        log(f"{tool.name}: one commit every {interval:g} s: lag p50 {result['p50_ms']} ms, "
+            f"p99 {result['p99_ms']} ms, missed {result['missed']}")
+        results[f"{interval:g}"] = result
+    return results
+
+
+def phase_heavy(tool, server, work, mib, rows_per_txn, writer_py, tag):
+    """An application writing `mib` MiB as fast as it can in transactions of `rows_per_txn`
+    rows (`bulk-writer`), under `tool` with its defaults (None: no replication). Measures the
+    application's wall time, and for a tool its CPU time (user + sys, from wait4, start and
+    stop included), peak RSS, the bytes it stored, and how long it took to catch up after
+    the last commit."""
+    name = tool.name if tool else "none"
+    prefix = f"bench/{tag}/{name}"
+    db = make_db(os.path.join(work, f"{tag}-{name}.db"), rows=10)
+    proc = None
+    try:
+        if tool is not None:
+            proc = tool.start([(db, tag)], prefix, f"{tag}-{name}")
+            if wait_replicated(server, [tool.replica_dir(prefix, tag)], timeout=60, quiet=2,
+                               proc=proc) is None:
+                raise RuntimeError(f"{tool.name} did not replicate the {tag} database in 60 s")
+        log(f"{name}: writing {mib:g} MiB in {rows_per_txn}-row transactions")
+        writer = subprocess.run([sys.executable, writer_py, "bulk-writer", "--mib", str(mib),
+                                 "--rows-per-txn", str(rows_per_txn), db],
+                                capture_output=True, text=True, check=True)
+        result = json.loads(writer.stdout)
+        result["mib"] = mib
+        result["rows_per_txn"] = rows_per_txn
+        if proc is not None:
+            written = time.monotonic()
+            wait_replicated(server, [tool.replica_dir(prefix, tag)], timeout=300, quiet=3,
+                            proc=proc)
+            result["catch_up_s"] = round(max(0.0, time.monotonic() - written - 3), 1)
+            stats = tool.children.stop(proc, timeout=120)
+            result.update({"cpu_s": stats["cpu_s"], "peak_rss_kib": stats["maxrss_kib"],
+                           "exit_code": stats["rc"],
+                           "stored_bytes": dir_bytes(server.path(prefix))})
+            result["cpu_ms_per_mib"] = round(stats["cpu_s"] * 1000 / mib, 1)
+    finally:
+        if proc is not None and proc.returncode is None:
+            tool.children.stop(proc, timeout=5)
+    server.remove(prefix)
+    remove_db(db)
+    shutil.rmtree(os.path.join(work, f".{tag}-{name}.db-walsync"), ignore_errors=True)
+    log(f"{name}: {result}")
+    return result
+
+
+def phase_many(tool, server, work, n_dbs, idle_seconds):
+    """`tool` watching `n_dbs` small databases that nobody writes: how long until every one
+    has an object stored and the tool has gone quiet (startup), then over an idle window the
+    S3 requests it makes and its resident size at the end of it (RSS once idle)."""
+    tag = f"many{n_dbs}"
+    prefix = f"bench/{tag}/{tool.name}"
+    ddir = os.path.join(work, f"{tag}-{tool.name}")
+    os.makedirs(ddir, exist_ok=True)
+    dbs = [(make_db(os.path.join(ddir, f"db{i:04d}.db"), rows=20, seed=i), f"db{i:04d}")
+           for i in range(n_dbs)]
+    log(f"{tool.name}: watching {n_dbs} idle database(s)")
+    started = time.monotonic()
+    proc = tool.start(dbs, prefix, tag)
+    result = {"dbs": n_dbs}
+    try:
+        first = wait_replicated(server, [tool.replica_dir(prefix, n) for _, n in dbs],
+                                timeout=120 + n_dbs, quiet=5, proc=proc)
+        result["startup_s"] = None if first is None else round(first, 1)
+        result["settled_s"] = round(time.monotonic() - started, 1)
+        offset = server.log_offset()
+        time.sleep(idle_seconds)
+        requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
+        result["idle_seconds"] = idle_seconds
+        result["idle_requests"] = len(requests)
+        result["idle_requests_by_kind"] = classify(requests)
+        result["idle_rss_kib"] = vm_rss_kib(proc.pid)
+        result["threads"] = threads_of(proc.pid)
+        result["open_files"] = open_files_of(proc.pid)
+        stats = tool.children.stop(proc, timeout=60)
+        result.update({"peak_rss_kib": stats["maxrss_kib"], "cpu_s": stats["cpu_s"],
+                       "exit_code": stats["rc"]})
+    except RuntimeError as e:
+        result["error"] = str(e)
+        log(f"{tool.name}: {n_dbs} databases: {e}")
     finally:
         if proc.returncode is None:
             tool.children.stop(proc, timeout=5)
     server.remove(prefix)
-    ms = [round(x * 1000, 1) for x in lags]
-    result = {
-        "commits": commits,
-        "detected": len(ms),
-        "missed": missed,
-        "p50_ms": percentile(ms, 50),
-        "p99_ms": percentile(ms, 99),
-        "mean_ms": round(sum(ms) / len(ms), 1) if ms else None,
-        "max_ms": max(ms) if ms else None,
-        "lags_ms": ms,
-        "exit_code": stats["rc"],
-    }
-    log(f"{tool.name}: lag p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
-        f"missed {missed}")
+    shutil.rmtree(ddir, ignore_errors=True)
+    log(f"{tool.name}: {result}")
     return result
 
 
@@ -945,6 +1172,8 @@ def fmt(value, unit):
         return f"{value} us"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value}"
 
 
@@ -974,10 +1203,15 @@ def main(argv):
         return writer_main(argv[1:])
     if argv[:1] == ["commit-writer"]:
         return commit_writer_main(argv[1:])
+    if argv[:1] == ["bulk-writer"]:
+        return bulk_writer_main(argv[1:])
+    if argv[:1] == ["token-writer"]:
+        return token_writer_main(argv[1:])
     p = argparse.ArgumentParser(prog="bench.py")
     p.add_argument("--walsync", required=True)
     p.add_argument("--s3-server", required=True)
     p.add_argument("--litestream")
+    p.add_argument("--walsync-static", help="walsync's static musl build, for its size row")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
@@ -985,11 +1219,11 @@ def main(argv):
     p.add_argument("--only", choices=["walsync", "litestream"])
     p.add_argument("--dbs", type=int, help="databases for the many-databases RSS run")
     p.add_argument("--write-seconds", type=float, help="length of the RSS runs' writes")
-    p.add_argument("--commits", type=int, help="commits for the lag run")
     p.add_argument("--db-mib", type=int, help="size of the snapshot/restore database")
     p.add_argument("--barrier-seconds", type=float, help="length of the barrier run's writes")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["size", "rss", "lag", "idle", "snapshot", "barrier"],
+                   choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
+                            "slowdown", "many"],
                    help="skip a phase")
     p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
     a = p.parse_args(argv)
@@ -1006,7 +1240,15 @@ def main(argv):
         "dbs": a.dbs or (10 if quick else 100),
         "write_seconds": a.write_seconds or (10 if quick else 30),
         "write_interval_s": 0.1,
-        "lag_commits": a.commits or (10 if quick else 60),
+        # (seconds between commits, commits) for each lag run: sparse, moderate, busy.
+        "lag_rates": [(2.0, 5), (0.25, 20), (0.02, 150)] if quick
+        else [(2.0, 30), (0.25, 120), (0.02, 1000)],
+        "heavy_mib": 10 if quick else 100,
+        "heavy_rows_per_txn": 100,
+        "slowdown_mib": 10 if quick else 60,
+        "slowdown_rows_per_txn": 10,
+        "many_dbs": [1, 10, 100] if quick else [1, 100, 1000],
+        "many_idle_seconds": 10 if quick else 60,
         "db_mib": a.db_mib or (20 if quick else 200),
         "barrier_seconds": a.barrier_seconds or (15 if quick else 60),
         "barrier_interval_s": 0.01,
@@ -1054,6 +1296,12 @@ def main(argv):
                 "walsync": stripped_size(a.walsync, work),
                 "litestream": stripped_size(a.litestream, work) if a.litestream else None,
             }
+            # Litestream's release binary is itself static: the same file in both rows.
+            ph["static_binary_size"] = {
+                "walsync": os.path.getsize(a.walsync_static)
+                if a.walsync_static and os.path.exists(a.walsync_static) else None,
+                "litestream": ph["binary_size"]["litestream"],
+            }
             log(f"binary sizes (stripped): {ph['binary_size']}")
         if "idle" not in a.skip and watchers:
             ph["idle"] = phase_idle(watchers, server, work, params["idle_seconds"])
@@ -1063,7 +1311,21 @@ def main(argv):
                                                       params["write_interval_s"], writer_py)
                                     for t in watchers}
         if "lag" not in a.skip:
-            ph["lag"] = {t.name: phase_lag(t, server, work, params["lag_commits"]) for t in watchers}
+            ph["lag"] = {t.name: phase_lag(t, server, work, params["lag_rates"], writer_py)
+                         for t in watchers}
+        if "heavy" not in a.skip:
+            ph["heavy"] = {t.name: phase_heavy(t, server, work, params["heavy_mib"],
+                                               params["heavy_rows_per_txn"], writer_py, "heavy")
+                           for t in watchers}
+        if "slowdown" not in a.skip:
+            ph["slowdown"] = {(t.name if t else "none"): phase_heavy(
+                t, server, work, params["slowdown_mib"], params["slowdown_rows_per_txn"],
+                writer_py, "slowdown") for t in [None, *watchers]}
+        if "many" not in a.skip:
+            for n in params["many_dbs"]:
+                ph[f"many_{n}"] = {t.name: phase_many(t, server, work, n,
+                                                      params["many_idle_seconds"])
+                                   for t in watchers}
         if "snapshot" not in a.skip:
             ph["snapshot_restore"] = phase_snapshot_restore(walsync, litestream, server, work,
                                                             params["db_mib"])
@@ -1091,6 +1353,8 @@ def main(argv):
 
     if "binary_size" in ph:
         add("binary_size_bytes", "binary size (stripped)", "bytes", lambda t: ph["binary_size"][t])
+        add("static_binary_size_bytes", "binary size, static (walsync: musl)", "bytes",
+            lambda t: ph["static_binary_size"][t])
     for key in sorted((k for k in ph if k.startswith("rss_")), key=lambda k: int(k[4:-2])):
         n = int(key[4:-2])
         what = f"{n} db{'s' if n > 1 else ''}"
@@ -1101,8 +1365,44 @@ def main(argv):
         add(f"{key}_requests", f"S3 requests, watching {what} under writes", "",
             lambda t, k=key: ph[k][t]["requests"])
     if "lag" in ph:
-        add("lag_p50_ms", "replication lag p50", "ms", lambda t: ph["lag"][t]["p50_ms"])
-        add("lag_p99_ms", "replication lag p99", "ms", lambda t: ph["lag"][t]["p99_ms"])
+        for interval, _ in params["lag_rates"]:
+            key = f"{interval:g}"
+            rate = f"1 commit / {interval:g} s" if interval >= 1 else f"{1 / interval:g} commits/s"
+            add(f"lag_{key}_p50_ms", f"replication lag p50, {rate}", "ms",
+                lambda t, k=key: ph["lag"][t][k]["p50_ms"])
+            add(f"lag_{key}_p99_ms", f"replication lag p99, {rate}", "ms",
+                lambda t, k=key: ph["lag"][t][k]["p99_ms"])
+    if "heavy" in ph:
+        h = ph["heavy"]
+        what = f"{params['heavy_mib']} MiB in {params['heavy_rows_per_txn']}-row txns"
+        add("heavy_cpu_s", f"CPU (user+sys), {what}", "s", lambda t: h[t]["cpu_s"])
+        add("heavy_cpu_ms_per_mib", "CPU per MiB written", "ms", lambda t: h[t]["cpu_ms_per_mib"])
+        add("heavy_stored_bytes", f"bytes stored, {what}", "bytes", lambda t: h[t]["stored_bytes"])
+        add("heavy_peak_rss_kib", f"peak RSS, {what}", "KiB", lambda t: h[t]["peak_rss_kib"])
+        add("heavy_catch_up_s", "caught up after the last commit", "s",
+            lambda t: h[t]["catch_up_s"])
+    if "slowdown" in ph:
+        sd = ph["slowdown"]
+        base = sd["none"]["wall_s"]
+        what = f"{params['slowdown_mib']} MiB in {params['slowdown_rows_per_txn']}-row txns"
+        add("slowdown", f"app slowdown, {what} (no replication: {base:.1f} s = 1.0)", "x",
+            lambda t: round(sd[t]["wall_s"] / base, 3))
+    for n in params["many_dbs"]:
+        key = f"many_{n}"
+        if key not in ph:
+            continue
+        m = ph[key]
+        what = f"{n} idle db{'s' if n > 1 else ''}"
+        add(f"{key}_startup_s", f"startup, {what} (each stored, then quiet)", "s",
+            lambda t, m=m: m[t]["startup_s"])
+        add(f"{key}_idle_rss_kib", f"RSS once idle, {what}", "KiB",
+            lambda t, m=m: m[t]["idle_rss_kib"])
+        add(f"{key}_idle_requests",
+            f"S3 requests, {what}, {params['many_idle_seconds']} s after startup", "",
+            lambda t, m=m: m[t]["idle_requests"])
+        for t, r in m.items():
+            if "error" in r:
+                notes.append(f"WARNING: {t}, {what}: {r['error']}")
     if "idle" in ph:
         secs = params["idle_seconds"]
         add("idle_requests", f"S3 requests, 1 idle db over {secs:g} s", "",
@@ -1160,10 +1460,12 @@ def main(argv):
                 notes.append(f"WARNING: barrier: {t}: {b[t]['commits']} of {b[t]['attempts']} "
                              f"commits succeeded, other errors {b[t]['other_errors']}")
     if "lag" in ph:
-        for t, r in ph["lag"].items():
-            if r["missed"]:
-                notes.append(f"WARNING: {t}: {r['missed']} of {r['commits']} commits not seen "
-                             f"replicated within 15 s (left out of the lag percentiles)")
+        for t, runs in ph["lag"].items():
+            for r in runs.values():
+                if r["missed"]:
+                    notes.append(f"WARNING: {t}: {r['missed']} of {r['commits']} commits "
+                                 f"{r['interval_s']:g} s apart not seen stored within 15 s of "
+                                 "the last (left out of the lag percentiles)")
 
     results["metrics"] = metrics
     results["notes"] = notes
