@@ -32,11 +32,15 @@ pub enum ErrorKind {
     Other,
 }
 
-/// An error with a kind and a one-line message that includes its context.
+/// An error with a kind and a one-line message that includes its context, and, when a
+/// storage server answered, its HTTP status and S3 error code, so that callers match on data
+/// rather than on message text.
 #[derive(Clone, Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    http_status: Option<u16>,
+    s3_code: Option<String>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,7 +50,27 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            http_status: None,
+            s3_code: None,
         }
+    }
+
+    /// Record what the storage server answered: its HTTP status and S3 error code (the
+    /// `<Code>` of its error document; empty when it sent none).
+    pub fn with_response(mut self, http_status: u16, s3_code: &str) -> Error {
+        self.http_status = Some(http_status);
+        self.s3_code = (!s3_code.is_empty()).then(|| s3_code.to_string());
+        self
+    }
+
+    /// The HTTP status of the storage server's answer, when this error is one.
+    pub fn http_status(&self) -> Option<u16> {
+        self.http_status
+    }
+
+    /// The S3 error code (`NoSuchBucket`, `SlowDown`, ...), when the server sent one.
+    pub fn s3_code(&self) -> Option<&str> {
+        self.s3_code.as_deref()
     }
 
     pub fn invalid(message: impl Into<String>) -> Error {
@@ -135,5 +159,17 @@ mod tests {
         let err = r.context(|| "opening app.db").unwrap_err();
         assert_eq!(err.to_string(), "opening app.db: no such file");
         assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_server_answer_survives_context_and_clone() {
+        let err = Error::new(ErrorKind::NotFound, "GET a/b: not found")
+            .with_response(404, "NoSuchBucket")
+            .with_context("restoring app");
+        let copy = err.clone();
+        assert_eq!(copy.http_status(), Some(404));
+        assert_eq!(copy.s3_code(), Some("NoSuchBucket"));
+        let bare = Error::new(ErrorKind::Transient, "x").with_response(503, "");
+        assert_eq!((bare.http_status(), bare.s3_code()), (Some(503), None));
     }
 }

@@ -299,6 +299,9 @@ fn missing_key_and_missing_bucket_are_not_found() {
     );
     assert!(message.contains("404"), "{message}");
     assert!(!message.contains("X-Amz-"), "{message}");
+    // The server's answer is data, not only text.
+    assert_eq!(err.http_status(), Some(404), "{err}");
+    assert_eq!(err.s3_code(), Some("NoSuchKey"), "{err}");
 
     let mut config = server.config("p");
     config.bucket = "no-such-bucket".into();
@@ -316,6 +319,7 @@ fn missing_key_and_missing_bucket_are_not_found() {
             message.contains("bucket \"no-such-bucket\" does not exist"),
             "{message}"
         );
+        assert_eq!(err.s3_code(), Some("NoSuchBucket"), "{message}");
     }
 }
 

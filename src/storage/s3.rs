@@ -425,8 +425,15 @@ impl S3Storage {
             .lossy_utf8(true)
             .read_to_string()
             .unwrap_or_default();
-        let (kind, detail) = classify_status(status, &body, self.bucket.name());
+        self.answer_error(op, key, url, status, &body)
+    }
+
+    /// An error for an answer with `status` and error document `body`, carrying both as data.
+    fn answer_error(&self, op: &str, key: &str, url: &Url, status: u16, body: &str) -> Error {
+        let (kind, detail) = classify_status(status, body, self.bucket.name());
+        let code = xml_tag(body, "Code").unwrap_or_default();
         self.error(kind, op, key, redact(&detail, url))
+            .with_response(status, code)
     }
 
     /// An error for a request that got no response.
@@ -548,8 +555,7 @@ impl S3Storage {
                 match CompleteMultipartUploadResponse::parse(&text) {
                     Ok(_) => Ok(()),
                     Err(_) if text.contains("<Error>") => {
-                        let (kind, detail) = classify_status(200, &text, self.bucket.name());
-                        Err(self.error(kind, op, key, redact(&detail, &url)))
+                        Err(self.answer_error(op, key, &url, 200, &text))
                     }
                     Err(e) => {
                         Err(self.error(ErrorKind::Other, op, key, format!("bad response: {e}")))
@@ -793,7 +799,7 @@ impl Storage for S3Storage {
 }
 
 fn is_missing_bucket(err: &Error) -> bool {
-    err.to_string().contains("NoSuchBucket")
+    err.s3_code() == Some("NoSuchBucket")
 }
 
 /// A request body read from a file range, remembering whether reading the file failed (as
