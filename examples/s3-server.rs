@@ -20,8 +20,11 @@
 //! connection (`Connection: close`), so a client's keep-alive does not skip the delay.
 //! `--port` is then the server's port behind the proxy.
 
+// The test suite's server and proxy, of which this program uses only part.
+#[allow(dead_code)]
 #[path = "../tests/common/faultproxy.rs"]
 mod faultproxy;
+#[allow(dead_code)]
 #[path = "../tests/common/s3server.rs"]
 mod s3server;
 

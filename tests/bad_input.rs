@@ -1,12 +1,10 @@
 //! Bad input gets one clear error line, a non-zero exit, and nothing half-written.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
-use common::s3server::S3Server;
+use crate::common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
+use crate::common::s3server::S3Server;
 use walsync::replica::Replica;
 use walsync::storage::Storage;
 

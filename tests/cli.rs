@@ -3,14 +3,12 @@
 //! script-friendly restore flags (`--if-db-not-exists`, `--if-replica-exists`, `--dry-run`,
 //! `--generation`). All through the real binary.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fixtures::{dump, files_in, walsync, AppDb, WatchProcess};
-use common::s3server::S3Server;
+use crate::common::fixtures::{dump, files_in, walsync, AppDb, WatchProcess};
+use crate::common::s3server::S3Server;
 use walsync::layout::ObjectName;
 use walsync::replica::Replica;
 use walsync::storage::file::FileStorage;

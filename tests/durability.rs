@@ -4,18 +4,16 @@
 //! library's `Replicator`, `walsync::restore` and the bucket listing), then restores and
 //! compares the content with what the application really had.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::faultproxy::FaultProxy;
-use common::fixtures::{
+use crate::common::faultproxy::FaultProxy;
+use crate::common::fixtures::{
     dump, dump_of, integrity, wait_for, walsync, AppDb, Immutable, WatchProcess,
 };
-use common::s3server::S3Server;
+use crate::common::s3server::S3Server;
 use rusqlite::{params, Connection};
 use walsync::layout::{Catalog, ObjectKind, ObjectName};
 use walsync::replica::{Replica, SyncOutcome};
@@ -55,7 +53,7 @@ fn storage_via(server: &S3Server, prefix: &str, endpoint: &str) -> S3Storage {
 }
 
 fn start(storage: &Arc<dyn Storage>, db: &Path, options: Options) -> Replicator {
-    let _ = env_logger::builder().is_test(true).try_init();
+    crate::common::logs::init();
     Replicator::start(
         Arc::clone(storage),
         &[(db.to_path_buf(), "app".into())],

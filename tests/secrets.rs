@@ -3,14 +3,12 @@
 //! anything walsync printed or wrote (its output, the sidecar directory and spool leftovers,
 //! the restore's directory, the objects in the bucket).
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::fixtures::{AppDb, WatchProcess};
-use common::s3server::{Options, S3Server};
+use crate::common::fixtures::{AppDb, WatchProcess};
+use crate::common::s3server::{Options, S3Server};
 
 const ACCESS_KEY: &str = "AKIDLEAKCHECK0000001";
 const SECRET: &str = "SeCrEt-walsync-must-never-print-this-7f3a9c";

@@ -2,15 +2,13 @@
 //! container entrypoint, and the runit and s6 run scripts in contrib/. All through the real
 //! binary (and the real scripts).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fixtures::{dump, files_in, wait_for, walsync, AppDb, WatchProcess};
-use common::s3server::S3Server;
+use crate::common::fixtures::{dump, files_in, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::s3server::S3Server;
 use walsync::layout::ObjectName;
 use walsync::replica::Replica;
 use walsync::storage::file::FileStorage;

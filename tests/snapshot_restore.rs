@@ -1,14 +1,12 @@
 //! End to end against a real S3 server (s3s-fs, SigV4 checked): snapshots, segments,
 //! point-in-time restore, large objects, many objects, and the emergency restore script.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fixtures::{dump, files_in, integrity, walsync_err, walsync_ok, AppDb};
-use common::s3server::S3Server;
+use crate::common::fixtures::{dump, files_in, integrity, walsync_err, walsync_ok, AppDb};
+use crate::common::s3server::S3Server;
 use walsync::layout::ObjectName;
 use walsync::replica::{Replica, SyncOutcome};
 use walsync::storage::file::FileStorage;

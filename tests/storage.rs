@@ -1,13 +1,11 @@
 //! The S3 storage client against a real (in-process) S3 server: real HTTP, real SigV4.
 
-mod common;
-
 use std::fs::File;
 use std::io::Write;
-use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use common::s3server::S3Server;
+use crate::common::logs::warnings;
+use crate::common::s3server::S3Server;
 use walsync::storage::s3::{S3Config, S3Storage};
 use walsync::storage::{Destination, ObjectInfo, Storage};
 use walsync::ErrorKind;
@@ -26,29 +24,6 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// Warnings logged by the library, captured for every test of this binary.
-fn warnings() -> &'static Mutex<Vec<String>> {
-    struct Capture(Mutex<Vec<String>>);
-    impl log::Log for Capture {
-        fn enabled(&self, metadata: &log::Metadata) -> bool {
-            metadata.level() <= log::Level::Warn
-        }
-        fn log(&self, record: &log::Record) {
-            if self.enabled(record.metadata()) {
-                self.0.lock().unwrap().push(record.args().to_string());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        log::set_logger(&CAPTURE).expect("no other logger");
-        log::set_max_level(log::LevelFilter::Warn);
-    });
-    &CAPTURE.0
 }
 
 fn get(storage: &dyn Storage, key: &str) -> walsync::Result<Vec<u8>> {

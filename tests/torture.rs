@@ -7,11 +7,9 @@
 //! clock steps back; each round ends with a clean SIGTERM, a check of the whole chain and
 //! checked restores.
 
-mod common;
-
 use std::time::Duration;
 
-use common::torture::{self, Config};
+use crate::common::torture::{self, Config};
 
 #[test]
 fn two_short_torture_rounds_lose_nothing() {

@@ -1,17 +1,15 @@
 //! `walsync watch` end to end: the real binary against a real S3 server (SigV4 checked),
 //! real SQLite databases written while it runs, then restores compared with the source.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fixtures::{
+use crate::common::fixtures::{
     digest, digest_connection, dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess,
 };
-use common::s3server::S3Server;
+use crate::common::s3server::S3Server;
 use walsync::layout::Catalog;
 use walsync::storage::Storage;
 use walsync::utc::UtcTime;
@@ -95,7 +93,10 @@ impl CountingWriter {
                 let start = UtcTime::now();
                 conn.execute(
                     "INSERT INTO counted(i, body) VALUES (?1, ?2)",
-                    rusqlite::params![i, common::fixtures::noise(i as u64, (i % 7) as usize * 700)],
+                    rusqlite::params![
+                        i,
+                        crate::common::fixtures::noise(i as u64, (i % 7) as usize * 700)
+                    ],
                 )
                 .unwrap();
                 c.lock().unwrap().push((start, UtcTime::now()));
@@ -140,7 +141,7 @@ fn writes_while_watching_restore_to_the_latest_and_to_points_in_time() {
     std::thread::sleep(Duration::from_secs(3));
     let (conn, commits) = writer.stop();
     assert!(commits.len() > 50, "only {} commits", commits.len());
-    let expected = common::fixtures::dump_of(&conn);
+    let expected = crate::common::fixtures::dump_of(&conn);
     wait_until_replicated(&server, "live", "app", dir.path(), &expected);
 
     // Each segment boundary is a point in time: the restore there holds whole commits only,
@@ -303,7 +304,7 @@ fn sigkill_in_the_middle_of_writes_then_restart_resumes_the_generation() {
     let watch = WatchProcess::start(&args, &server.env(), dir.path());
     std::thread::sleep(Duration::from_millis(1000));
     let (conn, _) = writer.stop();
-    let expected = common::fixtures::dump_of(&conn);
+    let expected = crate::common::fixtures::dump_of(&conn);
     wait_until_replicated(&server, "kill", "app", dir.path(), &expected);
     assert!(watch.terminate(Duration::from_secs(30)).success());
     assert_eq!(
@@ -425,7 +426,7 @@ fn a_300_mib_transaction_streams_through_with_flat_memory() {
         for i in 0..300 {
             tx.execute(
                 "INSERT INTO items(id, label, body) VALUES (?1, 'big', ?2)",
-                rusqlite::params![i + 1, common::fixtures::noise(i as u64, 1024 * 1024)],
+                rusqlite::params![i + 1, crate::common::fixtures::noise(i as u64, 1024 * 1024)],
             )
             .unwrap();
         }
@@ -470,7 +471,7 @@ fn a_300_mib_transaction_streams_through_with_flat_memory() {
 #[test]
 fn library_replicator_checkpoints_keep_the_wal_small_without_breaking_the_generation() {
     use walsync::replicator::{Options, Replicator};
-    let _ = env_logger::builder().is_test(true).try_init();
+    crate::common::logs::init();
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let mut app = AppDb::create(dir.path(), "app.db");

@@ -21,8 +21,6 @@
 //! request for a while before doing anything with it (a slow S3, or with a long delay, a
 //! paused one).
 
-#![allow(dead_code)] // each test binary uses its own part of the helper
-
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -236,11 +234,6 @@ impl FaultProxy {
     /// `http://127.0.0.1:PORT`, the endpoint to give the client.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
-    }
-
-    /// How long a stall holds a connection.
-    pub fn stall(&self) -> Duration {
-        self.shared.stall
     }
 
     /// Change the fault probabilities from the next request on.

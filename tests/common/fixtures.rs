@@ -1,7 +1,5 @@
 //! Real SQLite databases to replicate, and the real `walsync` binary to run against them.
 
-#![allow(dead_code)] // each test binary uses its own part of the helper
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

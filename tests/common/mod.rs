@@ -1,6 +1,5 @@
-#![allow(dead_code)]
-
 pub mod faultproxy;
 pub mod fixtures;
+pub mod logs;
 pub mod s3server;
 pub mod torture;

@@ -14,8 +14,6 @@
 //! directories), and listings echo `encoding-type=url` without encoding keys, so a key with `+`
 //! or `%` comes back altered (`+` as a space).
 
-#![allow(dead_code)] // each test binary uses its own part of the helper
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -43,8 +43,6 @@
 //! Rounds are seeded (`seed`, `round`): the same pair makes the same choices, though thread
 //! timing still differs from run to run.
 
-#![allow(dead_code)] // each test binary uses its own part of the helper
-
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fmt::Write as _;

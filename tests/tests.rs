@@ -1,0 +1,19 @@
+//! walsync's integration tests, as one test binary (as ripgrep does): the shared helpers in
+//! `common/` are compiled once, and every module can use any of them without `dead_code`
+//! allowances. Each module drives the real `walsync` binary or library against real SQLite
+//! databases and a real S3 server (s3s-fs, SigV4 checked) that the tests start themselves.
+//!
+//! Run one module with `cargo test --test tests durability::` (or any name filter).
+
+mod common;
+
+mod bad_input;
+mod cli;
+mod crash_recovery;
+mod durability;
+mod secrets;
+mod service;
+mod snapshot_restore;
+mod storage;
+mod torture;
+mod watch;
