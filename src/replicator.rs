@@ -472,10 +472,11 @@ impl DbWorker {
     /// Ask the pruning thread to prune this database, if one is wanted and the last was
     /// long enough ago. Never waits: the prune runs on its own thread.
     fn prune_if_due(&mut self) {
-        let now = Instant::now();
         let (Some(due), Some(prune)) = (self.next_prune(), &self.prune) else {
             return;
         };
+        // After `due`: when no prune ran yet, `due` is the moment it was computed.
+        let now = Instant::now();
         if now < due {
             return;
         }
