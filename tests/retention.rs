@@ -593,3 +593,45 @@ fn delete_many_batches_a_thousand_keys_and_falls_back_without_delete_objects() {
     assert_eq!(methods, ["DELETE"]);
     assert!(storage.list("app/").unwrap().is_empty());
 }
+
+#[test]
+fn delete_many_reports_the_keys_the_server_could_not_delete() {
+    let server = S3Server::start();
+    let storage = server.storage("errs").with_max_attempts(2);
+    let keys: Vec<String> = (0..3).map(|i| format!("app/wal/k{i}")).collect();
+    let answer = |code: &str| {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+             <DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Error><Key>errs/app/wal/k1</Key><Code>{code}</Code><Message>No.</Message></Error>\
+             <Error><Key>errs/app/wal/k2</Key><Code>NoSuchKey</Code><Message>Gone.</Message></Error>\
+             </DeleteResult>"
+        )
+    };
+    // Refused: an error naming the key (relative, as the caller knows it) and the code.
+    server.answer_delete_objects_with(Some(&answer("AccessDenied")));
+    let err = storage.delete_many(&keys).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("DeleteObjects"), "{text}");
+    assert!(
+        text.contains("1 of 3 keys not deleted: app/wal/k1 (AccessDenied: No.)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("k2 ("),
+        "a missing key counts as deleted: {text}"
+    );
+
+    // A temporary per-key failure is sent again (only that key), then reported.
+    server.answer_delete_objects_with(Some(&answer("InternalError")));
+    server.clear_requests();
+    let err = storage.delete_many(&keys).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    assert!(
+        err.to_string().contains("gave up after 2 attempts"),
+        "{err}"
+    );
+    assert_eq!(server.requests().len(), 2);
+    assert!(err.to_string().contains("1 of 1 keys not deleted"), "{err}");
+}

@@ -210,6 +210,12 @@ impl S3Server {
         *self.shared.refuse_delete_objects.lock().unwrap() = refuse;
     }
 
+    /// Answer every DeleteObjects with this `DeleteResult` body (HTTP 200) instead of
+    /// deleting anything, e.g. to report per-key errors; None serves it again.
+    pub fn answer_delete_objects_with(&self, body: Option<&str>) {
+        *self.shared.delete_objects_answer.lock().unwrap() = body.map(str::to_string);
+    }
+
     /// Stop serving: from now on connections to the port are refused. Idempotent.
     pub fn stop(&mut self) {
         if let Some((shutdown, thread)) = self.running.take() {
@@ -333,6 +339,14 @@ async fn handle(
         let message = "A header you provided implies functionality that is not implemented";
         return Ok(s3_error(501, "NotImplemented", message));
     }
+    let canned = shared.delete_objects_answer.lock().unwrap().clone();
+    if let Some(body) = canned.filter(|_| delete_objects) {
+        return Ok(hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/xml")
+            .body(CutBody::new(s3s::Body::from(body), None))
+            .unwrap());
+    }
     let response = hyper::service::Service::call(&service, req).await?;
     Ok(response.map(|body| CutBody::new(body, cut)))
 }
@@ -403,6 +417,7 @@ struct Shared {
     cut_next_download: Mutex<Option<u64>>,
     request_log: Mutex<Option<std::fs::File>>,
     refuse_delete_objects: Mutex<bool>,
+    delete_objects_answer: Mutex<Option<String>>,
 }
 
 /// A response body that fails after `left` bytes, if given, which breaks the connection.
