@@ -56,7 +56,7 @@ pub trait Storage: Send + Sync {
     /// removed in the order given, except that a batching implementation (S3 DeleteObjects,
     /// up to 1000 keys a request) removes the keys of one batch in no particular order; it
     /// finishes each batch before it starts the next. The first failure stops it: the
-    /// error names the keys that could not be removed, and keys after them are untouched.
+    /// error names the keys that could not be removed, and later batches are not sent.
     ///
     /// The default removes the keys one at a time with [`Storage::delete`] (what `file://`
     /// does: one unlink each).
