@@ -120,15 +120,24 @@ impl PrunePlan {
             );
         };
         format!(
-            "{}: {verb} {} objects ({} snapshots, {} segments), {} bytes freed; every point \
-             from {window} stays restorable (oldest kept snapshot {})",
+            "{}: {verb} {} ({}, {}), {} bytes freed; every point from {window} stays \
+             restorable (oldest kept snapshot {})",
             self.name,
-            self.delete.len(),
-            self.snapshots(),
-            self.segments(),
+            count(self.delete.len(), "object"),
+            count(self.snapshots(), "snapshot"),
+            count(self.segments(), "segment"),
             self.bytes,
             base.name.time
         )
+    }
+}
+
+/// `1 object`, `2 objects`.
+fn count(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
     }
 }
 
@@ -600,6 +609,9 @@ mod tests {
         assert_eq!(plan.base.as_ref().unwrap().key, s2);
         assert_eq!(plan.keys(), [s0.clone(), w1.clone()]);
         assert_eq!(plan.bytes, 100 + 101);
+        assert!(plan
+            .summary(false)
+            .starts_with("app: would delete 2 objects (1 snapshot, 1 segment), 201 bytes freed"));
         assert_restores_unchanged(&l, &plan);
         // W exactly at a snapshot's time keeps that snapshot as S*.
         let plan = plan_at(&l, 145, 100);
