@@ -14,6 +14,7 @@
 //! - [`uploader`]: the small pool of blocking upload workers shared by all databases.
 //! - [`replicator`]: continuous replication of many databases (`walsync watch`).
 //! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
+//! - [`retention`]: which old objects a prune deletes, keeping every point in the window restorable.
 //! - [`list`]: what a destination holds, for people and scripts.
 
 pub mod database;
@@ -23,6 +24,7 @@ pub mod list;
 pub mod replica;
 pub mod replicator;
 pub mod restore;
+pub mod retention;
 pub mod segment;
 pub mod sidecar;
 pub mod snapshot;

@@ -71,6 +71,7 @@ enum Command {
     List(ListCmd),
     Status(StatusCmd),
     Restore(RestoreCmd),
+    Prune(PruneCmd),
 }
 
 /// Replicate databases continuously until SIGTERM or SIGINT.
@@ -113,6 +114,11 @@ struct WatchCmd {
     /// grows instead
     #[argh(option)]
     staging_limit: Option<u64>,
+    /// keep every point in time this far back restorable and delete older backups while
+    /// running: 24h, 90m, 7d, 3600s, or 0 to keep everything (default 24h; or
+    /// WALSYNC_RETENTION). Pruned at start and after each stored snapshot, at most hourly
+    #[argh(option)]
+    retention: Option<String>,
     /// once replication has started, run this command through /bin/sh -c, forward SIGTERM
     /// and SIGINT to it, and when it exits, ship what is left and exit with its status (or
     /// WALSYNC_EXEC)
@@ -238,6 +244,41 @@ struct RestoreCmd {
     mode: Option<String>,
 }
 
+/// Delete backups older than the retention, keeping every point in time inside it
+/// restorable.
+#[derive(FromArgs)]
+#[argh(
+    subcommand,
+    name = "prune",
+    note = "Keeps the snapshot a restore to (now - retention) starts from, everything after\n\
+            it, and always the newest snapshot and what follows it; deletes older snapshots,\n\
+            the segments only they need, and older generations. Never state.json or keys\n\
+            walsync did not write. One LIST, then batched deletes, oldest first.\n\
+            Exit codes: see walsync --help (3 if a NAME has no replica)."
+)]
+struct PruneCmd {
+    /// replica names, as shown by `walsync list` (default: every database)
+    #[argh(positional)]
+    names: Vec<String>,
+    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
+    #[argh(option, short = 'b')]
+    bucket: Option<String>,
+    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
+    #[argh(option)]
+    endpoint: Option<String>,
+    /// seconds one S3 read or write may wait before the request fails and is retried
+    /// (default 60; or WALSYNC_S3_TIMEOUT)
+    #[argh(option)]
+    s3_timeout: Option<f64>,
+    /// how far back every point in time stays restorable: 24h, 90m, 7d, 3600s, or 0 to
+    /// keep everything (required; or WALSYNC_RETENTION)
+    #[argh(option)]
+    retention: Option<String>,
+    /// print what would be deleted (keys, sizes, bytes freed) and delete nothing
+    #[argh(switch)]
+    dry_run: bool,
+}
+
 /// Process-wide memory settings, made before anything else runs. walsync keeps two SQLite
 /// connections and one thread per database, so per-connection and per-thread overheads,
 /// small for one database, add up for a hundred: SQLite's lookaside (about 120 KiB per
@@ -278,7 +319,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let Some(command) = cli.command else {
-        eprintln!("walsync: error: a command is required (watch, snapshot, list, status or restore); see walsync --help");
+        eprintln!("walsync: error: a command is required (watch, snapshot, list, status, restore or prune); see walsync --help");
         return ExitCode::from(USAGE);
     };
     let default_level = if cli.verbose {
@@ -429,6 +470,74 @@ fn seconds(setting: Option<(f64, &str)>, default: Duration, zero_ok: bool) -> Re
         .ok_or_else(|| Error::invalid(format!("{from} must be a positive number of seconds")))
 }
 
+/// The retention from `--retention` or WALSYNC_RETENTION (None if neither is given). A
+/// variable that does not parse is named, never quoted.
+fn retention_setting(flag: Option<String>) -> Result<Option<Duration>> {
+    let Some((text, from)) = setting(flag, "--retention", "WALSYNC_RETENTION", "a duration")?
+    else {
+        return Ok(None);
+    };
+    match walsync::retention::parse_duration(&text) {
+        Ok(duration) => Ok(Some(duration)),
+        Err(e) if from == "--retention" => Err(e.with_context("--retention")),
+        Err(_) => Err(Error::invalid(format!(
+            "{from} must be a duration such as 24h, 90m, 7d or 3600s (0 keeps everything)"
+        ))),
+    }
+}
+
+/// `walsync prune`.
+fn prune_command(cmd: PruneCmd) -> Result<()> {
+    let retention = retention_setting(cmd.retention)?.ok_or_else(|| {
+        Error::invalid(
+            "no retention: pass --retention DURATION (such as 24h or 7d; 0 keeps everything), \
+             or set WALSYNC_RETENTION",
+        )
+    })?;
+    for name in &cmd.names {
+        layout::validate_name(name)?;
+    }
+    let storage = StorageArgs {
+        bucket: cmd.bucket.as_deref(),
+        endpoint: cmd.endpoint.as_deref(),
+        s3_timeout: cmd.s3_timeout,
+    };
+    let (_, storage) = storage.open()?;
+    let catalog = walsync::list::catalog(storage.as_ref())?;
+    let now = UtcTime::now();
+    if cmd.dry_run {
+        println!(
+            "dry run: nothing is deleted from {} (retention {}, now {now})",
+            storage.describe(),
+            walsync::retention::format_duration(retention)
+        );
+    }
+    let plans = walsync::retention::prune_catalog(
+        storage.as_ref(),
+        &catalog,
+        &cmd.names,
+        now,
+        retention,
+        cmd.dry_run,
+        |plan, done| {
+            if !done {
+                for object in &plan.delete {
+                    println!("would delete  {}  {} bytes", object.key, object.size);
+                }
+            }
+            println!("{}", plan.summary(done));
+        },
+    )?;
+    if plans.is_empty() {
+        println!("no replicas in {}", storage.describe());
+    } else if cmd.dry_run {
+        let objects: usize = plans.iter().map(|p| p.delete.len()).sum();
+        let bytes: u64 = plans.iter().map(|p| p.bytes).sum();
+        println!("dry run total: would delete {objects} objects, {bytes} bytes freed");
+    }
+    Ok(())
+}
+
 /// `--mode`: octal permission bits such as `640` or `0640`.
 fn parse_mode(text: &str) -> Result<u32> {
     u32::from_str_radix(text, 8)
@@ -565,6 +674,7 @@ impl WatchCmd {
             .map_or(defaults.staging_limit, |(mib, _)| {
                 mib.saturating_mul(1024 * 1024)
             }),
+            retention: retention_setting(self.retention.clone())?.unwrap_or(defaults.retention),
             watch_mode: if self.poll {
                 WatchMode::Poll
             } else {
@@ -600,12 +710,17 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     };
     let (destination, storage) = storage.open()?;
     let databases = layout::assign_names(&cmd.databases)?;
+    let retention = options.retention;
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         println!("watching {} as {name}", path.display());
     }
+    let retention = match retention {
+        r if r.is_zero() => "keeping every backup".to_string(),
+        r => format!("retention {}", walsync::retention::format_duration(r)),
+    };
     log::info!(
-        "replicating {} database(s) to {destination} ({} events)",
+        "replicating {} database(s) to {destination} ({} events, {retention})",
         databases.len(),
         replicator.watch_backend()
     );
@@ -804,6 +919,7 @@ fn run(command: Command) -> Result<u8> {
             }
         }
         Command::Restore(cmd) => restore_command(cmd)?,
+        Command::Prune(cmd) => prune_command(cmd)?,
     }
     Ok(0)
 }

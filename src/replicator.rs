@@ -12,11 +12,19 @@
 //! everything committed meanwhile into one segment. Objects of one database upload one at
 //! a time, in order, through a small pool of workers shared by all databases.
 //!
+//! Retention: with [`Options::retention`] set, each database is pruned (see
+//! [`crate::retention`]) when the replicator starts and after each snapshot it stores, at
+//! most once per [`PRUNE_INTERVAL`] (or per retention, if that is shorter). Pruning runs on
+//! one thread of its own, shared by all databases, so a slow or failing prune never holds
+//! up a database thread or an upload worker; a failed prune is a warning, retried at the
+//! next occasion, and never stops replication.
+//!
 //! Nothing here needs an async runtime. A Tokio application starts a [`Replicator`] from
 //! any thread and calls its blocking methods through `spawn_blocking`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,8 +32,10 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
+use crate::retention;
 use crate::storage::Storage;
 use crate::uploader::UploadPool;
+use crate::utc::UtcTime;
 use crate::watcher::{WatchMode, Watcher};
 
 /// How a [`Replicator`] behaves. `Default` gives walsync's defaults.
@@ -51,6 +61,9 @@ pub struct Options {
     /// Per database: stop reading the WAL while this many bytes are staged on local disk
     /// and not yet stored (storage is down or slow); the WAL then stays pinned.
     pub staging_limit: u64,
+    /// Keep every point in time this far back restorable and delete older objects (see
+    /// [`crate::retention`]); zero keeps everything.
+    pub retention: Duration,
 }
 
 impl Default for Options {
@@ -65,9 +78,14 @@ impl Default for Options {
             passive_checkpoint_frames: 1000,
             wal_size_limit: replica::DEFAULT_WAL_SIZE_LIMIT,
             staging_limit: replica::DEFAULT_STAGING_LIMIT,
+            retention: retention::DEFAULT_RETENTION,
         }
     }
 }
+
+/// A database is pruned at most this often (or once per retention, if that is shorter):
+/// after each snapshot stored, since a snapshot is what lets older objects go.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// After a failed checkpoint or one that could not finish, wait this long before the next.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
@@ -104,6 +122,7 @@ pub struct Replicator {
     databases: Vec<DbThread>,
     pool: Arc<UploadPool>,
     watcher: Watcher,
+    pruner: Option<Pruner>,
 }
 
 impl Replicator {
@@ -124,6 +143,11 @@ impl Replicator {
             replicas.push(replica);
         }
         let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
+        let pruner = if options.retention.is_zero() {
+            None
+        } else {
+            Some(Pruner::start(Arc::clone(&storage), options.retention)?)
+        };
         let pool = Arc::new(UploadPool::start(storage, options.upload_workers)?);
         let mut threads = Vec::new();
         for replica in replicas {
@@ -143,9 +167,12 @@ impl Replicator {
                 own_sender: tx.clone(),
                 pool: Arc::clone(&pool),
                 options: options.clone(),
+                prune: pruner.as_ref().map(Pruner::requests),
                 agenda: Agenda {
                     dirty: true,
                     last_snapshot: Some(Instant::now()),
+                    // Once at start: old backups go even if no snapshot is due for a while.
+                    prune_due: true,
                     ..Agenda::default()
                 },
             };
@@ -165,6 +192,7 @@ impl Replicator {
             databases: threads,
             pool,
             watcher,
+            pruner,
         })
     }
 
@@ -224,6 +252,9 @@ impl Replicator {
         if let Ok(pool) = Arc::try_unwrap(self.pool) {
             pool.shutdown();
         }
+        if let Some(pruner) = self.pruner {
+            pruner.stop(deadline);
+        }
         if failures.is_empty() {
             Ok(())
         } else {
@@ -256,6 +287,8 @@ struct DbWorker {
     own_sender: Sender<Event>,
     pool: Arc<UploadPool>,
     options: Options,
+    /// Where to ask for this database to be pruned (None: retention is off).
+    prune: Option<Sender<String>>,
     agenda: Agenda,
 }
 
@@ -294,6 +327,9 @@ struct Agenda {
     snapshot_requests: Vec<Sender<Result<String>>>,
     /// Requests answered when the object with this key is stored.
     waiters: HashMap<String, Vec<Waiter>>,
+    /// A prune is wanted (at start, and after a snapshot is stored).
+    prune_due: bool,
+    last_prune: Option<Instant>,
     /// Stopping: walsync must be gone by then.
     stop: Option<Instant>,
     /// Stopping, and everything committed is staged and the tip settled (see
@@ -353,6 +389,9 @@ impl DbWorker {
         if let Some(retry) = agenda.retry_at {
             wake = wake.min(retry);
         }
+        if let Some(prune) = self.next_prune() {
+            wake = wake.min(prune);
+        }
         if let Some(stop) = agenda.stop {
             wake = wake.min(stop);
         }
@@ -367,7 +406,10 @@ impl DbWorker {
             Event::Uploaded(upload, Ok(())) => {
                 let key = upload.key.clone();
                 match self.replica.upload_done(&key) {
-                    Ok(true) => drop(self.write_state()),
+                    Ok(true) => {
+                        drop(self.write_state());
+                        self.agenda.prune_due = true;
+                    }
                     Ok(false) => {}
                     Err(e) => log::error!("{}: {e}", self.replica.name()),
                 }
@@ -395,9 +437,11 @@ impl DbWorker {
         }
     }
 
-    /// Do whatever is due, in this order: ship, snapshot, checkpoint, settle before a stop,
-    /// hand out the next upload, answer syncs.
+    /// Do whatever is due, in this order: ask for a prune, ship, snapshot, checkpoint,
+    /// settle before a stop, hand out the next upload, answer syncs.
     fn step(&mut self) -> Result<()> {
+        // Only a request to another thread: due even while a local error waits for a retry.
+        self.prune_if_due();
         if self.agenda.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
@@ -409,6 +453,42 @@ impl DbWorker {
         self.upload_next()?;
         self.answer_syncs();
         Ok(())
+    }
+
+    /// When the next prune may be asked for, if one is wanted.
+    fn next_prune(&self) -> Option<Instant> {
+        let agenda = &self.agenda;
+        if self.prune.is_none() || !agenda.prune_due || agenda.stop.is_some() {
+            return None;
+        }
+        let interval = PRUNE_INTERVAL.min(self.options.retention);
+        Some(
+            agenda
+                .last_prune
+                .map_or_else(Instant::now, |t| t + interval),
+        )
+    }
+
+    /// Ask the pruning thread to prune this database, if one is wanted and the last was
+    /// long enough ago. Never waits: the prune runs on its own thread.
+    fn prune_if_due(&mut self) {
+        let (Some(due), Some(prune)) = (self.next_prune(), &self.prune) else {
+            return;
+        };
+        // After `due`: when no prune ran yet, `due` is the moment it was computed.
+        let now = Instant::now();
+        if now < due {
+            return;
+        }
+        self.agenda.prune_due = false;
+        self.agenda.last_prune = Some(now);
+        if prune.send(self.replica.name().to_string()).is_err() {
+            log::warn!(
+                "{}: the pruning thread is gone; not pruning",
+                self.replica.name()
+            );
+            self.prune = None;
+        }
     }
 
     /// Stage what was committed, if the WAL changed and `min_interval` allows (or forced).
@@ -598,5 +678,93 @@ impl DbWorker {
                 ),
             ))
         }
+    }
+}
+
+/// The pruning thread: prunes the databases it is asked to, one at a time, in the
+/// background of the database threads and the upload workers.
+struct Pruner {
+    requests: Sender<String>,
+    thread: JoinHandle<()>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Pruner {
+    fn start(storage: Arc<dyn Storage>, retention: Duration) -> Result<Pruner> {
+        let (requests, queue) = mpsc::channel::<String>();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&stopping);
+        let thread = std::thread::Builder::new()
+            .name("walsync-prune".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    // Requests that piled up meanwhile: each database once.
+                    let mut names = vec![first];
+                    while let Ok(more) = queue.try_recv() {
+                        if !names.contains(&more) {
+                            names.push(more);
+                        }
+                    }
+                    for name in names {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        prune_in_background(storage.as_ref(), &name, retention);
+                    }
+                }
+            })
+            .map_err(|e| Error::from(e).with_context("starting the pruning thread"))?;
+        Ok(Pruner {
+            requests,
+            thread,
+            stopping,
+        })
+    }
+
+    fn requests(&self) -> Sender<String> {
+        self.requests.clone()
+    }
+
+    /// Start no new prune, and wait for one in progress until `deadline`. A prune cut short
+    /// by the process exiting leaves a restorable replica (see [`crate::retention`]).
+    fn stop(self, deadline: Instant) {
+        self.stopping.store(true, Ordering::Relaxed);
+        drop(self.requests);
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                log::warn!("a prune was still running at the shutdown deadline; left unfinished");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.thread.join();
+    }
+}
+
+/// Prune one database as of now; log what went, and failures as warnings (replication goes
+/// on regardless).
+fn prune_in_background(storage: &dyn Storage, name: &str, retention: Duration) {
+    let started = Instant::now();
+    match retention::prune(storage, name, UtcTime::now(), retention, false) {
+        Ok(plan) if plan.delete.is_empty() => log::debug!(
+            "{} (retention {})",
+            plan.summary(true),
+            retention::format_duration(retention)
+        ),
+        Ok(plan) => {
+            log::info!(
+                "{} (retention {}, {} ms)",
+                plan.summary(true),
+                retention::format_duration(retention),
+                started.elapsed().as_millis()
+            );
+            log::debug!("{name}: pruned {}", plan.keys().join(" "));
+        }
+        Err(e) => log::warn!(
+            "{name}: pruning for retention {} failed: {e}; replication goes on, and the next \
+             prune tries again",
+            retention::format_duration(retention)
+        ),
     }
 }

@@ -23,6 +23,7 @@
 //!    `OUT.tmp` is created owner-only (or with `--mode`, less the umask) before any data
 //!    goes into it.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -33,7 +34,7 @@ use std::sync::Mutex;
 use flate2::write::GzDecoder;
 
 use crate::error::{Context, Error, ErrorKind, Result};
-use crate::layout::{self, Catalog, ChainValue, Generation, StoredObject};
+use crate::layout::{self, Catalog, ChainValue, Generation, GenerationObjects, StoredObject};
 use crate::spool;
 use crate::storage::Storage;
 use crate::utc::UtcTime;
@@ -156,11 +157,29 @@ pub fn plan_in(
             storage.describe()
         ))
     })?;
+    choose(
+        name,
+        generations,
+        point_in_time,
+        generation,
+        &storage.describe(),
+    )
+}
+
+/// The choice [`plan_in`] makes, from the listing of `name` already grouped by generation
+/// (`destination` only names where it came from, in errors). Pure: retention planning
+/// ([`crate::retention`]) checks against it that pruning changes no restore it must keep.
+pub fn choose(
+    name: &str,
+    generations: &BTreeMap<Generation, GenerationObjects>,
+    point_in_time: Option<UtcTime>,
+    generation: Option<&Generation>,
+    destination: &str,
+) -> Result<RestorePlan> {
     if let Some(wanted) = generation.filter(|g| !generations.contains_key(*g)) {
         let known: Vec<&str> = generations.keys().map(Generation::as_str).collect();
         return Err(Error::not_found(format!(
-            "replica {name:?} in {} has no generation {wanted}; it has {}",
-            storage.describe(),
+            "replica {name:?} in {destination} has no generation {wanted}; it has {}",
             known.join(", ")
         )));
     }
@@ -187,9 +206,13 @@ pub fn plan_in(
             (Some(t), Some(first)) => Error::not_found(format!(
                 "no backup of {name:?} at or before {t}: the earliest snapshot is from {first}"
             )),
+            (_, None) if generation.is_some() => Error::not_found(format!(
+                "generation {} of {name:?} in {destination} has no snapshot to restore from \
+                 (only segments are left, as an interrupted prune leaves them)",
+                generation.map_or("", Generation::as_str)
+            )),
             _ => Error::not_found(format!(
-                "replica {name:?} in {} has no snapshot to restore from",
-                storage.describe()
+                "replica {name:?} in {destination} has no snapshot to restore from"
             )),
         });
     };

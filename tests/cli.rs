@@ -130,13 +130,16 @@ fn version_and_help_name_the_version_exit_codes_and_variables() {
         "WALSYNC_SHUTDOWN_TIMEOUT",
         "WALSYNC_STAGING_LIMIT",
         "WALSYNC_EXEC",
+        "WALSYNC_RETENTION",
     ];
-    for command in ["watch", "snapshot", "list", "status", "restore"] {
+    let prune_vars = ["WALSYNC_RETENTION"];
+    for command in ["watch", "snapshot", "list", "status", "restore", "prune"] {
         let (help, _) = succeeds(&[command, "--help"], &[]);
         // argh wraps descriptions; compare without line breaks and indentation.
         let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
         let vars = storage_vars.iter().chain(match command {
             "watch" => &watch_vars[..],
+            "prune" => &prune_vars[..],
             _ => &[],
         });
         for var in vars {
@@ -608,6 +611,7 @@ fn watch_settings_come_from_the_environment_and_flags_win() {
         ("WALSYNC_UPLOAD_WORKERS", "--upload-workers", "1"),
         ("WALSYNC_SHUTDOWN_TIMEOUT", "--shutdown-timeout", "10"),
         ("WALSYNC_STAGING_LIMIT", "--staging-limit", "64"),
+        ("WALSYNC_RETENTION", "--retention", "7d"),
     ];
     // Each variable is read: a value that does not parse is an error naming it.
     let nonsense = "lots-Zq81";

@@ -2,8 +2,9 @@
 //!
 //! Everything walsync keeps remotely goes through [`Storage`]: put an object (from a small
 //! buffer or streamed from a file), get an object into a writer, list keys under a prefix,
-//! delete a key. Keys are relative to the destination's prefix, use `/` as separator, and
-//! never start with `/`; each implementation maps them onto its own namespace.
+//! delete a key, or many at once (retention). Keys are relative to the destination's
+//! prefix, use `/` as separator, and never start with `/`; each implementation maps them
+//! onto its own namespace.
 //!
 //! - [`s3::S3Storage`]: any S3-compatible service, signed with SigV4 (rusty-s3) over a
 //!   blocking HTTP client (ureq), with retries and multipart upload for large files.
@@ -50,6 +51,21 @@ pub trait Storage: Send + Sync {
 
     /// Remove `key`. Removing a key that does not exist is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Remove every key in `keys`; keys that do not exist are not an error. Keys are
+    /// removed in the order given, except that a batching implementation (S3 DeleteObjects,
+    /// up to 1000 keys a request) removes the keys of one batch in no particular order; it
+    /// finishes each batch before it starts the next. The first failure stops it: the
+    /// error names the keys that could not be removed, and later batches are not sent.
+    ///
+    /// The default removes the keys one at a time with [`Storage::delete`] (what `file://`
+    /// does: one unlink each).
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        for key in keys {
+            self.delete(key)?;
+        }
+        Ok(())
+    }
 
     /// Where this storage points, for messages: `s3://bucket/prefix` or `file:///dir`.
     fn describe(&self) -> String;

@@ -11,6 +11,12 @@
 //! failed part is sent again, not the whole file, and an interrupted download resumes where it
 //! stopped. Other failures are reported at once, classified into [`ErrorKind`]s.
 //!
+//! Many keys are deleted with DeleteObjects, up to [`DELETE_BATCH`] keys a request (with the
+//! `Content-MD5` header S3 requires for it); keys the response reports as failed with a
+//! temporary error are sent again, the rest is reported. A server that does not implement
+//! DeleteObjects (501 `NotImplemented`) gets one DeleteObject request per key instead, from
+//! then on.
+//!
 //! Error messages name the destination, the operation and the relative key, and the HTTP
 //! status; URLs in them are printed without their query string, which holds the presigned
 //! credential and signature. Secrets are never printed.
@@ -18,10 +24,13 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusty_s3::actions::{CompleteMultipartUploadResponse, CreateMultipartUpload, ListObjectsV2};
+use rusty_s3::actions::{
+    CompleteMultipartUploadResponse, CreateMultipartUpload, DeleteObjectsResponse, ListObjectsV2,
+    ObjectIdentifier,
+};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
 
@@ -57,6 +66,9 @@ const ERROR_BODY_LIMIT: u64 = 64 * 1024;
 const XML_BODY_LIMIT: u64 = 32 * 1024 * 1024;
 
 const COPY_BUFFER: usize = 64 * 1024;
+
+/// Keys per DeleteObjects request: S3 takes at most 1000.
+pub const DELETE_BATCH: usize = 1000;
 
 /// Where and how to reach an S3 bucket.
 #[derive(Clone)]
@@ -154,6 +166,8 @@ pub struct S3Stats {
     pub parts_uploaded: u64,
     /// Requests retried after a transient failure.
     pub retries: u64,
+    /// DeleteObjects requests that succeeded.
+    pub batch_deletes: u64,
 }
 
 #[derive(Default)]
@@ -163,6 +177,7 @@ struct Counters {
     multipart_uploads: AtomicU64,
     parts_uploaded: AtomicU64,
     retries: AtomicU64,
+    batch_deletes: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -179,6 +194,8 @@ pub struct S3Storage {
     max_attempts: u32,
     list_page_size: Option<usize>,
     counters: Counters,
+    /// The server answered DeleteObjects with NotImplemented: delete one key per request.
+    single_deletes: AtomicBool,
 }
 
 impl fmt::Debug for S3Storage {
@@ -260,6 +277,7 @@ impl S3Storage {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             list_page_size: None,
             counters: Counters::default(),
+            single_deletes: AtomicBool::new(false),
         })
     }
 
@@ -292,6 +310,7 @@ impl S3Storage {
             multipart_uploads: c.multipart_uploads.load(Ordering::Relaxed),
             parts_uploaded: c.parts_uploaded.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
+            batch_deletes: c.batch_deletes.load(Ordering::Relaxed),
         }
     }
 
@@ -576,6 +595,106 @@ impl S3Storage {
         }
     }
 
+    /// One DeleteObjects request per batch of `keys` (relative keys, already checked, with
+    /// their object keys in `objects`). Keys the server reports as failed with a temporary
+    /// error are sent again, with the retry conventions of every other request.
+    fn delete_batch(&self, keys: &[String], objects: &[String]) -> Result<()> {
+        let op = "DeleteObjects";
+        let label = match keys {
+            [only] => only.clone(),
+            [first, .., last] => format!("{} keys {first} .. {last}", keys.len()),
+            [] => return Ok(()),
+        };
+        // Object key -> relative key, to name failed keys as the caller knows them.
+        let relative = |object: &str| {
+            objects
+                .iter()
+                .position(|o| o == object)
+                .map_or_else(|| object.to_string(), |i| keys[i].clone())
+        };
+        let mut remaining: Vec<ObjectIdentifier> = objects
+            .iter()
+            .map(|o| ObjectIdentifier::new(o.clone()))
+            .collect();
+        self.retry(|| {
+            let mut action = self
+                .bucket
+                .delete_objects(Some(&self.credentials), remaining.iter());
+            // Only failures are listed in the answer: a short body for 1000 keys.
+            action.set_quiet(true);
+            let url = action.sign(SIGNATURE_VALIDITY);
+            let (body, md5) = action.body_with_md5();
+            let headers = [("content-md5", md5)];
+            let response = self.exchange(
+                op,
+                &label,
+                Method::Post,
+                &url,
+                &headers,
+                Payload::Bytes(body.as_bytes()),
+            )?;
+            let text = self.read_text(op, &label, &url, response)?;
+            let answer = match DeleteObjectsResponse::parse(&text) {
+                Ok(answer) => answer,
+                // Like CompleteMultipartUpload, a 200 can carry an <Error> document.
+                Err(_) if text.contains("<Error>") && !text.contains("DeleteResult") => {
+                    let (kind, detail) = classify_status(200, &text, self.bucket.name());
+                    return Err(self.error(kind, op, &label, redact(&detail, &url)));
+                }
+                Err(e) => {
+                    return Err(self.error(
+                        ErrorKind::Other,
+                        op,
+                        &label,
+                        format!("bad response: {e}"),
+                    ))
+                }
+            };
+            bump(&self.counters.batch_deletes);
+            // A key already gone is deleted, as DeleteObject has it.
+            let failed: Vec<_> = answer
+                .errors
+                .into_iter()
+                .filter(|e| e.code != "NoSuchKey")
+                .collect();
+            if failed.is_empty() {
+                remaining.clear();
+                return Ok(());
+            }
+            let kinds: Vec<ErrorKind> = failed
+                .iter()
+                .map(|e| {
+                    let status = if e.code == "AccessDenied" { 403 } else { 200 };
+                    classify_status(status, &format!("<Code>{}</Code>", e.code), "").0
+                })
+                .collect();
+            // Send again only what failed, and only if every failure was temporary.
+            let kind = if kinds.iter().all(|k| *k == ErrorKind::Transient) {
+                ErrorKind::Transient
+            } else {
+                kinds
+                    .iter()
+                    .copied()
+                    .find(|k| *k != ErrorKind::Transient)
+                    .unwrap_or(ErrorKind::Other)
+            };
+            let mut detail = format!("{} of {} keys not deleted:", failed.len(), remaining.len());
+            for e in failed.iter().take(5) {
+                detail.push_str(&format!(
+                    " {} ({}: {});",
+                    relative(&e.key),
+                    e.code,
+                    shorten(&e.message)
+                ));
+            }
+            if failed.len() > 5 {
+                detail.push_str(&format!(" and {} more", failed.len() - 5));
+            }
+            remaining.retain(|o| failed.iter().any(|e| e.key == o.key));
+            Err(self.error(kind, op, &label, redact(detail.trim_end_matches(';'), &url)))
+        })
+    }
+
     /// Best effort: parts of an upload that is neither completed nor aborted are kept (and
     /// billed) until a lifecycle rule removes them.
     fn abort_multipart(&self, key: &str, object: &str, upload_id: &str) {
@@ -789,6 +908,29 @@ impl Storage for S3Storage {
         })
     }
 
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        let objects: Vec<String> = keys
+            .iter()
+            .map(|key| self.object_key(key))
+            .collect::<Result<_>>()?;
+        for (keys, objects) in keys.chunks(DELETE_BATCH).zip(objects.chunks(DELETE_BATCH)) {
+            if !self.single_deletes.load(Ordering::Relaxed) {
+                match self.delete_batch(keys, objects) {
+                    Ok(()) => continue,
+                    Err(err) if is_not_implemented(&err) => {
+                        log::info!("{err}: deleting one object per request instead (DeleteObject)");
+                        self.single_deletes.store(true, Ordering::Relaxed);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            for key in keys {
+                self.delete(key)?;
+            }
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         if self.prefix.is_empty() {
             format!("s3://{}", self.bucket.name())
@@ -800,6 +942,13 @@ impl Storage for S3Storage {
 
 fn is_missing_bucket(err: &Error) -> bool {
     err.s3_code() == Some("NoSuchBucket")
+}
+
+/// The server does not implement the request (HTTP 501, `NotImplemented`): for
+/// DeleteObjects, which some S3-compatible servers lack.
+fn is_not_implemented(err: &Error) -> bool {
+    let text = err.to_string();
+    text.contains("HTTP 501") || text.contains("NotImplemented")
 }
 
 /// A request body read from a file range, remembering whether reading the file failed (as
@@ -878,6 +1027,8 @@ fn classify_status(status: u16, body: &str, bucket: &str) -> (ErrorKind, String)
         "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" => {
             (ErrorKind::Transient, explained("temporary failure"))
         }
+        // Retrying cannot help: the server lacks the request (some lack DeleteObjects).
+        "NotImplemented" => (ErrorKind::Other, explained("not implemented by this server")),
         "PermanentRedirect" | "AuthorizationHeaderMalformed" if status != 403 => (
             ErrorKind::Other,
             explained("wrong region or endpoint for this bucket; check AWS_REGION"),
@@ -890,6 +1041,7 @@ fn classify_status(status: u16, body: &str, bucket: &str) -> (ErrorKind, String)
                 ),
             ),
             404 => (ErrorKind::NotFound, format!("not found ({http})")),
+            501 => (ErrorKind::Other, explained("not implemented by this server")),
             429 | 500..=599 => (ErrorKind::Transient, explained("temporary failure")),
             301 | 307 => (
                 ErrorKind::Other,
@@ -1095,6 +1247,9 @@ mod tests {
         assert_eq!(kind(400, &xml("InvalidArgument")), ErrorKind::Other);
         assert_eq!(kind(301, &xml("PermanentRedirect")), ErrorKind::Other);
         assert_eq!(kind(409, ""), ErrorKind::Other);
+        assert_eq!(kind(501, ""), ErrorKind::Other);
+        assert_eq!(kind(501, &xml("NotImplemented")), ErrorKind::Other);
+        assert_eq!(kind(400, &xml("NotImplemented")), ErrorKind::Other);
 
         let (_, detail) = classify_status(403, &xml("SignatureDoesNotMatch"), "b");
         assert_eq!(

@@ -202,6 +202,18 @@ impl S3Server {
         *self.shared.cut_next_download.lock().unwrap() = Some(bytes);
     }
 
+    /// Answer DeleteObjects (`POST ?delete`) with `501 NotImplemented`, as some
+    /// S3-compatible servers do, or (false) serve it again.
+    pub fn refuse_delete_objects(&self, refuse: bool) {
+        *self.shared.refuse_delete_objects.lock().unwrap() = refuse;
+    }
+
+    /// Answer every DeleteObjects with this `DeleteResult` body (HTTP 200) instead of
+    /// deleting anything, e.g. to report per-key errors; None serves it again.
+    pub fn answer_delete_objects_with(&self, body: Option<&str>) {
+        *self.shared.delete_objects_answer.lock().unwrap() = body.map(str::to_string);
+    }
+
     /// Stop serving: from now on connections to the port are refused. Idempotent.
     pub fn stop(&mut self) {
         if let Some((shutdown, thread)) = self.running.take() {
@@ -293,6 +305,7 @@ async fn handle(
 ) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
     let seen = record(&req);
     let chunked_put = seen.chunked && seen.method == "PUT";
+    let (method_is_post, has_delete) = (seen.method == "POST", seen.has_param("delete"));
     let cut = if seen.method == "GET" && !seen.has_param("list-type") {
         shared.cut_next_download.lock().unwrap().take()
     } else {
@@ -318,6 +331,19 @@ async fn handle(
     if other_bucket {
         let message = "The specified bucket does not exist";
         return Ok(s3_error(404, "NoSuchBucket", message));
+    }
+    let delete_objects = method_is_post && has_delete;
+    if delete_objects && *shared.refuse_delete_objects.lock().unwrap() {
+        let message = "A header you provided implies functionality that is not implemented";
+        return Ok(s3_error(501, "NotImplemented", message));
+    }
+    let canned = shared.delete_objects_answer.lock().unwrap().clone();
+    if let Some(body) = canned.filter(|_| delete_objects) {
+        return Ok(hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/xml")
+            .body(CutBody::new(s3s::Body::from(body), None))
+            .unwrap());
     }
     let response = hyper::service::Service::call(&service, req).await?;
     Ok(response.map(|body| CutBody::new(body, cut)))
@@ -388,6 +414,8 @@ struct Shared {
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
     request_log: Mutex<Option<std::fs::File>>,
+    refuse_delete_objects: Mutex<bool>,
+    delete_objects_answer: Mutex<Option<String>>,
 }
 
 /// A response body that fails after `left` bytes, if given, which breaks the connection.
