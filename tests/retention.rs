@@ -2,14 +2,14 @@
 //! databases replicated over several generations, snapshots and segments, then pruned; every
 //! point in the window must restore exactly as before, also by hand.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fixtures::{dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess};
-use common::s3server::S3Server;
+use crate::common::fixtures::{
+    dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess,
+};
+use crate::common::s3server::S3Server;
 use walsync::layout::{Generation, ObjectKind, ObjectName};
 use walsync::replica::{Replica, SyncOutcome};
 use walsync::restore::{self, RestoreOptions};

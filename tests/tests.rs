@@ -11,6 +11,7 @@ mod bad_input;
 mod cli;
 mod crash_recovery;
 mod durability;
+mod retention;
 mod secrets;
 mod service;
 mod snapshot_restore;

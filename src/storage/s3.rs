@@ -947,8 +947,7 @@ fn is_missing_bucket(err: &Error) -> bool {
 /// The server does not implement the request (HTTP 501, `NotImplemented`): for
 /// DeleteObjects, which some S3-compatible servers lack.
 fn is_not_implemented(err: &Error) -> bool {
-    let text = err.to_string();
-    text.contains("HTTP 501") || text.contains("NotImplemented")
+    err.http_status() == Some(501) || err.s3_code() == Some("NotImplemented")
 }
 
 /// A request body read from a file range, remembering whether reading the file failed (as
