@@ -15,11 +15,15 @@
 //! - [`replicator`]: continuous replication of many databases (`walsync watch`).
 //! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
 //! - [`list`]: what a destination holds, for people and scripts.
+//! - [`metrics`]: replication counters per database, served for Prometheus.
+//! - [`heartbeat`]: a GET to a monitoring URL while every database is caught up.
 
 pub mod database;
 pub mod error;
+pub mod heartbeat;
 pub mod layout;
 pub mod list;
+pub mod metrics;
 pub mod replica;
 pub mod replicator;
 pub mod restore;

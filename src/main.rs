@@ -9,6 +9,7 @@ use std::time::Duration;
 use argh::FromArgs;
 
 use walsync::error::{Error, ErrorKind, Result};
+use walsync::heartbeat::Heartbeat;
 use walsync::layout::{self, Generation};
 use walsync::replica::Replica;
 use walsync::replicator::{Options, Replicator};
@@ -118,6 +119,17 @@ struct WatchCmd {
     /// WALSYNC_EXEC)
     #[argh(option)]
     exec: Option<String>,
+    /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
+    /// WALSYNC_METRICS_ADDR)
+    #[argh(option)]
+    metrics_addr: Option<String>,
+    /// GET this URL at most once per --heartbeat-interval while every database is caught up,
+    /// for a dead man's switch monitor (or WALSYNC_HEARTBEAT_URL)
+    #[argh(option)]
+    heartbeat_url: Option<String>,
+    /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
+    #[argh(option)]
+    heartbeat_interval: Option<f64>,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
@@ -583,6 +595,53 @@ impl WatchCmd {
     }
 }
 
+/// Heartbeat interval unless `--heartbeat-interval` or WALSYNC_HEARTBEAT_INTERVAL says
+/// otherwise.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `watch`'s monitoring: the metrics listener (bound before replication starts, so a bad
+/// address is a startup error) and the heartbeat URL and interval.
+struct Monitoring {
+    metrics: Option<std::net::TcpListener>,
+    heartbeat: Option<(url::Url, Duration)>,
+}
+
+impl WatchCmd {
+    fn monitoring(&self) -> Result<Monitoring> {
+        let metrics = setting(
+            self.metrics_addr.clone(),
+            "--metrics-addr",
+            "WALSYNC_METRICS_ADDR",
+            "an address such as 127.0.0.1:9091",
+        )?
+        .map(|(addr, _)| walsync::metrics::bind(addr.trim()))
+        .transpose()?;
+        let heartbeat = match setting(
+            self.heartbeat_url.clone(),
+            "--heartbeat-url",
+            "WALSYNC_HEARTBEAT_URL",
+            "a URL",
+        )? {
+            None => None,
+            Some((text, from)) => {
+                let url = walsync::heartbeat::parse_url(text.trim(), from)?;
+                let interval = seconds(
+                    setting(
+                        self.heartbeat_interval,
+                        "--heartbeat-interval",
+                        "WALSYNC_HEARTBEAT_INTERVAL",
+                        "a number of seconds",
+                    )?,
+                    HEARTBEAT_INTERVAL,
+                    false,
+                )?;
+                Some((url, interval))
+            }
+        };
+        Ok(Monitoring { metrics, heartbeat })
+    }
+}
+
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
     if cmd.databases.is_empty() {
@@ -593,6 +652,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         .filter(|command| !command.trim().is_empty());
     let signals = block_stop_signals(exec.is_some());
     let (options, shutdown_timeout) = cmd.options()?;
+    let monitoring = cmd.monitoring()?;
     let storage = StorageArgs {
         bucket: cmd.bucket.as_deref(),
         endpoint: cmd.endpoint.as_deref(),
@@ -609,6 +669,23 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         databases.len(),
         replicator.watch_backend()
     );
+    if let Some(listener) = monitoring.metrics {
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("serving metrics on http://{addr}/metrics");
+        }
+        walsync::metrics::serve(listener, replicator.metrics())?;
+    }
+    let heartbeat = match monitoring.heartbeat {
+        Some((url, interval)) => {
+            log::info!(
+                "heartbeat to {} every {}s while caught up",
+                walsync::heartbeat::redacted(&url),
+                interval.as_secs_f64()
+            );
+            Some(Heartbeat::start(url, interval, replicator.metrics())?)
+        }
+        None => None,
+    };
     let Some(command) = exec else {
         let signal = wait_for_signal(&signals);
         log::info!(
@@ -616,10 +693,13 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
             signal_name(signal),
             shutdown_timeout.as_secs_f64()
         );
+        drop(heartbeat);
         replicator.stop(shutdown_timeout)?;
         return Ok(0);
     };
-    let status = match supervise(&command, &signals) {
+    let status = supervise(&command, &signals);
+    drop(heartbeat);
+    let status = match status {
         Ok(status) => status,
         Err(e) => {
             // Still ship what is committed; the error is what gets reported.

@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::metrics::DbMetrics;
 use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
 use crate::storage::Storage;
 use crate::uploader::UploadPool;
@@ -97,6 +98,7 @@ struct DbThread {
     path: PathBuf,
     events: Sender<Event>,
     thread: JoinHandle<Result<()>>,
+    metrics: Arc<DbMetrics>,
 }
 
 /// Continuous replication of a set of databases to one destination.
@@ -137,7 +139,9 @@ impl Replicator {
             )?;
             let name = replica.name().to_string();
             let path = replica.path().to_path_buf();
+            let metrics = Arc::new(DbMetrics::new(&name));
             let worker = DbWorker {
+                metrics: Arc::clone(&metrics),
                 replica,
                 events: rx,
                 own_sender: tx.clone(),
@@ -159,6 +163,7 @@ impl Replicator {
                 path,
                 events: tx,
                 thread,
+                metrics,
             });
         }
         Ok(Replicator {
@@ -173,6 +178,15 @@ impl Replicator {
         self.databases
             .iter()
             .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
+    /// Each database's metrics (see [`crate::metrics`]), in the order of
+    /// [`Replicator::databases`].
+    pub fn metrics(&self) -> Vec<Arc<DbMetrics>> {
+        self.databases
+            .iter()
+            .map(|d| Arc::clone(&d.metrics))
             .collect()
     }
 
@@ -257,6 +271,7 @@ struct DbWorker {
     pool: Arc<UploadPool>,
     options: Options,
     agenda: Agenda,
+    metrics: Arc<DbMetrics>,
 }
 
 /// Someone waiting for an object to be stored.
@@ -330,6 +345,12 @@ impl DbWorker {
                     let _ = waiter.send(Err(e.clone()));
                 }
             }
+            let caught_up = self.replica.is_flushed() && !self.agenda.dirty;
+            self.metrics.staged(
+                self.replica.staged_count(),
+                self.replica.staged_bytes(),
+                caught_up,
+            );
             if let Some(deadline) = self.agenda.stop {
                 let done = self.agenda.settled && self.replica.is_flushed();
                 if done || Instant::now() >= deadline {
@@ -363,7 +384,10 @@ impl DbWorker {
     fn handle(&mut self, event: Event) {
         let agenda = &mut self.agenda;
         match event {
-            Event::Changed => agenda.dirty = true,
+            Event::Changed => {
+                agenda.dirty = true;
+                self.metrics.changed();
+            }
             Event::Uploaded(upload, Ok(())) => {
                 let key = upload.key.clone();
                 match self.replica.upload_done(&key) {
@@ -492,6 +516,9 @@ impl DbWorker {
         );
         // Unless it copied everything, do not try again at once: a reader may hold old
         // frames, and every attempt briefly takes the write lock.
+        if let Ok(done) = result {
+            self.metrics.checkpointed(done);
+        }
         self.agenda.next_checkpoint = match result {
             Ok(Checkpoint::Complete) => None,
             _ => Some(now + CHECKPOINT_RETRY),
@@ -515,12 +542,13 @@ impl DbWorker {
     fn upload_next(&mut self) -> Result<()> {
         if let Some(upload) = self.replica.next_upload()? {
             let events = self.own_sender.clone();
-            self.pool.submit(
+            self.pool.submit_counted(
                 self.replica.name(),
                 upload,
                 Box::new(move |upload, result| {
                     let _ = events.send(Event::Uploaded(upload, result));
                 }),
+                Some(Arc::clone(&self.metrics)),
             );
         }
         Ok(())
