@@ -17,6 +17,7 @@
 //! - [`list`]: what a destination holds, for people and scripts.
 //! - [`metrics`]: replication counters per database, served for Prometheus.
 //! - [`heartbeat`]: a GET to a monitoring URL while every database is caught up.
+//! - [`progress`]: a progress line on a terminal for one-shot commands.
 
 pub mod database;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod heartbeat;
 pub mod layout;
 pub mod list;
 pub mod metrics;
+pub mod progress;
 pub mod replica;
 pub mod replicator;
 pub mod restore;

@@ -11,6 +11,7 @@ use argh::FromArgs;
 use walsync::error::{Error, ErrorKind, Result};
 use walsync::heartbeat::Heartbeat;
 use walsync::layout::{self, Generation};
+use walsync::progress;
 use walsync::replica::Replica;
 use walsync::replicator::{Options, Replicator};
 use walsync::restore::{self, RestoreOptions, RestorePlan};
@@ -306,6 +307,8 @@ fn main() -> ExitCode {
         .filter_module("ureq", log::LevelFilter::Info)
         .filter_module("ureq_proto", log::LevelFilter::Info)
         .format_timestamp_millis()
+        // Log lines wipe a progress line first (see walsync::progress).
+        .target(env_logger::Target::Pipe(Box::new(progress::LogWriter)))
         .init();
     match run(command) {
         Ok(code) => ExitCode::from(code),
@@ -760,6 +763,7 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         s3_timeout: cmd.s3_timeout,
     };
     let (_, storage) = storage.open()?;
+    let storage = with_progress(storage, "restore", !cmd.dry_run);
     if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
         eprintln!(
             "walsync: no replica of {:?} in {}; not restoring (--if-replica-exists)",
@@ -779,7 +783,9 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         print!("{}", describe_plan(&plan, storage.as_ref(), &cmd.output));
         return Ok(());
     }
-    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options)?;
+    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options);
+    progress::finish();
+    let plan = plan?;
     log::info!(
         "restored {} to {} from generation {} (snapshot {} + {} segments, as of {})",
         cmd.name,
@@ -790,6 +796,20 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         plan.restored_to()
     );
     Ok(())
+}
+
+/// With `wanted` and stderr a terminal, turn on the progress line for `command` and count
+/// `storage`'s downloads and uploads in it.
+fn with_progress(
+    storage: Arc<dyn Storage>,
+    command: &'static str,
+    wanted: bool,
+) -> Arc<dyn Storage> {
+    if !wanted || !progress::stderr_is_terminal() {
+        return storage;
+    }
+    progress::enable(command);
+    Arc::new(progress::Counted(storage))
 }
 
 /// `restore --dry-run`'s report: what a restore would download, from [`restore::plan_in`].
@@ -851,9 +871,11 @@ fn run(command: Command) -> Result<u8> {
                 Some(name) => name,
                 None => layout::default_name(&cmd.database)?,
             };
+            let storage = with_progress(storage, "snapshot", true);
             let mut replica = Replica::open(&cmd.database, storage, &name)?;
-            let key = replica.snapshot()?;
-            println!("{key}");
+            let key = replica.snapshot();
+            progress::finish();
+            println!("{}", key?);
         }
         Command::List(cmd) => {
             let storage = StorageArgs {

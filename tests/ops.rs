@@ -1,5 +1,6 @@
-//! Operations features of the real binary: `watch --metrics-addr` (Prometheus text) and
-//! `watch --heartbeat-url` (only while caught up).
+//! Operations features of the real binary: `watch --metrics-addr` (Prometheus text),
+//! `watch --heartbeat-url` (only while caught up), and progress output of `restore` and
+//! `snapshot` (only on a terminal).
 
 mod common;
 
@@ -387,4 +388,51 @@ fn a_failing_heartbeat_is_a_warning_and_replication_goes_on() {
     let log = watch.log();
     assert!(watch.terminate(Duration::from_secs(30)).success());
     assert!(!log.contains("secret-token-4711"), "{log}");
+}
+
+#[test]
+fn progress_only_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("replica");
+    let dest = format!("file://{}", root.display());
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(200, 4000);
+    let snapshot = walsync(&["snapshot", path_str(&app.path), "-b", &dest], &[]);
+    assert!(snapshot.status.success());
+    let out = dir.path().join("restored.db");
+    let restore = walsync(&["restore", "app", "-o", path_str(&out), "-b", &dest], &[]);
+    assert!(restore.status.success());
+    for output in [&snapshot, &restore] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stderr.contains('\r') && !stderr.contains("MiB"),
+            "progress on a non-terminal stderr: {stderr:?}"
+        );
+    }
+
+    // On a terminal (script(1) gives the command one), the line is there.
+    let has_script = std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        eprintln!("script(1) not installed: skipping the terminal half");
+        return;
+    }
+    let out2 = dir.path().join("restored2.db");
+    let command = format!(
+        "{} restore app -o {} -b {dest}",
+        env!("CARGO_BIN_EXE_walsync"),
+        out2.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{text}");
+    assert!(
+        text.contains("walsync restore: downloading") && text.contains("1 objects"),
+        "{text:?}"
+    );
 }
