@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
+mod help;
+
 use walsync::error::{Error, ErrorKind, Result};
 use walsync::heartbeat::Heartbeat;
 use walsync::layout::{self, Generation};
@@ -31,7 +33,8 @@ const USAGE: u8 = 2;
 #[argh(
     note = "Each command's settings may also come from WALSYNC_* variables (see its\n\
             --help); a flag always wins. Credentials come from AWS_ACCESS_KEY_ID,\n\
-            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION.",
+            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION. walsync help\n\
+            COMMAND shows a command's manual page.",
     error_code(
         0,
         "success, also when --if-db-not-exists or --if-replica-exists had nothing to do"
@@ -343,6 +346,9 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
         return Err(ExitCode::from(USAGE));
     };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if args.first() == Some(&"help") {
+        return Err(help_command(&args[1..]));
+    }
     Cli::from_args(&["walsync"], &args).map_err(|exit| match exit.status {
         Ok(()) => {
             let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
@@ -357,6 +363,33 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
             ExitCode::from(USAGE)
         }
     })
+}
+
+/// `walsync help [COMMAND]` (argh would take `help` for `--help`): a command's manual page,
+/// or the list of commands.
+fn help_command(args: &[&str]) -> ExitCode {
+    match args {
+        [] => {
+            print!("{}", help::index());
+            ExitCode::SUCCESS
+        }
+        [command] => match help::page(command) {
+            Some(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "walsync: error: no command {command:?}; walsync help lists the commands"
+                );
+                ExitCode::from(USAGE)
+            }
+        },
+        _ => {
+            eprintln!("walsync: error: walsync help takes at most one command");
+            ExitCode::from(USAGE)
+        }
+    }
 }
 
 /// A setting from its flag, else from its environment variable (empty counts as unset),

@@ -1,6 +1,6 @@
 //! Operations features of the real binary: `watch --metrics-addr` (Prometheus text),
-//! `watch --heartbeat-url` (only while caught up), and progress output of `restore` and
-//! `snapshot` (only on a terminal).
+//! `watch --heartbeat-url` (only while caught up), progress output of `restore` and
+//! `snapshot` (only on a terminal), and `walsync help COMMAND` (every flag documented).
 
 mod common;
 
@@ -435,4 +435,96 @@ fn progress_only_on_a_terminal() {
         text.contains("walsync restore: downloading") && text.contains("1 objects"),
         "{text:?}"
     );
+}
+
+/// The flags `walsync COMMAND --help` lists (None if there is no such command yet).
+fn flags_of(command: &str) -> Option<Vec<String>> {
+    let out = walsync(&[command, "--help"], &[]);
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let options = text.split("Options:").nth(1)?;
+    let options = options.split("\n\n").next()?;
+    let mut flags = Vec::new();
+    for line in options.lines() {
+        let line = line.trim_start();
+        if !line.starts_with('-') {
+            continue; // a continued description
+        }
+        for token in line.split_whitespace() {
+            let token = token.trim_end_matches(',');
+            if !token.starts_with('-') {
+                break;
+            }
+            if token != "--help" {
+                flags.push(token.to_string());
+            }
+        }
+    }
+    Some(flags)
+}
+
+/// True if `text` has `word` with no name character right after or before it.
+fn mentions(text: &str, word: &str) -> bool {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_name) && !after.is_some_and(is_name)
+    })
+}
+
+#[test]
+fn help_pages_document_every_flag_of_every_command() {
+    let index = walsync(&["help"], &[]);
+    assert!(index.status.success());
+    let index = String::from_utf8_lossy(&index.stdout).into_owned();
+    let mut checked = 0;
+    for command in ["watch", "snapshot", "list", "status", "restore", "prune"] {
+        assert!(
+            mentions(&index, command),
+            "walsync help does not list {command}"
+        );
+        let page = walsync(&["help", command], &[]);
+        assert!(page.status.success(), "walsync help {command} failed");
+        let page = String::from_utf8_lossy(&page.stdout).into_owned();
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "ENVIRONMENT",
+            "EXIT STATUS",
+            "EXAMPLES",
+        ] {
+            assert!(
+                page.lines().any(|l| l == section),
+                "walsync help {command} has no {section} section"
+            );
+        }
+        let Some(flags) = flags_of(command) else {
+            eprintln!("walsync {command} does not exist in this build yet: not checked");
+            continue;
+        };
+        assert!(!flags.is_empty(), "no flags parsed for {command}");
+        for flag in &flags {
+            assert!(
+                mentions(&page, flag),
+                "walsync help {command} does not mention {flag}"
+            );
+        }
+        // And every WALSYNC_* variable the flag summary names.
+        let summary =
+            String::from_utf8_lossy(&walsync(&[command, "--help"], &[]).stdout).into_owned();
+        for word in summary.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("WALSYNC_") {
+                assert!(mentions(&page, word), "walsync help {command}: no {word}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 5, "only {checked} commands checked");
+    let unknown = walsync(&["help", "nosuch"], &[]);
+    assert_eq!(unknown.status.code(), Some(2));
 }
