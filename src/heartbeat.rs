@@ -20,7 +20,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the thread looks whether every database is caught up.
 const CHECK: Duration = Duration::from_millis(250);
 
-/// A running heartbeat thread; dropping it (or [`Heartbeat::stop`]) ends it.
+/// A running heartbeat thread. [`Heartbeat::stop`] ends it and waits for a request in
+/// flight; dropping it only tells it to end (it does, within [`TIMEOUT`]), so that a
+/// shutdown never waits for a slow monitoring server.
 pub struct Heartbeat {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
@@ -102,23 +104,23 @@ impl Heartbeat {
 
     /// Stop the thread (waiting for a request in flight, at most [`TIMEOUT`]).
     pub fn stop(mut self) {
-        self.stop_and_join();
+        self.tell_to_stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 
-    fn stop_and_join(&mut self) {
+    fn tell_to_stop(&self) {
         if let Ok(mut stopped) = self.stop.0.lock() {
             *stopped = true;
         }
         self.stop.1.notify_all();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        self.stop_and_join();
+        self.tell_to_stop();
     }
 }
 

@@ -3,15 +3,14 @@
 //! listener (`walsync watch --metrics-addr`).
 //!
 //! The listener handles one connection at a time on its own thread: it reads the request
-//! line and headers (at most [`MAX_REQUEST`] bytes, each read waiting at most
-//! [`IO_TIMEOUT`]), answers `GET /metrics` and 404 for any other path, and closes the
+//! line and headers (at most [`MAX_REQUEST`] bytes within [`IO_TIMEOUT`]), answers `GET /metrics` and 404 for any other path, and closes the
 //! connection. Nothing a client sends can make it panic or hold it for long.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::layout::{ObjectKind, ObjectName};
@@ -20,7 +19,7 @@ use crate::replica::Checkpoint;
 /// The longest request (line and headers) the listener reads.
 pub const MAX_REQUEST: usize = 8 * 1024;
 
-/// How long the listener waits for each read or write of a connection.
+/// How long the listener waits for a whole request, and for each write of its answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What one database's replication has done, since walsync started.
@@ -285,8 +284,10 @@ pub fn serve(listener: TcpListener, databases: Vec<Arc<DbMetrics>>) -> Result<()
 
 /// Read one request from `stream` and answer it.
 fn answer(mut stream: TcpStream, databases: &[Arc<DbMetrics>]) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // One deadline for the whole request, so a client trickling bytes cannot hold the
+    // (only) listener thread for longer.
+    let deadline = Instant::now() + IO_TIMEOUT;
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = loop {
@@ -294,9 +295,11 @@ fn answer(mut stream: TcpStream, databases: &[Arc<DbMetrics>]) -> std::io::Resul
         {
             break true;
         }
-        if request.len() >= MAX_REQUEST {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if request.len() >= MAX_REQUEST || left.is_zero() {
             break false;
         }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break false;

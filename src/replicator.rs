@@ -140,6 +140,8 @@ impl Replicator {
             let name = replica.name().to_string();
             let path = replica.path().to_path_buf();
             let metrics = Arc::new(DbMetrics::new(&name));
+            // Not caught up until the thread has looked at the WAL.
+            metrics.changed();
             let worker = DbWorker {
                 metrics: Arc::clone(&metrics),
                 replica,
