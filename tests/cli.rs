@@ -132,6 +132,9 @@ fn version_and_help_name_the_version_exit_codes_and_variables() {
         "WALSYNC_SHUTDOWN_TIMEOUT",
         "WALSYNC_STAGING_LIMIT",
         "WALSYNC_EXEC",
+        "WALSYNC_METRICS_ADDR",
+        "WALSYNC_HEARTBEAT_URL",
+        "WALSYNC_HEARTBEAT_INTERVAL",
     ];
     for command in ["watch", "snapshot", "list", "status", "restore"] {
         let (help, _) = succeeds(&[command, "--help"], &[]);

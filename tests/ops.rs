@@ -391,6 +391,57 @@ fn a_failing_heartbeat_is_a_warning_and_replication_goes_on() {
 }
 
 #[test]
+fn bad_monitoring_settings_are_usage_errors_that_quote_no_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = AppDb::create(dir.path(), "app.db");
+    let dest = format!("file://{}", dir.path().join("replica").display());
+    let db = path_str(&app.path);
+    let usage = |args: &[&str], env: &[(String, String)]| {
+        let mut all = vec!["watch", db, "-b", &dest];
+        all.extend(args);
+        let out = walsync(&all, env);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = usage(&["--heartbeat-url", "ftp://host/secret-token-4711"], &[]);
+    assert!(
+        err.contains("--heartbeat-url") && !err.contains("secret"),
+        "{err}"
+    );
+    let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let err = usage(
+        &[],
+        &env("WALSYNC_HEARTBEAT_URL", "no url secret-token-4711"),
+    );
+    assert!(
+        err.contains("WALSYNC_HEARTBEAT_URL") && !err.contains("secret"),
+        "{err}"
+    );
+    let mut both = env("WALSYNC_HEARTBEAT_URL", "http://127.0.0.1:9/x");
+    both.extend(env("WALSYNC_HEARTBEAT_INTERVAL", "soon"));
+    assert!(usage(&[], &both).contains("WALSYNC_HEARTBEAT_INTERVAL"));
+    assert!(usage(&["--heartbeat-interval", "0"], &both).contains("--heartbeat-interval"));
+    // An address that cannot be bound is a startup error (not usage: exit 1).
+    let out = walsync(
+        &[
+            "watch",
+            db,
+            "-b",
+            &dest,
+            "--metrics-addr",
+            "no-such-host.invalid:1",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics address"));
+    assert!(
+        !dir.path().join("replica").exists(),
+        "nothing is replicated when monitoring cannot start"
+    );
+}
+
+#[test]
 fn progress_only_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("replica");
