@@ -16,11 +16,17 @@
 //! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
 //! - [`retention`]: which old objects a prune deletes, keeping every point in the window restorable.
 //! - [`list`]: what a destination holds, for people and scripts.
+//! - [`metrics`]: replication counters per database, served for Prometheus.
+//! - [`heartbeat`]: a GET to a monitoring URL while every database is caught up.
+//! - [`progress`]: a progress line on a terminal for one-shot commands.
 
 pub mod database;
 pub mod error;
+pub mod heartbeat;
 pub mod layout;
 pub mod list;
+pub mod metrics;
+pub mod progress;
 pub mod replica;
 pub mod replicator;
 pub mod restore;

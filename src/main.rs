@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
+mod help;
+
 use walsync::error::{Error, ErrorKind, Result};
+use walsync::heartbeat::Heartbeat;
 use walsync::layout::{self, Generation};
+use walsync::progress;
 use walsync::replica::Replica;
 use walsync::replicator::{Options, Replicator};
 use walsync::restore::{self, RestoreOptions, RestorePlan};
@@ -29,7 +33,8 @@ const USAGE: u8 = 2;
 #[argh(
     note = "Each command's settings may also come from WALSYNC_* variables (see its\n\
             --help); a flag always wins. Credentials come from AWS_ACCESS_KEY_ID,\n\
-            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION.",
+            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION. walsync help\n\
+            COMMAND shows a command's manual page.",
     error_code(
         0,
         "success, also when --if-db-not-exists or --if-replica-exists had nothing to do"
@@ -124,6 +129,17 @@ struct WatchCmd {
     /// WALSYNC_EXEC)
     #[argh(option)]
     exec: Option<String>,
+    /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
+    /// WALSYNC_METRICS_ADDR)
+    #[argh(option)]
+    metrics_addr: Option<String>,
+    /// GET this URL at most once per --heartbeat-interval while every database is caught up,
+    /// for a dead man's switch monitor (or WALSYNC_HEARTBEAT_URL)
+    #[argh(option)]
+    heartbeat_url: Option<String>,
+    /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
+    #[argh(option)]
+    heartbeat_interval: Option<f64>,
 }
 
 /// Store a full snapshot of a database now (starting a generation if it has none).
@@ -335,6 +351,8 @@ fn main() -> ExitCode {
         .filter_module("ureq", log::LevelFilter::Info)
         .filter_module("ureq_proto", log::LevelFilter::Info)
         .format_timestamp_millis()
+        // Log lines wipe a progress line first (see walsync::progress).
+        .target(env_logger::Target::Pipe(Box::new(progress::LogWriter)))
         .init();
     match run(command) {
         Ok(code) => ExitCode::from(code),
@@ -369,6 +387,9 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
         return Err(ExitCode::from(USAGE));
     };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if args.first() == Some(&"help") {
+        return Err(help_command(&args[1..]));
+    }
     Cli::from_args(&["walsync"], &args).map_err(|exit| match exit.status {
         Ok(()) => {
             let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
@@ -383,6 +404,33 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
             ExitCode::from(USAGE)
         }
     })
+}
+
+/// `walsync help [COMMAND]` (argh would take `help` for `--help`): a command's manual page,
+/// or the list of commands.
+fn help_command(args: &[&str]) -> ExitCode {
+    match args {
+        [] => {
+            print!("{}", help::index());
+            ExitCode::SUCCESS
+        }
+        [command] => match help::page(command) {
+            Some(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "walsync: error: no command {command:?}; walsync help lists the commands"
+                );
+                ExitCode::from(USAGE)
+            }
+        },
+        _ => {
+            eprintln!("walsync: error: walsync help takes at most one command");
+            ExitCode::from(USAGE)
+        }
+    }
 }
 
 /// A setting from its flag, else from its environment variable (empty counts as unset),
@@ -693,6 +741,53 @@ impl WatchCmd {
     }
 }
 
+/// Heartbeat interval unless `--heartbeat-interval` or WALSYNC_HEARTBEAT_INTERVAL says
+/// otherwise.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `watch`'s monitoring: the metrics listener (bound before replication starts, so a bad
+/// address is a startup error) and the heartbeat URL and interval.
+struct Monitoring {
+    metrics: Option<std::net::TcpListener>,
+    heartbeat: Option<(url::Url, Duration)>,
+}
+
+impl WatchCmd {
+    fn monitoring(&self) -> Result<Monitoring> {
+        let metrics = setting(
+            self.metrics_addr.clone(),
+            "--metrics-addr",
+            "WALSYNC_METRICS_ADDR",
+            "an address such as 127.0.0.1:9091",
+        )?
+        .map(|(addr, _)| walsync::metrics::bind(addr.trim()))
+        .transpose()?;
+        let heartbeat = match setting(
+            self.heartbeat_url.clone(),
+            "--heartbeat-url",
+            "WALSYNC_HEARTBEAT_URL",
+            "a URL",
+        )? {
+            None => None,
+            Some((text, from)) => {
+                let url = walsync::heartbeat::parse_url(text.trim(), from)?;
+                let interval = seconds(
+                    setting(
+                        self.heartbeat_interval,
+                        "--heartbeat-interval",
+                        "WALSYNC_HEARTBEAT_INTERVAL",
+                        "a number of seconds",
+                    )?,
+                    HEARTBEAT_INTERVAL,
+                    false,
+                )?;
+                Some((url, interval))
+            }
+        };
+        Ok(Monitoring { metrics, heartbeat })
+    }
+}
+
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
     if cmd.databases.is_empty() {
@@ -703,6 +798,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         .filter(|command| !command.trim().is_empty());
     let signals = block_stop_signals(exec.is_some());
     let (options, shutdown_timeout) = cmd.options()?;
+    let monitoring = cmd.monitoring()?;
     let storage = StorageArgs {
         bucket: cmd.bucket.as_deref(),
         endpoint: cmd.endpoint.as_deref(),
@@ -724,6 +820,23 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         databases.len(),
         replicator.watch_backend()
     );
+    if let Some(listener) = monitoring.metrics {
+        if let Ok(addr) = listener.local_addr() {
+            log::info!("serving metrics on http://{addr}/metrics");
+        }
+        walsync::metrics::serve(listener, replicator.metrics())?;
+    }
+    let heartbeat = match monitoring.heartbeat {
+        Some((url, interval)) => {
+            log::info!(
+                "heartbeat to {} every {}s while caught up",
+                walsync::heartbeat::redacted(&url),
+                interval.as_secs_f64()
+            );
+            Some(Heartbeat::start(url, interval, replicator.metrics())?)
+        }
+        None => None,
+    };
     let Some(command) = exec else {
         let signal = wait_for_signal(&signals);
         log::info!(
@@ -731,10 +844,13 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
             signal_name(signal),
             shutdown_timeout.as_secs_f64()
         );
+        drop(heartbeat);
         replicator.stop(shutdown_timeout)?;
         return Ok(0);
     };
-    let status = match supervise(&command, &signals) {
+    let status = supervise(&command, &signals);
+    drop(heartbeat);
+    let status = match status {
         Ok(status) => status,
         Err(e) => {
             // Still ship what is committed; the error is what gets reported.
@@ -795,6 +911,7 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         s3_timeout: cmd.s3_timeout,
     };
     let (_, storage) = storage.open()?;
+    let storage = with_progress(storage, "restore", !cmd.dry_run);
     if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
         eprintln!(
             "walsync: no replica of {:?} in {}; not restoring (--if-replica-exists)",
@@ -814,7 +931,9 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         print!("{}", describe_plan(&plan, storage.as_ref(), &cmd.output));
         return Ok(());
     }
-    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options)?;
+    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options);
+    progress::finish();
+    let plan = plan?;
     log::info!(
         "restored {} to {} from generation {} (snapshot {} + {} segments, as of {})",
         cmd.name,
@@ -825,6 +944,20 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         plan.restored_to()
     );
     Ok(())
+}
+
+/// With `wanted` and stderr a terminal, turn on the progress line for `command` and count
+/// `storage`'s downloads and uploads in it.
+fn with_progress(
+    storage: Arc<dyn Storage>,
+    command: &'static str,
+    wanted: bool,
+) -> Arc<dyn Storage> {
+    if !wanted || !progress::stderr_is_terminal() {
+        return storage;
+    }
+    progress::enable(command);
+    Arc::new(progress::Counted(storage))
 }
 
 /// `restore --dry-run`'s report: what a restore would download, from [`restore::plan_in`].
@@ -886,9 +1019,11 @@ fn run(command: Command) -> Result<u8> {
                 Some(name) => name,
                 None => layout::default_name(&cmd.database)?,
             };
+            let storage = with_progress(storage, "snapshot", true);
             let mut replica = Replica::open(&cmd.database, storage, &name)?;
-            let key = replica.snapshot()?;
-            println!("{key}");
+            let key = replica.snapshot();
+            progress::finish();
+            println!("{}", key?);
         }
         Command::List(cmd) => {
             let storage = StorageArgs {

@@ -31,6 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::metrics::DbMetrics;
 use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
 use crate::retention;
 use crate::storage::Storage;
@@ -115,6 +116,7 @@ struct DbThread {
     path: PathBuf,
     events: Sender<Event>,
     thread: JoinHandle<Result<()>>,
+    metrics: Arc<DbMetrics>,
 }
 
 /// Continuous replication of a set of databases to one destination.
@@ -161,7 +163,11 @@ impl Replicator {
             )?;
             let name = replica.name().to_string();
             let path = replica.path().to_path_buf();
+            let metrics = Arc::new(DbMetrics::new(&name));
+            // Not caught up until the thread has looked at the WAL.
+            metrics.changed();
             let worker = DbWorker {
+                metrics: Arc::clone(&metrics),
                 replica,
                 events: rx,
                 own_sender: tx.clone(),
@@ -186,6 +192,7 @@ impl Replicator {
                 path,
                 events: tx,
                 thread,
+                metrics,
             });
         }
         Ok(Replicator {
@@ -201,6 +208,15 @@ impl Replicator {
         self.databases
             .iter()
             .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
+    /// Each database's metrics (see [`crate::metrics`]), in the order of
+    /// [`Replicator::databases`].
+    pub fn metrics(&self) -> Vec<Arc<DbMetrics>> {
+        self.databases
+            .iter()
+            .map(|d| Arc::clone(&d.metrics))
             .collect()
     }
 
@@ -290,6 +306,7 @@ struct DbWorker {
     /// Where to ask for this database to be pruned (None: retention is off).
     prune: Option<Sender<String>>,
     agenda: Agenda,
+    metrics: Arc<DbMetrics>,
 }
 
 /// Someone waiting for an object to be stored.
@@ -366,6 +383,12 @@ impl DbWorker {
                     let _ = waiter.send(Err(e.clone()));
                 }
             }
+            let caught_up = self.replica.is_flushed() && !self.agenda.dirty;
+            self.metrics.staged(
+                self.replica.staged_count(),
+                self.replica.staged_bytes(),
+                caught_up,
+            );
             if let Some(deadline) = self.agenda.stop {
                 let done = self.agenda.settled && self.replica.is_flushed();
                 if done || Instant::now() >= deadline {
@@ -402,7 +425,10 @@ impl DbWorker {
     fn handle(&mut self, event: Event) {
         let agenda = &mut self.agenda;
         match event {
-            Event::Changed => agenda.dirty = true,
+            Event::Changed => {
+                agenda.dirty = true;
+                self.metrics.changed();
+            }
             Event::Uploaded(upload, Ok(())) => {
                 let key = upload.key.clone();
                 match self.replica.upload_done(&key) {
@@ -572,6 +598,9 @@ impl DbWorker {
         );
         // Unless it copied everything, do not try again at once: a reader may hold old
         // frames, and every attempt briefly takes the write lock.
+        if let Ok(done) = result {
+            self.metrics.checkpointed(done);
+        }
         self.agenda.next_checkpoint = match result {
             Ok(Checkpoint::Complete) => None,
             _ => Some(now + CHECKPOINT_RETRY),
@@ -595,12 +624,13 @@ impl DbWorker {
     fn upload_next(&mut self) -> Result<()> {
         if let Some(upload) = self.replica.next_upload()? {
             let events = self.own_sender.clone();
-            self.pool.submit(
+            self.pool.submit_counted(
                 self.replica.name(),
                 upload,
                 Box::new(move |upload, result| {
                     let _ = events.send(Event::Uploaded(upload, result));
                 }),
+                Some(Arc::clone(&self.metrics)),
             );
         }
         Ok(())

@@ -11,12 +11,13 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter};
 
 use flate2::{Compression, GzBuilder};
-use rusqlite::backup::Backup;
+use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
 use crate::database::Database;
 use crate::error::{Context, Error, Result};
 use crate::layout::ChainValue;
+use crate::progress;
 use crate::segment::GZIP_LEVEL;
 use crate::spool::NamedSpool;
 
@@ -31,9 +32,17 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
     {
         let mut target = Connection::open(scratch.path()).context(context)?;
         let backup = Backup::new(db.connection(), &mut target).context(context)?;
-        backup
-            .run_to_completion(PAGES_PER_STEP, std::time::Duration::ZERO, None)
+        let page_size: i64 = db
+            .connection()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
             .context(context)?;
+        progress::phase("copying");
+        // Busy or Locked: the step is simply tried again.
+        while backup.step(PAGES_PER_STEP).context(context)? != StepResult::Done {
+            let done = backup.progress();
+            let pages = done.pagecount.saturating_sub(done.remaining).max(0) as u64;
+            progress::set_bytes(pages * page_size.max(0) as u64);
+        }
     }
     let plain = File::open(scratch.path()).context(context)?;
     let db_size = plain.metadata()?.len();
@@ -48,7 +57,9 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
     let mut gz = GzBuilder::new()
         .comment(ChainValue(chain).comment())
         .write(BufWriter::new(out), Compression::new(GZIP_LEVEL));
-    std::io::copy(&mut BufReader::new(plain), &mut gz).context(|| "compressing snapshot")?;
+    progress::phase("compressing");
+    let mut plain = progress::Reader(BufReader::new(plain));
+    std::io::copy(&mut plain, &mut gz).context(|| "compressing snapshot")?;
     gz.finish()?
         .into_inner()
         .map_err(|e| Error::from(e.into_error()))

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::metrics::DbMetrics;
 use crate::replica::Upload;
 use crate::storage::Storage;
 
@@ -34,6 +35,7 @@ enum Job {
         label: String,
         upload: Upload,
         done: Done,
+        metrics: Option<Arc<DbMetrics>>,
     },
     Task(Task),
 }
@@ -80,10 +82,23 @@ impl UploadPool {
     /// Queue `upload`; `done` is called from a worker thread when it is stored (or, after a
     /// shutdown deadline, given up on).
     pub fn submit(&self, label: &str, upload: Upload, done: Done) {
+        self.submit_counted(label, upload, done, None);
+    }
+
+    /// [`UploadPool::submit`], counting stored bytes and objects, failed attempts and
+    /// retries in `metrics`.
+    pub fn submit_counted(
+        &self,
+        label: &str,
+        upload: Upload,
+        done: Done,
+        metrics: Option<Arc<DbMetrics>>,
+    ) {
         let job = Job::Upload {
             label: label.to_string(),
             upload,
             done,
+            metrics,
         };
         let refused = match &self.jobs {
             Some(jobs) => jobs.send(job).err().map(|mpsc::SendError(job)| job),
@@ -154,8 +169,9 @@ impl Worker {
                     label,
                     upload,
                     done,
+                    metrics,
                 }) => {
-                    let result = self.upload(&label, &upload);
+                    let result = self.upload(&label, &upload, metrics.as_deref());
                     done(upload, result);
                 }
                 Ok(Job::Task(task)) => task(self.storage.as_ref()),
@@ -165,13 +181,17 @@ impl Worker {
     }
 
     /// Upload until it works or the shutdown deadline passes.
-    fn upload(&self, label: &str, upload: &Upload) -> Result<()> {
+    fn upload(&self, label: &str, upload: &Upload, metrics: Option<&DbMetrics>) -> Result<()> {
         let key = &upload.key;
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
         loop {
             match self.storage.put_file(key, &upload.file) {
                 Ok(()) => {
+                    if let Some(metrics) = metrics {
+                        let bytes = upload.file.metadata().map_or(0, |m| m.len());
+                        metrics.stored(key, bytes);
+                    }
                     if failures > 0 {
                         log::warn!("{}: stored {key} after {failures} failed attempts", label);
                     } else {
@@ -187,7 +207,11 @@ impl Worker {
                     if self.stopping.load(Ordering::Relaxed) {
                         backoff = backoff.min(FIRST_BACKOFF);
                     }
-                    if self.past_deadline(Instant::now() + backoff) {
+                    let giving_up = self.past_deadline(Instant::now() + backoff);
+                    if let Some(metrics) = metrics {
+                        metrics.upload_failed(!giving_up);
+                    }
+                    if giving_up {
                         return Err(e.with_context(format!("{}: uploading {key}", label)));
                     }
                     log::warn!(

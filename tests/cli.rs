@@ -131,6 +131,9 @@ fn version_and_help_name_the_version_exit_codes_and_variables() {
         "WALSYNC_STAGING_LIMIT",
         "WALSYNC_EXEC",
         "WALSYNC_RETENTION",
+        "WALSYNC_METRICS_ADDR",
+        "WALSYNC_HEARTBEAT_URL",
+        "WALSYNC_HEARTBEAT_INTERVAL",
     ];
     let prune_vars = ["WALSYNC_RETENTION"];
     for command in ["watch", "snapshot", "list", "status", "restore", "prune"] {

@@ -11,6 +11,8 @@ mod bad_input;
 mod cli;
 mod crash_recovery;
 mod durability;
+mod example_app;
+mod ops;
 mod retention;
 mod secrets;
 mod service;

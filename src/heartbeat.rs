@@ -1,0 +1,164 @@
+//! A heartbeat for dead man's switch monitors (healthchecks.io, Uptime Kuma push monitors
+//! and the like): an HTTP GET to a URL at most once per interval, and only while every
+//! watched database is caught up (see [`DbMetrics::caught_up`]). When replication falls
+//! behind or storage fails, the GETs stop and the monitor raises the alarm.
+//!
+//! The GET runs on its own thread with a short timeout; a failure is a warning and never
+//! touches replication. Such URLs often carry a secret token in their path or query, so
+//! messages name only the scheme and host.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::metrics::DbMetrics;
+
+/// How long one heartbeat request may take, all included.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the thread looks whether every database is caught up.
+const CHECK: Duration = Duration::from_millis(250);
+
+/// A running heartbeat thread. [`Heartbeat::stop`] ends it and waits for a request in
+/// flight; dropping it only tells it to end (it does, within [`TIMEOUT`]), so that a
+/// shutdown never waits for a slow monitoring server.
+pub struct Heartbeat {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A URL as it may be logged: scheme and host only.
+pub fn redacted(url: &url::Url) -> String {
+    format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""))
+}
+
+/// Parse a heartbeat URL (http or https); the error never quotes it.
+pub fn parse_url(text: &str, from: &str) -> Result<url::Url> {
+    url::Url::parse(text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+        .ok_or_else(|| Error::invalid(format!("{from} must be an http:// or https:// URL")))
+}
+
+/// `message` with every secret-bearing part of `url` (the whole URL, its path, query and
+/// credentials) replaced by `...`.
+fn scrub(message: &str, url: &url::Url) -> String {
+    let mut out = message.replace(url.as_str(), "...");
+    let secrets = [
+        url.query().unwrap_or(""),
+        url.password().unwrap_or(""),
+        url.username(),
+        url.path(),
+    ];
+    for secret in secrets {
+        if secret.len() > 1 {
+            out = out.replace(secret, "...");
+        }
+    }
+    out
+}
+
+impl Heartbeat {
+    /// Start the thread: GET `url` at most once per `interval`, while every one of
+    /// `databases` is caught up.
+    pub fn start(
+        url: url::Url,
+        interval: Duration,
+        databases: Vec<Arc<DbMetrics>>,
+    ) -> Result<Heartbeat> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = Arc::clone(&stop);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(TIMEOUT))
+            .user_agent(concat!("walsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let thread = std::thread::Builder::new()
+            .name("walsync-heartbeat".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let mut last: Option<Instant> = None;
+                loop {
+                    let due = last.is_none_or(|t| t.elapsed() >= interval);
+                    if due && databases.iter().all(|d| d.caught_up()) {
+                        last = Some(Instant::now());
+                        beat(&agent, &url);
+                    }
+                    let Ok(guard) = stopped.0.lock() else { return };
+                    if *guard {
+                        return;
+                    }
+                    match stopped.1.wait_timeout(guard, CHECK) {
+                        Ok((guard, _)) if !*guard => {}
+                        _ => return,
+                    }
+                }
+            })
+            .map_err(|e| Error::from(e).with_context("starting the heartbeat thread"))?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop the thread (waiting for a request in flight, at most [`TIMEOUT`]).
+    pub fn stop(mut self) {
+        self.tell_to_stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    fn tell_to_stop(&self) {
+        if let Ok(mut stopped) = self.stop.0.lock() {
+            *stopped = true;
+        }
+        self.stop.1.notify_all();
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.tell_to_stop();
+    }
+}
+
+/// One GET; failures are warnings.
+fn beat(agent: &ureq::Agent, url: &url::Url) {
+    match agent.get(url.as_str()).call() {
+        Ok(response) => {
+            // Read (a little of) the body so the connection can be reused.
+            let _ = response
+                .into_body()
+                .with_config()
+                .limit(64 * 1024)
+                .read_to_vec();
+            log::debug!("heartbeat sent to {}", redacted(url));
+        }
+        Err(e) => log::warn!(
+            "heartbeat to {} failed: {}",
+            redacted(url),
+            scrub(&e.to_string(), url)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_never_carry_the_path_query_or_credentials() {
+        let url = parse_url("https://user:pw@hc.example/ping/abc123?k=tok", "x").unwrap();
+        assert_eq!(redacted(&url), "https://hc.example");
+        let message = format!("failed {} /ping/abc123 k=tok pw", url.as_str());
+        let scrubbed = scrub(&message, &url);
+        for secret in ["abc123", "tok", "pw"] {
+            assert!(!scrubbed.contains(secret), "{scrubbed}");
+        }
+        assert!(parse_url("ftp://x/y", "--heartbeat-url").is_err());
+        let err = parse_url("not a url with secret", "--heartbeat-url").unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+    }
+}

@@ -1,0 +1,422 @@
+//! `walsync help [COMMAND]`: a manual page per command, kept in this one place. The
+//! README says the same at more length; `tests/help.rs` checks that each page names every
+//! flag the command's `--help` lists, so the two cannot drift apart.
+//!
+//! argh treats a `help` argument as `--help`, so `main` intercepts `walsync help ...`
+//! before argh sees it.
+
+/// The options every command that talks to storage takes.
+macro_rules! storage_options {
+    () => {
+        "    -b, --bucket DEST
+        Destination: s3://bucket/prefix or file:///some/dir (or WALSYNC_BUCKET).
+
+    --endpoint URL
+        S3 endpoint URL, with path-style addressing (or WALSYNC_ENDPOINT, else
+        AWS_ENDPOINT_URL_S3; without one, AWS with virtual-hosted-style URLs).
+
+    --s3-timeout SECS
+        How long one S3 read or write may wait before that request fails and is
+        retried (default 60; or WALSYNC_S3_TIMEOUT).
+"
+    };
+}
+
+/// The environment every command that talks to storage reads.
+macro_rules! storage_environment {
+    () => {
+        "    WALSYNC_BUCKET, WALSYNC_ENDPOINT, WALSYNC_S3_TIMEOUT
+        As -b, --endpoint and --s3-timeout. A flag always wins; an empty variable
+        counts as unset; a value that does not parse is an error naming the variable.
+
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+    AWS_ENDPOINT_URL_S3
+        Credentials (never logged), region (default us-east-1) and endpoint.
+
+    RUST_LOG
+        Log filter (walsync -v: debug level).
+"
+    };
+}
+
+macro_rules! exit_status {
+    () => {
+        "EXIT STATUS
+    0  success, also when --if-db-not-exists or --if-replica-exists had nothing to do
+    1  any other error (local I/O, SQLite, an unexpected storage response)
+    2  usage: bad or unknown flags, a bad value, a missing setting, or input the
+       command refuses
+    3  not found: no such replica, generation or backup, or a missing database file
+    4  corrupt or unverifiable backup data
+    5  storage unreachable, credentials refused, or storage errors that outlasted
+       the retries
+"
+    };
+}
+
+const WATCH: &str = concat!(
+    "NAME
+    walsync watch - replicate SQLite databases continuously
+
+SYNOPSIS
+    walsync watch DB[:NAME]... -b DEST [--min-interval SECS] [--snapshot-interval SECS]
+        [--upload-workers N] [--poll] [--shutdown-timeout SECS] [--staging-limit MIB]
+        [--retention DURATION] [--metrics-addr ADDR] [--heartbeat-url URL]
+        [--heartbeat-interval SECS] [--exec CMD]
+
+DESCRIPTION
+    Replicates every named database (each must be in WAL mode) until SIGTERM or SIGINT,
+    one thread per database, woken by inotify or kqueue (or stat polling with --poll).
+    New commits are cut into segments, staged in the sidecar directory .DB-walsync/ and
+    uploaded in order by a small pool of workers; failed uploads are retried with backoff
+    forever. walsync runs the checkpoints itself and takes the application's write lock
+    only for milliseconds of local work. A snapshot is taken every --snapshot-interval
+    while a database changes. On SIGTERM or SIGINT it ships what is committed (within
+    --shutdown-timeout) and exits 0. With --exec it runs CMD through /bin/sh -c, forwards
+    SIGTERM and SIGINT to it, and when it exits ships what is left and exits with its
+    status. A replica name defaults to the file name without its extension; PATH:NAME
+    names it explicitly.
+
+OPTIONS
+",
+    storage_options!(),
+    "
+    --min-interval SECS
+        Under steady writes, ship each database at most this often (default 1). The first
+        commit after a quiet spell ships at once.
+
+    --snapshot-interval SECS
+        Seconds between snapshots of a changing database (default 3600).
+
+    --upload-workers N
+        Upload workers shared by all databases (default 2).
+
+    --poll
+        Poll files for changes instead of using inotify/kqueue.
+
+    --shutdown-timeout SECS
+        Seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30);
+        what is still staged then is uploaded on the next start.
+
+    --staging-limit MIB
+        Local disk each database may fill with staged segments while storage is slow or
+        down (default 1024); past it the WAL stays pinned and grows instead.
+
+    --retention DURATION
+        Remove generations (and their objects) older than this, keeping the newest
+        generation always (default 24h; 0 keeps everything). See walsync help prune.
+
+    --metrics-addr ADDR
+        Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091: per database
+        (label db) the replication lag, the newest stored commit time, bytes and objects
+        stored, upload errors and retries, checkpoints, and staged bytes and objects.
+        Other paths answer 404. An address that cannot be bound is a startup error.
+
+    --heartbeat-url URL
+        GET this URL at most once per --heartbeat-interval, and only while every database
+        is caught up (everything read is stored, no upload failing): for a dead man's
+        switch monitor such as healthchecks.io. Failures are logged as warnings and never
+        stop replication; logs name only the URL's scheme and host.
+
+    --heartbeat-interval SECS
+        Seconds between heartbeats (default 60).
+
+    --exec CMD
+        Once replication has started, run CMD through /bin/sh -c, forward SIGTERM and
+        SIGINT to it, and when it exits ship what is left and exit with its status (128 +
+        the signal number if a signal killed it).
+
+ENVIRONMENT
+",
+    storage_environment!(),
+    "
+    WALSYNC_MIN_INTERVAL, WALSYNC_SNAPSHOT_INTERVAL, WALSYNC_UPLOAD_WORKERS,
+    WALSYNC_SHUTDOWN_TIMEOUT, WALSYNC_STAGING_LIMIT, WALSYNC_RETENTION,
+    WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL, WALSYNC_EXEC
+        As the flags of the same name.
+
+",
+    exit_status!(),
+    "    With --exec: the command's exit status, unless shipping what is left fails.
+
+EXAMPLES
+    walsync watch /srv/app/app.db /srv/blog/blog.db:blog -b s3://backups/host1
+
+    walsync watch app.db -b s3://backups/app --metrics-addr 127.0.0.1:9091 \\
+        --heartbeat-url https://hc-ping.com/UUID --heartbeat-interval 300
+
+    exec walsync watch /data/app.db -b s3://bucket/prefix --exec \"myapp --db /data/app.db\"
+"
+);
+
+const SNAPSHOT: &str = concat!(
+    "NAME
+    walsync snapshot - store a full snapshot of a database now
+
+SYNOPSIS
+    walsync snapshot DB -b DEST [--name NAME]
+
+DESCRIPTION
+    Takes a consistent snapshot through SQLite's backup API, gzips it into the sidecar
+    and uploads it. Commits not yet shipped as segments are shipped first, so the
+    snapshot is aligned to a segment boundary. Starts a new generation if the database
+    has none (or if its WAL changed while walsync was not holding it). Prints the
+    snapshot's key. Refused while walsync watch replicates the same database to the same
+    destination (use --snapshot-interval, or Replicator::snapshot in the library). On a
+    terminal, progress (bytes and objects done) is shown on stderr.
+
+OPTIONS
+",
+    storage_options!(),
+    "
+    --name NAME
+        Replica name (default: the file name without its extension).
+
+ENVIRONMENT
+",
+    storage_environment!(),
+    "
+",
+    exit_status!(),
+    "
+EXAMPLES
+    walsync snapshot /srv/app/app.db -b s3://backups/host1
+"
+);
+
+const LIST: &str = concat!(
+    "NAME
+    walsync list - list the databases backed up under a destination
+
+SYNOPSIS
+    walsync list -b DEST [--json]
+
+DESCRIPTION
+    Every database under the destination, its generations, snapshot and segment counts,
+    newest snapshot and segment times, and sizes.
+
+OPTIONS
+",
+    storage_options!(),
+    "
+    --json
+        Print JSON, a stable format for scripts (fields are only ever added).
+
+ENVIRONMENT
+",
+    storage_environment!(),
+    "
+",
+    exit_status!(),
+    "
+EXAMPLES
+    walsync list -b s3://backups/host1 --json | jq '.databases[].name'
+"
+);
+
+const STATUS: &str = concat!(
+    "NAME
+    walsync status - show how fresh each replica is
+
+SYNOPSIS
+    walsync status -b DEST [--json] [NAME...]
+
+DESCRIPTION
+    For each database (every one under the destination, or those named), the newest
+    stored commit time, its age in seconds, and the newest generation with its snapshot
+    and segment counts and bytes. One LIST, no GETs: cheap enough for a monitoring check.
+    The age is that of the newest commit stored: an idle database ages too. For a running
+    walsync watch, --metrics-addr and --heartbeat-url tell the same from the inside.
+
+OPTIONS
+",
+    storage_options!(),
+    "
+    --json
+        Print JSON, a stable format for scripts (fields are only ever added).
+
+    NAME...
+        Replica names, as walsync list shows them (default: every database).
+
+ENVIRONMENT
+",
+    storage_environment!(),
+    "
+",
+    exit_status!(),
+    "    3 also when a NAME has no replica.
+
+EXAMPLES
+    age=$(walsync status app --json | jq '.databases[0].age_seconds')
+    [ \"$age\" -lt 600 ] || echo \"app: nothing stored for ${age}s\"
+"
+);
+
+const RESTORE: &str = concat!(
+    "NAME
+    walsync restore - restore a database from its replica
+
+SYNOPSIS
+    walsync restore NAME -o OUT -b DEST [--point-in-time RFC3339] [--generation ID]
+        [--force] [--if-db-not-exists] [--if-replica-exists] [--dry-run] [--parallel N]
+        [--mode OCTAL]
+
+DESCRIPTION
+    Plans from one LIST, downloads in parallel, verifies every object (gzip CRC, WAL
+    salts and checksums, contiguous indexes, the chain from the snapshot through each
+    segment), applies pages to OUT.tmp, fsyncs, runs PRAGMA integrity_check, removes
+    stale OUT-wal and OUT-shm and renames into place. A failed restore leaves nothing at
+    OUT. On a terminal, progress (bytes and objects downloaded) is shown on stderr.
+
+OPTIONS
+    NAME
+        Replica name, as walsync list shows it.
+
+    -o, --output OUT
+        The restored database file.
+
+",
+    storage_options!(),
+    "
+    --point-in-time RFC3339
+        Restore the state as of this time, e.g. 2026-01-10T12:00:00Z.
+
+    --generation ID
+        Restore from this generation (16 hex digits, as walsync list shows it) instead of
+        the newest.
+
+    --force
+        Replace OUT if it exists.
+
+    --if-db-not-exists
+        Do nothing (exit 0) if OUT already exists, without touching storage.
+
+    --if-replica-exists
+        Do nothing (exit 0) if the destination holds no replica of NAME.
+
+    --dry-run
+        Print the plan (generation, keys and sizes, the time restored to) and exit
+        without downloading or writing anything.
+
+    --parallel N
+        Downloads in flight at once (default 4).
+
+    --mode OCTAL
+        Permission bits of the restored file, less the umask (default 0600).
+
+ENVIRONMENT
+",
+    storage_environment!(),
+    "
+",
+    exit_status!(),
+    "
+EXAMPLES
+    walsync restore app -o restored.db -b s3://backups/host1
+    walsync restore app -o restored.db -b s3://backups/host1 \\
+        --point-in-time 2026-01-10T12:00:00Z
+    walsync restore app -o /data/app.db --if-db-not-exists --if-replica-exists
+"
+);
+
+const PRUNE: &str = "NAME
+    walsync prune - remove generations older than the retention period
+
+SYNOPSIS
+    walsync prune -b DEST [--endpoint URL] [--retention DURATION] [--dry-run] [NAME...]
+
+DESCRIPTION
+    For each database (every one under the destination, or those named), removes the
+    generations whose newest object is older than the retention period, with all their
+    snapshots and segments. The newest generation is always kept, whatever its age, so a
+    database can always be restored. walsync watch --retention does the same as it runs.
+
+OPTIONS
+    -b, --bucket DEST
+        Destination: s3://bucket/prefix or file:///some/dir (or WALSYNC_BUCKET).
+
+    --endpoint URL
+        S3 endpoint URL, with path-style addressing (or WALSYNC_ENDPOINT, else
+        AWS_ENDPOINT_URL_S3).
+
+    --retention DURATION
+        How long to keep old generations, e.g. 24h, 7d, 90m (default 24h; 0 keeps
+        everything).
+
+    --dry-run
+        Print what would be removed and remove nothing.
+
+    NAME...
+        Replica names, as walsync list shows them (default: every database).
+
+ENVIRONMENT
+    WALSYNC_BUCKET, WALSYNC_ENDPOINT, WALSYNC_RETENTION
+        As -b, --endpoint and --retention; a flag always wins.
+
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION
+        Credentials (never logged) and region.
+
+EXIT STATUS
+    0 on success; otherwise as for every command (see walsync help watch).
+
+EXAMPLES
+    walsync prune -b s3://backups/host1 --retention 7d --dry-run
+";
+
+const HELP: &str = "NAME
+    walsync help - show the manual page of a command
+
+SYNOPSIS
+    walsync help [COMMAND]
+
+DESCRIPTION
+    Without COMMAND, lists the commands. walsync COMMAND --help gives a short summary
+    of a command's flags instead.
+";
+
+/// Every command's page, in the order `walsync help` lists them, with a one-line summary.
+pub const PAGES: &[(&str, &str, &str)] = &[
+    ("watch", "replicate databases continuously", WATCH),
+    (
+        "snapshot",
+        "store a full snapshot of a database now",
+        SNAPSHOT,
+    ),
+    (
+        "list",
+        "list the databases backed up under a destination",
+        LIST,
+    ),
+    ("status", "show how fresh each replica is", STATUS),
+    ("restore", "restore a database from its replica", RESTORE),
+    (
+        "prune",
+        "remove generations older than the retention period",
+        PRUNE,
+    ),
+    ("help", "show the manual page of a command", HELP),
+];
+
+/// `walsync help` with no command: the list of commands.
+pub fn index() -> String {
+    let mut out = String::from(
+        "walsync: back up SQLite databases in WAL mode to S3-compatible storage, and \
+         restore them.\n\nUsage: walsync [-v] COMMAND [ARGS]\n\nCommands:\n",
+    );
+    for (name, summary, _) in PAGES {
+        out.push_str(&format!("    {name:<10}{summary}\n"));
+    }
+    out.push_str(
+        "\nwalsync help COMMAND shows a command's manual page; walsync COMMAND --help its \
+         flags;\nwalsync --help the global flags and exit codes.\n",
+    );
+    out
+}
+
+/// The manual page of `command`, if there is one.
+pub fn page(command: &str) -> Option<&'static str> {
+    PAGES
+        .iter()
+        .find(|(name, _, _)| *name == command)
+        .map(|(_, _, text)| *text)
+}

@@ -1,0 +1,405 @@
+//! Replication metrics: a few atomics per database, updated by its thread and the upload
+//! workers, and served in the Prometheus text exposition format by a tiny blocking HTTP
+//! listener (`walsync watch --metrics-addr`).
+//!
+//! The listener handles one connection at a time on its own thread: it reads the request
+//! line and headers (at most [`MAX_REQUEST`] bytes within [`IO_TIMEOUT`]), answers `GET /metrics` and 404 for any other path, and closes the
+//! connection. Nothing a client sends can make it panic or hold it for long.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::layout::{ObjectKind, ObjectName};
+use crate::replica::Checkpoint;
+
+/// The longest request (line and headers) the listener reads.
+pub const MAX_REQUEST: usize = 8 * 1024;
+
+/// How long the listener waits for a whole request, and for each write of its answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What one database's replication has done, since walsync started.
+#[derive(Debug, Default)]
+pub struct DbMetrics {
+    name: String,
+    /// Bytes and objects (segments and snapshots) stored.
+    bytes_stored: AtomicU64,
+    objects_stored: AtomicU64,
+    /// Failed upload attempts, and those of them followed by another attempt.
+    upload_errors: AtomicU64,
+    upload_retries: AtomicU64,
+    /// The last attempt of the object now being uploaded failed.
+    upload_failing: AtomicBool,
+    checkpoints_complete: AtomicU64,
+    checkpoints_partial: AtomicU64,
+    /// Staged objects not yet stored, and their bytes.
+    staged_objects: AtomicU64,
+    staged_bytes: AtomicU64,
+    /// Unix time in milliseconds since when something committed has not been stored;
+    /// 0 when everything is.
+    unstored_since_ms: AtomicU64,
+    /// Time of the newest stored commit, unix milliseconds (0: none stored since start).
+    newest_stored_ms: AtomicU64,
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl DbMetrics {
+    pub fn new(name: &str) -> DbMetrics {
+        DbMetrics {
+            name: name.to_string(),
+            ..DbMetrics::default()
+        }
+    }
+
+    /// The replica name, the `db` label.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// An upload of `key`, `bytes` long, succeeded.
+    pub fn stored(&self, key: &str, bytes: u64) {
+        self.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
+        self.objects_stored.fetch_add(1, Ordering::Relaxed);
+        self.upload_failing.store(false, Ordering::Relaxed);
+        if let Some((_, object)) = ObjectName::parse_key(key) {
+            let millis = object.time.millis().max(0) as u64;
+            // Like `walsync status`: the newest segment's time, a snapshot's only until a
+            // segment is stored (a later snapshot holds no later commit).
+            if object.kind == ObjectKind::Segment {
+                self.newest_stored_ms.fetch_max(millis, Ordering::Relaxed);
+            } else {
+                let _ = self.newest_stored_ms.compare_exchange(
+                    0,
+                    millis,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    /// An upload attempt failed; `retrying` if another attempt follows.
+    pub fn upload_failed(&self, retrying: bool) {
+        self.upload_errors.fetch_add(1, Ordering::Relaxed);
+        if retrying {
+            self.upload_retries.fetch_add(1, Ordering::Relaxed);
+        }
+        self.upload_failing.store(true, Ordering::Relaxed);
+    }
+
+    /// A checkpoint ran (skipped ones are not counted).
+    pub fn checkpointed(&self, result: Checkpoint) {
+        match result {
+            Checkpoint::Complete => self.checkpoints_complete.fetch_add(1, Ordering::Relaxed),
+            Checkpoint::Partial => self.checkpoints_partial.fetch_add(1, Ordering::Relaxed),
+            Checkpoint::Skipped => 0,
+        };
+    }
+
+    /// Something was committed and may not be stored yet (the WAL changed).
+    pub fn changed(&self) {
+        let _ = self.unstored_since_ms.compare_exchange(
+            0,
+            unix_millis(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The database thread's view after a step: what is staged, and whether everything
+    /// read is stored and nothing more is waiting to be read (`caught_up`).
+    pub fn staged(&self, objects: usize, bytes: u64, caught_up: bool) {
+        self.staged_objects.store(objects as u64, Ordering::Relaxed);
+        self.staged_bytes.store(bytes, Ordering::Relaxed);
+        if caught_up {
+            self.unstored_since_ms.store(0, Ordering::Relaxed);
+        } else if objects > 0 {
+            self.changed();
+        }
+    }
+
+    /// Seconds since the oldest commit not yet stored; 0 when caught up.
+    pub fn lag_seconds(&self) -> f64 {
+        match self.unstored_since_ms.load(Ordering::Relaxed) {
+            0 => 0.0,
+            since => unix_millis().saturating_sub(since) as f64 / 1000.0,
+        }
+    }
+
+    /// Everything read is stored, nothing is known to wait in the WAL, and the last upload
+    /// attempt did not fail.
+    pub fn caught_up(&self) -> bool {
+        self.unstored_since_ms.load(Ordering::Relaxed) == 0
+            && self.staged_objects.load(Ordering::Relaxed) == 0
+            && !self.upload_failing.load(Ordering::Relaxed)
+    }
+}
+
+/// A sample's extra label (name, value), if any, and its value.
+type Sample = (Option<(&'static str, &'static str)>, f64);
+
+/// One metric family: name, type, help, and how to read it from a database's metrics.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    values: fn(&DbMetrics) -> Vec<Sample>,
+}
+
+fn load(a: &AtomicU64) -> f64 {
+    a.load(Ordering::Relaxed) as f64
+}
+
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "walsync_replication_lag_seconds",
+        kind: "gauge",
+        help: "Seconds since the oldest commit not yet stored (0 when caught up).",
+        values: |m| vec![(None, m.lag_seconds())],
+    },
+    Family {
+        name: "walsync_last_stored_commit_timestamp_seconds",
+        kind: "gauge",
+        help: "Unix time of the newest stored commit (0 until one is stored after start).",
+        values: |m| vec![(None, load(&m.newest_stored_ms) / 1000.0)],
+    },
+    Family {
+        name: "walsync_stored_bytes_total",
+        kind: "counter",
+        help: "Bytes of segments and snapshots stored.",
+        values: |m| vec![(None, load(&m.bytes_stored))],
+    },
+    Family {
+        name: "walsync_stored_objects_total",
+        kind: "counter",
+        help: "Segments and snapshots stored.",
+        values: |m| vec![(None, load(&m.objects_stored))],
+    },
+    Family {
+        name: "walsync_upload_errors_total",
+        kind: "counter",
+        help: "Failed upload attempts.",
+        values: |m| vec![(None, load(&m.upload_errors))],
+    },
+    Family {
+        name: "walsync_upload_retries_total",
+        kind: "counter",
+        help: "Failed upload attempts that were tried again.",
+        values: |m| vec![(None, load(&m.upload_retries))],
+    },
+    Family {
+        name: "walsync_checkpoints_total",
+        kind: "counter",
+        help: "Checkpoints run by walsync, by result (complete: the WAL can restart).",
+        values: |m| {
+            vec![
+                (Some(("result", "complete")), load(&m.checkpoints_complete)),
+                (Some(("result", "partial")), load(&m.checkpoints_partial)),
+            ]
+        },
+    },
+    Family {
+        name: "walsync_staged_bytes",
+        kind: "gauge",
+        help: "Bytes staged on local disk and not yet stored.",
+        values: |m| vec![(None, load(&m.staged_bytes))],
+    },
+    Family {
+        name: "walsync_staged_objects",
+        kind: "gauge",
+        help: "Objects staged on local disk and not yet stored.",
+        values: |m| vec![(None, load(&m.staged_objects))],
+    },
+];
+
+/// A label value with `\`, `"` and newlines escaped as the text format wants.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of `databases`.
+pub fn render(databases: &[Arc<DbMetrics>]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for family in FAMILIES {
+        let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
+        for db in databases {
+            for (label, value) in (family.values)(db) {
+                let extra = label.map_or(String::new(), |(k, v)| format!(",{k}=\"{v}\""));
+                let _ = writeln!(
+                    out,
+                    "{}{{db=\"{}\"{extra}}} {value}",
+                    family.name,
+                    escape(db.name())
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Listen on `addr` (host:port); an error names the address.
+pub fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .map_err(|e| Error::from(e).with_context(format!("metrics address {addr}: cannot listen")))
+}
+
+/// Serve `GET /metrics` on `listener` from a new thread, for as long as the process runs.
+pub fn serve(listener: TcpListener, databases: Vec<Arc<DbMetrics>>) -> Result<()> {
+    std::thread::Builder::new()
+        .name("walsync-metrics".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(e) = answer(stream, &databases) {
+                            log::debug!("metrics request: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("metrics listener: {e}");
+                        // Out of file descriptors and the like: do not spin.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::from(e).with_context("starting the metrics thread"))?;
+    Ok(())
+}
+
+/// Read one request from `stream` and answer it.
+fn answer(mut stream: TcpStream, databases: &[Arc<DbMetrics>]) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // One deadline for the whole request, so a client trickling bytes cannot hold the
+    // (only) listener thread for longer.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut request = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        if request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n")
+        {
+            break true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if request.len() >= MAX_REQUEST || left.is_zero() {
+            break false;
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break false;
+        }
+        request.extend_from_slice(&buf[..n.min(MAX_REQUEST - request.len())]);
+    };
+    let (status, body) = respond(complete.then_some(&request[..]), databases);
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        if status.starts_with("200") {
+            "text/plain; version=0.0.4; charset=utf-8"
+        } else {
+            "text/plain; charset=utf-8"
+        },
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+/// The status line and body for a request (None: too long or cut short).
+fn respond(request: Option<&[u8]>, databases: &[Arc<DbMetrics>]) -> (&'static str, String) {
+    let Some(line) = request
+        .and_then(|r| r.split(|b| *b == b'\n').next())
+        .and_then(|l| std::str::from_utf8(l).ok())
+    else {
+        return ("400 Bad Request", "bad request\n".into());
+    };
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return ("400 Bad Request", "bad request\n".into());
+    };
+    if !version.starts_with("HTTP/1.") {
+        return ("400 Bad Request", "bad request\n".into());
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    match (method, path) {
+        ("GET", "/metrics") => ("200 OK", render(databases)),
+        (_, "/metrics") => ("405 Method Not Allowed", "only GET\n".into()),
+        _ => ("404 Not Found", "not found; try /metrics\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one() -> Vec<Arc<DbMetrics>> {
+        vec![Arc::new(DbMetrics::new("app"))]
+    }
+
+    #[test]
+    fn requests_are_answered_by_path_and_method() {
+        let dbs = one();
+        let ok = respond(Some(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), &dbs);
+        assert_eq!(ok.0, "200 OK");
+        assert!(ok.1.contains("walsync_stored_bytes_total{db=\"app\"} 0\n"));
+        let query = respond(Some(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), &dbs);
+        assert_eq!(query.0, "200 OK");
+        assert_eq!(
+            respond(Some(b"GET / HTTP/1.1\r\n\r\n"), &dbs).0,
+            "404 Not Found"
+        );
+        assert_eq!(
+            respond(Some(b"POST /metrics HTTP/1.1\r\n\r\n"), &dbs).0,
+            "405 Method Not Allowed"
+        );
+        for bad in [
+            &b"\xff\xfe\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"GET / FTP/1\r\n\r\n",
+        ] {
+            assert_eq!(respond(Some(bad), &dbs).0, "400 Bad Request");
+        }
+        assert_eq!(respond(None, &dbs).0, "400 Bad Request");
+    }
+
+    #[test]
+    fn lag_and_caught_up_follow_the_database_thread() {
+        let m = DbMetrics::new("a\"b");
+        assert!(m.caught_up());
+        m.changed();
+        assert!(!m.caught_up());
+        m.staged(1, 100, false);
+        m.upload_failed(true);
+        m.staged(0, 0, true);
+        assert!(!m.caught_up(), "the last upload attempt failed");
+        m.stored(
+            "a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz",
+            10,
+        );
+        assert!(m.caught_up());
+        assert_eq!(m.lag_seconds(), 0.0);
+        assert_eq!(
+            m.newest_stored_ms.load(Ordering::Relaxed),
+            1_767_225_600_000
+        );
+        assert!(render(&[Arc::new(m)]).contains("{db=\"a\\\"b\"}"));
+    }
+}
