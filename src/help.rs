@@ -103,8 +103,9 @@ OPTIONS
         down (default 1024); past it the WAL stays pinned and grows instead.
 
     --retention DURATION
-        Remove generations (and their objects) older than this, keeping the newest
-        generation always (default 24h; 0 keeps everything). See walsync help prune.
+        Keep every point in time this far back restorable and delete the backups no such
+        restore needs, at start, after each snapshot, at most hourly (default 24h; 0 keeps
+        everything). See walsync help prune for the rule.
 
     --metrics-addr ADDR
         Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091: per database
@@ -320,47 +321,60 @@ EXAMPLES
 );
 
 const PRUNE: &str = "NAME
-    walsync prune - remove generations older than the retention period
+    walsync prune - delete backups that no restore inside the retention window needs
 
 SYNOPSIS
-    walsync prune -b DEST [--endpoint URL] [--retention DURATION] [--dry-run] [NAME...]
+    walsync prune -b DEST --retention DURATION [--endpoint URL] [--s3-timeout SECS]
+                  [--dry-run] [NAME...]
 
 DESCRIPTION
-    For each database (every one under the destination, or those named), removes the
-    generations whose newest object is older than the retention period, with all their
-    snapshots and segments. The newest generation is always kept, whatever its age, so a
-    database can always be restored. walsync watch --retention does the same as it runs.
+    For each database (every one under the destination, or those named), with
+    W = now - DURATION: keeps the snapshot a restore to W starts from, every snapshot
+    after it and the segments they need, and always the newest snapshot and everything
+    after it, whatever the clock says. Deletes older snapshots, the segments only they
+    need, and older generations, snapshots first, then segments, oldest first, so an
+    interrupted prune leaves every kept point restorable. Never state.json, nor keys
+    walsync did not write. One LIST, then batched deletes (S3 DeleteObjects, 1000 keys a
+    request). Safe beside a running walsync watch, which only adds newer objects.
+    walsync watch --retention does the same as it runs.
 
 OPTIONS
     -b, --bucket DEST
         Destination: s3://bucket/prefix or file:///some/dir (or WALSYNC_BUCKET).
 
+    --retention DURATION
+        How far back every point in time stays restorable: 3600s, 90m, 24h, 7d, 1.5h (a
+        plain number is seconds); 0 keeps everything. Required (or WALSYNC_RETENTION).
+
     --endpoint URL
         S3 endpoint URL, with path-style addressing (or WALSYNC_ENDPOINT, else
         AWS_ENDPOINT_URL_S3).
 
-    --retention DURATION
-        How long to keep old generations, e.g. 24h, 7d, 90m (default 24h; 0 keeps
-        everything).
+    --s3-timeout SECS
+        How long one S3 read or write may wait before that request fails and is
+        retried (default 60; or WALSYNC_S3_TIMEOUT).
 
     --dry-run
-        Print what would be removed and remove nothing.
+        Print each key that would be deleted with its size, and the bytes freed; delete
+        nothing.
 
     NAME...
         Replica names, as walsync list shows them (default: every database).
 
 ENVIRONMENT
-    WALSYNC_BUCKET, WALSYNC_ENDPOINT, WALSYNC_RETENTION
-        As -b, --endpoint and --retention; a flag always wins.
+    WALSYNC_BUCKET, WALSYNC_ENDPOINT, WALSYNC_S3_TIMEOUT, WALSYNC_RETENTION
+        As -b, --endpoint, --s3-timeout and --retention; a flag always wins.
 
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION
         Credentials (never logged) and region.
 
 EXIT STATUS
-    0 on success; otherwise as for every command (see walsync help watch).
+    0 on success; 3 if a NAME has no replica (checked before anything is deleted);
+    otherwise as for every command (see walsync help watch).
 
 EXAMPLES
     walsync prune -b s3://backups/host1 --retention 7d --dry-run
+    walsync prune -b s3://backups/host1 --retention 7d app
 ";
 
 const HELP: &str = "NAME
