@@ -31,7 +31,6 @@
 //! - **poll**: `stat` of `<db>` and `<db>-wal` every `poll_interval`; a change of existence,
 //!   inode, size or modification time calls the callback.
 
-use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::{self, PipeWriter};
 use std::os::unix::fs::MetadataExt;
@@ -62,11 +61,9 @@ pub enum WatchMode {
 /// each database's callback when its WAL (`<db>-wal`) or database file is created, written,
 /// truncated, deleted, or replaced by a rename into place.
 ///
-/// Callbacks run on the watcher thread while it holds its registration lock, which is what
-/// lets [`Watcher::unwatch`] promise that a callback is never called after it returns. So a
-/// callback must be cheap and must not block (an mpsc send is ideal). It may call
-/// [`Watcher::unwatch`], which then takes effect after the current batch of callbacks; it
-/// cannot call [`Watcher::watch`].
+/// A registration lasts as long as the `Watcher`. Callbacks run on the watcher thread while
+/// it holds its registration lock, so a callback must be cheap and must not block (an mpsc
+/// send is ideal), and it cannot call [`Watcher::watch`] or drop the `Watcher`.
 pub struct Watcher {
     shared: Arc<Shared>,
     kind: Kind,
@@ -78,13 +75,9 @@ pub struct Watcher {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Identifies one `watch` registration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct WatchId(u64);
-
 /// The backend, with what callers need to change its registrations.
 enum Kind {
-    /// Watches are added and removed directly from the calling thread (the kernel makes that
+    /// Watches are added directly from the calling thread (the kernel makes that
     /// safe), so `watch` has set up the directory watch before it returns.
     #[cfg(target_os = "linux")]
     Inotify(inotify::Watches),
@@ -103,55 +96,21 @@ enum Kind {
 /// State shared between the `Watcher` handle and its thread.
 #[derive(Default)]
 struct Shared {
-    registry: Mutex<Registry>,
-    /// Registrations that a callback asked to remove while the thread held `registry`.
-    deferred_unwatch: Mutex<Vec<WatchId>>,
+    /// Only ever added to: a registration lasts as long as the `Watcher`.
+    registry: Mutex<Vec<Registration>>,
     stop: AtomicBool,
 }
 
 impl Shared {
     /// The registrations. A panicking callback is caught before it can poison the lock, but
-    /// even a poisoned registry is still consistent (every change is a single map operation),
-    /// so keep using it rather than stopping all notifications.
-    fn registry(&self) -> MutexGuard<'_, Registry> {
+    /// even a poisoned registry is still consistent (every change is a single push), so keep
+    /// using it rather than stopping all notifications.
+    fn registry(&self) -> MutexGuard<'_, Vec<Registration>> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn defer_unwatch(&self, id: WatchId) {
-        self.deferred_unwatch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(id);
-    }
-
-    fn take_deferred_unwatch(&self) -> Vec<WatchId> {
-        std::mem::take(
-            &mut *self
-                .deferred_unwatch
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        )
     }
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
-    }
-}
-
-#[derive(Default)]
-struct Registry {
-    next_id: u64,
-    regs: HashMap<WatchId, Registration>,
-}
-
-impl Registry {
-    /// Calls each listed registration's callback once (ids no longer registered are skipped).
-    fn notify(&self, ids: &HashSet<WatchId>) {
-        for id in ids {
-            if let Some(reg) = self.regs.get(id) {
-                reg.call();
-            }
-        }
     }
 }
 
@@ -309,7 +268,7 @@ impl Watcher {
     /// `notify` must be cheap and non-blocking (it will typically be an mpsc send). Changes
     /// made after `watch` returns are reported; with polling, relative to the state `watch`
     /// saw.
-    pub fn watch(&self, db_path: &Path, notify: Box<dyn Fn() + Send>) -> Result<WatchId> {
+    pub fn watch(&self, db_path: &Path, notify: Box<dyn Fn() + Send>) -> Result<()> {
         if self.on_watcher_thread() {
             return Err(Error::invalid(format!(
                 "watching {}: Watcher::watch cannot be called from a change callback",
@@ -332,8 +291,6 @@ impl Watcher {
 
         let mut registry = self.shared.registry();
         match &self.kind {
-            // Under the registry lock, so a concurrent unwatch of another database in the
-            // same directory cannot remove the shared watch between our add and our insert.
             #[cfg(target_os = "linux")]
             Kind::Inotify(watches) => reg.wd = Some(inotify_backend::add(watches, &reg.dir)?),
             // The thread opens the directory; try it here too so a bad directory is an error
@@ -351,48 +308,15 @@ impl Watcher {
             }
             Kind::Poll => {}
         }
-        let id = WatchId(registry.next_id);
-        registry.next_id += 1;
         log::debug!(
             "watching {} for changes ({})",
             reg.db_path().display(),
             self.backend()
         );
-        registry.regs.insert(id, reg);
+        registry.push(reg);
         drop(registry);
         self.wake_thread();
-        Ok(id)
-    }
-
-    /// Stop calling that registration's callback. Once this returns the callback is never
-    /// called again (when called from a callback: once the current batch of callbacks ends).
-    /// Unknown or already removed ids are ignored.
-    pub fn unwatch(&self, id: WatchId) {
-        if self.on_watcher_thread() {
-            // The thread holds the registry lock while it runs callbacks.
-            self.shared.defer_unwatch(id);
-            return;
-        }
-        let mut registry = self.shared.registry();
-        let Some(reg) = registry.regs.remove(&id) else {
-            return;
-        };
-        log::debug!("no longer watching {}", reg.db_path().display());
-        match &self.kind {
-            #[cfg(target_os = "linux")]
-            Kind::Inotify(watches) => inotify_backend::release(&registry, watches, &reg),
-            #[cfg(any(
-                target_os = "macos",
-                target_os = "freebsd",
-                target_os = "netbsd",
-                target_os = "openbsd",
-                target_os = "dragonfly"
-            ))]
-            Kind::Kqueue => {}
-            Kind::Poll => {}
-        }
-        drop(registry);
-        self.wake_thread();
+        Ok(())
     }
 
     /// "inotify", "kqueue" or "poll".
@@ -418,8 +342,8 @@ impl Watcher {
             .is_some_and(|t| t.thread().id() == thread::current().id())
     }
 
-    /// Tells the kqueue thread that the registrations changed, so it opens or closes the
-    /// descriptors it watches. The other backends need no wake-up.
+    /// Tells the kqueue thread that the registrations changed, so it opens the descriptors
+    /// it watches. The other backends need no wake-up.
     fn wake_thread(&self) {
         #[cfg(any(
             target_os = "macos",
@@ -448,12 +372,6 @@ impl Drop for Watcher {
         self.wake = None;
         self.stop_poll = None;
         if let Some(thread) = self.thread.take() {
-            // Dropped from a callback (the last reference to the watcher was captured by a
-            // callback): the thread sees the stop flag when the callback returns; joining
-            // itself would deadlock.
-            if thread.thread().id() == thread::current().id() {
-                return;
-            }
             if thread.join().is_err() {
                 log::error!("the file watcher thread panicked");
             }
@@ -518,37 +436,26 @@ fn run_poll(shared: &Shared, stop: &mpsc::Receiver<()>, interval: Duration) {
             return;
         }
         // stat outside the lock: on a slow network filesystem it must not hold up watch()
-        // and unwatch() callers.
-        let targets: Vec<(WatchId, PathBuf, PathBuf)> = shared
+        // callers.
+        let targets: Vec<(PathBuf, PathBuf)> = shared
             .registry()
-            .regs
             .iter()
-            .map(|(id, reg)| (*id, reg.db_path(), reg.wal_path()))
+            .map(|reg| (reg.db_path(), reg.wal_path()))
             .collect();
-        let now: Vec<(WatchId, Seen)> = targets
+        let now: Vec<Seen> = targets
             .iter()
-            .map(|(id, db, wal)| {
-                let seen = Seen {
-                    db: Stamp::of(db),
-                    wal: Stamp::of(wal),
-                };
-                (*id, seen)
+            .map(|(db, wal)| Seen {
+                db: Stamp::of(db),
+                wal: Stamp::of(wal),
             })
             .collect();
-        let mut registry = shared.registry();
-        let mut changed = HashSet::new();
-        for (id, seen) in now {
-            if let Some(reg) = registry.regs.get_mut(&id) {
-                if reg.seen != seen {
-                    reg.seen = seen;
-                    changed.insert(id);
-                }
+        // Registrations are only ever appended, so the first `now.len()` are the ones
+        // examined; any added since are compared on the next round.
+        for (reg, seen) in shared.registry().iter_mut().zip(now) {
+            if reg.seen != seen {
+                reg.seen = seen;
+                reg.call();
             }
-        }
-        registry.notify(&changed);
-        drop(registry);
-        for id in shared.take_deferred_unwatch() {
-            shared.registry().regs.remove(&id);
         }
     }
 }
@@ -565,7 +472,7 @@ mod inotify_backend {
 
     use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
-    use super::{Registration, Registry, Shared, WatchId, ERROR_BACKOFF};
+    use super::{Shared, ERROR_BACKOFF};
     use crate::error::{Context, Result};
     use std::collections::{HashMap, HashSet};
     use std::ffi::OsString;
@@ -622,22 +529,6 @@ mod inotify_backend {
         }
     }
 
-    /// Removes the directory watch of `removed` (already taken out of `registry`) unless
-    /// another registration still uses it.
-    pub(super) fn release(registry: &Registry, watches: &Watches, removed: &Registration) {
-        let Some(wd) = &removed.wd else { return };
-        if registry.regs.values().any(|r| r.wd.as_ref() == Some(wd)) {
-            return;
-        }
-        // Fails harmlessly if the directory was deleted (the kernel dropped the watch).
-        if let Err(err) = watches.clone().remove(wd.clone()) {
-            log::debug!(
-                "removing the inotify watch on {}: {err}",
-                removed.dir.display()
-            );
-        }
-    }
-
     /// What one batch of events amounts to, deduplicated while reading.
     #[derive(Default)]
     struct Batch {
@@ -656,7 +547,6 @@ mod inotify_backend {
 
     fn run(shared: &Shared, mut inotify: Inotify, wake: &PipeReader) {
         let mut buffer = vec![0u8; EVENT_BUFFER];
-        let watches = inotify.watches();
         loop {
             match wait(&inotify, wake) {
                 Ok(Ready::Events) => {}
@@ -671,12 +561,6 @@ mod inotify_backend {
             }
             let batch = read_batch(&mut inotify, &mut buffer);
             dispatch(shared, &batch);
-            for id in shared.take_deferred_unwatch() {
-                let mut registry = shared.registry();
-                if let Some(reg) = registry.regs.remove(&id) {
-                    release(&registry, &watches, &reg);
-                }
-            }
         }
     }
 
@@ -764,8 +648,7 @@ mod inotify_backend {
         if batch.overflow {
             log::warn!("the inotify queue overflowed; notifying every watched database");
         }
-        let mut hit: HashSet<WatchId> = HashSet::new();
-        for (id, reg) in &registry.regs {
+        for reg in registry.iter() {
             let Some(wd) = &reg.wd else { continue };
             let wd = wd.get_watch_descriptor_id();
             let named = batch
@@ -774,17 +657,15 @@ mod inotify_backend {
                 .is_some_and(|names| names.contains(&reg.db_name) || names.contains(&reg.wal_name));
             let gone = batch.dirs_gone.contains(&wd);
             if gone {
-                // IGNORED for a watch we removed ourselves matches no registration.
                 log::warn!(
                     "directory {} is no longer watched (deleted, moved or unmounted)",
                     reg.dir.display()
                 );
             }
             if batch.overflow || named || gone {
-                hit.insert(*id);
+                reg.call();
             }
         }
-        registry.notify(&hit);
     }
 }
 
@@ -811,7 +692,7 @@ mod kqueue_backend {
 
     use kqueue::{EventData, EventFilter, FilterFlag, Ident, Vnode};
 
-    use super::{Registry, Seen, Shared, Stamp, WatchId, ERROR_BACKOFF};
+    use super::{Registration, Seen, Shared, Stamp, ERROR_BACKOFF};
 
     /// Events taken into one batch before callbacks run.
     const MAX_EVENTS_PER_BATCH: usize = 4096;
@@ -992,8 +873,7 @@ mod kqueue_backend {
             if batch.full || batch.reopen || !batch.dirs.is_empty() {
                 self.reconcile(&registry);
             }
-            let mut hit: HashSet<WatchId> = HashSet::new();
-            for (id, reg) in registry.regs.iter_mut() {
+            for reg in registry.iter_mut() {
                 let wal_event = batch.wals.contains(&key(&reg.wal_path()));
                 if !(batch.full || wal_event || batch.dirs.contains(&key(&reg.dir))) {
                     continue;
@@ -1001,40 +881,25 @@ mod kqueue_backend {
                 let now: Seen = reg.stat();
                 if wal_event || now != reg.seen {
                     reg.seen = now;
-                    hit.insert(*id);
+                    reg.call();
                 }
-            }
-            registry.notify(&hit);
-            drop(registry);
-            let deferred = shared.take_deferred_unwatch();
-            if !deferred.is_empty() {
-                let mut registry = shared.registry();
-                for id in deferred {
-                    registry.regs.remove(&id);
-                }
-                self.reconcile(&registry);
             }
         }
 
-        /// Opens descriptors for every registered directory and existing WAL, replaces those
-        /// whose WAL was replaced, and closes those no longer needed.
-        fn reconcile(&mut self, registry: &Registry) {
+        /// Opens descriptors for every registered directory and existing WAL, and replaces or
+        /// closes those whose WAL was replaced or deleted. Registrations are never removed, so
+        /// directory descriptors are only ever added; all of them close with the queue when
+        /// the thread ends.
+        fn reconcile(&mut self, registry: &[Registration]) {
             let mut want_dirs = HashSet::new();
             let mut want_wals: HashMap<String, Option<(u64, u64)>> = HashMap::new();
-            for reg in registry.regs.values() {
+            for reg in registry {
                 want_dirs.insert(key(&reg.dir));
                 let wal = reg.wal_path();
                 let identity = Stamp::of(&wal).map(|s| (s.dev, s.ino));
                 want_wals.insert(key(&wal), identity);
             }
 
-            let stale_dirs: Vec<String> = self.dirs.difference(&want_dirs).cloned().collect();
-            for dir in stale_dirs {
-                self.dirs.remove(&dir);
-                if let Err(err) = self.kq.remove_filename(&dir, EventFilter::EVFILT_VNODE) {
-                    log::debug!("kqueue: no longer watching {dir}: {err}");
-                }
-            }
             let stale_wals: Vec<String> = self
                 .wals
                 .iter()
@@ -1150,10 +1015,10 @@ mod tests {
         )
     }
 
-    fn watch(watcher: &Watcher, db: &Path) -> (WatchId, Receiver<()>) {
+    fn watch(watcher: &Watcher, db: &Path) -> Receiver<()> {
         let (notify, rx) = channel();
-        let id = watcher.watch(db, notify).unwrap();
-        (id, rx)
+        watcher.watch(db, notify).unwrap();
+        rx
     }
 
     #[track_caller]
@@ -1168,8 +1033,8 @@ mod tests {
     #[track_caller]
     fn expect_quiet(rx: &Receiver<()>, what: &str) {
         match rx.recv_timeout(QUIET) {
-            // Disconnected: the callback (holding the sender) was dropped by unwatch, so it
-            // cannot be called any more either.
+            // Disconnected: the callback (holding the sender) was dropped with the watcher, so
+            // it cannot be called any more either.
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
             other => panic!("unexpected notification after {what}: {other:?}"),
         }
@@ -1209,7 +1074,7 @@ mod tests {
     fn wal_created(mode: WatchMode) {
         let (_dir, db) = setup(false);
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         expect_quiet(&rx, "watching");
         fs::write(wal_of(&db), b"frames").unwrap();
         expect_notified(&rx, "creating the WAL");
@@ -1218,7 +1083,7 @@ mod tests {
     fn wal_appended(mode: WatchMode) {
         let (_dir, db) = setup(true);
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         expect_quiet(&rx, "watching");
         append(&wal_of(&db), b"more frames");
         expect_notified(&rx, "appending to the WAL");
@@ -1230,7 +1095,7 @@ mod tests {
         let (_dir, db) = setup(true);
         let wal = OpenOptions::new().write(true).open(wal_of(&db)).unwrap();
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         expect_quiet(&rx, "watching");
         wal.set_len(0).unwrap();
         expect_notified(&rx, "truncating the WAL");
@@ -1239,7 +1104,7 @@ mod tests {
     fn wal_deleted(mode: WatchMode) {
         let (_dir, db) = setup(true);
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         expect_quiet(&rx, "watching");
         fs::remove_file(wal_of(&db)).unwrap();
         expect_notified(&rx, "deleting the WAL");
@@ -1248,7 +1113,7 @@ mod tests {
     fn db_replaced_by_rename(mode: WatchMode) {
         let (dir, db) = setup(true);
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         // Same size as the old database, so only the identity of the file changes.
         let tmp = dir.path().join("app.db.tmp");
         fs::write(&tmp, vec![1u8; 4096]).unwrap();
@@ -1260,7 +1125,7 @@ mod tests {
     fn unrelated_files_ignored(mode: WatchMode) {
         let (dir, db) = setup(true);
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         append(&dir.path().join("other.db"), b"x");
         append(&dir.path().join("other.db-wal"), b"x");
         append(&dir.path().join("app.db-shm"), b"x");
@@ -1281,8 +1146,8 @@ mod tests {
         let b = dir.path().join("b.db");
         fs::write(&b, b"").unwrap();
         let watcher = start(mode);
-        let (_ida, rxa) = watch(&watcher, &a);
-        let (_idb, rxb) = watch(&watcher, &b);
+        let rxa = watch(&watcher, &a);
+        let rxb = watch(&watcher, &b);
         append(&wal_of(&a), b"a");
         expect_notified(&rxa, "writing a's WAL");
         expect_quiet(&rxb, "writing a's WAL");
@@ -1294,31 +1159,15 @@ mod tests {
         expect_quiet(&rxa, "writing b");
     }
 
-    fn unwatch_stops_notifications(mode: WatchMode) {
+    fn same_database_watched_twice(mode: WatchMode) {
         let (_dir, db) = setup(true);
         let watcher = start(mode);
-        let (first, rx1) = watch(&watcher, &db);
+        let rx1 = watch(&watcher, &db);
         // A second registration of the same database shares the directory watch.
-        let (second, rx2) = watch(&watcher, &db);
+        let rx2 = watch(&watcher, &db);
         append(&wal_of(&db), b"1");
         expect_notified(&rx1, "appending (both watching)");
         expect_notified(&rx2, "appending (both watching)");
-
-        watcher.unwatch(first);
-        expect_quiet(&rx2, "unwatching the other registration");
-        append(&wal_of(&db), b"2");
-        expect_notified(&rx2, "appending after unwatching the other registration");
-        expect_quiet(&rx1, "appending after unwatch");
-
-        watcher.unwatch(second);
-        watcher.unwatch(second); // Unknown ids are ignored.
-        append(&wal_of(&db), b"3");
-        expect_quiet(&rx2, "appending after unwatch");
-
-        // Watching again after the directory watch was removed works.
-        let (_third, rx3) = watch(&watcher, &db);
-        append(&wal_of(&db), b"4");
-        expect_notified(&rx3, "appending after watching again");
     }
 
     fn sqlite_commit(mode: WatchMode) {
@@ -1331,7 +1180,7 @@ mod tests {
         assert_eq!(journal, "wal");
         conn.execute_batch("CREATE TABLE t(x)").unwrap();
         let watcher = start(mode);
-        let (_id, rx) = watch(&watcher, &db);
+        let rx = watch(&watcher, &db);
         expect_quiet(&rx, "watching");
         conn.execute("INSERT INTO t VALUES (randomblob(100))", [])
             .unwrap();
@@ -1342,7 +1191,7 @@ mod tests {
         // An interval far longer than the test tolerates: dropping must not wait for it.
         let watcher = Watcher::start(mode, Duration::from_secs(30)).unwrap();
         let (_dir, db) = setup(true);
-        let (_id, _rx) = watch(&watcher, &db);
+        let _rx = watch(&watcher, &db);
         // Dropped on another thread, so a drop that hangs fails the test instead of hanging it.
         let (done_tx, done_rx) = mpsc::channel();
         let started = Instant::now();
@@ -1355,38 +1204,6 @@ mod tests {
             "dropping the watcher took more than 2 s"
         );
         assert!(started.elapsed() < Duration::from_secs(2));
-    }
-
-    /// A callback may unwatch (even itself) without deadlocking the watcher thread.
-    fn unwatch_from_callback(mode: WatchMode) {
-        let (_dir, db) = setup(true);
-        let watcher = Arc::new(start(mode));
-        let own_id: Arc<Mutex<Option<WatchId>>> = Arc::default();
-        let (tx, rx) = mpsc::channel();
-        let weak = Arc::downgrade(&watcher);
-        let id_slot = Arc::clone(&own_id);
-        let id = watcher
-            .watch(
-                &db,
-                Box::new(move || {
-                    let id = *id_slot.lock().unwrap();
-                    if let (Some(watcher), Some(id)) = (weak.upgrade(), id) {
-                        watcher.unwatch(id);
-                    }
-                    // Sent only once unwatch returned: a deadlock means no message.
-                    let _ = tx.send(());
-                }),
-            )
-            .unwrap();
-        *own_id.lock().unwrap() = Some(id);
-        append(&wal_of(&db), b"1");
-        expect_notified(&rx, "the first append");
-        append(&wal_of(&db), b"2");
-        expect_quiet(&rx, "an append after the callback unwatched itself");
-        // The watcher thread is still alive for others.
-        let (_id2, rx2) = watch(&watcher, &db);
-        append(&wal_of(&db), b"3");
-        expect_notified(&rx2, "an append for another registration");
     }
 
     macro_rules! for_both_modes {
@@ -1415,10 +1232,9 @@ mod tests {
         db_replaced_by_rename,
         unrelated_files_ignored,
         two_databases_in_one_directory,
-        unwatch_stops_notifications,
+        same_database_watched_twice,
         sqlite_commit,
         drop_is_prompt,
-        unwatch_from_callback,
     );
 
     /// A burst of writes produces one callback per batch, not one per kernel event. The first
@@ -1438,7 +1254,7 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         let counter = Arc::clone(&calls);
-        let _id = watcher
+        watcher
             .watch(
                 &db,
                 Box::new(move || {
