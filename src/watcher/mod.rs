@@ -1,0 +1,674 @@
+//! Waking a database's replication thread when its WAL or database file changes.
+//!
+//! One background thread watches the *directories* of any number of databases, not just their
+//! files: SQLite creates `<db>-wal` on the first write and deletes it when the last connection
+//! closes, and tools replace a database by renaming a new file into place. A watch on the file
+//! itself would miss the creation and stay attached to the old, unlinked inode after a delete
+//! or rename; a directory watch sees every name come and go.
+//!
+//! Events are coalesced: a burst of writes to a busy WAL produces hundreds of kernel events,
+//! but the replication thread only needs to hear "something changed, go and look", so each
+//! registration's callback is called at most once per batch of events read together.
+//!
+//! Notifications only make the common case fast; they are not the source of truth. inotify's
+//! queue can overflow (every callback is then called, but the kernel has already dropped the
+//! details), network and FUSE filesystems may deliver no events for writes made by other
+//! machines or containers, and kqueue cannot see in-place writes to the database file. So the
+//! replication loop still re-checks each database on a slow timer.
+//!
+//! One backend per file, chosen by operating system in `kernel_backends!` below and nowhere
+//! else: `inotify` (Linux), `kqueue` (macOS, BSD), and `poll` (`stat` every poll interval),
+//! used everywhere for [`WatchMode::Poll`] and wherever the kernel facility is missing or
+//! cannot be set up.
+//!
+//! Why not the `notify` crate, which is laid out the same way:
+//!
+//! - Footprint: notify pulls in crates and threads of its own for what walsync does not use
+//!   (recursive watches, per-path event kinds, debouncing); this is one thread over the
+//!   `inotify` or `kqueue` bindings.
+//! - POSIX locks: the kqueue backends of general-purpose watchers, notify's included, hold a
+//!   descriptor on each watched file (for a watched directory, on each file in it), and
+//!   closing *any* descriptor of a file drops every POSIX lock this process holds on it
+//!   (<https://www.sqlite.org/howtocorrupt.html>, 2.2): the locks of walsync's own SQLite
+//!   connections would silently go. This watcher never opens the database file.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::error::{Context, Error, Result};
+
+/// The one place operating systems are named. Declares each kernel backend's module on the
+/// systems listed with it, and `KERNEL`: this system's backend as its name (the module's, as
+/// [`Watcher::backend`] reports it) and `start`, or `None` where walsync has none, so
+/// [`WatchMode::Auto`] polls. Keep the lists in step with the target dependencies in
+/// `Cargo.toml`.
+macro_rules! kernel_backends {
+    ($($module:ident on $($os:literal)|+;)+) => {
+        $(
+            #[cfg(any($(target_os = $os),+))]
+            mod $module;
+            #[cfg(any($(target_os = $os),+))]
+            const KERNEL: Option<(&str, Start)> = Some((stringify!($module), $module::start));
+        )+
+        #[cfg(not(any($($(target_os = $os),+),+)))]
+        const KERNEL: Option<(&str, Start)> = None;
+    };
+}
+
+kernel_backends! {
+    inotify on "linux";
+    kqueue on "macos" | "freebsd" | "netbsd" | "openbsd" | "dragonfly";
+}
+mod poll;
+
+/// Starts a backend's thread, given the poll interval; returns what the `Watcher` keeps of
+/// the backend, and the thread.
+type Start = fn(&Arc<Shared>, Duration) -> io::Result<(Box<dyn Backend>, JoinHandle<()>)>;
+
+/// What the `Watcher` keeps of a backend; the backend's thread does the watching. Dropping
+/// it closes the backend's wake pipe or channel, which ends the thread's wait at once.
+trait Backend: Send + Sync {
+    /// Called by `watch` with the registry locked, before `reg` joins it: sets up what the
+    /// kernel needs for it. An error is `watch`'s error.
+    fn add(&self, _reg: &mut Registration) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called by `watch` once `reg` is registered and the lock released.
+    fn added(&self) {}
+}
+
+/// How long a backend thread waits after an unexpected error before trying again, so a
+/// persistent failure is logged a few times a second instead of spinning a core.
+const ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+/// How the watcher learns about changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchMode {
+    /// inotify on Linux, kqueue on macOS/BSD, stat polling elsewhere (and wherever the
+    /// kernel facility cannot be set up).
+    Auto,
+    /// stat polling everywhere (network filesystems, containers where events don't arrive).
+    Poll,
+}
+
+/// One background thread that watches the directories of any number of databases and calls
+/// each database's callback when its WAL (`<db>-wal`) or database file is created, written,
+/// truncated, deleted, or replaced by a rename into place.
+///
+/// A registration lasts as long as the `Watcher`. Callbacks run on the watcher thread while
+/// it holds its registration lock, so a callback must be cheap and must not block (an mpsc
+/// send is ideal), and it cannot call [`Watcher::watch`] or drop the `Watcher`.
+pub struct Watcher {
+    shared: Arc<Shared>,
+    /// "inotify", "kqueue" or "poll".
+    name: &'static str,
+    /// `None` only once `Drop` has taken it to wake the thread.
+    backend: Option<Box<dyn Backend>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// State shared between the `Watcher` handle and its thread.
+#[derive(Default)]
+struct Shared {
+    /// Only ever added to: a registration lasts as long as the `Watcher`.
+    registry: Mutex<Vec<Registration>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    /// The registrations. A panicking callback is caught before it can poison the lock, but
+    /// even a poisoned registry is still consistent (every change is a single push), so keep
+    /// using it rather than stopping all notifications.
+    fn registry(&self) -> MutexGuard<'_, Vec<Registration>> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// One database being watched.
+struct Registration {
+    /// Canonical directory holding the database (symlinks resolved, as SQLite does, so the
+    /// WAL is looked for where SQLite will put it).
+    dir: PathBuf,
+    db_name: OsString,
+    wal_name: OsString,
+    notify: Box<dyn Fn() + Send>,
+    /// What the files looked like at the last check (poll and kqueue backends).
+    seen: Seen,
+    /// The directory's inotify watch, shared with every registration in the same directory
+    /// (set by the inotify backend; `::inotify` is the crate, not that module).
+    #[cfg(target_os = "linux")]
+    wd: Option<::inotify::WatchDescriptor>,
+}
+
+impl Registration {
+    fn db_path(&self) -> PathBuf {
+        self.dir.join(&self.db_name)
+    }
+
+    fn wal_path(&self) -> PathBuf {
+        self.dir.join(&self.wal_name)
+    }
+
+    fn stat(&self) -> Seen {
+        Seen {
+            db: Stamp::of(&self.db_path()),
+            wal: Stamp::of(&self.wal_path()),
+        }
+    }
+
+    /// Calls the callback. A panic is logged rather than allowed to kill the watcher thread,
+    /// which would silently stop the notifications of every other database.
+    fn call(&self) {
+        if catch_unwind(AssertUnwindSafe(|| (self.notify)())).is_err() {
+            log::error!(
+                "the change callback for {} panicked",
+                self.db_path().display()
+            );
+        }
+    }
+}
+
+/// What `stat` said about one file: enough to notice it being written (size, mtime) or
+/// replaced (dev, inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    /// `None` when the file does not exist (or cannot be examined, which for our purpose of
+    /// noticing changes is the same thing).
+    fn of(path: &Path) -> Option<Stamp> {
+        match std::fs::metadata(path) {
+            Ok(m) => Some(Stamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            }),
+            Err(err) => {
+                if err.kind() != io::ErrorKind::NotFound {
+                    log::debug!("watcher: cannot stat {}: {err}", path.display());
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The database and WAL as last seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Seen {
+    db: Option<Stamp>,
+    wal: Option<Stamp>,
+}
+
+impl Watcher {
+    /// Start the watcher thread. `poll_interval` is used by the polling backend, and by the
+    /// kqueue backend for its periodic `stat` of database files.
+    ///
+    /// With [`WatchMode::Auto`], a kernel facility that cannot be set up (too many inotify
+    /// instances, say) is logged and replaced by polling rather than failing.
+    pub fn start(mode: WatchMode, poll_interval: Duration) -> Result<Watcher> {
+        if poll_interval.is_zero() {
+            return Err(Error::invalid(
+                "starting the file watcher: the poll interval must be greater than zero",
+            ));
+        }
+        let shared = Arc::new(Shared::default());
+        if let (WatchMode::Auto, Some((name, start))) = (mode, KERNEL) {
+            match start(&shared, poll_interval) {
+                Ok((backend, thread)) => return Ok(Watcher::new(shared, name, backend, thread)),
+                Err(err) => log::warn!(
+                    "cannot use {name} ({err}); watching databases by polling every {poll_interval:?}"
+                ),
+            }
+        }
+        let (backend, thread) =
+            poll::start(&shared, poll_interval).context(|| "starting the file watcher thread")?;
+        Ok(Watcher::new(shared, "poll", backend, thread))
+    }
+
+    fn new(
+        shared: Arc<Shared>,
+        name: &'static str,
+        backend: Box<dyn Backend>,
+        thread: JoinHandle<()>,
+    ) -> Watcher {
+        Watcher {
+            shared,
+            name,
+            backend: Some(backend),
+            thread: Some(thread),
+        }
+    }
+
+    /// Call `notify` whenever `db_path`'s WAL or database file changes. Watches the parent
+    /// directory so creation, deletion and rename-into-place of either file are seen. The
+    /// database need not exist yet, its directory must.
+    ///
+    /// `notify` must be cheap and non-blocking (it will typically be an mpsc send). Changes
+    /// made after `watch` returns are reported; with polling, relative to the state `watch`
+    /// saw.
+    pub fn watch(&self, db_path: &Path, notify: Box<dyn Fn() + Send>) -> Result<()> {
+        if self.on_watcher_thread() {
+            return Err(Error::invalid(format!(
+                "watching {}: Watcher::watch cannot be called from a change callback",
+                db_path.display()
+            )));
+        }
+        let (dir, db_name) = resolve(db_path)?;
+        let mut wal_name = db_name.clone();
+        wal_name.push("-wal");
+        let mut reg = Registration {
+            dir,
+            db_name,
+            wal_name,
+            notify,
+            seen: Seen::default(),
+            #[cfg(target_os = "linux")]
+            wd: None,
+        };
+        reg.seen = reg.stat();
+
+        let backend = self
+            .backend
+            .as_deref()
+            .expect("only drop takes the backend");
+        let mut registry = self.shared.registry();
+        backend.add(&mut reg)?;
+        log::debug!(
+            "watching {} for changes ({})",
+            reg.db_path().display(),
+            self.name
+        );
+        registry.push(reg);
+        drop(registry);
+        backend.added();
+        Ok(())
+    }
+
+    /// "inotify", "kqueue" or "poll".
+    pub fn backend(&self) -> &'static str {
+        self.name
+    }
+
+    fn on_watcher_thread(&self) -> bool {
+        self.thread
+            .as_ref()
+            .is_some_and(|t| t.thread().id() == thread::current().id())
+    }
+}
+
+impl Drop for Watcher {
+    /// Stops and joins the thread. Dropping the backend closes its wake pipe (inotify,
+    /// kqueue) or channel (poll), which ends the thread's wait at once, so this does not wait
+    /// for a poll interval; the thread then returns, closing what it holds (the inotify instance with its watches, the kqueue with its descriptors).
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.backend = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the file watcher thread panicked");
+            }
+        }
+    }
+}
+
+/// Where SQLite will really keep `db_path` and its WAL: the canonical directory and the file
+/// name. An existing database is resolved through symlinks, as SQLite does; one not created
+/// yet is looked for in its (resolved) parent directory.
+fn resolve(db_path: &Path) -> Result<(PathBuf, OsString)> {
+    let real = match std::fs::canonicalize(db_path) {
+        Ok(real) => {
+            if real.is_dir() {
+                return Err(Error::invalid(format!(
+                    "watching {}: it is a directory, not a database file",
+                    db_path.display()
+                )));
+            }
+            real
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let name = db_path.file_name().ok_or_else(|| {
+                Error::invalid(format!(
+                    "watching {}: the path does not name a file",
+                    db_path.display()
+                ))
+            })?;
+            let parent = match db_path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            let dir = std::fs::canonicalize(parent).context(|| {
+                format!(
+                    "watching {}: resolving its directory {}",
+                    db_path.display(),
+                    parent.display()
+                )
+            })?;
+            dir.join(name)
+        }
+        Err(err) => return Err(err).context(|| format!("watching {}", db_path.display())),
+    };
+    match (real.parent(), real.file_name()) {
+        (Some(dir), Some(name)) => Ok((dir.to_path_buf(), name.to_os_string())),
+        _ => Err(Error::invalid(format!(
+            "watching {}: not a file in a directory",
+            db_path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::{self, OpenOptions};
+    use std::io::Write;
+    use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+    use std::time::Instant;
+
+    const POLL: Duration = Duration::from_millis(50);
+    /// How long to wait for a notification that should come.
+    pub(super) const EXPECT: Duration = Duration::from_secs(5);
+    /// How long to wait to be confident a notification will not come: several poll
+    /// intervals, and far longer than inotify needs.
+    const QUIET: Duration = Duration::from_millis(400);
+
+    pub(super) fn start(mode: WatchMode) -> Watcher {
+        let watcher = Watcher::start(mode, POLL).unwrap();
+        match mode {
+            WatchMode::Poll => assert_eq!(watcher.backend(), "poll"),
+            WatchMode::Auto => {
+                if cfg!(target_os = "linux") {
+                    assert_eq!(watcher.backend(), "inotify");
+                }
+            }
+        }
+        watcher
+    }
+
+    /// A callback that sends on a channel, and the receiving end.
+    fn channel() -> (Box<dyn Fn() + Send>, Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+            rx,
+        )
+    }
+
+    fn watch(watcher: &Watcher, db: &Path) -> Receiver<()> {
+        let (notify, rx) = channel();
+        watcher.watch(db, notify).unwrap();
+        rx
+    }
+
+    #[track_caller]
+    pub(super) fn expect_notified(rx: &Receiver<()>, what: &str) {
+        if let Err(err) = rx.recv_timeout(EXPECT) {
+            panic!("no notification within {EXPECT:?} after {what}: {err:?}");
+        }
+        // Let the rest of the same change arrive, so the next step starts from quiet.
+        settle(rx);
+    }
+
+    #[track_caller]
+    fn expect_quiet(rx: &Receiver<()>, what: &str) {
+        match rx.recv_timeout(QUIET) {
+            // Disconnected: the callback (holding the sender) was dropped with the watcher, so
+            // it cannot be called any more either.
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            other => panic!("unexpected notification after {what}: {other:?}"),
+        }
+    }
+
+    /// Waits until no notification has arrived for a while.
+    fn settle(rx: &Receiver<()>) {
+        while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    pub(super) fn wal_of(db: &Path) -> PathBuf {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        PathBuf::from(wal)
+    }
+
+    /// A directory with `app.db` (and optionally `app.db-wal`) in it.
+    pub(super) fn setup(with_wal: bool) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        fs::write(&db, vec![0u8; 4096]).unwrap();
+        if with_wal {
+            fs::write(wal_of(&db), vec![0u8; 4096]).unwrap();
+        }
+        (dir, db)
+    }
+
+    fn wal_created(mode: WatchMode) {
+        let (_dir, db) = setup(false);
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        expect_quiet(&rx, "watching");
+        fs::write(wal_of(&db), b"frames").unwrap();
+        expect_notified(&rx, "creating the WAL");
+    }
+
+    fn wal_appended(mode: WatchMode) {
+        let (_dir, db) = setup(true);
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        expect_quiet(&rx, "watching");
+        append(&wal_of(&db), b"more frames");
+        expect_notified(&rx, "appending to the WAL");
+        append(&wal_of(&db), b"and more");
+        expect_notified(&rx, "appending to the WAL again");
+    }
+
+    fn wal_truncated(mode: WatchMode) {
+        let (_dir, db) = setup(true);
+        let wal = OpenOptions::new().write(true).open(wal_of(&db)).unwrap();
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        expect_quiet(&rx, "watching");
+        wal.set_len(0).unwrap();
+        expect_notified(&rx, "truncating the WAL");
+    }
+
+    fn wal_deleted(mode: WatchMode) {
+        let (_dir, db) = setup(true);
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        expect_quiet(&rx, "watching");
+        fs::remove_file(wal_of(&db)).unwrap();
+        expect_notified(&rx, "deleting the WAL");
+    }
+
+    fn db_replaced_by_rename(mode: WatchMode) {
+        let (dir, db) = setup(true);
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        // Same size as the old database, so only the identity of the file changes.
+        let tmp = dir.path().join("app.db.tmp");
+        fs::write(&tmp, vec![1u8; 4096]).unwrap();
+        expect_quiet(&rx, "writing a temporary file beside the database");
+        fs::rename(&tmp, &db).unwrap();
+        expect_notified(&rx, "renaming a new database into place");
+    }
+
+    fn unrelated_files_ignored(mode: WatchMode) {
+        let (dir, db) = setup(true);
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        append(&dir.path().join("other.db"), b"x");
+        append(&dir.path().join("other.db-wal"), b"x");
+        append(&dir.path().join("app.db-shm"), b"x");
+        append(&dir.path().join("app.db-journal"), b"x");
+        let sidecar = dir.path().join(".app.db-walsync");
+        fs::create_dir(&sidecar).unwrap();
+        append(&sidecar.join("state.json"), b"{}");
+        fs::rename(sidecar.join("state.json"), sidecar.join("state2.json")).unwrap();
+        fs::remove_file(dir.path().join("app.db-journal")).unwrap();
+        expect_quiet(&rx, "writing unrelated files in the same directory");
+        // And the watch is alive, so the quiet above meant something.
+        append(&wal_of(&db), b"frames");
+        expect_notified(&rx, "appending to the WAL");
+    }
+
+    fn two_databases_in_one_directory(mode: WatchMode) {
+        let (dir, a) = setup(false);
+        let b = dir.path().join("b.db");
+        fs::write(&b, b"").unwrap();
+        let watcher = start(mode);
+        let rxa = watch(&watcher, &a);
+        let rxb = watch(&watcher, &b);
+        append(&wal_of(&a), b"a");
+        expect_notified(&rxa, "writing a's WAL");
+        expect_quiet(&rxb, "writing a's WAL");
+        append(&wal_of(&b), b"b");
+        expect_notified(&rxb, "writing b's WAL");
+        expect_quiet(&rxa, "writing b's WAL");
+        append(&b, b"b");
+        expect_notified(&rxb, "writing b");
+        expect_quiet(&rxa, "writing b");
+    }
+
+    fn same_database_watched_twice(mode: WatchMode) {
+        let (_dir, db) = setup(true);
+        let watcher = start(mode);
+        let rx1 = watch(&watcher, &db);
+        // A second registration of the same database shares the directory watch.
+        let rx2 = watch(&watcher, &db);
+        append(&wal_of(&db), b"1");
+        expect_notified(&rx1, "appending (both watching)");
+        expect_notified(&rx2, "appending (both watching)");
+    }
+
+    fn sqlite_commit(mode: WatchMode) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let journal: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        conn.execute_batch("CREATE TABLE t(x)").unwrap();
+        let watcher = start(mode);
+        let rx = watch(&watcher, &db);
+        expect_quiet(&rx, "watching");
+        conn.execute("INSERT INTO t VALUES (randomblob(100))", [])
+            .unwrap();
+        expect_notified(&rx, "an SQLite commit");
+    }
+
+    fn drop_is_prompt(mode: WatchMode) {
+        // An interval far longer than the test tolerates: dropping must not wait for it.
+        let watcher = Watcher::start(mode, Duration::from_secs(30)).unwrap();
+        let (_dir, db) = setup(true);
+        let _rx = watch(&watcher, &db);
+        // Dropped on another thread, so a drop that hangs fails the test instead of hanging it.
+        let (done_tx, done_rx) = mpsc::channel();
+        let started = Instant::now();
+        thread::spawn(move || {
+            drop(watcher);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(2)).is_ok(),
+            "dropping the watcher took more than 2 s"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    macro_rules! for_both_modes {
+        ($($scenario:ident),* $(,)?) => {$(
+            mod $scenario {
+                use super::*;
+
+                #[test]
+                fn auto() {
+                    super::$scenario(WatchMode::Auto);
+                }
+
+                #[test]
+                fn poll() {
+                    super::$scenario(WatchMode::Poll);
+                }
+            }
+        )*};
+    }
+
+    for_both_modes!(
+        wal_created,
+        wal_appended,
+        wal_truncated,
+        wal_deleted,
+        db_replaced_by_rename,
+        unrelated_files_ignored,
+        two_databases_in_one_directory,
+        same_database_watched_twice,
+        sqlite_commit,
+        drop_is_prompt,
+    );
+
+    #[test]
+    fn watch_errors_name_the_path() {
+        let watcher = start(WatchMode::Auto);
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir").join("app.db");
+        let (notify, _rx) = channel();
+        let err = watcher.watch(&missing, notify).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
+
+        let (notify, _rx) = channel();
+        let err = watcher.watch(dir.path(), notify).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Invalid, "{err}");
+
+        assert!(Watcher::start(WatchMode::Poll, Duration::ZERO).is_err());
+    }
+
+    /// The watched directory is canonical (so it does not depend on the current directory or
+    /// on symlinks in the path), and a database not created yet is looked for in it.
+    #[test]
+    fn resolve_canonicalizes_directory_and_follows_db_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real_dir = fs::canonicalize(dir.path()).unwrap();
+        fs::create_dir(real_dir.join("sub")).unwrap();
+        let (d, n) = resolve(&dir.path().join("sub/../app.db")).unwrap();
+        assert_eq!((d, n), (real_dir.clone(), OsString::from("app.db")));
+
+        // An existing database reached through a symlink lives (with its WAL) at the target.
+        let target_dir = real_dir.join("data");
+        fs::create_dir(&target_dir).unwrap();
+        fs::write(target_dir.join("real.db"), b"").unwrap();
+        std::os::unix::fs::symlink(target_dir.join("real.db"), real_dir.join("link.db")).unwrap();
+        let (d, n) = resolve(&real_dir.join("link.db")).unwrap();
+        assert_eq!((d, n), (target_dir, OsString::from("real.db")));
+    }
+}
