@@ -596,6 +596,21 @@ impl Replica {
             Err(_) => return Ok(()),
         };
         if state.source != self.source() {
+            // Restored here from this replica while `state.generation` was still its newest
+            // (a container restarted with a new host name, a database moved to a new
+            // host): the name is handed over. A newer generation means another walsync
+            // wrote since the restore.
+            if let Some(restored) = self.sidecar.restored_from() {
+                if state.generation.as_str() <= restored.as_str() {
+                    log::info!(
+                        "{:?}: taking the name over from {} (this database was restored \
+                         from it)",
+                        self.name,
+                        state.source
+                    );
+                    return Ok(());
+                }
+            }
             return Err(Error::invalid(format!(
                 "{:?} in {} holds backups of {}, not {}: give this database another name with \
                  PATH:NAME, or remove {}/state.json to take the name over",

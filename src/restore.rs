@@ -94,6 +94,9 @@ pub struct RestorePlan {
     pub abandoned: Vec<StoredObject>,
     /// The snapshot's chain value; None for an unchained (older) generation or from [`plan`].
     pub chain: Option<ChainValue>,
+    /// The newest generation the replica held when planned (the restored one, unless a
+    /// point in time or `--generation` chose an older one).
+    pub newest_generation: Generation,
 }
 
 impl RestorePlan {
@@ -261,6 +264,7 @@ pub fn choose(
         alternatives,
         abandoned: Vec::new(),
         chain: None,
+        newest_generation: generations.keys().next_back().unwrap_or(generation).clone(),
     })
 }
 
@@ -311,7 +315,30 @@ pub fn restore(
         .context(|| format!("syncing {}", tmp.path.display()))?;
     check_integrity(&tmp.path)?;
     tmp.commit(output)?;
+    note_restored(output, storage, &plan);
     Ok(plan)
+}
+
+/// Tell a later `walsync watch` of `output` that it was restored from this replica, so it
+/// may take the name over from the host that wrote it (see [`Sidecar::note_restored`]). The
+/// restore itself is complete either way: a failure here is a warning, and `watch` then
+/// explains how to hand the name over by hand.
+fn note_restored(output: &Path, storage: &dyn Storage, plan: &RestorePlan) {
+    let noted = crate::sidecar::Sidecar::open(output, &storage.describe(), &plan.name)
+        .and_then(|sidecar| sidecar.note_restored(plan.newest_generation.as_str()));
+    match noted {
+        Ok(0) => {}
+        Ok(n) => log::warn!(
+            "{}: discarded {n} object(s) the replaced database had staged but not stored",
+            output.display()
+        ),
+        Err(e) => log::warn!(
+            "{}: could not note in its sidecar that it was restored from {:?} ({e}); \
+             walsync watch may refuse the name until its state.json is removed",
+            output.display(),
+            plan.name
+        ),
+    }
 }
 
 /// The chain value the snapshot's gzip header comment carries; None if it has no comment

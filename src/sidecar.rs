@@ -12,6 +12,10 @@
 //!   order and removed. They survive a crash or a restart, so a storage outage costs local
 //!   disk, never the data.
 //! - Scratch files (`.walsync-*`) while an object is being written.
+//! - `restored.json`, written by `walsync restore` into the sidecar of the file it restored:
+//!   the newest generation the replica had then. It lets that file take the name over from
+//!   the host that wrote it (see `Replica::check_ownership`), as a container restarted with
+//!   a new host name does.
 //!
 //! Everything is written with [`write_atomically`]: a temporary file, fsync, rename, then an
 //! fsync of the directory, so a power cut leaves either the old or the new file and never
@@ -29,6 +33,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{Context, Error, Result};
 use crate::layout::{ObjectKind, ObjectName};
 use crate::spool;
+
+/// The file `walsync restore` leaves in the sidecar of a database it wrote.
+const RESTORED: &str = "restored.json";
 
 /// The sidecar directory of one replica, locked for this process.
 pub struct Sidecar {
@@ -130,6 +137,35 @@ impl Sidecar {
     pub fn save_position<T: serde::Serialize>(&self, position: &T) -> Result<()> {
         let body = serde_json::to_vec_pretty(position)?;
         write_atomically(&self.dir.join("position.json"), &body, self.file_mode)
+    }
+
+    /// Record that the database was just restored from this replica, whose newest generation
+    /// was `newest`: `restored.json` (see the module doc). The position, which described the
+    /// file the restore replaced, is removed, and with it whatever that file had staged
+    /// (returned, to be reported).
+    pub fn note_restored(&self, newest: &str) -> Result<usize> {
+        let stale = self.staged()?;
+        let position = self.dir.join("position.json");
+        match std::fs::remove_file(&position) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::from(e).with_context(format!("removing {}", position.display())))
+            }
+            _ => {}
+        }
+        for staged in &stale {
+            self.remove(staged)?;
+        }
+        let body = serde_json::to_vec_pretty(&serde_json::json!({ "newest_generation": newest }))?;
+        write_atomically(&self.dir.join(RESTORED), &body, self.file_mode)?;
+        Ok(stale.len())
+    }
+
+    /// The newest generation of the replica when `walsync restore` wrote this database, if
+    /// it did (see [`Sidecar::note_restored`]).
+    pub fn restored_from(&self) -> Option<String> {
+        let body = std::fs::read(self.dir.join(RESTORED)).ok()?;
+        let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(value.get("newest_generation")?.as_str()?.to_string())
     }
 
     /// A new, empty scratch file to write an object into; see [`Sidecar::stage`].

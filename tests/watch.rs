@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::fixtures::{
-    digest, digest_connection, dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess,
+    digest, digest_connection, dump, integrity, wait_for, walsync, walsync_err, walsync_ok, AppDb,
+    WatchProcess,
 };
 use crate::common::s3server::S3Server;
 use walsync::layout::Catalog;
@@ -592,6 +593,61 @@ fn a_second_watcher_on_the_same_name_is_refused() {
     assert!(err.contains("holds backups of"), "{err}");
     assert!(watch.terminate(Duration::from_secs(30)).success());
     assert_eq!(generations(&server.storage("twice"), "app"), 1);
+}
+
+/// A database restored on another host takes the name over, as a container restarted with a
+/// new host name must (state.json records `host:path`; here the path differs, which it tells
+/// apart the same way). A database that was not restored from the replica is still refused,
+/// and once the restored one has written, the original is refused in turn.
+#[test]
+fn a_restored_database_takes_the_name_over_from_the_host_it_came_from() {
+    let server = S3Server::start();
+    let env = server.env();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = AppDb::create(dir.path(), "app.db");
+    first.insert(5, 100);
+    let dest = s3_url(&server, "handover");
+    walsync_ok(&["snapshot", path_str(&first.path), "-b", &dest], &env);
+
+    // Not restored from the replica: refused, with the way to hand the name over.
+    let stranger_dir = dir.path().join("stranger");
+    std::fs::create_dir(&stranger_dir).unwrap();
+    let stranger = AppDb::create(&stranger_dir, "app.db");
+    let err = walsync_err(&["snapshot", path_str(&stranger.path), "-b", &dest], &env);
+    assert!(err.contains("holds backups of"), "{err}");
+
+    // Restored on the "new host": it writes under the name, and its writes restore.
+    let new_dir = dir.path().join("new-host");
+    std::fs::create_dir(&new_dir).unwrap();
+    let restored = new_dir.join("app.db");
+    walsync_ok(
+        &["restore", "app", "-o", path_str(&restored), "-b", &dest],
+        &env,
+    );
+    assert_eq!(dump(&restored), first.dump());
+    {
+        let conn = rusqlite::Connection::open(&restored).unwrap();
+        conn.execute_batch("INSERT INTO items(id, label) VALUES (1000, 'written on the new host')")
+            .unwrap();
+    }
+    let out = walsync(&["snapshot", path_str(&restored), "-b", &dest], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = dir.path().join("check.db");
+    walsync_ok(
+        &["restore", "app", "-o", path_str(&check), "-b", &dest],
+        &env,
+    );
+    assert_eq!(dump(&check), dump(&restored));
+    assert_eq!(integrity(&check), "ok");
+
+    // The original host, come back: the new host has written since, so it is refused.
+    first.insert(1, 10);
+    let err = walsync_err(&["snapshot", path_str(&first.path), "-b", &dest], &env);
+    assert!(err.contains("newer generation"), "{err}");
 }
 
 #[test]
