@@ -79,220 +79,212 @@ enum Command {
     Prune(PruneCmd),
 }
 
-/// Replicate databases continuously until SIGTERM or SIGINT.
-#[derive(FromArgs)]
-#[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
-struct WatchCmd {
-    /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
-    #[argh(positional)]
-    databases: Vec<String>,
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// seconds between snapshots of a changing database (default 3600; or
-    /// WALSYNC_SNAPSHOT_INTERVAL)
-    #[argh(option)]
-    snapshot_interval: Option<f64>,
-    /// under steady writes, ship each database at most this often, in seconds (default 1;
-    /// or WALSYNC_MIN_INTERVAL)
-    #[argh(option)]
-    min_interval: Option<f64>,
-    /// upload workers shared by all databases (default 2; or WALSYNC_UPLOAD_WORKERS)
-    #[argh(option)]
-    upload_workers: Option<usize>,
-    /// poll files for changes instead of using inotify/kqueue
-    #[argh(switch)]
-    poll: bool,
-    /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30; or
-    /// WALSYNC_SHUTDOWN_TIMEOUT)
-    #[argh(option)]
-    shutdown_timeout: Option<f64>,
-    /// local disk each database may fill with staged segments while storage is slow or down,
-    /// in MiB (default 1024; or WALSYNC_STAGING_LIMIT); past it the WAL stays pinned and
-    /// grows instead
-    #[argh(option)]
-    staging_limit: Option<u64>,
-    /// keep every point in time this far back restorable and delete older backups while
-    /// running: 24h, 90m, 7d, 3600s, or 0 to keep everything (default 24h; or
-    /// WALSYNC_RETENTION). Pruned at start and after each stored snapshot, at most hourly
-    #[argh(option)]
-    retention: Option<String>,
-    /// once replication has started, run this command through /bin/sh -c, forward SIGTERM
-    /// and SIGINT to it, and when it exits, ship what is left and exit with its status (or
-    /// WALSYNC_EXEC)
-    #[argh(option)]
-    exec: Option<String>,
-    /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
-    /// WALSYNC_METRICS_ADDR)
-    #[argh(option)]
-    metrics_addr: Option<String>,
-    /// GET this URL at most once per --heartbeat-interval while every database is caught up,
-    /// for a dead man's switch monitor (or WALSYNC_HEARTBEAT_URL)
-    #[argh(option)]
-    heartbeat_url: Option<String>,
-    /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
-    #[argh(option)]
-    heartbeat_interval: Option<f64>,
+/// Declares a subcommand whose options include the destination's, `-b`, `--endpoint` and
+/// `--s3-timeout` (argh has no flattening, so they are written once here rather than in
+/// every command), and gives it [`StorageArgs`] through `destination()`.
+macro_rules! with_destination {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident {
+            $($fields:tt)*
+        }
+    ) => {
+        $(#[$meta])*
+        struct $name {
+            // As raw tokens: argh reads each field's type by its spelling (`bool` makes a
+            // switch), which a `ty` fragment would hide.
+            $($fields)*
+            /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
+            #[argh(option, short = 'b')]
+            bucket: Option<String>,
+            /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
+            #[argh(option)]
+            endpoint: Option<String>,
+            /// seconds one S3 read or write may wait before the request fails and is
+            /// retried (default 60; or WALSYNC_S3_TIMEOUT)
+            #[argh(option)]
+            s3_timeout: Option<f64>,
+        }
+
+        impl $name {
+            /// Where this command's replica is, as given.
+            fn destination(&self) -> StorageArgs<'_> {
+                StorageArgs {
+                    bucket: self.bucket.as_deref(),
+                    endpoint: self.endpoint.as_deref(),
+                    s3_timeout: self.s3_timeout,
+                }
+            }
+        }
+    };
 }
 
-/// Store a full snapshot of a database now (starting a generation if it has none).
-#[derive(FromArgs)]
-#[argh(
-    subcommand,
-    name = "snapshot",
-    note = "Exit codes: see walsync --help."
-)]
-struct SnapshotCmd {
-    /// the database file (must be in WAL mode)
-    #[argh(positional)]
-    database: PathBuf,
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// replica name (default: the file name without extension)
-    #[argh(option)]
-    name: Option<String>,
+with_destination! {
+    /// Replicate databases continuously until SIGTERM or SIGINT.
+    #[derive(FromArgs)]
+    #[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
+    struct WatchCmd {
+        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
+        #[argh(positional)]
+        databases: Vec<String>,
+        /// seconds between snapshots of a changing database (default 3600; or
+        /// WALSYNC_SNAPSHOT_INTERVAL)
+        #[argh(option)]
+        snapshot_interval: Option<f64>,
+        /// under steady writes, ship each database at most this often, in seconds (default 1;
+        /// or WALSYNC_MIN_INTERVAL)
+        #[argh(option)]
+        min_interval: Option<f64>,
+        /// upload workers shared by all databases (default 2; or WALSYNC_UPLOAD_WORKERS)
+        #[argh(option)]
+        upload_workers: Option<usize>,
+        /// poll files for changes instead of using inotify/kqueue
+        #[argh(switch)]
+        poll: bool,
+        /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30; or
+        /// WALSYNC_SHUTDOWN_TIMEOUT)
+        #[argh(option)]
+        shutdown_timeout: Option<f64>,
+        /// local disk each database may fill with staged segments while storage is slow or down,
+        /// in MiB (default 1024; or WALSYNC_STAGING_LIMIT); past it the WAL stays pinned and
+        /// grows instead
+        #[argh(option)]
+        staging_limit: Option<u64>,
+        /// keep every point in time this far back restorable and delete older backups while
+        /// running: 24h, 90m, 7d, 3600s, or 0 to keep everything (default 24h; or
+        /// WALSYNC_RETENTION). Pruned at start and after each stored snapshot, at most hourly
+        #[argh(option)]
+        retention: Option<String>,
+        /// once replication has started, run this command through /bin/sh -c, forward SIGTERM
+        /// and SIGINT to it, and when it exits, ship what is left and exit with its status (or
+        /// WALSYNC_EXEC)
+        #[argh(option)]
+        exec: Option<String>,
+        /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
+        /// WALSYNC_METRICS_ADDR)
+        #[argh(option)]
+        metrics_addr: Option<String>,
+        /// GET this URL at most once per --heartbeat-interval while every database is caught up,
+        /// for a dead man's switch monitor (or WALSYNC_HEARTBEAT_URL)
+        #[argh(option)]
+        heartbeat_url: Option<String>,
+        /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
+        #[argh(option)]
+        heartbeat_interval: Option<f64>,
+    }
 }
 
-/// List the databases backed up under a destination.
-#[derive(FromArgs)]
-#[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
-struct ListCmd {
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// print JSON (a stable format for scripts)
-    #[argh(switch)]
-    json: bool,
+with_destination! {
+    /// Store a full snapshot of a database now (starting a generation if it has none).
+    #[derive(FromArgs)]
+    #[argh(
+        subcommand,
+        name = "snapshot",
+        note = "Exit codes: see walsync --help."
+    )]
+    struct SnapshotCmd {
+        /// the database file (must be in WAL mode)
+        #[argh(positional)]
+        database: PathBuf,
+        /// replica name (default: the file name without extension)
+        #[argh(option)]
+        name: Option<String>,
+    }
 }
 
-/// Show how fresh each replica is: its newest stored commit and that commit's age.
-#[derive(FromArgs)]
-#[argh(
-    subcommand,
-    name = "status",
-    note = "One LIST, no GETs. Exit codes: see walsync --help (3 if a NAME has no replica)."
-)]
-struct StatusCmd {
-    /// replica names, as shown by `walsync list` (default: every database)
-    #[argh(positional)]
-    names: Vec<String>,
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// print JSON (a stable format for scripts)
-    #[argh(switch)]
-    json: bool,
+with_destination! {
+    /// List the databases backed up under a destination.
+    #[derive(FromArgs)]
+    #[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
+    struct ListCmd {
+        /// print JSON (a stable format for scripts)
+        #[argh(switch)]
+        json: bool,
+    }
 }
 
-/// Restore a database from its replica.
-#[derive(FromArgs)]
-#[argh(subcommand, name = "restore", note = "Exit codes: see walsync --help.")]
-struct RestoreCmd {
-    /// replica name, as shown by `walsync list`
-    #[argh(positional)]
-    name: String,
-    /// output database file
-    #[argh(option, short = 'o')]
-    output: PathBuf,
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// restore the state as of this RFC 3339 time, e.g. 2026-01-10T12:00:00Z
-    #[argh(option)]
-    point_in_time: Option<String>,
-    /// restore from this generation (as `walsync list` shows it) instead of the newest
-    #[argh(option)]
-    generation: Option<String>,
-    /// replace the output file if it exists
-    #[argh(switch)]
-    force: bool,
-    /// do nothing (exit 0) if the output file already exists
-    #[argh(switch)]
-    if_db_not_exists: bool,
-    /// do nothing (exit 0) if the destination holds no replica of NAME
-    #[argh(switch)]
-    if_replica_exists: bool,
-    /// print what would be downloaded (keys, sizes, the time restored to) and exit without
-    /// downloading or writing anything
-    #[argh(switch)]
-    dry_run: bool,
-    /// downloads in flight at once (default 4)
-    #[argh(option, default = "4")]
-    parallel: usize,
-    /// permission bits of the restored file, in octal, less the umask (default 0600)
-    #[argh(option)]
-    mode: Option<String>,
+with_destination! {
+    /// Show how fresh each replica is: its newest stored commit and that commit's age.
+    #[derive(FromArgs)]
+    #[argh(
+        subcommand,
+        name = "status",
+        note = "One LIST, no GETs. Exit codes: see walsync --help (3 if a NAME has no replica)."
+    )]
+    struct StatusCmd {
+        /// replica names, as shown by `walsync list` (default: every database)
+        #[argh(positional)]
+        names: Vec<String>,
+        /// print JSON (a stable format for scripts)
+        #[argh(switch)]
+        json: bool,
+    }
 }
 
-/// Delete backups older than the retention, keeping every point in time inside it
-/// restorable.
-#[derive(FromArgs)]
-#[argh(
-    subcommand,
-    name = "prune",
-    note = "Keeps the snapshot a restore to (now - retention) starts from, everything after\n\
-            it, and always the newest snapshot and what follows it; deletes older snapshots,\n\
-            the segments only they need, and older generations. Never state.json or keys\n\
-            walsync did not write. One LIST, then batched deletes, oldest first.\n\
-            Exit codes: see walsync --help (3 if a NAME has no replica)."
-)]
-struct PruneCmd {
-    /// replica names, as shown by `walsync list` (default: every database)
-    #[argh(positional)]
-    names: Vec<String>,
-    /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
-    #[argh(option, short = 'b')]
-    bucket: Option<String>,
-    /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
-    #[argh(option)]
-    endpoint: Option<String>,
-    /// seconds one S3 read or write may wait before the request fails and is retried
-    /// (default 60; or WALSYNC_S3_TIMEOUT)
-    #[argh(option)]
-    s3_timeout: Option<f64>,
-    /// how far back every point in time stays restorable: 24h, 90m, 7d, 3600s, or 0 to
-    /// keep everything (required; or WALSYNC_RETENTION)
-    #[argh(option)]
-    retention: Option<String>,
-    /// print what would be deleted (keys, sizes, bytes freed) and delete nothing
-    #[argh(switch)]
-    dry_run: bool,
+with_destination! {
+    /// Restore a database from its replica.
+    #[derive(FromArgs)]
+    #[argh(subcommand, name = "restore", note = "Exit codes: see walsync --help.")]
+    struct RestoreCmd {
+        /// replica name, as shown by `walsync list`
+        #[argh(positional)]
+        name: String,
+        /// output database file
+        #[argh(option, short = 'o')]
+        output: PathBuf,
+        /// restore the state as of this RFC 3339 time, e.g. 2026-01-10T12:00:00Z
+        #[argh(option)]
+        point_in_time: Option<String>,
+        /// restore from this generation (as `walsync list` shows it) instead of the newest
+        #[argh(option)]
+        generation: Option<String>,
+        /// replace the output file if it exists
+        #[argh(switch)]
+        force: bool,
+        /// do nothing (exit 0) if the output file already exists
+        #[argh(switch)]
+        if_db_not_exists: bool,
+        /// do nothing (exit 0) if the destination holds no replica of NAME
+        #[argh(switch)]
+        if_replica_exists: bool,
+        /// print what would be downloaded (keys, sizes, the time restored to) and exit without
+        /// downloading or writing anything
+        #[argh(switch)]
+        dry_run: bool,
+        /// downloads in flight at once (default 4)
+        #[argh(option, default = "4")]
+        parallel: usize,
+        /// permission bits of the restored file, in octal, less the umask (default 0600)
+        #[argh(option)]
+        mode: Option<String>,
+    }
+}
+
+with_destination! {
+    /// Delete backups older than the retention, keeping every point in time inside it
+    /// restorable.
+    #[derive(FromArgs)]
+    #[argh(
+        subcommand,
+        name = "prune",
+        note = "Keeps the snapshot a restore to (now - retention) starts from, everything after\n\
+                it, and always the newest snapshot and what follows it; deletes older snapshots,\n\
+                the segments only they need, and older generations. Never state.json or keys\n\
+                walsync did not write. One LIST, then batched deletes, oldest first.\n\
+                Exit codes: see walsync --help (3 if a NAME has no replica)."
+    )]
+    struct PruneCmd {
+        /// replica names, as shown by `walsync list` (default: every database)
+        #[argh(positional)]
+        names: Vec<String>,
+        /// how far back every point in time stays restorable: 24h, 90m, 7d, 3600s, or 0 to
+        /// keep everything (required; or WALSYNC_RETENTION)
+        #[argh(option)]
+        retention: Option<String>,
+        /// print what would be deleted (keys, sizes, bytes freed) and delete nothing
+        #[argh(switch)]
+        dry_run: bool,
+    }
 }
 
 /// Process-wide memory settings, made before anything else runs. walsync keeps two SQLite
@@ -536,7 +528,7 @@ fn retention_setting(flag: Option<String>) -> Result<Option<Duration>> {
 
 /// `walsync prune`.
 fn prune_command(cmd: PruneCmd) -> Result<()> {
-    let retention = retention_setting(cmd.retention)?.ok_or_else(|| {
+    let retention = retention_setting(cmd.retention.clone())?.ok_or_else(|| {
         Error::invalid(
             "no retention: pass --retention DURATION (such as 24h or 7d; 0 keeps everything), \
              or set WALSYNC_RETENTION",
@@ -545,12 +537,7 @@ fn prune_command(cmd: PruneCmd) -> Result<()> {
     for name in &cmd.names {
         layout::validate_name(name)?;
     }
-    let storage = StorageArgs {
-        bucket: cmd.bucket.as_deref(),
-        endpoint: cmd.endpoint.as_deref(),
-        s3_timeout: cmd.s3_timeout,
-    };
-    let (_, storage) = storage.open()?;
+    let (_, storage) = cmd.destination().open()?;
     let catalog = walsync::list::catalog(storage.as_ref())?;
     let now = UtcTime::now();
     if cmd.dry_run {
@@ -799,12 +786,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let signals = block_stop_signals(exec.is_some());
     let (options, shutdown_timeout) = cmd.options()?;
     let monitoring = cmd.monitoring()?;
-    let storage = StorageArgs {
-        bucket: cmd.bucket.as_deref(),
-        endpoint: cmd.endpoint.as_deref(),
-        s3_timeout: cmd.s3_timeout,
-    };
-    let (destination, storage) = storage.open()?;
+    let (destination, storage) = cmd.destination().open()?;
     let databases = layout::assign_names(&cmd.databases)?;
     let retention = options.retention;
     let replicator = Replicator::start(storage, &databases, options)?;
@@ -905,12 +887,7 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
         generation,
     };
-    let storage = StorageArgs {
-        bucket: cmd.bucket.as_deref(),
-        endpoint: cmd.endpoint.as_deref(),
-        s3_timeout: cmd.s3_timeout,
-    };
-    let (_, storage) = storage.open()?;
+    let (_, storage) = cmd.destination().open()?;
     let storage = with_progress(storage, "restore", !cmd.dry_run);
     if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
         eprintln!(
@@ -1004,55 +981,52 @@ fn describe_plan(plan: &RestorePlan, storage: &dyn Storage, output: &Path) -> St
     out
 }
 
+/// `walsync snapshot`.
+fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
+    let (_, storage) = cmd.destination().open()?;
+    let name = match cmd.name {
+        Some(name) => name,
+        None => layout::default_name(&cmd.database)?,
+    };
+    let storage = with_progress(storage, "snapshot", true);
+    let mut replica = Replica::open(&cmd.database, storage, &name)?;
+    let key = replica.snapshot();
+    progress::finish();
+    println!("{}", key?);
+    Ok(())
+}
+
+/// `walsync list`.
+fn list_command(cmd: ListCmd) -> Result<()> {
+    let (_, storage) = cmd.destination().open()?;
+    let listing = walsync::list::list(storage.as_ref())?;
+    if cmd.json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+    } else {
+        print!("{}", listing.to_text());
+    }
+    Ok(())
+}
+
+/// `walsync status`.
+fn status_command(cmd: StatusCmd) -> Result<()> {
+    let (_, storage) = cmd.destination().open()?;
+    let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
+    if cmd.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
+    }
+    Ok(())
+}
+
 /// Run a command; returns the exit status on success (0 except for `watch --exec`).
 fn run(command: Command) -> Result<u8> {
     match command {
         Command::Watch(cmd) => return watch(cmd),
-        Command::Snapshot(cmd) => {
-            let storage = StorageArgs {
-                bucket: cmd.bucket.as_deref(),
-                endpoint: cmd.endpoint.as_deref(),
-                s3_timeout: cmd.s3_timeout,
-            };
-            let (_, storage) = storage.open()?;
-            let name = match cmd.name {
-                Some(name) => name,
-                None => layout::default_name(&cmd.database)?,
-            };
-            let storage = with_progress(storage, "snapshot", true);
-            let mut replica = Replica::open(&cmd.database, storage, &name)?;
-            let key = replica.snapshot();
-            progress::finish();
-            println!("{}", key?);
-        }
-        Command::List(cmd) => {
-            let storage = StorageArgs {
-                bucket: cmd.bucket.as_deref(),
-                endpoint: cmd.endpoint.as_deref(),
-                s3_timeout: cmd.s3_timeout,
-            };
-            let (_, storage) = storage.open()?;
-            let listing = walsync::list::list(storage.as_ref())?;
-            if cmd.json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
-            } else {
-                print!("{}", listing.to_text());
-            }
-        }
-        Command::Status(cmd) => {
-            let storage = StorageArgs {
-                bucket: cmd.bucket.as_deref(),
-                endpoint: cmd.endpoint.as_deref(),
-                s3_timeout: cmd.s3_timeout,
-            };
-            let (_, storage) = storage.open()?;
-            let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
-            if cmd.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status.to_text());
-            }
-        }
+        Command::Snapshot(cmd) => snapshot_command(cmd)?,
+        Command::List(cmd) => list_command(cmd)?,
+        Command::Status(cmd) => status_command(cmd)?,
         Command::Restore(cmd) => restore_command(cmd)?,
         Command::Prune(cmd) => prune_command(cmd)?,
     }
