@@ -15,7 +15,6 @@
 //! would move unshipped frames into the database file and delete the WAL).
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,33 +30,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Database {
     path: PathBuf,
     conn: Connection,
-}
-
-/// What identifies the database file on disk, to notice it being replaced or written
-/// to while walsync was not looking.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FileIdentity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size: u64,
-    pub mtime_ns: i128,
-}
-
-impl FileIdentity {
-    pub fn of(path: &Path) -> Result<FileIdentity> {
-        let m = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
-        Ok(FileIdentity {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        })
-    }
-
-    /// Same file (not replaced by another one).
-    pub fn same_file(&self, other: &FileIdentity) -> bool {
-        self.dev == other.dev && self.ino == other.ino
-    }
 }
 
 impl Database {
@@ -118,9 +90,7 @@ impl Database {
 
     /// The `-wal` file beside the database.
     pub fn wal_path(&self) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push("-wal");
-        PathBuf::from(p)
+        crate::files::with_suffix(&self.path, "-wal")
     }
 
     /// Open the WAL file for reading, or `None` if it does not exist (nothing written since

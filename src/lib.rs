@@ -43,6 +43,7 @@
 //! - `database`: opening the SQLite database walsync replicates, and pinning its WAL.
 //! - `snapshot`: consistent compressed copies of a database through the backup API.
 //! - `segment`: cutting committed WAL frames into standalone compressed segments.
+//! - `files`: small file ideas shared by every layer: identity, `-wal` paths, atomic writes.
 //! - `sidecar`: walsync's files beside a database: lock, position, staged objects.
 //! - `replica`: one database replicated to one destination: generations, staging, checkpoints.
 //! - `watcher`: file events (inotify, kqueue, or polling) that wake a database's thread.
@@ -59,6 +60,8 @@
 pub mod database;
 #[doc(hidden)]
 pub mod error;
+#[doc(hidden)]
+pub mod files;
 #[doc(hidden)]
 pub mod heartbeat;
 #[doc(hidden)]

@@ -69,8 +69,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::database::{Database, FileIdentity};
+use crate::database::Database;
 use crate::error::{Context, Error, Result};
+use crate::files::FileIdentity;
 use crate::layout::{self, ChainValue, Generation, ObjectKind, ObjectName, ReplicaState};
 use crate::segment;
 use crate::sidecar::{Sidecar, Staged};

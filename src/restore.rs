@@ -34,6 +34,7 @@ use std::sync::Mutex;
 use flate2::write::GzDecoder;
 
 use crate::error::{Context, Error, ErrorKind, Result};
+use crate::files::with_suffix;
 use crate::layout::{self, Catalog, ChainValue, Generation, GenerationObjects, StoredObject};
 use crate::spool;
 use crate::storage::Storage;
@@ -606,12 +607,6 @@ impl Drop for TempOutput {
             }
         }
     }
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(suffix);
-    PathBuf::from(p)
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -17,7 +17,7 @@
 //!   the host that wrote it (see `Replica::check_ownership`), as a container restarted with
 //!   a new host name does.
 //!
-//! Everything is written with [`write_atomically`]: a temporary file, fsync, rename, then an
+//! Everything is written with [`crate::files::write_atomically`]: a temporary file, fsync, rename, then an
 //! fsync of the directory, so a power cut leaves either the old or the new file and never
 //! moves a position back after walsync relied on it.
 //!
@@ -31,6 +31,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Error, Result};
+use crate::files::{self, sync_dir, write_atomically};
 use crate::layout::{ObjectKind, ObjectName};
 use crate::spool;
 
@@ -136,7 +137,9 @@ impl Sidecar {
     /// Replace `position.json` atomically and durably.
     pub fn save_position<T: serde::Serialize>(&self, position: &T) -> Result<()> {
         let body = serde_json::to_vec_pretty(position)?;
-        write_atomically(&self.dir.join("position.json"), &body, self.file_mode)
+        write_atomically(&self.dir.join("position.json"), self.file_mode, |f| {
+            f.write_all(&body)
+        })
     }
 
     /// Record that the database was just restored from this replica, whose newest generation
@@ -156,7 +159,9 @@ impl Sidecar {
             self.remove(staged)?;
         }
         let body = serde_json::to_vec_pretty(&serde_json::json!({ "newest_generation": newest }))?;
-        write_atomically(&self.dir.join(RESTORED), &body, self.file_mode)?;
+        write_atomically(&self.dir.join(RESTORED), self.file_mode, |f| {
+            f.write_all(&body)
+        })?;
         Ok(stale.len())
     }
 
@@ -237,7 +242,7 @@ impl Sidecar {
             let Some(file_name) = file_name.to_str() else {
                 continue;
             };
-            if file_name.starts_with(".walsync-") {
+            if file_name.starts_with(".walsync-") || files::is_temporary(file_name) {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             }
@@ -308,39 +313,6 @@ fn create_dir(dir: &Path, mode: u32) -> Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).context(what)?;
     }
     Ok(())
-}
-
-/// Write `body` to `path` so that, after a crash or power cut, `path` holds either its old
-/// or its new content: a temporary file beside it, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, body: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = spool::unique_path(dir, "tmp");
-    let what = || format!("writing {}", path.display());
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(body)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::from(e).with_context(what()));
-    }
-    sync_dir(dir)
-}
-
-/// fsync a directory, so that renames and new files in it survive a power cut.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("syncing directory {}", dir.display()))
 }
 
 /// FNV-1a, 64 bits: a stable short name for a (destination, name) pair.

@@ -82,9 +82,7 @@ impl NamedSpool {
 impl Drop for NamedSpool {
     fn drop(&mut self) {
         for suffix in ["", "-journal", "-wal", "-shm"] {
-            let mut p = self.path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_file(crate::files::with_suffix(&self.path, suffix));
         }
     }
 }

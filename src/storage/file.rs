@@ -6,24 +6,23 @@
 //! those temporary files.
 //!
 //! A replica holds the database's data, so only its owner may read it: objects (and their
-//! temporary files) are created with mode 0600 ([`spool::create_private`]), the directories
+//! temporary files) are created with mode 0600 ([`files::write_atomically`]), the directories
 //! created for them 0700 (both less the umask). Directories that already exist are left as they are.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_key, FileRange, ObjectInfo, Storage};
 use crate::error::{Context, Error, ErrorKind, Result};
-use crate::spool;
+use crate::files;
 
 /// Size of the buffer used to copy files in and out.
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Distinguishes temporary files of concurrent puts within one process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Mode of objects (less the umask): the replica is as private as the database.
+const OBJECT_MODE: u32 = 0o600;
 
 /// Mode of the directories created for objects (less the umask).
 const DIR_MODE: u32 = 0o700;
@@ -59,42 +58,22 @@ impl FileStorage {
         Ok(path)
     }
 
-    /// Write an object atomically: temporary sibling, fsync, rename, fsync the directory.
+    /// Write an object atomically and durably (see [`files::write_atomically`]), owner-only.
     fn put_with(&self, key: &str, fill: impl FnOnce(&mut File) -> io::Result<()>) -> Result<()> {
         let path = self.path(key)?;
         let what = || format!("{}: put {key}", self.describe());
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        let Some(dir) = path.parent() else {
             return Err(Error::invalid(format!(
                 "{}: bad key {key:?}",
                 self.describe()
             )));
         };
-        let name = name.to_string_lossy();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
             .create(dir)
             .context(what)?;
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            let mut file = spool::create_private(&tmp)?;
-            fill(&mut file)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(err) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(Error::from(err).with_context(what()));
-        }
-        // Make the rename itself durable. Not every platform can open a directory: best effort.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        files::write_atomically(&path, OBJECT_MODE, fill).context(what)
     }
 
     fn walk(&self, dir: &Path, rel: &str, prefix: &str, out: &mut Vec<ObjectInfo>) -> Result<()> {
@@ -120,7 +99,7 @@ impl FileStorage {
                 );
                 continue;
             };
-            if is_temporary(name) {
+            if files::is_temporary(name) {
                 continue;
             }
             let key = if rel.is_empty() {
@@ -147,11 +126,6 @@ impl FileStorage {
         }
         Ok(())
     }
-}
-
-/// Our in-flight temporary files: `.<name>.tmp-<pid>-<counter>`.
-fn is_temporary(name: &str) -> bool {
-    name.starts_with('.') && name.contains(".tmp-")
 }
 
 impl Storage for FileStorage {
@@ -417,7 +391,7 @@ mod tests {
         let leftover = s.root.join("db/wal/.y.wal.gz.tmp-1-1");
         fs::write(&leftover, b"old").unwrap();
         fs::set_permissions(&leftover, fs::Permissions::from_mode(0o644)).unwrap();
-        let mut file = spool::create_private(&leftover).unwrap();
+        let mut file = crate::spool::create_private(&leftover).unwrap();
         file.write_all(b"new").unwrap();
         assert_eq!(mode(&leftover) | 0o600, 0o600);
         assert_eq!(fs::read(&leftover).unwrap(), b"new");

@@ -26,7 +26,8 @@ use std::time::Duration;
 
 use kqueue::{EventData, EventFilter, FilterFlag, Ident, Vnode};
 
-use super::{Backend, Registration, Seen, Shared, Stamp, ERROR_BACKOFF};
+use crate::files::FileIdentity;
+use super::{Backend, Registration, Seen, Shared, ERROR_BACKOFF};
 use crate::error::{Context, Result};
 
 /// Events taken into one batch before callbacks run.
@@ -257,7 +258,7 @@ impl State {
         for reg in registry {
             want_dirs.insert(key(&reg.dir));
             let wal = reg.wal_path();
-            let identity = Stamp::of(&wal).map(|s| (s.dev, s.ino));
+            let identity = FileIdentity::probe(&wal).map(|s| (s.dev, s.ino));
             want_wals.insert(key(&wal), identity);
         }
 

@@ -34,7 +34,6 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +42,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::error::{Context, Error, Result};
+use crate::files::FileIdentity;
 
 /// The one place operating systems are named. Declares each kernel backend's module on the
 /// systems listed with it, and `KERNEL`: this system's backend as its name (the module's, as
@@ -163,8 +163,8 @@ impl Registration {
 
     fn stat(&self) -> Seen {
         Seen {
-            db: Stamp::of(&self.db_path()),
-            wal: Stamp::of(&self.wal_path()),
+            db: FileIdentity::probe(&self.db_path()),
+            wal: FileIdentity::probe(&self.wal_path()),
         }
     }
 
@@ -180,42 +180,11 @@ impl Registration {
     }
 }
 
-/// What `stat` said about one file: enough to notice it being written (size, mtime) or
-/// replaced (dev, inode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl Stamp {
-    /// `None` when the file does not exist (or cannot be examined, which for our purpose of
-    /// noticing changes is the same thing).
-    fn of(path: &Path) -> Option<Stamp> {
-        match std::fs::metadata(path) {
-            Ok(m) => Some(Stamp {
-                dev: m.dev(),
-                ino: m.ino(),
-                size: m.size(),
-                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            }),
-            Err(err) => {
-                if err.kind() != io::ErrorKind::NotFound {
-                    log::debug!("watcher: cannot stat {}: {err}", path.display());
-                }
-                None
-            }
-        }
-    }
-}
-
 /// The database and WAL as last seen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Seen {
-    db: Option<Stamp>,
-    wal: Option<Stamp>,
+    db: Option<FileIdentity>,
+    wal: Option<FileIdentity>,
 }
 
 impl Watcher {

@@ -11,7 +11,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::{Backend, Seen, Shared, Stamp};
+use super::{Backend, Seen, Shared};
+use crate::files::FileIdentity;
 
 /// What the `Watcher` keeps: the sender whose drop ends the thread's wait.
 struct Handle {
@@ -53,8 +54,8 @@ fn run(shared: &Shared, stop: &mpsc::Receiver<()>, interval: Duration) {
         let now: Vec<Seen> = targets
             .iter()
             .map(|(db, wal)| Seen {
-                db: Stamp::of(db),
-                wal: Stamp::of(wal),
+                db: FileIdentity::probe(db),
+                wal: FileIdentity::probe(wal),
             })
             .collect();
         // Registrations are only ever appended, so the first `now.len()` are the ones
