@@ -47,6 +47,7 @@
 //! - `sidecar`: walsync's files beside a database: lock, position, staged objects.
 //! - `replica`: one database replicated to one destination: generations, staging, checkpoints.
 //! - `watcher`: file events (inotify, kqueue, or polling) that wake a database's thread.
+//! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
 //! - `restore`: planning, downloading, verifying and applying a replica to a file.
@@ -56,6 +57,8 @@
 //! - `heartbeat`: a GET to a monitoring URL while every database is caught up.
 //! - `progress`: a progress line on a terminal for one-shot commands.
 
+#[doc(hidden)]
+pub mod backoff;
 #[doc(hidden)]
 pub mod database;
 #[doc(hidden)]

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::metrics::DbMetrics;
 use crate::replica::Upload;
@@ -183,7 +184,7 @@ impl Worker {
     /// Upload until it works or the shutdown deadline passes.
     fn upload(&self, label: &str, upload: &Upload, metrics: Option<&DbMetrics>) -> Result<()> {
         let key = &upload.key;
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut failures = 0u32;
         loop {
             match self.storage.put_file(key, &upload.file) {
@@ -205,9 +206,10 @@ impl Worker {
                     // grown during an outage (up to a minute) would outlast the shutdown
                     // timeout even though storage may be back already.
                     if self.stopping.load(Ordering::Relaxed) {
-                        backoff = backoff.min(FIRST_BACKOFF);
+                        backoff.restart();
                     }
-                    let giving_up = self.past_deadline(Instant::now() + backoff);
+                    let wait = backoff.next_wait();
+                    let giving_up = self.past_deadline(Instant::now() + wait);
                     if let Some(metrics) = metrics {
                         metrics.upload_failed(!giving_up);
                     }
@@ -218,10 +220,9 @@ impl Worker {
                         "{}: uploading {key} failed ({e}); the data stays pinned in the WAL, \
                          retrying in {}s",
                         label,
-                        backoff.as_secs()
+                        wait.as_secs()
                     );
-                    self.sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    self.sleep(wait);
                 }
             }
         }

@@ -35,6 +35,7 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
 
 use super::{check_key, FileRange, ObjectInfo, Storage};
+use crate::backoff::Backoff;
 use crate::error::{Context, Error, ErrorKind, Result};
 
 /// Files larger than this are uploaded in parts (unless [`S3Storage::with_part_size`] says
@@ -338,13 +339,12 @@ impl S3Storage {
     /// Run `attempt` until it succeeds, fails for good, or has failed transiently
     /// `max_attempts` times, sleeping with exponential backoff and jitter in between.
     fn retry<T>(&self, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
-        let mut delay = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         for n in 1.. {
             match attempt() {
                 Ok(v) => return Ok(v),
                 Err(err) if err.is_transient() && n < self.max_attempts => {
-                    // "Equal jitter": between half the delay and the whole of it.
-                    let sleep = delay / 2 + delay.mul_f64(random_fraction() / 2.0);
+                    let sleep = backoff.next_jittered();
                     // `err` already names the destination, the operation and the key.
                     log::warn!(
                         "{err}; retrying in {} ms (attempt {} of {})",
@@ -354,7 +354,6 @@ impl S3Storage {
                     );
                     bump(&self.counters.retries);
                     std::thread::sleep(sleep);
-                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
                 Err(err) if err.is_transient() && n > 1 => {
                     return Err(Error::new(
@@ -1097,14 +1096,6 @@ fn redact(text: &str, url: &Url) -> String {
     text
 }
 
-/// A random number in [0, 1), good enough for jitter, without a dependency.
-fn random_fraction() -> f64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let bits = RandomState::new().build_hasher().finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1283,7 +1274,7 @@ mod tests {
     }
 
     #[test]
-    fn xml_tags_and_jitter() {
+    fn xml_tags() {
         let body =
             "<Error><Code>NoSuchKey</Code><Message> The key\n does not exist. </Message></Error>";
         assert_eq!(xml_tag(body, "Code"), Some("NoSuchKey"));
@@ -1293,9 +1284,6 @@ mod tests {
         );
         assert_eq!(xml_tag(body, "Missing"), None);
         assert_eq!(xml_tag("<Code>unterminated", "Code"), None);
-        let samples: Vec<f64> = (0..100).map(|_| random_fraction()).collect();
-        assert!(samples.iter().all(|f| (0.0..1.0).contains(f)));
-        assert!(samples.iter().any(|f| *f != samples[0]), "jitter must vary");
     }
 
     #[test]
