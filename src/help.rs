@@ -104,8 +104,9 @@ OPTIONS
 
     --retention DURATION
         Keep every point in time this far back restorable and delete the backups no such
-        restore needs, at start, after each snapshot, at most hourly (default 24h; 0 keeps
-        everything). See walsync help prune for the rule.
+        restore needs: at start, after stored snapshots (at most hourly), and when the
+        window passes the next snapshot (default 24h; 0 keeps everything). See walsync
+        help prune for the rule.
 
     --metrics-addr ADDR
         Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091: per database

@@ -152,7 +152,8 @@ with_destination! {
         staging_limit: Option<u64>,
         /// keep every point in time this far back restorable and delete older backups while
         /// running: 24h, 90m, 7d, 3600s, or 0 to keep everything (default 24h; or
-        /// WALSYNC_RETENTION). Pruned at start and after each stored snapshot, at most hourly
+        /// WALSYNC_RETENTION). Pruned at start, after stored snapshots (at most hourly), and
+        /// when the window passes the next snapshot
         #[argh(option)]
         retention: Option<String>,
         /// once replication has started, run this command through /bin/sh -c, forward SIGTERM

@@ -219,6 +219,9 @@ pub struct Replica {
     /// The newest generation of this name in storage when the replica was opened: a new
     /// generation must sort after it even if the sidecar was lost and the clock went back.
     newest_stored: Option<Generation>,
+    /// The listing of this name taken when the replica was opened, until taken (by the
+    /// first prune, which so needs no LIST of its own).
+    opening_listing: Option<std::collections::BTreeMap<Generation, layout::GenerationObjects>>,
     /// Where walsync's own checkpoints have copied the WAL up to (salts and offset).
     backfilled: Option<([u32; 2], u64)>,
     staging_limit: u64,
@@ -265,6 +268,7 @@ impl Replica {
             uploading: false,
             backfilled: None,
             newest_stored: None,
+            opening_listing: None,
             staging_limit: DEFAULT_STAGING_LIMIT,
             wal_size_limit: DEFAULT_WAL_SIZE_LIMIT,
             said_full: false,
@@ -550,6 +554,14 @@ impl Replica {
         Ok(())
     }
 
+    /// The listing of this name taken when the replica was opened (once; see
+    /// [`crate::retention`] on why an older listing is safe to prune from).
+    pub fn take_opening_listing(
+        &mut self,
+    ) -> Option<std::collections::BTreeMap<Generation, layout::GenerationObjects>> {
+        self.opening_listing.take()
+    }
+
     /// Refuse to write into a replica name that another database is writing to.
     ///
     /// One LIST of the name (and a GET of its `state.json` when this database has no
@@ -562,10 +574,11 @@ impl Replica {
             .storage
             .list(&format!("{}/", self.name))
             .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
-        let catalog = layout::Catalog::from_listing(listing);
-        let Some(newest) = catalog
-            .databases
-            .get(&self.name)
+        let mut catalog = layout::Catalog::from_listing(listing);
+        self.opening_listing = Some(catalog.databases.remove(&self.name).unwrap_or_default());
+        let Some(newest) = self
+            .opening_listing
+            .as_ref()
             .and_then(|generations| generations.keys().next_back().cloned())
         else {
             return Ok(());

@@ -13,11 +13,14 @@
 //! a time, in order, through a small pool of workers shared by all databases.
 //!
 //! Retention: with [`Options::retention`] set, each database is pruned (see
-//! [`crate::retention`]) when the replicator starts and after each snapshot it stores, at
-//! most once per [`PRUNE_INTERVAL`] (or per retention, if that is shorter). Pruning runs on
-//! one thread of its own, shared by all databases, so a slow or failing prune never holds
-//! up a database thread or an upload worker; a failed prune is a warning, retried at the
-//! next occasion, and never stops replication.
+//! [`crate::retention`]) when the replicator starts, from the listing its replica took when
+//! it opened (so without a request of its own), after each snapshot it stores (at most once
+//! per [`PRUNE_INTERVAL`], or per retention if that is shorter), and when the window will
+//! have passed its next snapshot, so the old backups of a database that went idle still go;
+//! a database with nothing left to wait for costs no requests. Pruning runs on one thread
+//! of its own, shared by all databases, so a slow or failing prune never holds up a
+//! database thread or an upload worker; a failed prune is a warning, tried again a prune
+//! interval later, and never stops replication.
 //!
 //! Nothing here needs an async runtime. A Tokio application starts a [`Replicator`] from
 //! any thread and calls its blocking methods through `spawn_blocking`.
@@ -152,7 +155,11 @@ impl Replicator {
         };
         let pool = Arc::new(UploadPool::start(storage, options.upload_workers)?);
         let mut threads = Vec::new();
-        for replica in replicas {
+        for mut replica in replicas {
+            if pruner.is_none() {
+                // Kept only for the first prune: none will come.
+                drop(replica.take_opening_listing());
+            }
             let (tx, rx) = mpsc::channel();
             let notify = tx.clone();
             watcher.watch(
@@ -304,7 +311,7 @@ struct DbWorker {
     pool: Arc<UploadPool>,
     options: Options,
     /// Where to ask for this database to be pruned (None: retention is off).
-    prune: Option<Sender<String>>,
+    prune: Option<Sender<PruneRequest>>,
     agenda: Agenda,
     metrics: Arc<DbMetrics>,
 }
@@ -508,7 +515,12 @@ impl DbWorker {
         }
         self.agenda.prune_due = false;
         self.agenda.last_prune = Some(now);
-        if prune.send(self.replica.name().to_string()).is_err() {
+        let request = PruneRequest {
+            name: self.replica.name().to_string(),
+            // The first prune uses the listing taken at open; later ones list afresh.
+            listing: self.replica.take_opening_listing(),
+        };
+        if prune.send(request).is_err() {
             log::warn!(
                 "{}: the pruning thread is gone; not pruning",
                 self.replica.name()
@@ -711,36 +723,74 @@ impl DbWorker {
     }
 }
 
+/// A request to prune one database: after a snapshot was stored (list it afresh), or at
+/// start with the listing its replica took when it opened (no LIST needed).
+struct PruneRequest {
+    name: String,
+    listing: Option<Listing>,
+}
+
+type Listing =
+    std::collections::BTreeMap<crate::layout::Generation, crate::layout::GenerationObjects>;
+
 /// The pruning thread: prunes the databases it is asked to, one at a time, in the
-/// background of the database threads and the upload workers.
+/// background of the database threads and the upload workers. It also prunes a database
+/// again, by itself, when the window will have passed its next snapshot (the plan's
+/// `next_due`), so that old backups of a database that went idle still go, and a database
+/// with nothing left to wait for costs no requests at all.
 struct Pruner {
-    requests: Sender<String>,
+    requests: Sender<PruneRequest>,
     thread: JoinHandle<()>,
     stopping: Arc<AtomicBool>,
 }
 
 impl Pruner {
     fn start(storage: Arc<dyn Storage>, retention: Duration) -> Result<Pruner> {
-        let (requests, queue) = mpsc::channel::<String>();
+        let (requests, queue) = mpsc::channel::<PruneRequest>();
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
             .name("walsync-prune".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                while let Ok(first) = queue.recv() {
-                    // Requests that piled up meanwhile: each database once.
-                    let mut names = vec![first];
-                    while let Ok(more) = queue.try_recv() {
-                        if !names.contains(&more) {
-                            names.push(more);
-                        }
+                let mut due: HashMap<String, Instant> = HashMap::new();
+                loop {
+                    let wait = due
+                        .values()
+                        .min()
+                        .map(|at| at.saturating_duration_since(Instant::now()));
+                    let mut work: Vec<PruneRequest> = match wait {
+                        None => match queue.recv() {
+                            Ok(request) => vec![request],
+                            Err(_) => return,
+                        },
+                        Some(wait) => match queue.recv_timeout(wait) {
+                            Ok(request) => vec![request],
+                            Err(RecvTimeoutError::Timeout) => Vec::new(),
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        },
+                    };
+                    // Requests that piled up meanwhile, then what fell due: each database once.
+                    work.extend(queue.try_iter());
+                    let now = Instant::now();
+                    for (name, _) in due.iter().filter(|(_, at)| **at <= now) {
+                        work.push(PruneRequest {
+                            name: name.clone(),
+                            listing: None,
+                        });
                     }
-                    for name in names {
+                    let mut seen = std::collections::HashSet::new();
+                    work.retain(|r| seen.insert(r.name.clone()));
+                    for request in work {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        prune_in_background(storage.as_ref(), &name, retention);
+                        due.remove(&request.name);
+                        if let Some(next) =
+                            prune_in_background(storage.as_ref(), request, retention)
+                        {
+                            due.insert(next.0, next.1);
+                        }
                     }
                 }
             })
@@ -752,7 +802,7 @@ impl Pruner {
         })
     }
 
-    fn requests(&self) -> Sender<String> {
+    fn requests(&self) -> Sender<PruneRequest> {
         self.requests.clone()
     }
 
@@ -773,28 +823,52 @@ impl Pruner {
 }
 
 /// Prune one database as of now; log what went, and failures as warnings (replication goes
-/// on regardless).
-fn prune_in_background(storage: &dyn Storage, name: &str, retention: Duration) {
+/// on regardless). Returns when to prune it again by itself, if ever: when the window will
+/// have passed its next snapshot, or after a failure, one prune interval later.
+fn prune_in_background(
+    storage: &dyn Storage,
+    request: PruneRequest,
+    retention: Duration,
+) -> Option<(String, Instant)> {
+    let name = request.name;
     let started = Instant::now();
-    match retention::prune(storage, name, UtcTime::now(), retention, false) {
-        Ok(plan) if plan.delete.is_empty() => log::debug!(
-            "{} (retention {})",
-            plan.summary(true),
-            retention::format_duration(retention)
-        ),
+    let now = UtcTime::now();
+    let pruned = match &request.listing {
+        Some(listing) => retention::prune_listed(storage, &name, listing, now, retention, false),
+        None => retention::prune(storage, &name, now, retention, false),
+    };
+    match pruned {
         Ok(plan) => {
-            log::info!(
-                "{} (retention {}, {} ms)",
-                plan.summary(true),
-                retention::format_duration(retention),
-                started.elapsed().as_millis()
-            );
-            log::debug!("{name}: pruned {}", plan.keys().join(" "));
+            if plan.delete.is_empty() {
+                log::debug!(
+                    "{} (retention {})",
+                    plan.summary(true),
+                    retention::format_duration(retention)
+                );
+            } else {
+                log::info!(
+                    "{} (retention {}, {} ms)",
+                    plan.summary(true),
+                    retention::format_duration(retention),
+                    started.elapsed().as_millis()
+                );
+                log::debug!("{name}: pruned {}", plan.keys().join(" "));
+            }
+            let next = plan.next_due?;
+            let wait_ms = u64::try_from(next.millis().saturating_sub(now.millis())).unwrap_or(0);
+            // Not sooner than a minute (or a retention, if shorter), so that snapshots close
+            // together cannot make it list storage over and over.
+            let floor = Duration::from_secs(60).min(retention);
+            let wait = Duration::from_millis(wait_ms).max(floor);
+            Some((name, Instant::now() + wait))
         }
-        Err(e) => log::warn!(
-            "{name}: pruning for retention {} failed: {e}; replication goes on, and the next \
-             prune tries again",
-            retention::format_duration(retention)
-        ),
+        Err(e) => {
+            log::warn!(
+                "{name}: pruning for retention {} failed: {e}; replication goes on, and the \
+                 prune is tried again later",
+                retention::format_duration(retention)
+            );
+            Some((name, Instant::now() + PRUNE_INTERVAL.min(retention)))
+        }
     }
 }

@@ -87,6 +87,10 @@ pub struct PrunePlan {
     pub delete: Vec<StoredObject>,
     /// Bytes the deletions free.
     pub bytes: u64,
+    /// When pruning this listing again could delete more: once the window passes the next
+    /// snapshot after `base`. None when only a new snapshot can change that (a database
+    /// that stays idle then costs no more requests).
+    pub next_due: Option<UtcTime>,
 }
 
 impl PrunePlan {
@@ -198,6 +202,7 @@ pub fn plan(
         base: None,
         delete: Vec::new(),
         bytes: 0,
+        next_due: None,
     };
     if retention.is_zero() {
         return plan;
@@ -211,6 +216,11 @@ pub fn plan(
             .iter()
             .flat_map(|(g, objects)| objects.snapshots.iter().map(move |s| (g, s)))
     };
+    plan.next_due = snapshots()
+        .map(|(_, s)| s.name.time)
+        .filter(|time| *time > window)
+        .min()
+        .map(|time| UtcTime::from_millis(time.millis().saturating_add(retention_ms)));
     let restore_order =
         |(g, s): &(&Generation, &StoredObject)| (s.name.time, (*g).clone(), s.name.index);
     // S*: what a restore to W starts from.
@@ -335,6 +345,19 @@ pub fn prune(
     let catalog = Catalog::from_listing(listing);
     let empty = BTreeMap::new();
     let generations = catalog.databases.get(name).unwrap_or(&empty);
+    prune_listed(storage, name, generations, now, retention, dry_run)
+}
+
+/// [`prune`] from a listing of `name` already taken (any time before: see the module
+/// docs on why an older listing is as safe), so without a LIST.
+pub fn prune_listed(
+    storage: &dyn Storage,
+    name: &str,
+    generations: &BTreeMap<Generation, GenerationObjects>,
+    now: UtcTime,
+    retention: Duration,
+    dry_run: bool,
+) -> Result<PrunePlan> {
     let plan = plan(name, generations, now, retention);
     if !dry_run {
         execute(storage, &plan)?;
@@ -589,6 +612,23 @@ mod tests {
         assert!(plan.delete.is_empty(), "{:?}", plan.keys());
         assert!(plan.base.is_none());
         assert!(plan.summary(false).contains("nothing to delete"));
+    }
+
+    #[test]
+    fn the_next_prune_is_due_when_the_window_passes_the_next_snapshot() {
+        let g = generation(0, 3);
+        let mut l = Listing::default();
+        l.snap(&g, 0, 0);
+        l.seg(&g, 1, 5);
+        l.snap(&g, 1, 10);
+        l.snap(&g, 1, 30);
+        // W = 15 - 60 < 0: nothing yet; due when W reaches the first snapshot (0 + 60).
+        assert_eq!(plan_at(&l, 15, 60).next_due, Some(at(60)));
+        // W = 5: S* is the first; due when W reaches the second (10 + 60).
+        assert_eq!(plan_at(&l, 65, 60).next_due, Some(at(70)));
+        // W = 30: S* is the newest; only a new snapshot can change anything.
+        assert_eq!(plan_at(&l, 90, 60).next_due, None);
+        assert_eq!(plan_at(&l, 90, 0).next_due, None);
     }
 
     #[test]

@@ -556,6 +556,57 @@ fn watch_prunes_while_it_runs_and_the_replica_stays_restorable() {
     assert_eq!(integrity(&out), "ok");
 }
 
+/// A database that went idle still loses its old backups: watch prunes it again, by itself,
+/// when the window passes its next snapshot, with no new snapshot to set it off. (Before,
+/// an idle database was pruned once at start and then never.)
+#[test]
+fn watch_prunes_an_idle_database_as_its_window_moves() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = AppDb::create(dir.path(), "app.db");
+    let dest = format!("s3://{}/idle", server.bucket());
+    let storage = server.storage("idle");
+    let db = app.path.to_str().unwrap().to_string();
+    let snapshots = |storage: &dyn Storage| -> Vec<String> {
+        storage
+            .list("app/snapshots/")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    };
+    // Three snapshots about a second apart, then nothing more is written.
+    for _ in 0..3 {
+        app.insert(3, 200);
+        walsync_ok(&["snapshot", &db, "-b", &dest], &server.env());
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let before = snapshots(&storage);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let expected = app.dump();
+    let mut env = server.env();
+    env.push(("WALSYNC_RETENTION".into(), "3s".into()));
+    let watch = WatchProcess::start(&[&db, "-b", &dest], &env, dir.path());
+    // The window (3 s) passes the second snapshot, then the third: the first two go.
+    wait_for(
+        Duration::from_secs(30),
+        "the first two snapshots pruned",
+        || {
+            let now = snapshots(&storage);
+            !now.contains(&before[0]) && !now.contains(&before[1])
+        },
+    );
+    assert!(snapshots(&storage).contains(&before[2]));
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let out = dir.path().join("out.db");
+    walsync_ok(
+        &["restore", "app", "-o", out.to_str().unwrap(), "-b", &dest],
+        &server.env(),
+    );
+    assert_eq!(dump(&out), expected);
+    assert_eq!(integrity(&out), "ok");
+}
+
 #[test]
 fn delete_many_batches_a_thousand_keys_and_falls_back_without_delete_objects() {
     let server = S3Server::start();
