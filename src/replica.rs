@@ -687,16 +687,16 @@ impl Replica {
             }
             Continuity::From(start) => start,
         };
-        let (Some(file), Some(reader)) = (&wal, reader.as_mut()) else {
+        let Some(reader) = reader.as_mut() else {
             return Ok(Cut::Idle);
         };
         reader.seek(start);
         let header = *reader.header();
-        let Some(end) = reader.find_last_commit()? else {
+        if !reader.may_hold_frame()? {
             self.note_settled(identity);
             self.note_reached(&header, start.offset);
             return Ok(Cut::Idle);
-        };
+        }
         let generation = Generation::parse(&tip.generation)
             .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
         // Every commit in the segment happened before this moment, so a point-in-time
@@ -708,8 +708,14 @@ impl Replica {
             time: self.next_time(&tip),
         };
         let draft = self.sidecar.draft()?;
-        let segment = match segment::cut(file, &header, start, end, tip.chain, &draft.file) {
-            Ok(segment) => segment,
+        let segment = match segment::cut(reader, tip.chain, &draft.file) {
+            Ok(Some(segment)) => segment,
+            Ok(None) => {
+                // Frames of a transaction not committed yet; the draft is removed on drop.
+                self.note_settled(identity);
+                self.note_reached(&header, start.offset);
+                return Ok(Cut::Idle);
+            }
             Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
                 return Ok(Cut::Broken(format!(
                     "the WAL changed while it was read: {e}"
@@ -717,6 +723,7 @@ impl Replica {
             }
             Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
         };
+        let end = segment.end;
         let staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
         let key = object.key(&self.name);
         log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
