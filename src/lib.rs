@@ -11,6 +11,7 @@
 //! - [`sidecar`]: walsync's files beside a database: lock, position, staged objects.
 //! - [`replica`]: one database replicated to one destination: generations, staging, checkpoints.
 //! - [`watcher`]: file events (inotify, kqueue, or polling) that wake a database's thread.
+//! - [`stack`]: giving back thread stack pages an idle database no longer uses.
 //! - [`uploader`]: the small pool of blocking upload workers shared by all databases.
 //! - [`replicator`]: continuous replication of many databases (`walsync watch`).
 //! - [`restore`]: planning, downloading, verifying and applying a replica to a file.
@@ -27,6 +28,7 @@ pub mod segment;
 pub mod sidecar;
 pub mod snapshot;
 pub mod spool;
+pub mod stack;
 pub mod storage;
 pub mod uploader;
 pub mod utc;

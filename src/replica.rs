@@ -270,6 +270,7 @@ impl Replica {
         };
         replica.pin_state = replica.pin_state_now()?;
         replica.check_ownership()?;
+        replica.release_memory();
         Ok(replica)
     }
 
@@ -888,6 +889,7 @@ impl Replica {
         let scratch = self.sidecar.scratch_database();
         let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file)
             .context(|| format!("{}: taking a snapshot", self.name))?;
+        self.release_memory();
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
             generation,
@@ -1031,6 +1033,12 @@ impl Replica {
         self.pin_state = Pin::Behind(None);
         self.backfilled = None;
         Ok(())
+    }
+
+    /// Free the connections' cached pages: an idle database should cost little memory.
+    fn release_memory(&self) {
+        self.db.release_memory();
+        self.pin.release_memory();
     }
 
     /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
