@@ -18,12 +18,16 @@ use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE
 
 /// Compression level for segments and snapshots.
 ///
-/// Measured with flate2 (release build) on a 20 MB WAL of typical rows (text columns and an
-/// index): level 1 compressed 3.3x at 206 MB/s, 2: 3.7x at 163 MB/s, 3: 4.0x at 96 MB/s,
-/// 6 (the usual default): 4.3x at 27 MB/s, 9: 4.4x at 13 MB/s. Level 3 keeps 94% of level
-/// 6's saving for under a third of its CPU, which matters on a small VPS and for the part
-/// of a cut that runs while writers wait at a checkpoint barrier.
-pub const GZIP_LEVEL: u32 = 3;
+/// Compression is nearly all of walsync's CPU time under writes (a profile of 50 MiB of
+/// writes shipped: about 80% in deflate, 1% in WAL checksums, the rest mostly the kernel).
+/// Measured with flate2's miniz_oxide backend (release build) on 4 KiB pages, in ms of CPU
+/// per MiB and compression ratio, on rows of word-like text / rows half random bytes:
+/// level 1: 6.4 ms 3.1x / 5.0 ms 2.0x; level 2: 19.5 ms 3.5x / 16 ms 2.0x; level 3: 17.6
+/// ms 4.0x / 17 ms 2.0x; level 6: 68 ms 4.3x / 18 ms 2.0x. The zlib-rs backend was no
+/// better on this data (level 1: 6.1 ms 2.7x / 7.8 ms 1.9x; level 3: 32 ms 3.7x). Level 1
+/// is the only level with miniz_oxide's fast matcher: a third of the CPU of level 3, for
+/// about 30% more bytes on text and the same on data that hardly compresses.
+pub const GZIP_LEVEL: u32 = 1;
 
 /// A segment cut into a file.
 pub struct Segment {
