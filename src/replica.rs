@@ -1263,6 +1263,56 @@ mod tests {
         app.execute_batch("INSERT INTO t VALUES (2);")
     }
 
+    /// Transactions larger than a cut holds in memory (1 MiB): one committed, one still
+    /// open with its frames already spilled into the WAL. Only the committed one ships;
+    /// once the other commits it ships too, and a restore has both.
+    #[test]
+    fn transactions_larger_than_the_cut_buffer_ship_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        let insert = |conn: &Connection, n: i64| {
+            let sql = format!(
+                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
+                 INSERT INTO t SELECT randomblob(3000) FROM s;"
+            );
+            conn.execute_batch(&sql).unwrap();
+        };
+        insert(&app, 800); // about 3 MiB, committed
+        let writer = Connection::open(dir.path().join("app.db")).unwrap();
+        writer
+            .execute_batch("PRAGMA cache_size=10; BEGIN;")
+            .unwrap();
+        insert(&writer, 800); // spills to the WAL, not committed
+        let wal_len = std::fs::metadata(dir.path().join("app.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal_len > 5 * 1024 * 1024,
+            "the open transaction did not spill: {wal_len}"
+        );
+        let SyncOutcome::Shipped { frames, .. } = replica.sync().unwrap() else {
+            panic!("nothing shipped")
+        };
+        assert!(frames > 700 && frames < 1000, "{frames} frames");
+        assert_eq!(replica.sync().unwrap(), SyncOutcome::Idle);
+        writer.execute_batch("COMMIT").unwrap();
+        assert!(matches!(
+            replica.sync().unwrap(),
+            SyncOutcome::Shipped { .. }
+        ));
+        let out = dir.path().join("restored.db");
+        let storage = FileStorage::new(dir.path().join("bucket"));
+        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
+        let count = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&out), 1601);
+        assert_eq!(count(&dir.path().join("app.db")), 1601);
+    }
+
     #[test]
     fn the_barrier_is_released_when_the_work_under_it_fails() {
         let dir = tempfile::tempdir().unwrap();

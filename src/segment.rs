@@ -78,20 +78,29 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     let gz = GzEncoder::new(BufWriter::new(out), Compression::new(GZIP_LEVEL));
     let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
     let mut writer = WalWriter::new(gz, fresh)?;
-    // The page size is at most 65536, so a frame fits in usize.
-    let frame_len = header.frame_size() as usize;
+    let frame_len = reader.frame_len();
     // Where the frames written so far end (after a commit frame), and the database size
     // that commit left.
     let mut committed: Option<(WalPosition, u32)> = None;
     let mut transaction_start = reader.position();
+    // The frames of the current transaction are `pending[..used]`. The buffer is zeroed
+    // only as it grows, not for every frame read over it.
     let mut pending = Vec::new();
-    while let Some(frame) = reader.append_frame(&mut pending)? {
+    let mut used = 0;
+    loop {
+        if pending.len() < used + frame_len {
+            pending.resize(used + frame_len, 0);
+        }
+        let Some(frame) = reader.read_frame_into(&mut pending[used..used + frame_len])? else {
+            break;
+        };
+        used += frame_len;
         if frame.is_commit() {
-            write_frames(&mut writer, &pending, frame_len)?;
-            pending.clear();
+            write_frames(&mut writer, &pending[..used], frame_len)?;
+            used = 0;
             transaction_start = reader.position();
             committed = Some((transaction_start, frame.commit_size));
-        } else if pending.len() >= PENDING_LIMIT {
+        } else if used >= PENDING_LIMIT {
             drop(std::mem::take(&mut pending));
             let Some(end) = reader.find_last_commit()? else {
                 break;
@@ -147,11 +156,10 @@ fn copy_frames<W: Write>(
     writer: &mut WalWriter<W>,
     frame_len: usize,
 ) -> Result<(WalPosition, u32)> {
-    let mut frame = Vec::with_capacity(frame_len);
+    let mut frame = vec![0; frame_len];
     let mut commit_size = 0;
     while reader.position().offset < end.offset {
-        frame.clear();
-        let header = reader.append_frame(&mut frame)?.ok_or_else(|| {
+        let header = reader.read_frame_into(&mut frame)?.ok_or_else(|| {
             Error::corrupt(format!(
                 "WAL frame at offset {} is no longer valid while cutting a segment",
                 reader.position().offset

@@ -414,18 +414,26 @@ impl<'a> WalReader<'a> {
     /// if it is valid. The page data stays in `self.frame[24..]`.
     fn read_frame(&mut self) -> Result<Option<FrameHeader>> {
         let mut frame = std::mem::take(&mut self.frame);
-        frame.clear();
-        let result = self.append_frame(&mut frame);
+        // Sized once: zeroing a buffer that is read over at once costs a few % of a cut.
+        frame.resize(self.frame_len(), 0);
+        let result = self.read_frame_into(&mut frame);
         self.frame = frame;
         result
     }
 
-    /// Read the frame at the current position onto the end of `buf` (frame header, then the
-    /// page) and validate it there, advancing past it if it is valid, like
-    /// [`next_frame`](Self::next_frame) but without copying the page out of a buffer of the
-    /// reader's own: a caller that keeps several frames reads each straight into place.
-    /// `buf` is left as it was when the frame is not valid or on error.
-    pub fn append_frame(&mut self, buf: &mut Vec<u8>) -> Result<Option<FrameHeader>> {
+    /// Bytes in one frame: the frame header and a page.
+    pub fn frame_len(&self) -> usize {
+        // A page size of at most 65536 makes the frame size fit in usize.
+        FRAME_HEADER_LEN + self.header.page_size as usize
+    }
+
+    /// Read the frame at the current position into `frame` (exactly
+    /// [`frame_len`](Self::frame_len) bytes: frame header, then the page) and validate it
+    /// there, advancing past it if it is valid, like [`next_frame`](Self::next_frame) but
+    /// without copying the page out of a buffer of the reader's own: a caller that keeps
+    /// several frames reads each straight into place. On `Ok(None)` or an error the
+    /// content of `frame` is unspecified.
+    pub fn read_frame_into(&mut self, frame: &mut [u8]) -> Result<Option<FrameHeader>> {
         let offset = self.position.offset;
         let frame_size = self.header.frame_size();
         if offset < HEADER_SIZE || !(offset - HEADER_SIZE).is_multiple_of(frame_size) {
@@ -434,24 +442,20 @@ impl<'a> WalReader<'a> {
                  start at {HEADER_SIZE})"
             )));
         }
-        // A page size of at most 65536 makes the frame size fit in usize.
-        let frame_len = FRAME_HEADER_LEN + self.header.page_size as usize;
-        let start = buf.len();
-        buf.resize(start + frame_len, 0);
-        let read = read_full_at(self.file, &mut buf[start..], offset);
-        let valid = match read {
+        if frame.len() != self.frame_len() {
+            return Err(Error::invalid(format!(
+                "a buffer of {} bytes for a WAL frame of {}",
+                frame.len(),
+                self.frame_len()
+            )));
+        }
+        let n = read_full_at(self.file, frame, offset)
+            .context(|| format!("reading WAL frame at offset {offset}"))?;
+        if n < frame.len() {
             // Short read: the file ends inside this frame (torn write) or right before it.
-            Ok(n) if n < frame_len => None,
-            Ok(_) => self.validate(&buf[start..]),
-            Err(e) => {
-                buf.truncate(start);
-                return Err(
-                    Error::from(e).with_context(format!("reading WAL frame at offset {offset}"))
-                );
-            }
-        };
-        let Some((header, sum)) = valid else {
-            buf.truncate(start);
+            return Ok(None);
+        }
+        let Some((header, sum)) = self.validate(frame) else {
             return Ok(None);
         };
         self.position = WalPosition {
