@@ -700,14 +700,6 @@ impl Replica {
         }
         let generation = Generation::parse(&tip.generation)
             .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
-        // Every commit in the segment happened before this moment, so a point-in-time
-        // restore to it never includes a later transaction.
-        let object = ObjectName {
-            kind: ObjectKind::Segment,
-            generation,
-            index: tip.index + 1,
-            time: self.next_time(&tip),
-        };
         let draft = self.sidecar.draft()?;
         let segment = match segment::cut(reader, tip.chain, &draft.file) {
             Ok(Some(segment)) => segment,
@@ -725,6 +717,15 @@ impl Replica {
             Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
         };
         let end = segment.end;
+        // Taken once the segment's last frame has been read: every commit in it happened
+        // before this moment, so a point-in-time restore to it never includes a later
+        // transaction. (The cut reads as far as the WAL has commits, so not before.)
+        let object = ObjectName {
+            kind: ObjectKind::Segment,
+            generation,
+            index: tip.index + 1,
+            time: self.next_time(&tip),
+        };
         let staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
         let key = object.key(&self.name);
         log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
