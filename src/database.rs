@@ -39,8 +39,13 @@ impl Database {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
-        let conn = Connection::open_with_flags(path, flags)
-            .context(|| format!("opening database {}", path.display()))?;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+            let limit = crate::error::open_files_limit()
+                .filter(|_| crate::error::near_open_files_limit())
+                .map(|n| format!(" (too many open files: RLIMIT_NOFILE soft limit {n})"))
+                .unwrap_or_default();
+            Error::from(e).with_context(format!("opening database {}{limit}", path.display()))
+        })?;
         let db = Database {
             path: path.to_path_buf(),
             conn,
@@ -106,6 +111,14 @@ impl Database {
 
     pub fn page_size(&self) -> Result<u32> {
         Ok(self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?)
+    }
+
+    /// Give back the page cache's memory that nothing is using right now (pages stay valid
+    /// on disk; a later read fetches them again). Kept pages are what a hundred idle
+    /// databases would otherwise hold, a few KiB each.
+    pub fn release_memory(&self) {
+        // Only fails on a closed connection; the memory is then freed anyway.
+        let _ = self.conn.release_memory();
     }
 
     pub fn connection(&self) -> &Connection {

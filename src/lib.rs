@@ -47,6 +47,7 @@
 //! - `sidecar`: walsync's files beside a database: lock, position, staged objects.
 //! - `replica`: one database replicated to one destination: generations, staging, checkpoints.
 //! - `watcher`: file events (inotify, kqueue, or polling) that wake a database's thread.
+//! - `stack`: giving back thread stack pages an idle database no longer uses.
 //! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
@@ -91,6 +92,8 @@ pub mod sidecar;
 pub mod snapshot;
 #[doc(hidden)]
 pub mod spool;
+#[doc(hidden)]
+pub mod stack;
 #[doc(hidden)]
 pub mod storage;
 #[doc(hidden)]

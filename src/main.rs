@@ -790,6 +790,19 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let (destination, storage) = cmd.destination().open()?;
     let databases = layout::assign_names(&cmd.databases)?;
     let retention = options.retention;
+    // Each database keeps about six files open (two SQLite connections with their WAL
+    // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
+    // for a few hundred databases.
+    if let Some((soft, hard)) = walsync::error::raise_open_files_limit() {
+        let needed = 6 * databases.len() as u64 + 64;
+        if needed > soft {
+            log::warn!(
+                "{} databases need about {needed} open files, but RLIMIT_NOFILE allows {soft} \
+                 (hard limit {hard}): raise it (ulimit -n, or LimitNOFILE= under systemd)",
+                databases.len()
+            );
+        }
+    }
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         println!("watching {} as {name}", path.display());

@@ -275,6 +275,7 @@ impl Replica {
         };
         replica.pin_state = replica.pin_state_now()?;
         replica.check_ownership()?;
+        replica.release_memory();
         Ok(replica)
     }
 
@@ -716,35 +717,43 @@ impl Replica {
             }
             Continuity::From(start) => start,
         };
-        let (Some(file), Some(reader)) = (&wal, reader.as_mut()) else {
+        let Some(reader) = reader.as_mut() else {
             return Ok(Cut::Idle);
         };
         reader.seek(start);
         let header = *reader.header();
-        let Some(end) = reader.find_last_commit()? else {
+        if !reader.may_hold_frame()? {
             self.note_settled(identity);
             self.note_reached(&header, start.offset);
             return Ok(Cut::Idle);
-        };
+        }
         let generation = Generation::parse(&tip.generation)
             .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
-        // Every commit in the segment happened before this moment, so a point-in-time
-        // restore to it never includes a later transaction.
-        let object = ObjectName {
-            kind: ObjectKind::Segment,
-            generation,
-            index: tip.index + 1,
-            time: self.next_time(&tip),
-        };
         let draft = self.sidecar.draft()?;
-        let segment = match segment::cut(file, &header, start, end, tip.chain, &draft.file) {
-            Ok(segment) => segment,
+        let segment = match segment::cut(reader, tip.chain, &draft.file) {
+            Ok(Some(segment)) => segment,
+            Ok(None) => {
+                // Frames of a transaction not committed yet; the draft is removed on drop.
+                self.note_settled(identity);
+                self.note_reached(&header, start.offset);
+                return Ok(Cut::Idle);
+            }
             Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
                 return Ok(Cut::Broken(format!(
                     "the WAL changed while it was read: {e}"
                 )))
             }
             Err(e) => return Err(e.with_context(format!("{}: cutting a segment", self.name))),
+        };
+        let end = segment.end;
+        // Taken once the segment's last frame has been read: every commit in it happened
+        // before this moment, so a point-in-time restore to it never includes a later
+        // transaction. (The cut reads as far as the WAL has commits, so not before.)
+        let object = ObjectName {
+            kind: ObjectKind::Segment,
+            generation,
+            index: tip.index + 1,
+            time: self.next_time(&tip),
         };
         let staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
         let key = object.key(&self.name);
@@ -910,6 +919,7 @@ impl Replica {
         let scratch = self.sidecar.scratch_database();
         let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file)
             .context(|| format!("{}: taking a snapshot", self.name))?;
+        self.release_memory();
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
             generation,
@@ -1053,6 +1063,12 @@ impl Replica {
         self.pin_state = Pin::Behind(None);
         self.backfilled = None;
         Ok(())
+    }
+
+    /// Free the connections' cached pages: an idle database should cost little memory.
+    fn release_memory(&self) {
+        self.db.release_memory();
+        self.pin.release_memory();
     }
 
     /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
@@ -1275,6 +1291,56 @@ mod tests {
     fn write_now(app: &Connection) -> rusqlite::Result<()> {
         app.busy_timeout(Duration::ZERO)?;
         app.execute_batch("INSERT INTO t VALUES (2);")
+    }
+
+    /// Transactions larger than a cut holds in memory (1 MiB): one committed, one still
+    /// open with its frames already spilled into the WAL. Only the committed one ships;
+    /// once the other commits it ships too, and a restore has both.
+    #[test]
+    fn transactions_larger_than_the_cut_buffer_ship_only_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        let insert = |conn: &Connection, n: i64| {
+            let sql = format!(
+                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
+                 INSERT INTO t SELECT randomblob(3000) FROM s;"
+            );
+            conn.execute_batch(&sql).unwrap();
+        };
+        insert(&app, 800); // about 3 MiB, committed
+        let writer = Connection::open(dir.path().join("app.db")).unwrap();
+        writer
+            .execute_batch("PRAGMA cache_size=10; BEGIN;")
+            .unwrap();
+        insert(&writer, 800); // spills to the WAL, not committed
+        let wal_len = std::fs::metadata(dir.path().join("app.db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            wal_len > 5 * 1024 * 1024,
+            "the open transaction did not spill: {wal_len}"
+        );
+        let SyncOutcome::Shipped { frames, .. } = replica.sync().unwrap() else {
+            panic!("nothing shipped")
+        };
+        assert!(frames > 700 && frames < 1000, "{frames} frames");
+        assert_eq!(replica.sync().unwrap(), SyncOutcome::Idle);
+        writer.execute_batch("COMMIT").unwrap();
+        assert!(matches!(
+            replica.sync().unwrap(),
+            SyncOutcome::Shipped { .. }
+        ));
+        let out = dir.path().join("restored.db");
+        let storage = FileStorage::new(dir.path().join("bucket"));
+        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
+        let count = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&out), 1601);
+        assert_eq!(count(&dir.path().join("app.db")), 1601);
     }
 
     #[test]

@@ -366,6 +366,10 @@ impl DbWorker {
         let name = self.replica.name().to_string();
         loop {
             let wait = self.next_wake();
+            if wait >= Duration::from_secs(1) {
+                // Going idle: the stack this thread touched while busy goes back.
+                crate::stack::trim();
+            }
             match self.events.recv_timeout(wait) {
                 Ok(event) => self.handle(event),
                 Err(RecvTimeoutError::Timeout) => self.agenda.dirty = true,

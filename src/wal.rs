@@ -378,6 +378,21 @@ impl<'a> WalReader<'a> {
         Ok(frame.salt == self.header.salt && frame.checksum == pos.checksum)
     }
 
+    /// Whether a valid frame may follow the current position: the next frame header is
+    /// there and carries this WAL's salts and a page number (its checksum is not checked).
+    /// False means there is certainly none, for the price of one 24-byte read.
+    pub fn may_hold_frame(&self) -> Result<bool> {
+        let mut buf = [0u8; FRAME_HEADER_LEN];
+        let at = self.position.offset;
+        let n = read_full_at(self.file, &mut buf, at)
+            .context(|| format!("reading WAL frame header at offset {at}"))?;
+        if n < buf.len() {
+            return Ok(false);
+        }
+        let frame = FrameHeader::decode(&buf);
+        Ok(frame.salt == self.header.salt && frame.page_number != 0)
+    }
+
     /// Scan forward from the current position over all valid frames, leaving the reader at the
     /// end of them, and return the position just after the last commit frame seen (None if no
     /// commit frame was seen).
@@ -398,6 +413,27 @@ impl<'a> WalReader<'a> {
     /// Read and validate the frame at the current position into `self.frame`, advancing past it
     /// if it is valid. The page data stays in `self.frame[24..]`.
     fn read_frame(&mut self) -> Result<Option<FrameHeader>> {
+        let mut frame = std::mem::take(&mut self.frame);
+        // Sized once: zeroing a buffer that is read over at once costs a few % of a cut.
+        frame.resize(self.frame_len(), 0);
+        let result = self.read_frame_into(&mut frame);
+        self.frame = frame;
+        result
+    }
+
+    /// Bytes in one frame: the frame header and a page.
+    pub fn frame_len(&self) -> usize {
+        // A page size of at most 65536 makes the frame size fit in usize.
+        FRAME_HEADER_LEN + self.header.page_size as usize
+    }
+
+    /// Read the frame at the current position into `frame` (exactly
+    /// [`frame_len`](Self::frame_len) bytes: frame header, then the page) and validate it
+    /// there, advancing past it if it is valid, like [`next_frame`](Self::next_frame) but
+    /// without copying the page out of a buffer of the reader's own: a caller that keeps
+    /// several frames reads each straight into place. On `Ok(None)` or an error the
+    /// content of `frame` is unspecified.
+    pub fn read_frame_into(&mut self, frame: &mut [u8]) -> Result<Option<FrameHeader>> {
         let offset = self.position.offset;
         let frame_size = self.header.frame_size();
         if offset < HEADER_SIZE || !(offset - HEADER_SIZE).is_multiple_of(frame_size) {
@@ -406,30 +442,40 @@ impl<'a> WalReader<'a> {
                  start at {HEADER_SIZE})"
             )));
         }
-        // A page size of at most 65536 makes the frame size fit in usize.
-        let frame_len = FRAME_HEADER_LEN + self.header.page_size as usize;
-        self.frame.resize(frame_len, 0);
-        let n = read_full_at(self.file, &mut self.frame, offset)
+        if frame.len() != self.frame_len() {
+            return Err(Error::invalid(format!(
+                "a buffer of {} bytes for a WAL frame of {}",
+                frame.len(),
+                self.frame_len()
+            )));
+        }
+        let n = read_full_at(self.file, frame, offset)
             .context(|| format!("reading WAL frame at offset {offset}"))?;
-        if n < frame_len {
+        if n < frame.len() {
             // Short read: the file ends inside this frame (torn write) or right before it.
             return Ok(None);
         }
-        let header = FrameHeader::decode(&self.frame);
-        if header.salt != self.header.salt || header.page_number == 0 {
+        let Some((header, sum)) = self.validate(frame) else {
             return Ok(None);
-        }
-        let big_endian = self.header.big_endian;
-        let sum = checksum(big_endian, &self.frame[..8], self.position.checksum);
-        let sum = checksum(big_endian, &self.frame[FRAME_HEADER_LEN..], sum);
-        if sum != header.checksum {
-            return Ok(None);
-        }
+        };
         self.position = WalPosition {
             offset: offset + frame_size,
             checksum: sum,
         };
         Ok(Some(header))
+    }
+
+    /// The header and cumulative checksum of `frame` (a whole frame read at the current
+    /// position), if it is valid there.
+    fn validate(&self, frame: &[u8]) -> Option<(FrameHeader, [u32; 2])> {
+        let header = FrameHeader::decode(frame);
+        if header.salt != self.header.salt || header.page_number == 0 {
+            return None;
+        }
+        let big_endian = self.header.big_endian;
+        let sum = checksum(big_endian, &frame[..8], self.position.checksum);
+        let sum = checksum(big_endian, &frame[FRAME_HEADER_LEN..], sum);
+        (sum == header.checksum).then_some((header, sum))
     }
 }
 

@@ -60,7 +60,13 @@ pub(super) fn start(
     shared: &Arc<Shared>,
     _poll_interval: Duration,
 ) -> io::Result<(Box<dyn Backend>, JoinHandle<()>)> {
-    let inotify = Inotify::init()?;
+    let inotify = Inotify::init().map_err(|err| match err.raw_os_error() {
+        // inotify_init1 says EMFILE for its own per-user limit as well as for RLIMIT_NOFILE.
+        Some(libc::EMFILE) => io::Error::other(format!(
+            "{err}: the fs.inotify.max_user_instances sysctl or RLIMIT_NOFILE was reached"
+        )),
+        _ => err,
+    })?;
     let watches = inotify.watches();
     let (wake_rx, wake_tx) = io::pipe()?;
     let shared = Arc::clone(shared);
