@@ -422,6 +422,8 @@ struct Shared {
 struct CutBody {
     inner: Pin<Box<s3s::Body>>,
     left: Option<u64>,
+    /// Whether hyper has had its chance to send what it holds before the body fails.
+    flushed: bool,
 }
 
 impl CutBody {
@@ -429,6 +431,7 @@ impl CutBody {
         CutBody {
             inner: Box::pin(body),
             left,
+            flushed: false,
         }
     }
 }
@@ -442,6 +445,13 @@ impl Body for CutBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.left == Some(0) {
+            if !self.flushed {
+                // Pending once, so that hyper sends the headers and the bytes before the cut
+                // (it flushes while the body waits) instead of dropping them with the error.
+                self.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             return Poll::Ready(Some(Err("test fault: download cut".into())));
         }
         let frame = match ready!(self.inner.as_mut().poll_frame(cx)) {
