@@ -25,6 +25,9 @@
 #[path = "../tests/common/faultproxy.rs"]
 mod faultproxy;
 #[allow(dead_code)]
+#[path = "../tests/common/faults.rs"]
+mod faults;
+#[allow(dead_code)]
 #[path = "../tests/common/s3server.rs"]
 mod s3server;
 

@@ -9,11 +9,15 @@
 //! walsync's log, a copy of the bucket) is kept and printed.
 
 // The harness lives with the test helpers, so the test suite runs the same code. It refers
-// to its siblings as `super::faultproxy` and `super::s3server`, as in `tests/common/`. The
-// harness uses only part of those helpers; the rest serves the test suite.
+// to its siblings as `super::faultproxy`, `super::faults` and `super::s3server`, as in
+// `tests/common/`. The harness uses only part of those helpers; the rest serves the test
+// suite.
 #[allow(dead_code)]
 #[path = "../tests/common/faultproxy.rs"]
 mod faultproxy;
+#[allow(dead_code)]
+#[path = "../tests/common/faults.rs"]
+mod faults;
 #[allow(dead_code)]
 #[path = "../tests/common/s3server.rs"]
 mod s3server;

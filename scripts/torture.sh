@@ -2,8 +2,9 @@
 # The crash-and-fault torture harness (issue 4): builds the release walsync and the harness
 # (examples/torture.rs, whose logic is tests/common/torture.rs), then runs rounds of random
 # transactions while walsync is SIGKILLed and restarted, the application checkpoints, the S3
-# server stops and restarts and a proxy injects faults; every round ends with a clean
-# SIGTERM and checked restores (latest and points in time).
+# server stops and restarts and injects HTTP faults (500, 503, truncated bodies), and a proxy
+# TCP ones (resets, stalls, delays); every round ends with a clean SIGTERM and checked
+# restores (latest and points in time).
 #
 #   scripts/torture.sh [--rounds N] [--seed S] [--round R] [--round-secs SECS]
 #

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::common::faults::FaultMix;
 use crate::common::logs::warnings;
 use crate::common::s3server::S3Server;
 use walsync::storage::s3::{S3Config, S3Storage};
@@ -459,6 +460,48 @@ fn interrupted_download_resumes_where_it_stopped() {
         .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
         .unwrap_or_else(|| panic!("no resuming Range: {ranges:?}"));
     assert!(from > 0 && from <= cut, "resumed from {from}, cut at {cut}");
+}
+
+/// The test server's HTTP faults, one kind at a time: the client sees each as transient
+/// and retries it (a cut download resumes), with and without `Expect: 100-continue`.
+#[test]
+fn the_servers_http_faults_are_retried() {
+    let server = S3Server::start();
+    let s3 = server.storage("faults").with_max_attempts(10);
+    let data = pseudo_random(300_000, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let file = temp_file(&dir, &data);
+    let kinds = [
+        FaultMix {
+            error500: 0.3,
+            ..FaultMix::none()
+        },
+        FaultMix {
+            slowdown503: 0.3,
+            ..FaultMix::none()
+        },
+        FaultMix {
+            truncate: 0.3,
+            ..FaultMix::none()
+        },
+    ];
+    for (kind, mix) in kinds.into_iter().enumerate() {
+        server.set_fault_mix(mix);
+        for i in 0..4 {
+            let (bytes_key, file_key) = (format!("b{kind}-{i}"), format!("f{kind}-{i}"));
+            s3.put_bytes(&bytes_key, &data).unwrap();
+            s3.put_file(&file_key, &file).unwrap();
+            assert_eq!(get(&s3, &bytes_key).unwrap(), data);
+            assert_eq!(get(&s3, &file_key).unwrap(), data);
+        }
+    }
+    let counts = server.fault_counts();
+    assert!(
+        counts.errors500 > 0 && counts.slowdowns503 > 0 && counts.truncations > 0,
+        "{counts}"
+    );
+    assert_eq!(counts.resets + counts.stalls, 0, "{counts}");
+    assert!(s3.stats().retries >= counts.injected(), "{:?}", s3.stats());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! A short run of the crash-and-fault torture harness (`scripts/torture.sh` runs long ones):
 //! two rounds of random transactions while walsync is SIGKILLed and restarted, the
-//! application checkpoints in every mode, the S3 server stops and restarts and a proxy
-//! injects faults; walsync is stopped (SIGTERM and SIGKILL) while the application then
+//! application checkpoints in every mode, the S3 server stops and restarts, and it and a
+//! proxy inject faults; walsync is stopped (SIGTERM and SIGKILL) while the application then
 //! closes every connection or truncates the WAL, the database is replaced by rename (also
 //! with a snapshot due), the sidecar is made immutable or its disk full, S3 is slow and the
 //! clock steps back; each round ends with a clean SIGTERM, a check of the whole chain and

@@ -5,17 +5,19 @@
 //! closes the connection after its response and ureq opens a new one for the next request:
 //! one request per connection, and a fault hits exactly one request.
 //!
-//! For each request it picks, with seeded probabilities that can be changed at any time
-//! ([`FaultProxy::set_mix`]), one of:
+//! It plays the TCP part of a [`FaultMix`] (set at any time with [`FaultProxy::set_mix`]);
+//! the HTTP part (500, 503 SlowDown, truncated bodies) is the S3 server's to play
+//! (`s3server.rs`), and passes here. For each request it picks, with seeded probabilities:
 //! - pass it through;
 //! - reset the connection (RST), either before the request reaches the server or after the
 //!   server has answered (so the server did the work but the client never hears of it);
-//! - answer `500 InternalError` or `503 SlowDown` itself, with an S3 XML error body;
 //! - stall: hold the connection without answering for [`FaultProxy::stall`] (longer than
-//!   the client's read timeout), either before forwarding or after the server answered;
-//! - truncate: forward only a prefix of the server's response, then close.
+//!   the client's read timeout), either before forwarding or after the server answered.
 //!
-//! What it injected is counted ([`FaultProxy::counts`]).
+//! The proxy and the server draw independently, so with a mix of both parts a request the
+//! server spoiled can also be reset or stalled on its way back; each counts what it did.
+//! What the proxy injected is counted ([`FaultProxy::counts`]; it leaves `passed` to the
+//! server).
 //!
 //! Independently of faults it can also be slow: [`FaultProxy::set_delay`] holds every
 //! request for a while before doing anything with it (a slow S3, or with a long delay, a
@@ -28,156 +30,54 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Probabilities (each 0..=1, summing to at most 1) of each fault per request; the rest
-/// passes through.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct FaultMix {
-    pub reset: f64,
-    pub error500: f64,
-    pub slowdown503: f64,
-    pub stall: f64,
-    pub truncate: f64,
-}
+use super::faults::{Fault, FaultCounts, FaultMix, SharedRng};
 
-impl FaultMix {
-    /// No faults: everything passes.
-    pub fn none() -> FaultMix {
-        FaultMix::default()
-    }
-
-    fn total(&self) -> f64 {
-        self.reset + self.error500 + self.slowdown503 + self.stall + self.truncate
-    }
-}
-
-/// What the proxy did, by kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FaultCounts {
-    pub passed: u64,
-    pub resets: u64,
-    pub errors500: u64,
-    pub slowdowns503: u64,
-    pub stalls: u64,
-    pub truncations: u64,
-    /// Connections dropped because the upstream server was down (not an injected fault).
-    pub upstream_down: u64,
-}
-
-impl FaultCounts {
-    /// Faults injected on purpose (not counting passes or a stopped server).
-    pub fn injected(&self) -> u64 {
-        self.resets + self.errors500 + self.slowdowns503 + self.stalls + self.truncations
-    }
-
-    pub fn add(&mut self, other: &FaultCounts) {
-        self.passed += other.passed;
-        self.resets += other.resets;
-        self.errors500 += other.errors500;
-        self.slowdowns503 += other.slowdowns503;
-        self.stalls += other.stalls;
-        self.truncations += other.truncations;
-        self.upstream_down += other.upstream_down;
-    }
-}
-
-impl std::fmt::Display for FaultCounts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "reset {} / 500 {} / 503 SlowDown {} / stall {} / truncated {} (passed {}, server down {})",
-            self.resets,
-            self.errors500,
-            self.slowdowns503,
-            self.stalls,
-            self.truncations,
-            self.passed,
-            self.upstream_down
-        )
-    }
-}
-
+/// What the proxy does with one request.
 #[derive(Clone, Copy, Debug)]
-enum Fault {
+enum Action {
     Pass,
     ResetEarly,
     ResetLate,
-    Status(u16),
     StallEarly,
     StallLate,
-    Truncate,
 }
 
 struct Shared {
     upstream: SocketAddr,
     mix: Mutex<FaultMix>,
-    rng: Mutex<u64>,
+    rng: SharedRng,
     stall: Duration,
     /// How long every request is held before it is handled, in milliseconds.
     delay_ms: AtomicU64,
     stopping: AtomicBool,
-    passed: AtomicU64,
     resets: AtomicU64,
-    errors500: AtomicU64,
-    slowdowns503: AtomicU64,
     stalls: AtomicU64,
-    truncations: AtomicU64,
     upstream_down: AtomicU64,
 }
 
 impl Shared {
-    fn next_random(&self) -> u64 {
-        let mut state = self.rng.lock().unwrap();
-        splitmix64(&mut state)
-    }
-
-    fn fraction(&self) -> f64 {
-        (self.next_random() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn pick(&self) -> Fault {
+    /// The TCP fault for the next request, if any (the mix's HTTP faults pass here).
+    fn pick(&self) -> Action {
         let mix = *self.mix.lock().unwrap();
-        if mix.total() <= 0.0 {
-            return Fault::Pass;
+        if mix == FaultMix::none() {
+            return Action::Pass;
         }
-        let mut x = self.fraction();
-        let early = self.next_random() & 1 == 0;
-        for (p, fault) in [
-            (
-                mix.reset,
-                if early {
-                    Fault::ResetEarly
-                } else {
-                    Fault::ResetLate
-                },
-            ),
-            (mix.error500, Fault::Status(500)),
-            (mix.slowdown503, Fault::Status(503)),
-            (
-                mix.stall,
-                if early {
-                    Fault::StallEarly
-                } else {
-                    Fault::StallLate
-                },
-            ),
-            (mix.truncate, Fault::Truncate),
-        ] {
-            if x < p {
-                return fault;
-            }
-            x -= p;
+        let fault = mix.pick(self.rng.fraction());
+        let early = self.rng.next() & 1 == 0;
+        match (fault, early) {
+            (Fault::Reset, true) => Action::ResetEarly,
+            (Fault::Reset, false) => Action::ResetLate,
+            (Fault::Stall, true) => Action::StallEarly,
+            (Fault::Stall, false) => Action::StallLate,
+            _ => Action::Pass,
         }
-        Fault::Pass
     }
 
-    fn count(&self, fault: Fault) {
-        let counter = match fault {
-            Fault::Pass => &self.passed,
-            Fault::ResetEarly | Fault::ResetLate => &self.resets,
-            Fault::Status(500) => &self.errors500,
-            Fault::Status(_) => &self.slowdowns503,
-            Fault::StallEarly | Fault::StallLate => &self.stalls,
-            Fault::Truncate => &self.truncations,
+    fn count(&self, action: Action) {
+        let counter = match action {
+            Action::Pass => return,
+            Action::ResetEarly | Action::ResetLate => &self.resets,
+            Action::StallEarly | Action::StallLate => &self.stalls,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -199,16 +99,12 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream,
             mix: Mutex::new(FaultMix::none()),
-            rng: Mutex::new(seed),
+            rng: SharedRng::new(seed),
             stall,
             delay_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            passed: AtomicU64::new(0),
             resets: AtomicU64::new(0),
-            errors500: AtomicU64::new(0),
-            slowdowns503: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
-            truncations: AtomicU64::new(0),
             upstream_down: AtomicU64::new(0),
         });
         let accept_shared = Arc::clone(&shared);
@@ -236,7 +132,8 @@ impl FaultProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Change the fault probabilities from the next request on.
+    /// Change the fault probabilities from the next request on (only the TCP faults are
+    /// played here).
     pub fn set_mix(&self, mix: FaultMix) {
         *self.shared.mix.lock().unwrap() = mix;
     }
@@ -254,17 +151,15 @@ impl FaultProxy {
         *self.shared.mix.lock().unwrap()
     }
 
+    /// The TCP faults injected so far, and the connections dropped while the server was down.
     pub fn counts(&self) -> FaultCounts {
         let s = &self.shared;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         FaultCounts {
-            passed: get(&s.passed),
             resets: get(&s.resets),
-            errors500: get(&s.errors500),
-            slowdowns503: get(&s.slowdowns503),
             stalls: get(&s.stalls),
-            truncations: get(&s.truncations),
             upstream_down: get(&s.upstream_down),
+            ..FaultCounts::default()
         }
     }
 }
@@ -288,63 +183,27 @@ fn handle(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
     let Some((head, extra)) = read_head(&mut client)? else {
         return Ok(());
     };
-    let request = Head::parse(&head);
     let arrived = Instant::now();
     while arrived.elapsed() < Duration::from_millis(shared.delay_ms.load(Ordering::Relaxed))
         && !shared.stopping.load(Ordering::Relaxed)
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let fault = shared.pick();
-    match fault {
-        Fault::ResetEarly => {
-            shared.count(fault);
+    let action = shared.pick();
+    match action {
+        Action::ResetEarly => {
+            shared.count(action);
             reset(client);
             Ok(())
         }
-        Fault::StallEarly => {
-            shared.count(fault);
+        Action::StallEarly => {
+            shared.count(action);
             hold(shared);
             reset(client);
             Ok(())
         }
-        Fault::Status(status) => {
-            shared.count(fault);
-            // Without `Expect: 100-continue` the client sends its body right away: read it,
-            // or closing with unread data would reset the connection before it sees the
-            // answer. With it, the client waits, and an error answer means "don't send".
-            if !request.expect_continue {
-                let left = request.content_length.saturating_sub(extra.len() as u64);
-                io::copy(&mut (&client).take(left), &mut io::sink())?;
-            }
-            let (code, message, reason) = if status == 500 {
-                (
-                    "InternalError",
-                    "We encountered an internal error. Please try again.",
-                    "Internal Server Error",
-                )
-            } else {
-                (
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                    "Service Unavailable",
-                )
-            };
-            let body = format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
-                 <Message>{message}</Message><RequestId>faultproxy</RequestId></Error>"
-            );
-            let response = format!(
-                "HTTP/1.1 {status} {reason}\r\ncontent-type: application/xml\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            client.write_all(response.as_bytes())?;
-            close_gracefully(client);
-            Ok(())
-        }
-        Fault::Pass | Fault::ResetLate | Fault::StallLate | Fault::Truncate => {
-            forward(client, shared, fault, &request, &extra)
+        Action::Pass | Action::ResetLate | Action::StallLate => {
+            forward(client, shared, action, &rewrite_head(&head), &extra)
         }
     }
 }
@@ -353,8 +212,8 @@ fn handle(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
 fn forward(
     client: TcpStream,
     shared: &Shared,
-    fault: Fault,
-    request: &Head,
+    action: Action,
+    head: &[u8],
     extra: &[u8],
 ) -> io::Result<()> {
     let mut upstream = match TcpStream::connect_timeout(&shared.upstream, Duration::from_secs(2)) {
@@ -366,9 +225,9 @@ fn forward(
             return Ok(());
         }
     };
-    shared.count(fault);
+    shared.count(action);
     upstream.set_read_timeout(Some(IDLE))?;
-    upstream.write_all(&request.rewritten)?;
+    upstream.write_all(head)?;
     upstream.write_all(extra)?;
     // The rest of the request body, as the client sends it (after a 100 Continue, maybe).
     let (mut from_client, mut to_upstream) = (client.try_clone()?, upstream.try_clone()?);
@@ -377,26 +236,19 @@ fn forward(
         let _ = to_upstream.shutdown(Shutdown::Write);
     });
     let mut client_out = client.try_clone()?;
-    let result = match fault {
-        Fault::Pass => io::copy(&mut upstream, &mut client_out).map(|_| ()),
+    let result = match action {
+        Action::Pass => io::copy(&mut upstream, &mut client_out).map(|_| ()),
         _ => {
-            let response = read_response(&mut upstream, &mut client_out)?;
-            match fault {
-                Fault::Truncate if response.len() > 1 => {
-                    let cut = 1 + (shared.next_random() % (response.len() as u64 - 1)) as usize;
-                    client_out.write_all(&response[..cut])
-                }
-                Fault::Truncate => Ok(()),
-                Fault::StallLate => {
-                    hold(shared);
-                    Ok(())
-                }
-                _ => Ok(()), // ResetLate: the server answered; the client never hears it.
+            // The server answers in full; the client never hears it.
+            read_response(&mut upstream, &mut client_out)?;
+            if let Action::StallLate = action {
+                hold(shared);
             }
+            Ok(())
         }
     };
-    match fault {
-        Fault::ResetLate | Fault::StallLate => reset(client),
+    match action {
+        Action::ResetLate | Action::StallLate => reset(client),
         _ => {
             let _ = client.shutdown(Shutdown::Both);
         }
@@ -406,9 +258,10 @@ fn forward(
     result
 }
 
-/// The whole final response from upstream (which closes after it), forwarding any
-/// `100 Continue` interim response at once so that the client sends its body.
-fn read_response(upstream: &mut TcpStream, client: &mut TcpStream) -> io::Result<Vec<u8>> {
+/// Read the whole final response from upstream (which closes after it) without passing it
+/// on, but forward any `100 Continue` interim response at once so that the client sends its
+/// body.
+fn read_response(upstream: &mut TcpStream, client: &mut TcpStream) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     loop {
@@ -425,7 +278,7 @@ fn read_response(upstream: &mut TcpStream, client: &mut TcpStream) -> io::Result
             Err(_) => 0, // a reset upstream: whatever arrived is the response
         };
         if n == 0 {
-            return Ok(buf);
+            return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -459,21 +312,6 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Finish sending, then wait (briefly) for the client to close, so nothing unread remains
-/// that would turn the close into a reset.
-fn close_gracefully(mut stream: TcpStream) {
-    let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut sink = [0u8; 16 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-}
-
 /// The request head (through the blank line) and any body bytes read along with it; `None`
 /// if the client closed first.
 fn read_head(client: &mut TcpStream) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
@@ -500,50 +338,24 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// What the proxy needs to know about a request, and its head rewritten to close.
-struct Head {
-    content_length: u64,
-    expect_continue: bool,
-    rewritten: Vec<u8>,
-}
-
-impl Head {
-    fn parse(head: &[u8]) -> Head {
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
-        let mut rewritten = String::new();
-        if let Some(request_line) = lines.next() {
-            rewritten.push_str(request_line);
-            rewritten.push_str("\r\n");
-        }
-        let (mut content_length, mut expect_continue) = (0, false);
-        for line in lines {
-            let (name, value) = line.split_once(':').unwrap_or((line, ""));
-            let name = name.trim().to_ascii_lowercase();
-            let value = value.trim();
-            match name.as_str() {
-                "connection" | "keep-alive" => continue,
-                "content-length" => content_length = value.parse().unwrap_or(0),
-                "expect" => expect_continue = value.eq_ignore_ascii_case("100-continue"),
-                _ => {}
-            }
-            rewritten.push_str(line);
-            rewritten.push_str("\r\n");
-        }
-        rewritten.push_str("connection: close\r\n\r\n");
-        Head {
-            content_length,
-            expect_continue,
-            rewritten: rewritten.into_bytes(),
-        }
+/// The request head with its connection headers replaced by `connection: close`.
+fn rewrite_head(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n").filter(|l| !l.is_empty());
+    let mut rewritten = String::new();
+    if let Some(request_line) = lines.next() {
+        rewritten.push_str(request_line);
+        rewritten.push_str("\r\n");
     }
-}
-
-/// splitmix64: a small, good, seedable generator.
-pub fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    for line in lines {
+        let name = line.split_once(':').map_or(line, |(name, _)| name);
+        let name = name.trim().to_ascii_lowercase();
+        if name == "connection" || name == "keep-alive" {
+            continue;
+        }
+        rewritten.push_str(line);
+        rewritten.push_str("\r\n");
+    }
+    rewritten.push_str("connection: close\r\n\r\n");
+    rewritten.into_bytes()
 }

@@ -1,4 +1,5 @@
 pub mod faultproxy;
+pub mod faults;
 pub mod fixtures;
 pub mod logs;
 pub mod s3server;

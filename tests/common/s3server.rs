@@ -10,6 +10,16 @@
 //! PutObject). It records every request it receives ([`S3Server::requests`]) so tests can
 //! check what was sent, and can cut a download short ([`S3Server::cut_next_download_after`]).
 //!
+//! It also plays the HTTP part of a [`FaultMix`] ([`S3Server::set_fault_mix`], at any time;
+//! the TCP part is the fault proxy's, `faultproxy.rs`, and passes here): per request, with
+//! seeded probabilities ([`Options::fault_seed`]), it answers `500 InternalError` or
+//! `503 SlowDown` (an S3 XML error body) without doing the work, or does the work and
+//! truncates the answer: the headers complete, with the full Content-Length, then the body
+//! cut at a random point and the connection broken. An answer without a body to cut (most
+//! PUTs, a HEAD) is dropped whole instead: the connection closes with no answer. What it
+//! injected is counted ([`S3Server::fault_counts`]), with the requests it served as they
+//! were as `passed`.
+//!
 //! s3s-fs quirks to know: an object `a` and an object `a/b` cannot coexist (files vs
 //! directories), and listings echo `encoding-type=url` without encoding keys, so a key with `+`
 //! or `%` comes back altered (`+` as a space).
@@ -24,10 +34,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper::header::{CONTENT_LENGTH, EXPECT};
 use hyper_util::rt::TokioIo;
 use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use walsync::storage::s3::{S3Config, S3Storage};
+
+use super::faults::{Fault, FaultCounts, FaultMix, SharedRng};
 
 const BUCKET: &str = "walsync-test";
 const ACCESS_KEY: &str = "walsync-test-key";
@@ -70,6 +83,8 @@ pub struct Options {
     /// Accept these (access key, secret key) instead of the default test keys, e.g. keys
     /// the secrets test can recognise wherever they leak.
     pub credentials: Option<(String, String)>,
+    /// Seeds the choice of faults ([`S3Server::set_fault_mix`]).
+    pub fault_seed: u64,
 }
 
 pub struct S3Server {
@@ -120,6 +135,7 @@ impl S3Server {
             secret_key,
             shared: Arc::new(Shared {
                 request_log: Mutex::new(request_log),
+                fault_rng: SharedRng::new(options.fault_seed),
                 ..Shared::default()
             }),
             running: None,
@@ -214,6 +230,17 @@ impl S3Server {
         *self.shared.delete_objects_answer.lock().unwrap() = body.map(str::to_string);
     }
 
+    /// Play the HTTP faults of `mix` (500, 503 SlowDown, truncation) from the next request
+    /// on; its TCP faults (reset, stall) pass here.
+    pub fn set_fault_mix(&self, mix: FaultMix) {
+        *self.shared.fault_mix.lock().unwrap() = mix;
+    }
+
+    /// The HTTP faults injected so far, and the requests served as they were (`passed`).
+    pub fn fault_counts(&self) -> FaultCounts {
+        *self.shared.fault_counts.lock().unwrap()
+    }
+
     /// Stop serving: from now on connections to the port are refused. Idempotent.
     pub fn stop(&mut self) {
         if let Some((shutdown, thread)) = self.running.take() {
@@ -303,6 +330,67 @@ async fn handle(
     shared: Arc<Shared>,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
+    let fault = shared.pick_fault();
+    shared.count(fault);
+    let expect_continue = (req.headers().get(EXPECT))
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (status, code, message) = match fault {
+        Fault::Error500 => (
+            500,
+            "InternalError",
+            "We encountered an internal error. Please try again.",
+        ),
+        Fault::SlowDown503 => (503, "SlowDown", "Please reduce your request rate."),
+        Fault::Truncate => {
+            // A HEAD answer has a Content-Length but no body.
+            let head = req.method() == hyper::Method::HEAD;
+            let mut response = respond(service, &shared, req).await?;
+            let length = (response.headers().get(CONTENT_LENGTH))
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .or_else(|| response.body().size_hint().exact())
+                .filter(|_| !head)
+                .unwrap_or(0);
+            if length == 0 {
+                // Nothing to cut after the headers: the work is done, the answer lost.
+                return Err(s3s::HttpError::new("test fault: answer dropped".into()));
+            }
+            let cut = shared.fault_rng.next() % length;
+            let body = response.body_mut();
+            body.left = Some(body.left.map_or(cut, |left| left.min(cut)));
+            return Ok(response);
+        }
+        Fault::Pass | Fault::Reset | Fault::Stall => return respond(service, &shared, req).await,
+    };
+    // The request is seen (and recorded) but not served.
+    note(&shared, &req);
+    // Without `Expect: 100-continue` the client sends its body right away: read it, or
+    // hyper, unable to drain much, would close with unread data, which resets the
+    // connection before the client sees the answer. With it, the client waits, and hyper
+    // sends no 100 Continue unless the body is read: an error answer means "don't send".
+    if !expect_continue {
+        let mut body = req.into_body();
+        while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+        }
+    }
+    Ok(s3_error(status, code, message))
+}
+
+/// Record a request as it arrives, and append it to the request log if there is one.
+fn note(shared: &Shared, req: &hyper::Request<hyper::body::Incoming>) {
+    if let Some(log) = shared.request_log.lock().unwrap().as_mut() {
+        // One write per line on an O_APPEND file: nothing is held back in a buffer.
+        let _ = log.write_all(log_line(req).as_bytes());
+    }
+    shared.requests.lock().unwrap().push(record(req));
+}
+
+/// Serve one request: record it, refuse what AWS would refuse, or pass it to s3s-fs.
+async fn respond(
+    service: S3Service,
+    shared: &Shared,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
     let seen = record(&req);
     let chunked_put = seen.chunked && seen.method == "PUT";
     let (method_is_post, has_delete) = (seen.method == "POST", seen.has_param("delete"));
@@ -318,11 +406,7 @@ async fn handle(
         .next()
         .unwrap_or("");
     let other_bucket = bucket != BUCKET;
-    if let Some(log) = shared.request_log.lock().unwrap().as_mut() {
-        // One write per line on an O_APPEND file: nothing is held back in a buffer.
-        let _ = log.write_all(log_line(&req).as_bytes());
-    }
-    shared.requests.lock().unwrap().push(seen);
+    note(shared, &req);
     if chunked_put {
         let message = "You must provide the Content-Length HTTP header.";
         return Ok(s3_error(411, "MissingContentLength", message));
@@ -416,12 +500,41 @@ struct Shared {
     request_log: Mutex<Option<std::fs::File>>,
     refuse_delete_objects: Mutex<bool>,
     delete_objects_answer: Mutex<Option<String>>,
+    fault_mix: Mutex<FaultMix>,
+    fault_rng: SharedRng,
+    fault_counts: Mutex<FaultCounts>,
+}
+
+impl Shared {
+    /// The HTTP fault for the next request, if any (the mix's TCP faults pass here).
+    fn pick_fault(&self) -> Fault {
+        let mix = *self.fault_mix.lock().unwrap();
+        if mix == FaultMix::none() {
+            return Fault::Pass;
+        }
+        match mix.pick(self.fault_rng.fraction()) {
+            Fault::Reset | Fault::Stall => Fault::Pass,
+            fault => fault,
+        }
+    }
+
+    fn count(&self, fault: Fault) {
+        let mut counts = self.fault_counts.lock().unwrap();
+        match fault {
+            Fault::Pass | Fault::Reset | Fault::Stall => counts.passed += 1,
+            Fault::Error500 => counts.errors500 += 1,
+            Fault::SlowDown503 => counts.slowdowns503 += 1,
+            Fault::Truncate => counts.truncations += 1,
+        }
+    }
 }
 
 /// A response body that fails after `left` bytes, if given, which breaks the connection.
 struct CutBody {
     inner: Pin<Box<s3s::Body>>,
     left: Option<u64>,
+    /// Whether hyper has had its chance to send what it holds before the body fails.
+    flushed: bool,
 }
 
 impl CutBody {
@@ -429,6 +542,7 @@ impl CutBody {
         CutBody {
             inner: Box::pin(body),
             left,
+            flushed: false,
         }
     }
 }
@@ -442,6 +556,13 @@ impl Body for CutBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.left == Some(0) {
+            if !self.flushed {
+                // Pending once, so that hyper sends the headers and the bytes before the cut
+                // (it flushes while the body waits) instead of dropping them with the error.
+                self.flushed = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             return Poll::Ready(Some(Err("test fault: download cut".into())));
         }
         let frame = match ready!(self.inner.as_mut().poll_frame(cx)) {

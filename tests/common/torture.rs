@@ -1,11 +1,12 @@
 //! The crash-and-fault torture harness (issue 4), shared by `examples/torture.rs` (long runs,
 //! `scripts/torture.sh`) and `tests/torture.rs` (a short run in the test suite).
 //!
-//! Each round, against the SigV4 S3 test server behind a [`FaultProxy`], with the real
+//! Each round, against the SigV4 S3 test server behind a [`FaultProxy`] (the server plays
+//! the HTTP faults, the proxy the TCP ones), with the real
 //! `walsync watch` binary: a writer thread commits random transactions and records, after each
 //! commit, its start and end time and a digest of the database's logical content; meanwhile
 //! the harness SIGKILLs and restarts walsync, runs application checkpoints of every mode,
-//! stops and restarts the S3 server, and switches proxy faults on and off. It also plays the
+//! stops and restarts the S3 server, and switches faults on and off. It also plays the
 //! lifecycle events of real hosts that hid bugs before, each in its own `chaos_*` function
 //! (every round plays each of them; `p = (seed + round) % 2` picks the variants, so any two
 //! consecutive rounds play every variant, see [`Plan`]):
@@ -59,8 +60,9 @@ use walsync::layout::{Catalog, ChainValue, Generation, GenerationObjects};
 use walsync::storage::Storage;
 use walsync::utc::UtcTime;
 
-use super::faultproxy::{splitmix64, FaultCounts, FaultMix, FaultProxy};
-use super::s3server::S3Server;
+use super::faultproxy::FaultProxy;
+use super::faults::{splitmix64, FaultCounts, FaultMix};
+use super::s3server::{self, S3Server};
 
 /// How to run the harness.
 #[derive(Debug, Clone)]
@@ -674,6 +676,7 @@ fn run_round(config: &Config, round: u64) -> Totals {
     }
     round_state.shut_down();
     totals.faults = round_state.proxy.counts();
+    totals.faults.add(&round_state.server.fault_counts());
     if !totals.failures.is_empty() {
         let reproduce = format!(
             " [reproduce: scripts/torture.sh --seed {} --round {round} --rounds 1]",
@@ -748,11 +751,15 @@ struct Round<'a> {
 
 impl<'a> Round<'a> {
     fn new(config: &'a Config, round: u64, dir: &Path) -> Round<'a> {
-        let server = S3Server::start();
         let mut rng = Rng::new(config.seed, round, 1);
+        let fault_seed = rng.next();
+        let server = S3Server::start_with(s3server::Options {
+            fault_seed: fault_seed ^ 0x5eed_5e7e,
+            ..s3server::Options::default()
+        });
         let proxy = FaultProxy::start(
             server.addr(),
-            rng.next(),
+            fault_seed,
             config.s3_timeout + Duration::from_millis(1500),
         );
         let min_interval = [0.05, 0.1, 0.2][rng.below(3) as usize];
@@ -780,6 +787,16 @@ impl<'a> Round<'a> {
             frozen: None,
             tmpfs: None,
         }
+    }
+
+    /// Set one fault mix: the proxy plays its TCP faults, the server its HTTP ones.
+    fn set_mix(&self, mix: FaultMix) {
+        self.proxy.set_mix(mix);
+        self.server.set_fault_mix(mix);
+    }
+
+    fn mix(&self) -> FaultMix {
+        self.proxy.mix()
     }
 
     /// The sidecar directory beside the database.
@@ -948,7 +965,7 @@ impl<'a> Round<'a> {
         // Faults from the very start: walsync's first requests (the ownership check, the
         // first snapshot) must survive them too.
         let mix = self.random_mix();
-        self.proxy.set_mix(mix);
+        self.set_mix(mix);
         totals.fault_switches += 1;
         self.start_watch(totals)?;
         self.checkpointer = Some(open_checkpointer(&self.db)?);
@@ -1002,11 +1019,11 @@ impl<'a> Round<'a> {
                 14 => self.chaos_slow_s3(totals),
                 _ => {
                     totals.fault_switches += 1;
-                    if action == 9 && self.proxy.mix() != FaultMix::none() {
-                        self.proxy.set_mix(FaultMix::none());
+                    if action == 9 && self.mix() != FaultMix::none() {
+                        self.set_mix(FaultMix::none());
                     } else {
                         let mix = self.random_mix();
-                        self.proxy.set_mix(mix);
+                        self.set_mix(mix);
                     }
                 }
             }
@@ -1033,7 +1050,7 @@ impl<'a> Round<'a> {
         self.checkpointer = None;
 
         // The end of the round: a healthy destination, then a clean stop.
-        self.proxy.set_mix(FaultMix::none());
+        self.set_mix(FaultMix::none());
         self.set_server(true);
         self.check_watch_alive(totals)?;
         if self.watch.is_none() {
@@ -1645,7 +1662,7 @@ impl<'a> Round<'a> {
     /// Stop everything this round started.
     fn shut_down(&mut self) {
         self.kill_watch();
-        self.proxy.set_mix(FaultMix::none());
+        self.set_mix(FaultMix::none());
         self.proxy.set_delay(Duration::ZERO);
         self.set_server(true);
         self.checkpointer = None;
