@@ -8,26 +8,11 @@
 //! hundreds of MiB costs disk, not RAM.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
-
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
+use crate::spool;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE};
-
-/// Compression level for segments and snapshots.
-///
-/// Compression is nearly all of walsync's CPU time under writes (a profile of 50 MiB of
-/// writes shipped: about 80% in deflate, 1% in WAL checksums, the rest mostly the kernel).
-/// Measured with flate2's miniz_oxide backend (release build) on 4 KiB pages, in ms of CPU
-/// per MiB and compression ratio, on rows of word-like text / rows half random bytes:
-/// level 1: 6.4 ms 3.1x / 5.0 ms 2.0x; level 2: 19.5 ms 3.5x / 16 ms 2.0x; level 3: 17.6
-/// ms 4.0x / 17 ms 2.0x; level 6: 68 ms 4.3x / 18 ms 2.0x. The zlib-rs backend was no
-/// better on this data (level 1: 6.1 ms 2.7x / 7.8 ms 1.9x; level 3: 32 ms 3.7x). Level 1
-/// is the only level with miniz_oxide's fast matcher: a third of the CPU of level 3, for
-/// about 30% more bytes on text and the same on data that hardly compresses.
-pub const GZIP_LEVEL: u32 = 1;
 
 /// A segment cut into a file.
 pub struct Segment {
@@ -75,7 +60,7 @@ const PENDING_LIMIT: usize = 1024 * 1024;
 /// rather than ship garbage.
 pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option<Segment>> {
     let header = *reader.header();
-    let gz = GzEncoder::new(BufWriter::new(out), Compression::new(GZIP_LEVEL));
+    let gz = spool::gzip_into(out, None);
     let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
     let mut writer = WalWriter::new(gz, fresh)?;
     let frame_len = reader.frame_len();
@@ -115,14 +100,7 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     };
     let frames = writer.frames();
     let chain = writer.checksum();
-    let buffered = writer
-        .finish()?
-        .finish()
-        .context(|| "compressing segment")?;
-    buffered
-        .into_inner()
-        .map_err(|e| Error::from(e.into_error()))
-        .context(|| "writing segment")?;
+    spool::finish_gzip(writer.finish()?, "segment")?;
     Ok(Some(Segment {
         frames,
         commit_size,

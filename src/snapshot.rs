@@ -8,9 +8,8 @@
 //! object; memory use does not depend on the database size.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 
-use flate2::{Compression, GzBuilder};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::Connection;
 
@@ -18,8 +17,7 @@ use crate::database::Database;
 use crate::error::{Context, Error, Result};
 use crate::layout::ChainValue;
 use crate::progress;
-use crate::segment::GZIP_LEVEL;
-use crate::spool::NamedSpool;
+use crate::spool::{self, NamedSpool};
 
 /// Pages copied per backup step; bounds how long each step holds SQLite's mutexes.
 const PAGES_PER_STEP: std::os::raw::c_int = 4096;
@@ -54,16 +52,11 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
     }
     // The chain value is the only optional gzip header field walsync writes, so the
     // comment starts at byte 10 of the object, where a shell script can read it.
-    let mut gz = GzBuilder::new()
-        .comment(ChainValue(chain).comment())
-        .write(BufWriter::new(out), Compression::new(GZIP_LEVEL));
+    let mut gz = spool::gzip_into(out, Some(ChainValue(chain).comment()));
     progress::phase("compressing");
     let mut plain = progress::Reader(BufReader::new(plain));
     std::io::copy(&mut plain, &mut gz).context(|| "compressing snapshot")?;
-    gz.finish()?
-        .into_inner()
-        .map_err(|e| Error::from(e.into_error()))
-        .context(|| "writing snapshot")?;
+    spool::finish_gzip(gz, "snapshot")?;
     Ok(db_size)
 }
 
@@ -74,11 +67,14 @@ mod tests {
     #[test]
     fn the_chain_comment_sits_at_byte_ten() {
         let comment = ChainValue([0x0123_abcd, 0xffff_0000]).comment();
-        let mut gz = GzBuilder::new()
-            .comment(comment.clone())
-            .write(Vec::new(), Compression::new(GZIP_LEVEL));
+        let file = tempfile::tempfile().unwrap();
+        let mut gz = spool::gzip_into(&file, Some(comment.clone()));
         std::io::Write::write_all(&mut gz, b"data").unwrap();
-        let bytes = gz.finish().unwrap();
+        spool::finish_gzip(gz, "test").unwrap();
+        let mut bytes = Vec::new();
+        use std::io::{Read, Seek};
+        (&file).rewind().unwrap();
+        (&file).read_to_end(&mut bytes).unwrap();
         assert_eq!(bytes[3], 0x10, "FLG: only FCOMMENT");
         assert_eq!(&bytes[10..10 + comment.len()], comment.as_bytes());
         assert_eq!(bytes[10 + comment.len()], 0);
