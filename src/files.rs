@@ -1,6 +1,6 @@
 //! Small file-system ideas that several layers share, each written once: a file's identity
 //! on disk, a path with a suffix (SQLite's `-wal`, `-shm`, `-journal` siblings), and the
-//! durable atomic write.
+//! durable atomic write; and the limit on open files every watched database counts against.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -122,6 +122,57 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// This process's soft limit on open files (RLIMIT_NOFILE), if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0).then_some(rlim(limit.rlim_cur))
+}
+
+/// Raise this process's soft limit on open files to its hard limit (each watched database
+/// keeps about six files open). Returns the soft and hard limits as they are afterwards.
+pub fn raise_open_files_limit() -> Option<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some((rlim(limit.rlim_cur), rlim(limit.rlim_max)))
+}
+
+/// `rlim_t` is u64 on Linux and i64 on the BSDs (where infinity is -1, read as u64::MAX).
+#[allow(clippy::unnecessary_cast)]
+fn rlim(value: libc::rlim_t) -> u64 {
+    value as u64
+}
+
+/// Whether this process has (nearly) all the files open that RLIMIT_NOFILE allows: SQLite
+/// reports only "unable to open database file" then, so the caller can say which limit.
+pub fn near_open_files_limit() -> bool {
+    let (Some(limit), Ok(open)) = (open_files_limit(), std::fs::read_dir("/proc/self/fd")) else {
+        return false;
+    };
+    open.count() as u64 + 8 >= limit
 }
 
 #[cfg(test)]

@@ -793,7 +793,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
     // for a few hundred databases.
-    if let Some((soft, hard)) = walsync::error::raise_open_files_limit() {
+    if let Some((soft, hard)) = walsync::files::raise_open_files_limit() {
         let needed = 6 * databases.len() as u64 + 64;
         if needed > soft {
             log::warn!(
