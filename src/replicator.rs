@@ -612,13 +612,16 @@ impl DbWorker {
             self.replica.name(),
             started.elapsed().as_millis()
         );
-        // Unless it copied everything, do not try again at once: a reader may hold old
-        // frames, and every attempt briefly takes the write lock.
+        // Unless it copied everything, do not try again for a while: a reader may hold old
+        // frames, and every attempt briefly takes the write lock. After a complete one,
+        // not before `min_interval` either: under fast small transactions the threshold is
+        // reached several times a second, and each checkpoint's write lock and fsyncs of
+        // the database file would then slow every commit of the application.
         if let Ok(done) = result {
             self.metrics.checkpointed(done);
         }
         self.agenda.next_checkpoint = match result {
-            Ok(Checkpoint::Complete) => None,
+            Ok(Checkpoint::Complete) => Some(now + self.options.min_interval),
             _ => Some(now + CHECKPOINT_RETRY),
         };
         self.agenda.dirty = true;
