@@ -108,28 +108,26 @@ class Children:
                 log(f"stopping {proc.args[0]}: {e}")
 
 
-def vm_hwm_kib(pid):
-    """VmHWM of a running process, KiB (None if gone)."""
+def proc_status_kib(pid, field):
+    """A KiB field of a running process's /proc status (None if gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vm_hwm_kib(pid):
+    """VmHWM (peak resident) of a running process, KiB (None if gone)."""
+    return proc_status_kib(pid, "VmHWM")
 
 
 def vm_rss_kib(pid):
     """VmRSS (resident now) of a running process, KiB (None if gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return proc_status_kib(pid, "VmRSS")
 
 
 def threads_of(pid):
