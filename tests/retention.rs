@@ -596,7 +596,12 @@ fn watch_prunes_an_idle_database_as_its_window_moves() {
             !now.contains(&before[0]) && !now.contains(&before[1])
         },
     );
-    assert!(snapshots(&storage).contains(&before[2]));
+    // The newest is kept, unless watch has stored a newer one since (a new generation).
+    let left = snapshots(&storage);
+    assert!(
+        left.contains(&before[2]) || left.iter().any(|k| k > &before[2]),
+        "{left:?}"
+    );
     assert!(watch.terminate(Duration::from_secs(30)).success());
     let out = dir.path().join("out.db");
     walsync_ok(
