@@ -2,9 +2,9 @@
 //! on disk, a path with a suffix (SQLite's `-wal`, `-shm`, `-journal` siblings), and the
 //! durable atomic write; and the limit on open files every watched database counts against.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -83,23 +83,10 @@ pub fn write_atomically(
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let create = || {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-    };
     let written = (|| {
         // A leftover of a crashed process that had our pid is replaced, never reused with
         // whatever mode it had.
-        let mut file = match create() {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                std::fs::remove_file(&tmp)?;
-                create()?
-            }
-            other => other?,
-        };
+        let mut file = crate::spool::create_fresh(&tmp, mode)?;
         fill(&mut file)?;
         file.flush()?;
         file.sync_all()?;

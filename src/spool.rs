@@ -68,12 +68,18 @@ pub fn unique_path(dir: &Path, what: &str) -> PathBuf {
 /// Create `path` afresh, read-write and owner-only (0600, less the umask). A leftover (of a
 /// crashed process that had the same pid) is replaced, never reused with whatever mode it had.
 pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    create_fresh(path, MODE)
+}
+
+/// Create `path` afresh, read-write, with `mode` (less the umask); a leftover is replaced,
+/// as in [`create_private`].
+pub(crate) fn create_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
     let create = || {
         OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(MODE)
+            .mode(mode)
             .open(path)
     };
     match create() {
