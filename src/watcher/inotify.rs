@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 
-use super::{Backend, Registration, Shared, ERROR_BACKOFF};
+use super::{Backend, Registration, Shared, BATCH_GAP, ERROR_BACKOFF};
 use crate::error::{Context, Result};
 
 /// Room for about 2000 events per read (16 bytes + name each).
@@ -137,6 +137,7 @@ fn run(shared: &Shared, mut inotify: Inotify, wake: &PipeReader) {
         }
         let batch = read_batch(&mut inotify, &mut buffer);
         dispatch(shared, &batch);
+        thread::sleep(BATCH_GAP);
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use kqueue::{EventData, EventFilter, FilterFlag, Ident, Vnode};
 
 use crate::files::FileIdentity;
-use super::{Backend, Registration, Seen, Shared, ERROR_BACKOFF};
+use super::{Backend, Registration, Seen, Shared, BATCH_GAP, ERROR_BACKOFF};
 use crate::error::{Context, Result};
 
 /// Events taken into one batch before callbacks run.
@@ -174,6 +174,8 @@ impl State {
             // Nothing but errors: kevent itself is failing; do not spin on it.
             if batch.errors > 0 && batch.errors == taken {
                 thread::sleep(ERROR_BACKOFF);
+            } else if taken > 0 {
+                thread::sleep(BATCH_GAP);
             }
         }
     }
