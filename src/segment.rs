@@ -1,16 +1,16 @@
 //! Cutting committed WAL frames into a segment: a standalone, gzipped WAL file.
 //!
-//! A segment holds the frames between two commit boundaries of the live WAL, rewritten under
-//! a fresh WAL header with the checksum chain recomputed (see [`crate::wal::WalWriter`]), so
-//! that `gunzip` gives a file SQLite itself accepts as a WAL for the database as of the
-//! segment before it. It is written straight into a file in the sidecar; at most one
-//! transaction of up to 1 MiB of frames is held in memory meanwhile, so a transaction of
-//! hundreds of MiB costs disk, not RAM.
+//! A segment holds what the frames between two commit boundaries of the live WAL did,
+//! rewritten under a fresh WAL header with the checksum chain recomputed (see
+//! [`crate::wal::WalWriter`]), so that `gunzip` gives a file SQLite itself accepts as a WAL
+//! for the database as of the segment before it. It is written straight into a file in the
+//! sidecar; memory stays small (a frame, and 4 bytes per frame while cutting) however large
+//! the transactions are, so a backlog of hundreds of MiB costs disk, not RAM.
 
+use std::collections::HashSet;
 use std::fs::File;
-use std::io::Write;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::spool;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE};
 
@@ -27,15 +27,15 @@ pub struct Segment {
     pub chain: [u32; 2],
 }
 
-/// Frames of one transaction held in memory while it is not known yet whether it commits.
-/// A transaction larger than this is read a second time instead (see [`cut`]), so memory
-/// does not grow with transaction size.
-const PENDING_LIMIT: usize = 1024 * 1024;
+/// Most frames one cut remembers the page numbers of (4 bytes each: 256 KiB). A backlog
+/// longer than this is cut as it is, every frame kept, so memory stays bounded.
+const SUPERSEDED_LIMIT: usize = 64 * 1024;
 
-/// Copy every committed frame of `reader` from its position up to its last commit frame
+/// Copy the committed frames of `reader` from its position up to its last commit frame
 /// into `out` as a gzipped standalone WAL whose header salts are `chain`, the chain value
-/// of the object before it. `Ok(None)` when no commit frame follows (then `out` holds
-/// nothing useful and the reader is at the end of the valid frames).
+/// of the object before it, leaving out page versions a later frame of the same segment
+/// supersedes. `Ok(None)` when no commit frame follows (then `out` holds nothing useful and
+/// the reader is at the end of the valid frames).
 ///
 /// # The chain
 ///
@@ -48,56 +48,77 @@ const PENDING_LIMIT: usize = 1024 * 1024;
 /// form one unbroken history rather than pieces of two. SQLite ignores salt values when it
 /// replays a WAL, so `gunzip` + `sqlite3` still restore by hand.
 ///
-/// # One read per frame
+/// # Superseded pages
 ///
-/// Frames are validated (salts, checksum chain) as they are read, each straight into a
-/// buffer holding the transaction it belongs to, and a transaction's frames are compressed
-/// from there once its commit frame has been read; frames after the last commit (a
-/// transaction still being written) are never written. A transaction larger than
-/// [`PENDING_LIMIT`] is not held: the rest of the WAL is scanned for a commit, then that
-/// transaction is read again from its start and validated again as it is copied, and if
-/// the WAL no longer holds the same valid frames (it was restarted under us) this fails
-/// rather than ship garbage.
+/// An application that commits often rewrites the same pages in commit after commit (the
+/// B-tree's rightmost leaf and its parents): in 10-row transactions of 1000-byte rows, half
+/// the frames of a second's commits are versions of a page that a later commit of the same
+/// second writes again. A segment is restored whole, never to a commit inside it, so only
+/// each page's last version matters: that is also what SQLite itself reads, the newest frame
+/// of a page up to the last commit. So the cut keeps, of each page, only its last frame, and
+/// writes the segment as one transaction: every kept frame but the last has its commit
+/// marker cleared, the last keeps the final database size. Fewer frames means less to
+/// compress, store and upload. A segment is the same WAL whichever frames it leaves out, so
+/// restore (walsync's or by hand) is unchanged.
+///
+/// # Two passes
+///
+/// The first pass validates every frame (salts, checksum chain) in order, noting its page
+/// number and where the last commit frame ends; frames after that (a transaction still being
+/// written) are never written. The second pass reads again only the frames kept, checking
+/// their salts (see [`WalReader::reread_frame`]), and compresses them. A frame costs two
+/// reads from the page cache, but compression, by far the larger cost, runs once per page.
 pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option<Segment>> {
-    let header = *reader.header();
-    let gz = spool::gzip_into(out, None);
-    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
-    let mut writer = WalWriter::new(gz, fresh)?;
+    let start = reader.position();
     let frame_len = reader.frame_len();
-    // Where the frames written so far end (after a commit frame), and the database size
-    // that commit left.
-    let mut committed: Option<(WalPosition, u32)> = None;
-    let mut transaction_start = reader.position();
-    // The frames of the current transaction are `pending[..used]`. The buffer is zeroed
-    // only as it grows, not for every frame read over it.
-    let mut pending = Vec::new();
-    let mut used = 0;
-    loop {
-        if pending.len() < used + frame_len {
-            pending.resize(used + frame_len, 0);
+    let mut frame = vec![0; frame_len];
+    // Page number of every frame from `start` on, while there are not too many.
+    let mut pages = Vec::new();
+    let mut remember = true;
+    let mut count = 0;
+    // The end of the last commit frame, its database size, and the frames up to it.
+    let mut committed = None;
+    while let Some(header) = reader.read_frame_into(&mut frame)? {
+        count += 1;
+        if remember && pages.len() < SUPERSEDED_LIMIT {
+            pages.push(header.page_number);
+        } else if remember {
+            remember = false;
+            pages = Vec::new();
         }
-        let Some(frame) = reader.read_frame_into(&mut pending[used..used + frame_len])? else {
-            break;
-        };
-        used += frame_len;
-        if frame.is_commit() {
-            write_frames(&mut writer, &pending[..used], frame_len)?;
-            used = 0;
-            transaction_start = reader.position();
-            committed = Some((transaction_start, frame.commit_size));
-        } else if used >= PENDING_LIMIT {
-            drop(std::mem::take(&mut pending));
-            let Some(end) = reader.find_last_commit()? else {
-                break;
-            };
-            reader.seek(transaction_start);
-            committed = Some(copy_frames(reader, end, &mut writer, frame_len)?);
-            break;
+        if header.is_commit() {
+            committed = Some((reader.position(), header.commit_size, count));
         }
     }
-    let Some((end, commit_size)) = committed else {
+    let Some((end, commit_size, count)) = committed else {
         return Ok(None);
     };
+    let keep = remember.then(|| last_versions(&pages[..count]));
+
+    let header = *reader.header();
+    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
+    let mut writer = WalWriter::new(spool::gzip_into(out, None), fresh)?;
+    let frame_size = frame_len as u64;
+    for i in 0..count {
+        if keep.as_ref().is_some_and(|keep| !keep[i]) {
+            continue;
+        }
+        let offset = start.offset + i as u64 * frame_size;
+        let header = reader.reread_frame(offset, &mut frame)?;
+        let last = i + 1 == count;
+        // One transaction: only the last frame commits, with the final size.
+        let commit = if keep.is_none() || last {
+            header.commit_size
+        } else {
+            0
+        };
+        writer.write_frame(
+            header.page_number,
+            commit,
+            &frame[FRAME_HEADER_SIZE as usize..],
+        )?;
+    }
+    reader.seek(end);
     let frames = writer.frames();
     let chain = writer.checksum();
     spool::finish_gzip(writer.finish()?, "segment")?;
@@ -109,54 +130,137 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     }))
 }
 
-/// Write whole frames held in `frames` (as read from the WAL) to `writer`.
-fn write_frames<W: Write>(
-    writer: &mut WalWriter<W>,
-    frames: &[u8],
-    frame_len: usize,
-) -> Result<()> {
-    for frame in frames.chunks_exact(frame_len) {
-        let (page_number, commit_size) = frame_numbers(frame);
-        writer.write_frame(
-            page_number,
-            commit_size,
-            &frame[FRAME_HEADER_SIZE as usize..],
-        )?;
-    }
-    Ok(())
+/// Which of the frames writing `pages` (in WAL order) hold the last version of their page.
+fn last_versions(pages: &[u32]) -> Vec<bool> {
+    let mut seen = HashSet::with_capacity(pages.len());
+    let mut keep: Vec<bool> = pages.iter().rev().map(|&p| seen.insert(p)).collect();
+    keep.reverse();
+    keep
 }
 
-/// Copy frames from the reader's position up to `end` (a commit boundary found a moment
-/// ago by the same reader) one at a time. Returns `end` and its commit's database size.
-fn copy_frames<W: Write>(
-    reader: &mut WalReader,
-    end: WalPosition,
-    writer: &mut WalWriter<W>,
-    frame_len: usize,
-) -> Result<(WalPosition, u32)> {
-    let mut frame = vec![0; frame_len];
-    let mut commit_size = 0;
-    while reader.position().offset < end.offset {
-        let header = reader.read_frame_into(&mut frame)?.ok_or_else(|| {
-            Error::corrupt(format!(
-                "WAL frame at offset {} is no longer valid while cutting a segment",
-                reader.position().offset
-            ))
-        })?;
-        write_frames(writer, &frame, frame_len)?;
-        commit_size = header.commit_size;
-    }
-    if reader.position() != end || commit_size == 0 {
-        return Err(Error::corrupt(
-            "segment does not end on the expected commit frame",
-        ));
-    }
-    Ok((end, commit_size))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+    use std::io::Read;
+    use std::path::Path;
 
-/// Page number and commit size from the start of a frame header.
-fn frame_numbers(frame: &[u8]) -> (u32, u32) {
-    let word =
-        |at: usize| u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
-    (word(0), word(4))
+    #[test]
+    fn last_versions_keeps_each_pages_last_frame() {
+        assert_eq!(
+            last_versions(&[2, 3, 2, 4, 3, 2]),
+            [false, false, false, true, true, true]
+        );
+        assert_eq!(last_versions(&[7]), [true]);
+        assert!(last_versions(&[]).is_empty());
+    }
+
+    fn rows(path: &Path) -> Vec<(i64, String)> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        rows
+    }
+
+    /// Commits that rewrite the same pages: the segment holds each page once, commits once
+    /// (with the final size), and SQLite, given it as the WAL of the database as it was
+    /// before them, reads exactly what the application committed.
+    #[test]
+    fn a_segment_keeps_each_pages_last_version_and_replays_in_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;
+             CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+             PRAGMA wal_checkpoint(TRUNCATE);",
+        )
+        .unwrap();
+        let base = dir.path().join("base.db");
+        std::fs::copy(&path, &base).unwrap();
+        let mut commits = 0;
+        for i in 0..200 {
+            app.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [format!("row {i} {}", "x".repeat(300))],
+            )
+            .unwrap();
+            commits += 1;
+        }
+        app.execute("UPDATE t SET v = 'changed' WHERE id % 7 = 0", [])
+            .unwrap();
+        app.execute("DELETE FROM t WHERE id > 150", []).unwrap();
+        commits += 2;
+        // A transaction still open past the last commit is not shipped.
+        // A small cache spills it into the WAL.
+        app.execute_batch(
+            "PRAGMA cache_size=2; BEGIN;
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 500)
+             INSERT INTO t(v) SELECT 'uncommitted ' || x || printf('%.300c', 'y') FROM c;",
+        )
+        .unwrap();
+
+        let wal = File::open(dir.path().join("app.db-wal")).unwrap();
+        let mut reader = WalReader::open(&wal).unwrap().unwrap();
+        let (live_frames, live_end) = {
+            let mut probe = WalReader::open(&wal).unwrap().unwrap();
+            let mut n = 0;
+            let mut page = Vec::new();
+            while probe.next_frame(&mut page).unwrap().is_some() {
+                n += 1;
+            }
+            (n, probe.position().offset)
+        };
+        let out = tempfile::tempfile().unwrap();
+        let segment = cut(&mut reader, [1, 2], &out).unwrap().unwrap();
+        assert!(
+            segment.end.offset < live_end,
+            "the open transaction spilled"
+        );
+        assert!(
+            segment.frames * 2 < live_frames,
+            "{} frames kept of {live_frames} over {commits} commits",
+            segment.frames
+        );
+
+        let mut gz = Vec::new();
+        let mut out = out;
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(0)).unwrap();
+        out.read_to_end(&mut gz).unwrap();
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        let replayed = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&replayed, &plain, 0).unwrap();
+        let mut check = WalReader::open(&replayed).unwrap().unwrap();
+        let mut page = Vec::new();
+        let mut seen = HashSet::new();
+        let mut commit_frames = Vec::new();
+        while let Some(frame) = check.next_frame(&mut page).unwrap() {
+            assert!(
+                seen.insert(frame.page_number),
+                "page {} twice",
+                frame.page_number
+            );
+            if frame.is_commit() {
+                commit_frames.push(frame.commit_size);
+            }
+        }
+        assert_eq!(seen.len() as u64, segment.frames);
+        assert_eq!(commit_frames, [segment.commit_size]);
+
+        std::fs::write(dir.path().join("base.db-wal"), &plain).unwrap();
+        app.execute_batch("ROLLBACK;").unwrap();
+        assert_eq!(rows(&base), rows(&path));
+        let conn = Connection::open(&base).unwrap();
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+    }
 }

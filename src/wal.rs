@@ -465,6 +465,42 @@ impl<'a> WalReader<'a> {
         Ok(Some(header))
     }
 
+    /// Read again, into `frame`, the frame at `offset` that this reader validated earlier
+    /// (one that lies before its position). Only the salts are checked: the checksum chain
+    /// runs through every frame, so it cannot be checked again for frames read out of order.
+    /// That is enough to tell the same frames from a WAL restarted since (whose frames carry
+    /// new salts); frames before the last commit are never rewritten in place, and the pin
+    /// keeps the WAL from restarting meanwhile anyway.
+    pub fn reread_frame(&self, offset: u64, frame: &mut [u8]) -> Result<FrameHeader> {
+        let frame_size = self.header.frame_size();
+        let gone = || {
+            Error::corrupt(format!(
+                "WAL frame at offset {offset} is no longer the one read a moment ago"
+            ))
+        };
+        if offset < HEADER_SIZE
+            || !(offset - HEADER_SIZE).is_multiple_of(frame_size)
+            || offset + frame_size > self.position.offset
+            || frame.len() != self.frame_len()
+        {
+            return Err(Error::invalid(format!(
+                "cannot read again a WAL frame at offset {offset} into {} bytes (read up to {})",
+                frame.len(),
+                self.position.offset
+            )));
+        }
+        let n = read_full_at(self.file, frame, offset)
+            .context(|| format!("reading WAL frame at offset {offset}"))?;
+        if n < frame.len() {
+            return Err(gone());
+        }
+        let header = FrameHeader::decode(frame);
+        if header.salt != self.header.salt || header.page_number == 0 {
+            return Err(gone());
+        }
+        Ok(header)
+    }
+
     /// The header and cumulative checksum of `frame` (a whole frame read at the current
     /// position), if it is valid there.
     fn validate(&self, frame: &[u8]) -> Option<(FrameHeader, [u32; 2])> {
