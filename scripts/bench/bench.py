@@ -1209,7 +1209,9 @@ def main(argv):
     p.add_argument("--walsync", required=True)
     p.add_argument("--s3-server", required=True)
     p.add_argument("--litestream")
-    p.add_argument("--walsync-static", help="walsync's static musl build, for its size row")
+    p.add_argument("--walsync-static",
+                   help="walsync's static musl build: its size row, and the binary every "
+                        "other walsync row runs (the one users install), when given")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
@@ -1269,7 +1271,17 @@ def main(argv):
         server = Server(children, a.s3_server, work)
         want_w = a.only in (None, "walsync")
         want_l = a.only in (None, "litestream")
-        walsync = Walsync(a.walsync, server, children, work) if want_w else None
+        # walsync runs as users run it: the static musl build, like Litestream's release
+        # binary. The glibc build (--walsync) only for its size row, or when there is no
+        # static build.
+        static = a.walsync_static if a.walsync_static and os.path.exists(a.walsync_static) else None
+        runs = static or a.walsync
+        if want_w:
+            log(f"walsync runs as {runs} ({'static musl' if static else 'glibc'} build)")
+        results["walsync_binary"] = "static musl" if static else "glibc"
+        if want_w:
+            notes.append(f"walsync ran as its {results['walsync_binary']} build")
+        walsync = Walsync(runs, server, children, work) if want_w else None
         litestream = None
         if want_l:
             if a.litestream and os.path.exists(a.litestream):
