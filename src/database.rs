@@ -121,6 +121,30 @@ impl Database {
         let _ = self.conn.release_memory();
     }
 
+    /// Drop this process's page-table entries for the database's wal-index (`-shm`), so an
+    /// idle database stops counting 32 KiB towards walsync's resident memory.
+    ///
+    /// SQLite's unix VFS maps the `-shm` file `MAP_SHARED` in regions of 32 KiB, and the
+    /// kernel answers a read fault on a file mapping by also mapping the pages around it that
+    /// are already in the page cache ("fault-around"): a pinned database that read just the
+    /// wal-index header shows its whole first region as resident. With a thousand idle
+    /// databases that was 31 MiB of walsync's RSS. The pages belong to the page cache, shared
+    /// with the application; `MADV_DONTNEED` on a shared file mapping only unmaps them from
+    /// this process, and the next access maps the same up-to-date pages again (madvise(2)),
+    /// so nothing SQLite keeps there is lost. The pin holds regardless: its locks are `fcntl`
+    /// locks on the file and its read mark lives in the file's pages.
+    ///
+    /// Done only for the `unix` VFS, whose wal-index is always such a mapping (`unix-excl`
+    /// and exclusive locking mode keep it in heap memory, where `MADV_DONTNEED` would zero
+    /// it), and where the system page size divides a region.
+    pub fn forget_wal_index_pages(&self) {
+        #[cfg(target_os = "linux")]
+        // SAFETY: see forget_wal_index_pages_linux.
+        unsafe {
+            forget_wal_index_pages_linux(&self.conn);
+        }
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
@@ -187,6 +211,66 @@ fn check_is_file(path: &Path) -> Result<()> {
     }
 }
 
+/// Size of a wal-index region as SQLite maps it (`WALINDEX_PGSZ` in SQLite's wal.c).
+#[cfg(target_os = "linux")]
+const WAL_INDEX_REGION: usize = 32 * 1024;
+
+/// Regions looked at: 2 MiB of wal-index, enough for a WAL of 260,000 frames.
+#[cfg(target_os = "linux")]
+const WAL_INDEX_MAX_REGIONS: i32 = 64;
+
+/// # Safety
+///
+/// `conn` must be used by the calling thread only (walsync's connections are). The calls are
+/// SQLite's public file-control and VFS interfaces: `SQLITE_FCNTL_FILE_POINTER` hands out
+/// the open `sqlite3_file` of the main database, and its `xShmMap` with `bExtend` = 0
+/// returns a region that is already mapped (or maps one that exists in the file, as SQLite
+/// itself would on its next read), never extending the file. `madvise` is given whole
+/// pages inside such a region.
+#[cfg(target_os = "linux")]
+unsafe fn forget_wal_index_pages_linux(conn: &Connection) {
+    use rusqlite::ffi;
+    use std::ffi::{c_int, c_void, CStr};
+
+    let page = libc::sysconf(libc::_SC_PAGESIZE);
+    if page <= 0 || !WAL_INDEX_REGION.is_multiple_of(page as usize) {
+        return;
+    }
+    let vfs = ffi::sqlite3_vfs_find(std::ptr::null());
+    if vfs.is_null() || (*vfs).zName.is_null() || CStr::from_ptr((*vfs).zName) != c"unix" {
+        return;
+    }
+    let db = conn.handle();
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    let rc = ffi::sqlite3_file_control(
+        db,
+        c"main".as_ptr(),
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        (&raw mut file).cast::<c_void>(),
+    );
+    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+        return;
+    }
+    let methods = &*(*file).pMethods;
+    let Some(shm_map) = methods.xShmMap.filter(|_| methods.iVersion >= 2) else {
+        return;
+    };
+    for region in 0..WAL_INDEX_MAX_REGIONS {
+        let mut mapped: *mut c_void = std::ptr::null_mut();
+        let rc = shm_map(
+            file,
+            region,
+            WAL_INDEX_REGION as c_int,
+            0,
+            (&raw mut mapped).cast(),
+        );
+        if (rc != ffi::SQLITE_OK && rc != ffi::SQLITE_READONLY) || mapped.is_null() {
+            return;
+        }
+        libc::madvise(mapped, WAL_INDEX_REGION, libc::MADV_DONTNEED);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,5 +334,82 @@ mod tests {
             .unwrap()
             .len();
         assert!(wal_len > 32, "the WAL was checkpointed away on close");
+    }
+
+    /// Resident KiB of this process's mappings of `path` (from /proc/self/smaps).
+    #[cfg(target_os = "linux")]
+    fn resident_kib(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_str().unwrap();
+        let mut inside = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && !first.ends_with(':') {
+                inside = line.ends_with(name);
+            } else if inside && first == "Rss:" {
+                kib += line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+            }
+        }
+        kib
+    }
+
+    /// The wal-index stops counting as resident, and nothing SQLite keeps there is lost:
+    /// the pin still holds the WAL, the application keeps committing through it, and every
+    /// connection reads what was committed.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn forgetting_the_wal_index_pages_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let shm = crate::files::with_suffix(&path, "-shm");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(x);
+             WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 100)
+             INSERT INTO t SELECT randomblob(500) FROM c;",
+        )
+        .unwrap();
+        let db = Database::open(&path).unwrap();
+        db.pin().unwrap();
+        assert!(
+            resident_kib(&shm) > 0,
+            "the wal-index is mapped and resident"
+        );
+        db.forget_wal_index_pages();
+        assert_eq!(resident_kib(&shm), 0);
+
+        // The pin still holds: a checkpoint cannot restart the WAL past it.
+        let wal_size = std::fs::metadata(db.wal_path()).unwrap().len();
+        app.execute_batch("INSERT INTO t VALUES (1); PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        assert!(std::fs::metadata(db.wal_path()).unwrap().len() > wal_size);
+        let pinned: i64 = db
+            .conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pinned, 100, "the pinned snapshot is unchanged");
+
+        db.forget_wal_index_pages();
+        db.release().unwrap();
+        let now: i64 = db
+            .conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(now, 101);
+        let other = Connection::open(&path).unwrap();
+        let seen: i64 = other
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 101);
+        let ok: String = other
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
     }
 }

@@ -1071,6 +1071,14 @@ impl Replica {
         self.pin.release_memory();
     }
 
+    /// Give back what an idle database need not keep resident: the connections' cached
+    /// pages and this process's view of the wal-index (see
+    /// [`Database::forget_wal_index_pages`]). Called when the database's thread goes to sleep.
+    pub fn rest(&self) {
+        self.release_memory();
+        self.pin.forget_wal_index_pages();
+    }
+
     /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
     fn repin(&self) -> Result<()> {
         self.pin.release()?;

@@ -367,7 +367,8 @@ impl DbWorker {
         loop {
             let wait = self.next_wake();
             if wait >= Duration::from_secs(1) {
-                // Going idle: the stack this thread touched while busy goes back.
+                // Going idle: the memory this database touched while busy goes back.
+                self.replica.rest();
                 crate::stack::trim();
             }
             match self.events.recv_timeout(wait) {
