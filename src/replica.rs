@@ -70,7 +70,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::database::Database;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Error, ErrorKind, Result};
 use crate::files::FileIdentity;
 use crate::layout::{self, ChainValue, Generation, ObjectKind, ObjectName, ReplicaState};
 use crate::segment;
@@ -188,8 +188,10 @@ enum Continuity {
 
 /// One database replicated to one destination.
 pub struct Replica {
-    /// Control connection: the barrier and checkpoints.
-    db: Database,
+    /// Control connection: the barrier and checkpoints. Closed while the database rests
+    /// (see [`Replica::rest`]) and opened again by [`open_control`] when next needed: about
+    /// 12 KiB of SQLite's heap per idle database.
+    control: Option<Database>,
     /// Holds the read transaction that pins the WAL.
     pin: Database,
     pin_state: Pin,
@@ -250,7 +252,7 @@ impl Replica {
             tip_changed = true;
         }
         let mut replica = Replica {
-            db,
+            control: Some(db),
             pin,
             pin_state: Pin::Behind(None),
             storage,
@@ -294,7 +296,7 @@ impl Replica {
     }
 
     pub fn path(&self) -> &Path {
-        self.db.path()
+        self.pin.path()
     }
 
     /// The generation and last segment index read so far, if any.
@@ -343,7 +345,7 @@ impl Replica {
             _ => HEADER_SIZE,
         };
         let unbackfilled = mark.end.offset.saturating_sub(from) / frame_size;
-        let file_size = std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len());
+        let file_size = std::fs::metadata(self.pin.wal_path()).map_or(0, |m| m.len());
         let large = file_size >= self.wal_size_limit;
         unbackfilled >= frames
             || (large && (unbackfilled > 0 || file_size > mark.end.offset + frame_size))
@@ -453,7 +455,8 @@ impl Replica {
             return Ok(Checkpoint::Skipped);
         }
         // The bulk of the copy, while the application goes on writing.
-        self.run_checkpoint(&self.db)?;
+        let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
+        run_checkpoint(&self.name, control)?;
         // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
         let (cut, complete) = self.under_barrier(|r| {
             let cut = r.cut()?;
@@ -461,7 +464,7 @@ impl Replica {
                 return Ok((cut, false));
             }
             r.pin.release()?;
-            let copied = r.run_checkpoint(&r.pin);
+            let copied = run_checkpoint(&r.name, &r.pin);
             r.pin.pin()?;
             r.pin_state = Pin::Guarding;
             let complete = copied?;
@@ -593,7 +596,7 @@ impl Replica {
                     "{}: {} holds a newer generation {newest} of {:?} than this database's \
                      {ours}: another walsync is writing that name; give this database another \
                      name with PATH:NAME",
-                    self.db.path().display(),
+                    self.pin.path().display(),
                     self.storage.describe(),
                     self.name
                 )));
@@ -703,8 +706,8 @@ impl Replica {
         }
         self.said_full = false;
         // Taken before reading: everything committed by now is read below.
-        let identity = FileIdentity::of(self.db.path())?;
-        let wal = self.db.open_wal()?;
+        let identity = FileIdentity::of(self.pin.path())?;
+        let wal = self.pin.open_wal()?;
         let mut reader = match &wal {
             Some(file) => WalReader::open(file)?,
             None => None,
@@ -780,7 +783,7 @@ impl Replica {
     /// Under the barrier: cut the last commits and move the pin to the present, so that it
     /// guards. (Nothing commits meanwhile.)
     fn cut_rest_and_repin(&mut self) -> Result<Cut> {
-        if !FileIdentity::of(self.db.path())?.same_file(&self.opened) {
+        if !FileIdentity::of(self.pin.path())?.same_file(&self.opened) {
             return Ok(Cut::Broken("the database file was replaced".into()));
         }
         let cut = self.cut()?;
@@ -862,7 +865,7 @@ impl Replica {
             self.follow_replacement()?;
             let known = self.committed_end()?;
             marked = self.under_barrier(|r| {
-                let identity = FileIdentity::of(r.db.path())?;
+                let identity = FileIdentity::of(r.pin.path())?;
                 if !identity.same_file(&r.opened) {
                     return Ok(None); // replaced just now: follow it, then try again
                 }
@@ -881,7 +884,7 @@ impl Replica {
             Error::invalid(format!(
                 "{}: {} keeps being replaced",
                 self.name,
-                self.db.path().display()
+                self.pin.path().display()
             ))
         })?;
         let previous = self.tip.as_ref();
@@ -972,26 +975,10 @@ impl Replica {
         Ok(())
     }
 
-    /// Run a PASSIVE checkpoint on `conn` (which must not be in a transaction: SQLite
-    /// refuses to checkpoint inside one). Returns whether every frame was copied.
-    fn run_checkpoint(&self, conn: &Database) -> Result<bool> {
-        let (busy, log_frames, copied): (i64, i64, i64) = conn
-            .connection()
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .context(|| format!("{}: checkpoint", self.name))?;
-        log::debug!(
-            "{}: checkpoint: busy={busy} log={log_frames} copied={copied}",
-            self.name
-        );
-        Ok(busy == 0 && log_frames == copied)
-    }
-
     /// Under the barrier, after a complete checkpoint: remember it, and that the database
     /// file (changed by the copy) is settled at the tip.
     fn note_backfilled(&mut self) -> Result<()> {
-        let identity = FileIdentity::of(self.db.path())?;
+        let identity = FileIdentity::of(self.pin.path())?;
         if let Some(tip) = self.tip.as_mut() {
             self.backfilled = tip.wal.map(|m| (m.salt, m.end.offset));
             tip.db = identity;
@@ -1008,16 +995,17 @@ impl Replica {
     /// is one it cannot copy past the pin, so it reports busy and leaves the WAL alone. It
     /// does not wait (busy timeout 0): it must not hold the application's write lock while
     /// waiting for the application's readers.
-    fn truncate_if_large(&self) -> Result<()> {
-        let size = std::fs::metadata(self.db.wal_path()).map_or(0, |m| m.len());
+    fn truncate_if_large(&mut self) -> Result<()> {
+        let size = std::fs::metadata(self.pin.wal_path()).map_or(0, |m| m.len());
         if size < self.wal_size_limit {
             return Ok(());
         }
-        let conn = self.db.connection();
+        let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
+        let conn = control.connection();
         conn.busy_timeout(Duration::ZERO)?;
         let result: rusqlite::Result<i64> =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
-        self.db.restore_busy_timeout()?;
+        control.restore_busy_timeout()?;
         let busy = result.context(|| format!("{}: truncating the WAL", self.name))?;
         if busy == 0 {
             log::info!("{}: truncated the {} MiB WAL file", self.name, size >> 20);
@@ -1030,10 +1018,10 @@ impl Replica {
     /// Hold the barrier (the application's write lock) around `f`, and always release it.
     /// How long it was held is logged at debug level (`scripts/bench.sh` reads it).
     fn under_barrier<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        self.db.lock_writes()?;
+        open_control(&mut self.control, &self.pin, &self.opened, &self.name)?.lock_writes()?;
         let started = Instant::now();
         let result = f(self);
-        let released = self.db.release();
+        let released = self.control.as_ref().map_or(Ok(()), Database::release);
         log::debug!(
             "{}: write lock held for {} us",
             self.name,
@@ -1047,17 +1035,17 @@ impl Replica {
     /// If another file was renamed into the database's place, reopen the connections on it
     /// (they still point at the old file); continuity is then lost and the next cut says so.
     fn follow_replacement(&mut self) -> Result<()> {
-        let now = FileIdentity::of(self.db.path())?;
+        let now = FileIdentity::of(self.pin.path())?;
         if now.same_file(&self.opened) {
             return Ok(());
         }
         log::warn!(
             "{}: {} was replaced by another file; reopening it",
             self.name,
-            self.db.path().display()
+            self.pin.path().display()
         );
-        let (db, pin, opened) = open_connections(self.db.path())?;
-        self.db = db;
+        let (control, pin, opened) = open_connections(self.pin.path())?;
+        self.control = Some(control);
         self.pin = pin;
         self.opened = opened;
         self.pin_state = Pin::Behind(None);
@@ -1067,14 +1055,18 @@ impl Replica {
 
     /// Free the connections' cached pages: an idle database should cost little memory.
     fn release_memory(&self) {
-        self.db.release_memory();
+        if let Some(control) = &self.control {
+            control.release_memory();
+        }
         self.pin.release_memory();
     }
 
-    /// Give back what an idle database need not keep resident: the connections' cached
-    /// pages and this process's view of the wal-index (see
-    /// [`Database::forget_wal_index_pages`]). Called when the database's thread goes to sleep.
-    pub fn rest(&self) {
+    /// Give back what an idle database need not keep resident: the control connection
+    /// (opened again for the next checkpoint), the pin's cached pages and this process's
+    /// view of the wal-index (see [`Database::forget_wal_index_pages`]). Called when the
+    /// database's thread goes to sleep. The pin stays: it is what keeps the WAL in place.
+    pub fn rest(&mut self) {
+        self.control = None;
         self.release_memory();
         self.pin.forget_wal_index_pages();
     }
@@ -1131,7 +1123,7 @@ impl Replica {
     /// (a place found a moment earlier): under the barrier, reading a large WAL from the
     /// top would keep the application waiting.
     fn committed_end_after(&self, known: Option<WalMark>) -> Result<Option<WalMark>> {
-        let Some(file) = self.db.open_wal()? else {
+        let Some(file) = self.pin.open_wal()? else {
             return Ok(None);
         };
         let Some(mut reader) = WalReader::open(&file)? else {
@@ -1181,7 +1173,7 @@ impl Replica {
 
     /// `host:/absolute/path` of this database, as recorded in `state.json`.
     fn source(&self) -> String {
-        let path = std::path::absolute(self.db.path()).unwrap_or_else(|_| self.db.path().into());
+        let path = std::path::absolute(self.pin.path()).unwrap_or_else(|_| self.pin.path().into());
         format!("{}:{}", hostname(), path.display())
     }
 }
@@ -1246,6 +1238,47 @@ fn open_connections(path: &Path) -> Result<(Database, Database, FileIdentity)> {
         "{} keeps being replaced while walsync opens it",
         path.display()
     )))
+}
+
+/// The control connection in `slot`, opened first if the database rested since. It must be
+/// on the file the pin holds: if another file was renamed into the database's place
+/// meanwhile this fails, and the next step follows the new file (a new generation).
+fn open_control<'a>(
+    slot: &'a mut Option<Database>,
+    pin: &Database,
+    opened: &FileIdentity,
+    name: &str,
+) -> Result<&'a Database> {
+    let control = match slot.take() {
+        Some(control) => control,
+        None => {
+            let control = pin.reopen()?;
+            if !FileIdentity::of(pin.path())?.same_file(opened) {
+                return Err(Error::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "{name}: {} was replaced by another file; following it on the next step",
+                        pin.path().display()
+                    ),
+                ));
+            }
+            control
+        }
+    };
+    Ok(slot.insert(control))
+}
+
+/// Run a PASSIVE checkpoint on `conn` (which must not be in a transaction: SQLite refuses
+/// to checkpoint inside one). Returns whether every frame was copied.
+fn run_checkpoint(name: &str, conn: &Database) -> Result<bool> {
+    let (busy, log_frames, copied): (i64, i64, i64) = conn
+        .connection()
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .context(|| format!("{name}: checkpoint"))?;
+    log::debug!("{name}: checkpoint: busy={busy} log={log_frames} copied={copied}");
+    Ok(busy == 0 && log_frames == copied)
 }
 
 fn mark(header: &WalHeader, end: WalPosition) -> WalMark {
@@ -1390,5 +1423,44 @@ mod tests {
             replica.poll().unwrap(),
             SyncOutcome::Shipped { .. }
         ));
+    }
+
+    /// A database that rested (control connection closed, wal-index pages given back)
+    /// checkpoints as before: the control connection opens again on the same file, the
+    /// barrier is released, and a restore has every row.
+    #[test]
+    fn a_rested_database_checkpoints_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        replica.rest();
+        assert!(replica.control.is_none());
+        app.execute_batch(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 300) \
+             INSERT INTO t SELECT randomblob(3000) FROM s;",
+        )
+        .unwrap();
+        assert!(matches!(
+            replica.sync().unwrap(),
+            SyncOutcome::Shipped { .. }
+        ));
+        replica.rest();
+        assert_eq!(replica.checkpoint().unwrap(), Checkpoint::Complete);
+        assert!(replica.control.is_some());
+        write_now(&app).expect("the write lock was left held");
+        assert!(replica.pin.in_transaction(), "the WAL was left unpinned");
+        assert!(matches!(
+            replica.sync().unwrap(),
+            SyncOutcome::Shipped { .. }
+        ));
+        let out = dir.path().join("restored.db");
+        let storage = FileStorage::new(dir.path().join("bucket"));
+        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
+        let count = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&out), count(&dir.path().join("app.db")));
     }
 }
