@@ -30,6 +30,10 @@ flags="-C target-feature=+crt-static -C relocation-model=static"
 export CFLAGS_x86_64_unknown_linux_musl="${CFLAGS_x86_64_unknown_linux_musl:-} -fno-asynchronous-unwind-tables -fno-unwind-tables"
 flags="$flags -C force-unwind-tables=no -C link-arg=-Wl,--no-eh-frame-hdr"
 flags="$flags -C link-arg=-Wl,-z,noseparate-code"
+# Even so, about 270 KB of .eh_frame remains (FDEs for the standard library's code and
+# the code inlined from it, whatever -C force-unwind-tables says): the linker script drops it
+# and the LSDA tables with it. Without .eh_frame_hdr, nothing could find them anyway.
+flags="$flags -C link-arg=-Wl,-T,$PWD/scripts/discard-unwind-tables.ld"
 # Link with the lld that ships with Rust, which folds identical functions (--icf): about
 # 30 KB less than GNU ld here. Rust makes no promise that two functions have distinct
 # addresses, so folding them is safe.

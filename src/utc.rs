@@ -7,10 +7,11 @@
 //!   RFC 3339 time, with `Z` or a numeric offset, with or without fractional seconds.
 //!
 //! The calendar arithmetic is the days-from-civil algorithm (proleptic Gregorian calendar),
-//! small enough that a date crate would not earn its place. `jiff` is in the dependency tree
-//! (rusty-s3 signs with it), but measured on the release binary (2026-11-23) its
+//! small enough that a date crate would not earn its place. `jiff` was in the dependency tree
+//! (rusty-s3 signed with it), but measured on the release binary (2026-11-23) its
 //! `Timestamp` parser added 11 KiB, and even formatting through its `strftime` and building
-//! times with its calendar added 256 and 640 bytes more than these few lines.
+//! times with its calendar added 256 and 640 bytes more than these few lines. SigV4 signing
+//! (src/storage/sigv4.rs) now takes its timestamps from here too.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -6,13 +6,15 @@
 //! prefix, use `/` as separator, and never start with `/`; each implementation maps them
 //! onto its own namespace.
 //!
-//! - [`s3::S3Storage`]: any S3-compatible service, signed with SigV4 (rusty-s3) over a
+//! - [`s3::S3Storage`]: any S3-compatible service, presigned with SigV4 (`sigv4`) over a
 //!   blocking HTTP client (ureq), with retries and multipart upload for large files.
 //! - [`file::FileStorage`]: a directory tree, for `file://` destinations (tests, NFS mounts,
 //!   and a quick start that needs no S3 server).
 
 pub mod file;
 pub mod s3;
+mod sigv4;
+mod xml;
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -1,6 +1,6 @@
 //! [`S3Storage`]: any S3-compatible service, over plain blocking HTTP.
 //!
-//! Requests are presigned with SigV4 by rusty-s3 (query-string signatures, valid for an hour)
+//! Requests are presigned with SigV4 ([`super::sigv4`]: query-string signatures, valid for an hour)
 //! and sent with ureq. Request bodies are streamed from files with positional reads and an
 //! explicit `Content-Length` (S3 rejects chunked uploads); response bodies are streamed into
 //! the caller's writer. Files larger than one part go up as a multipart upload, one part at a
@@ -27,14 +27,11 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusty_s3::actions::{
-    CompleteMultipartUploadResponse, CreateMultipartUpload, DeleteObjectsResponse, ListObjectsV2,
-    ObjectIdentifier,
-};
-use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use md5::Digest as _;
 use url::Url;
 
-use super::{check_key, FileRange, ObjectInfo, Storage};
+use super::sigv4::{Bucket, Credentials};
+use super::{check_key, xml, FileRange, ObjectInfo, Storage};
 use crate::backoff::Backoff;
 use crate::error::{Context, Error, ErrorKind, Result};
 
@@ -229,19 +226,27 @@ enum Method {
     Delete,
 }
 
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
 impl S3Storage {
     pub fn new(config: S3Config) -> Result<S3Storage> {
-        let (endpoint, style) = match &config.endpoint {
-            Some(endpoint) => (endpoint.clone(), UrlStyle::Path),
+        // Path style (`https://host/bucket/key`) or virtual-hosted (`https://bucket.host/key`).
+        let (endpoint, path_style) = match &config.endpoint {
+            Some(endpoint) => (endpoint.clone(), true),
             // Bucket names with dots do not match the wildcard certificate of virtual hosts.
-            None if config.bucket.contains('.') => (
-                format!("https://s3.{}.amazonaws.com", config.region),
-                UrlStyle::Path,
-            ),
-            None => (
-                format!("https://s3.{}.amazonaws.com", config.region),
-                UrlStyle::VirtualHost,
-            ),
+            None if config.bucket.contains('.') => {
+                (format!("https://s3.{}.amazonaws.com", config.region), true)
+            }
+            None => (format!("https://s3.{}.amazonaws.com", config.region), false),
         };
         let bad_endpoint = |why: String| {
             Error::invalid(format!(
@@ -250,12 +255,15 @@ impl S3Storage {
             ))
         };
         let url: Url = endpoint.parse().map_err(|e| bad_endpoint(format!("{e}")))?;
-        let bucket = Bucket::new(url, style, config.bucket.clone(), config.region.clone())
-            .map_err(|e| bad_endpoint(format!("{e:?}")))?;
-        let credentials = match config.session_token {
-            Some(token) => Credentials::new_with_token(config.access_key, config.secret_key, token),
-            None => Credentials::new(config.access_key, config.secret_key),
-        };
+        let bucket = Bucket::new(
+            url,
+            path_style,
+            config.bucket.clone(),
+            config.region.clone(),
+        )
+        .map_err(|e| bad_endpoint(format!("{e:?}")))?;
+        let credentials =
+            Credentials::new(config.access_key, config.secret_key, config.session_token);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             // S3 explains its errors in an XML body: read it rather than get a bare status.
             .http_status_as_error(false)
@@ -329,6 +337,22 @@ impl S3Storage {
         } else {
             format!("{}/{key}", self.prefix)
         }
+    }
+
+    /// A presigned URL for `method` on `object` (the bucket itself if `None`), with the extra
+    /// query parameters `query`.
+    fn presign(&self, method: Method, object: Option<&str>, query: &[(&str, &str)]) -> Url {
+        let url = match object {
+            Some(object) => self.bucket.object_url(object),
+            None => self.bucket.base_url().clone(),
+        };
+        self.bucket.sign(
+            &self.credentials,
+            method.as_str(),
+            url,
+            query,
+            SIGNATURE_VALIDITY,
+        )
     }
 
     /// An error about `op` on `key`: `s3://bucket/prefix: GET app/state.json: {detail}`.
@@ -499,10 +523,7 @@ impl S3Storage {
 
     fn put(&self, key: &str, object: &str, payload: Payload<'_>) -> Result<()> {
         self.retry(|| {
-            let url = self
-                .bucket
-                .put_object(Some(&self.credentials), object)
-                .sign(SIGNATURE_VALIDITY);
+            let url = self.presign(Method::Put, Some(object), &[]);
             drain(self.send("PUT", key, Method::Put, &url, payload)?);
             Ok(())
         })
@@ -513,14 +534,11 @@ impl S3Storage {
         let parts = len.div_ceil(part_size);
         let op = "CreateMultipartUpload";
         let upload_id = self.retry(|| {
-            let url = self
-                .bucket
-                .create_multipart_upload(Some(&self.credentials), object)
-                .sign(SIGNATURE_VALIDITY);
+            let url = self.presign(Method::Post, Some(object), &[("uploads", "1")]);
             let response = self.send(op, key, Method::Post, &url, Payload::Empty)?;
             let body = self.read_text(op, key, &url, response)?;
-            CreateMultipartUpload::parse_response(&body)
-                .map(|r| r.upload_id().to_string())
+            xml::expect_root(&body, "InitiateMultipartUploadResult")
+                .and_then(|content| xml::required(content, "UploadId"))
                 .map_err(|e| self.error(ErrorKind::Other, op, key, format!("bad response: {e}")))
         })?;
         log::debug!("{op} {key}: {parts} parts of {part_size} bytes, upload id {upload_id}");
@@ -533,10 +551,12 @@ impl S3Storage {
                 let size = part_size.min(len - offset);
                 let op = format!("UploadPart {number}/{parts}");
                 let etag = self.retry(|| {
-                    let url = self
-                        .bucket
-                        .upload_part(Some(&self.credentials), object, number, &upload_id)
-                        .sign(SIGNATURE_VALIDITY);
+                    let part = number.to_string();
+                    let query = [
+                        ("partNumber", part.as_str()),
+                        ("uploadId", upload_id.as_str()),
+                    ];
+                    let url = self.presign(Method::Put, Some(object), &query);
                     let payload = Payload::File {
                         file,
                         offset,
@@ -558,19 +578,17 @@ impl S3Storage {
             }
             let op = "CompleteMultipartUpload";
             self.retry(|| {
-                let action = self.bucket.complete_multipart_upload(
-                    Some(&self.credentials),
-                    object,
-                    &upload_id,
-                    etags.iter().map(String::as_str),
+                let url = self.presign(
+                    Method::Post,
+                    Some(object),
+                    &[("uploadId", upload_id.as_str())],
                 );
-                let url = action.sign(SIGNATURE_VALIDITY);
-                let body = action.body();
+                let body = complete_multipart_body(&etags);
                 let response =
                     self.send(op, key, Method::Post, &url, Payload::Bytes(body.as_bytes()))?;
                 // S3 can answer 200 and still fail, with an <Error> document as the body.
                 let text = self.read_text(op, key, &url, response)?;
-                match CompleteMultipartUploadResponse::parse(&text) {
+                match xml::expect_root(&text, "CompleteMultipartUploadResult") {
                     Ok(_) => Ok(()),
                     Err(_) if text.contains("<Error>") => {
                         Err(self.answer_error(op, key, &url, 200, &text))
@@ -611,18 +629,12 @@ impl S3Storage {
                 .position(|o| o == object)
                 .map_or_else(|| object.to_string(), |i| keys[i].clone())
         };
-        let mut remaining: Vec<ObjectIdentifier> = objects
-            .iter()
-            .map(|o| ObjectIdentifier::new(o.clone()))
-            .collect();
+        let mut remaining: Vec<String> = objects.to_vec();
         self.retry(|| {
-            let mut action = self
-                .bucket
-                .delete_objects(Some(&self.credentials), remaining.iter());
-            // Only failures are listed in the answer: a short body for 1000 keys.
-            action.set_quiet(true);
-            let url = action.sign(SIGNATURE_VALIDITY);
-            let (body, md5) = action.body_with_md5();
+            let url = self.presign(Method::Post, None, &[("delete", "1")]);
+            // Quiet: only failures are listed in the answer, a short body for 1000 keys.
+            let body = delete_objects_body(&remaining);
+            let md5 = super::sigv4::base64(&md5::Md5::digest(body.as_bytes()));
             let headers = [("content-md5", md5)];
             let response = self.exchange(
                 op,
@@ -633,7 +645,7 @@ impl S3Storage {
                 Payload::Bytes(body.as_bytes()),
             )?;
             let text = self.read_text(op, &label, &url, response)?;
-            let answer = match DeleteObjectsResponse::parse(&text) {
+            let answer = match parse_delete_result(&text) {
                 Ok(answer) => answer,
                 // Like CompleteMultipartUpload, a 200 can carry an <Error> document.
                 Err(_) if text.contains("<Error>") && !text.contains("DeleteResult") => {
@@ -652,7 +664,6 @@ impl S3Storage {
             bump(&self.counters.batch_deletes);
             // A key already gone is deleted, as DeleteObject has it.
             let failed: Vec<_> = answer
-                .errors
                 .into_iter()
                 .filter(|e| e.code != "NoSuchKey")
                 .collect();
@@ -689,7 +700,7 @@ impl S3Storage {
             if failed.len() > 5 {
                 detail.push_str(&format!(" and {} more", failed.len() - 5));
             }
-            remaining.retain(|o| failed.iter().any(|e| e.key == o.key));
+            remaining.retain(|o| failed.iter().any(|e| e.key == *o));
             Err(self.error(kind, op, &label, redact(detail.trim_end_matches(';'), &url)))
         })
     }
@@ -697,10 +708,7 @@ impl S3Storage {
     /// Best effort: parts of an upload that is neither completed nor aborted are kept (and
     /// billed) until a lifecycle rule removes them.
     fn abort_multipart(&self, key: &str, object: &str, upload_id: &str) {
-        let url = self
-            .bucket
-            .abort_multipart_upload(Some(&self.credentials), object, upload_id)
-            .sign(SIGNATURE_VALIDITY);
+        let url = self.presign(Method::Delete, Some(object), &[("uploadId", upload_id)]);
         match self.send(
             "AbortMultipartUpload",
             key,
@@ -760,10 +768,7 @@ impl Storage for S3Storage {
             if total == Some(written) && written > 0 {
                 return Ok(());
             }
-            let url = self
-                .bucket
-                .get_object(Some(&self.credentials), &object)
-                .sign(SIGNATURE_VALIDITY);
+            let url = self.presign(Method::Get, Some(&object), &[]);
             let mut headers = Vec::new();
             if written > 0 {
                 headers.push(("range", format!("bytes={written}-")));
@@ -841,27 +846,34 @@ impl Storage for S3Storage {
         let mut token: Option<String> = None;
         loop {
             let page = self.retry(|| {
-                let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
-                action.with_prefix(full_prefix.as_str());
+                // Keys come back URL-encoded: an XML document cannot carry every character.
+                let mut query = vec![
+                    ("list-type", "2"),
+                    ("encoding-type", "url"),
+                    ("prefix", full_prefix.as_str()),
+                ];
                 if let Some(token) = &token {
-                    action.with_continuation_token(token.as_str());
+                    query.push(("continuation-token", token.as_str()));
                 }
-                if let Some(keys) = self.list_page_size {
-                    action.with_max_keys(keys);
+                let max_keys = self
+                    .list_page_size
+                    .map(|keys| u16::try_from(keys).unwrap_or(u16::MAX).to_string());
+                if let Some(max_keys) = &max_keys {
+                    query.push(("max-keys", max_keys.as_str()));
                 }
-                let url = action.sign(SIGNATURE_VALIDITY);
+                let url = self.presign(Method::Get, None, &query);
                 bump(&self.counters.list_pages);
                 let response = self.send(op, prefix, Method::Get, &url, Payload::Empty)?;
                 let text = self.read_text(op, prefix, &url, response)?;
-                ListObjectsV2::parse_response(&text).map_err(|e| {
+                parse_list_page(&text).map_err(|e| {
                     self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}"))
                 })
             })?;
-            for content in page.contents {
+            for content in page.objects {
                 match content.key.strip_prefix(&strip) {
                     Some(key) if key.starts_with(prefix) => objects.push(ObjectInfo {
                         key: key.to_string(),
-                        size: content.size.unwrap_or(0),
+                        size: content.size,
                     }),
                     _ => log::warn!(
                         "{}: {op} {prefix}: ignoring unexpected key {:?} in the listing",
@@ -891,10 +903,7 @@ impl Storage for S3Storage {
     fn delete(&self, key: &str) -> Result<()> {
         let object = self.object_key(key)?;
         self.retry(|| {
-            let url = self
-                .bucket
-                .delete_object(Some(&self.credentials), &object)
-                .sign(SIGNATURE_VALIDITY);
+            let url = self.presign(Method::Delete, Some(&object), &[]);
             match self.send("DELETE", key, Method::Delete, &url, Payload::Empty) {
                 Ok(response) => {
                     drain(response);
@@ -937,6 +946,113 @@ impl Storage for S3Storage {
             format!("s3://{}/{}", self.bucket.name(), self.prefix)
         }
     }
+}
+
+/// One page of a ListObjectsV2 listing.
+struct ListPage {
+    objects: Vec<ListedObject>,
+    next_continuation_token: Option<String>,
+}
+
+struct ListedObject {
+    key: String,
+    size: u64,
+}
+
+fn parse_list_page(text: &str) -> std::result::Result<ListPage, String> {
+    let content = xml::expect_root(text, "ListBucketResult")?;
+    // Asked for with `encoding-type=url`; AWS and MinIO encode keys as HTML forms do (space
+    // as `+`, `+` as `%2B`), others percent-encode everything: decoding `+` first reads both.
+    let url_encoded = xml::text(content, "EncodingType")?.as_deref() == Some("url");
+    let mut objects = Vec::new();
+    for entry in xml::elements(content, "Contents") {
+        let entry = entry?;
+        let mut key = xml::required(entry, "Key")?;
+        if url_encoded {
+            let plus_decoded = key.replace('+', " ");
+            if let Ok(decoded) = percent_encoding::percent_decode_str(&plus_decoded).decode_utf8() {
+                key = decoded.into_owned();
+            }
+        }
+        let size = match xml::text(entry, "Size")? {
+            Some(size) => size
+                .trim()
+                .parse()
+                .map_err(|_| format!("invalid <Size> {size:?} of {key:?}"))?,
+            None => 0,
+        };
+        objects.push(ListedObject { key, size });
+    }
+    let truncated = match xml::text(content, "IsTruncated")? {
+        Some(t) => match t.trim() {
+            "true" => Some(true),
+            "false" => Some(false),
+            other => return Err(format!("invalid <IsTruncated> {other:?}")),
+        },
+        None => None,
+    };
+    // Without a token a truncated listing would silently end early, while following a token
+    // given with a complete one would restart it.
+    let token = xml::text(content, "NextContinuationToken")?;
+    let next_continuation_token = match (truncated, token) {
+        (Some(false), _) => None,
+        (_, Some(token)) if !token.is_empty() => Some(token),
+        (Some(true), _) => {
+            return Err("truncated listing without <NextContinuationToken>".to_string())
+        }
+        (None, _) => None,
+    };
+    Ok(ListPage {
+        objects,
+        next_continuation_token,
+    })
+}
+
+/// A key that DeleteObjects reports as not deleted.
+struct DeleteFailure {
+    key: String,
+    code: String,
+    message: String,
+}
+
+fn parse_delete_result(text: &str) -> std::result::Result<Vec<DeleteFailure>, String> {
+    let content = xml::expect_root(text, "DeleteResult")?;
+    xml::elements(content, "Error")
+        .map(|error| {
+            let error = error?;
+            Ok(DeleteFailure {
+                key: xml::required(error, "Key")?,
+                code: xml::required(error, "Code")?,
+                message: xml::text(error, "Message")?.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The DeleteObjects request body for `objects`, in quiet mode (only failures are reported).
+fn delete_objects_body(objects: &[String]) -> String {
+    let mut body = String::from("<Delete>");
+    for object in objects {
+        body.push_str("<Object><Key>");
+        body.push_str(&xml::escape(object));
+        body.push_str("</Key></Object>");
+    }
+    body.push_str("<Quiet>true</Quiet></Delete>");
+    body
+}
+
+/// The CompleteMultipartUpload request body: the `n`-th ETag is part number `n`.
+fn complete_multipart_body(etags: &[String]) -> String {
+    let mut body = String::from("<CompleteMultipartUpload>");
+    for (i, etag) in etags.iter().enumerate() {
+        body.push_str(&format!(
+            "<Part><ETag>{}</ETag><PartNumber>{}</PartNumber></Part>",
+            xml::escape(etag),
+            i + 1
+        ));
+    }
+    body.push_str("</CompleteMultipartUpload>");
+    body
 }
 
 fn is_missing_bucket(err: &Error) -> bool {
@@ -1284,6 +1400,83 @@ mod tests {
         );
         assert_eq!(xml_tag(body, "Missing"), None);
         assert_eq!(xml_tag("<Code>unterminated", "Code"), None);
+    }
+
+    #[test]
+    fn list_pages_decode_keys_and_follow_tokens() {
+        let page = |body: &str| {
+            parse_list_page(&format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+                 <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{body}</ListBucketResult>"
+            ))
+        };
+        let p = page(
+            "<Name>b</Name><Prefix>p</Prefix><EncodingType>url</EncodingType>\
+             <IsTruncated>true</IsTruncated>\
+             <Contents><Key>a+b%2Bc%20%C3%A9</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>\
+             <ETag>&quot;x&quot;</ETag><Size>12</Size><StorageClass>STANDARD</StorageClass></Contents>\
+             <Contents><Key>k&amp;%3C</Key><Size>0</Size></Contents>\
+             <NextContinuationToken>t/1+=</NextContinuationToken>",
+        )
+        .unwrap();
+        let keys: Vec<_> = p.objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+        assert_eq!(keys, [("a b+c é", 12), ("k&<", 0)]);
+        assert_eq!(p.next_continuation_token.as_deref(), Some("t/1+="));
+        // Without EncodingType, keys are taken as they are (entities decoded).
+        let p = page("<Contents><Key>a+b%20&lt;</Key><Size>1</Size></Contents>").unwrap();
+        assert_eq!(p.objects[0].key, "a+b%20<");
+        assert_eq!(p.next_continuation_token, None);
+        // A complete listing ends even with a token; a truncated one needs one.
+        let p = page(
+            "<IsTruncated>false</IsTruncated><NextContinuationToken>t</NextContinuationToken>",
+        )
+        .unwrap();
+        assert_eq!(p.next_continuation_token, None);
+        assert!(page("<IsTruncated>true</IsTruncated>").is_err());
+        assert!(page("<IsTruncated>true</IsTruncated><NextContinuationToken/>").is_err());
+        assert!(page("<Contents><Key>k</Key><Size>-1</Size></Contents>").is_err());
+        assert!(page("<Contents><Size>1</Size></Contents>").is_err());
+        assert!(parse_list_page("<Error><Code>NoSuchBucket</Code></Error>").is_err());
+    }
+
+    #[test]
+    fn delete_objects_bodies_and_answers() {
+        let body = delete_objects_body(&["a".to_string(), "b&<\r\"'é".to_string()]);
+        assert_eq!(
+            body,
+            "<Delete><Object><Key>a</Key></Object>\
+             <Object><Key>b&amp;&lt;&#xD;&quot;&apos;é</Key></Object><Quiet>true</Quiet></Delete>"
+        );
+        // The Content-MD5 header of a body, as S3 checks it (`openssl md5 -binary | base64`).
+        assert_eq!(
+            super::super::sigv4::base64(&md5::Md5::digest(b"<Delete></Delete>")),
+            "R2cEG0GhQVRNiyXR3QnSyw=="
+        );
+        let failures = parse_delete_result(
+            "<?xml version=\"1.0\"?><DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Deleted><Key>gone</Key></Deleted>\
+             <Error><Key>x&amp;y</Key><Code>AccessDenied</Code><Message>No &lt;way&gt;.</Message></Error>\
+             <Error><Key>z</Key><Code>InternalError</Code></Error></DeleteResult>",
+        )
+        .unwrap();
+        let got: Vec<_> = failures
+            .iter()
+            .map(|f| (f.key.as_str(), f.code.as_str(), f.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x&y", "AccessDenied", "No <way>."),
+                ("z", "InternalError", "")
+            ]
+        );
+        assert!(parse_delete_result("<DeleteResult/>").unwrap().is_empty());
+        assert!(parse_delete_result("<Error><Code>SlowDown</Code></Error>").is_err());
+        assert_eq!(
+            complete_multipart_body(&["\"e1\"".to_string(), "e2".to_string()]),
+            "<CompleteMultipartUpload><Part><ETag>&quot;e1&quot;</ETag><PartNumber>1</PartNumber></Part>\
+             <Part><ETag>e2</ETag><PartNumber>2</PartNumber></Part></CompleteMultipartUpload>"
+        );
     }
 
     #[test]
