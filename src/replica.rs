@@ -1330,6 +1330,21 @@ mod tests {
         (app, replica)
     }
 
+    /// Restore `app` from the test's bucket; the rows of `t` in the restored database and in
+    /// the application's.
+    fn restored_and_source_rows(dir: &Path) -> (i64, i64) {
+        let out = dir.join("restored.db");
+        let storage = FileStorage::new(dir.join("bucket"));
+        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
+        let count = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap()
+        };
+        (count(&out), count(&dir.join("app.db")))
+    }
+
     /// An application write that must not wait for walsync.
     fn write_now(app: &Connection) -> rusqlite::Result<()> {
         app.busy_timeout(Duration::ZERO)?;
@@ -1373,17 +1388,7 @@ mod tests {
             replica.sync().unwrap(),
             SyncOutcome::Shipped { .. }
         ));
-        let out = dir.path().join("restored.db");
-        let storage = FileStorage::new(dir.path().join("bucket"));
-        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
-        let count = |path: &Path| -> i64 {
-            Connection::open(path)
-                .unwrap()
-                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                .unwrap()
-        };
-        assert_eq!(count(&out), 1601);
-        assert_eq!(count(&dir.path().join("app.db")), 1601);
+        assert_eq!(restored_and_source_rows(dir.path()), (1601, 1601));
     }
 
     #[test]
@@ -1454,15 +1459,7 @@ mod tests {
             replica.sync().unwrap(),
             SyncOutcome::Shipped { .. }
         ));
-        let out = dir.path().join("restored.db");
-        let storage = FileStorage::new(dir.path().join("bucket"));
-        crate::restore::restore(&storage, "app", &out, &Default::default()).unwrap();
-        let count = |path: &Path| -> i64 {
-            Connection::open(path)
-                .unwrap()
-                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                .unwrap()
-        };
-        assert_eq!(count(&out), count(&dir.path().join("app.db")));
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!(restored, source);
     }
 }
