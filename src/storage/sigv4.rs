@@ -294,17 +294,15 @@ mod tests {
         Credentials::new(KEY.into(), SECRET.into(), token.map(str::to_string))
     }
 
+    /// The example bucket's `url` signed for `method` with `query`, at the example's time.
+    fn signed(token: Option<&str>, method: &str, url: Url, query: &[(&str, &str)]) -> Url {
+        bucket().sign_at(&credentials(token), method, url, query, DAY, time())
+    }
+
     #[test]
     fn aws_example() {
         let b = bucket();
-        let url = b.sign_at(
-            &credentials(None),
-            "GET",
-            b.object_url("test.txt"),
-            &[],
-            DAY,
-            time(),
-        );
+        let url = signed(None, "GET", b.object_url("test.txt"), &[]);
         assert_eq!(
             url.as_str(),
             "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
@@ -314,34 +312,18 @@ mod tests {
     #[test]
     fn aws_example_with_token_and_empty_token() {
         let b = bucket();
-        let url = b.sign_at(
-            &credentials(Some("oej5cie4uctureturdtuc5dctd")),
+        let url = signed(
+            Some("oej5cie4uctureturdtuc5dctd"),
             "GET",
             b.object_url("test.txt"),
             &[],
-            DAY,
-            time(),
         );
         assert_eq!(
             url.as_str(),
             "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-Security-Token=oej5cie4uctureturdtuc5dctd&X-Amz-SignedHeaders=host&X-Amz-Signature=bf77b83a7135594046c90a7e7e10cf1a4c8f8ecc1d541d0f42bea6b7670870c7"
         );
-        let with_empty = b.sign_at(
-            &credentials(Some("")),
-            "GET",
-            b.object_url("test.txt"),
-            &[],
-            DAY,
-            time(),
-        );
-        let without = b.sign_at(
-            &credentials(None),
-            "GET",
-            b.object_url("test.txt"),
-            &[],
-            DAY,
-            time(),
-        );
+        let with_empty = signed(Some(""), "GET", b.object_url("test.txt"), &[]);
+        let without = signed(None, "GET", b.object_url("test.txt"), &[]);
         assert_eq!(with_empty, without);
     }
 
@@ -349,25 +331,16 @@ mod tests {
     fn query_parameters_are_sorted_and_signed() {
         // rusty-s3's signatures for these requests (its tests, same time and keys).
         let b = bucket();
-        let url = b.sign_at(
-            &credentials(None),
-            "POST",
-            b.base_url().clone(),
-            &[("delete", "1")],
-            DAY,
-            time(),
-        );
+        let url = signed(None, "POST", b.base_url().clone(), &[("delete", "1")]);
         assert_eq!(
             url.as_str(),
             "https://examplebucket.s3.amazonaws.com/?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&delete=1&X-Amz-Signature=0e6170ba8cb7873da76b7fb63638658607f484265935099b3d8cea5195af843c"
         );
-        let url = b.sign_at(
-            &credentials(None),
+        let url = signed(
+            None,
             "DELETE",
             b.object_url("test.txt"),
             &[("uploadId", "abcd")],
-            DAY,
-            time(),
         );
         assert_eq!(
             url.as_str(),
@@ -384,13 +357,11 @@ mod tests {
             b.object_url("/a b/é+&?#%~x").as_str(),
             "http://127.0.0.1:9000/base/b%20k//a%20b/%C3%A9%2B%26%3F%23%25~x"
         );
-        let url = b.sign_at(
-            &credentials(None),
+        let url = signed(
+            None,
             "GET",
             b.base_url().clone(),
             &[("prefix", "a b/c+d"), ("continuation-token", "x=y/z")],
-            DAY,
-            time(),
         );
         let query = url.query().unwrap();
         assert!(
