@@ -4,8 +4,9 @@
 //! rewritten under a fresh WAL header with the checksum chain recomputed (see
 //! [`crate::wal::WalWriter`]), so that `gunzip` gives a file SQLite itself accepts as a WAL
 //! for the database as of the segment before it. It is written straight into a file in the
-//! sidecar; memory stays small (a frame, and 4 bytes per frame while cutting) however large
-//! the transactions are, so a backlog of hundreds of MiB costs disk, not RAM.
+//! sidecar; memory stays small (a frame, and up to about 1 MiB of page numbers while cutting,
+//! see [`SUPERSEDED_LIMIT`]) however large the transactions are, so a backlog of hundreds of
+//! MiB costs disk, not RAM.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -27,8 +28,10 @@ pub struct Segment {
     pub chain: [u32; 2],
 }
 
-/// Most frames one cut remembers the page numbers of (4 bytes each: 256 KiB). A backlog
-/// longer than this is cut as it is, every frame kept, so memory stays bounded.
+/// Most frames one cut remembers the page numbers of: 4 bytes each, plus, to pick the last
+/// versions, a set of the distinct pages and a flag per frame, about 1 MiB in all at this
+/// limit. A backlog longer than this is cut as it is, every frame kept, so memory stays
+/// bounded.
 const SUPERSEDED_LIMIT: usize = 64 * 1024;
 
 /// Copy the committed frames of `reader` from its position up to its last commit frame
