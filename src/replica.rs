@@ -1462,4 +1462,38 @@ mod tests {
         let (restored, source) = restored_and_source_rows(dir.path());
         assert_eq!(restored, source);
     }
+
+    /// The control connection opens again only on the file the pin holds: with another file
+    /// renamed into place it refuses, and the next step follows the new file (and closes
+    /// nothing it should not: the application's write lock stays free).
+    #[test]
+    fn a_rested_database_reopens_its_control_connection_only_on_the_pinned_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_app, mut replica) = setup(dir.path());
+        replica.rest();
+        let other = dir.path().join("other.db");
+        let conn = Connection::open(&other).unwrap();
+        conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (9);")
+            .unwrap();
+        drop(conn);
+        std::fs::rename(&other, dir.path().join("app.db")).unwrap();
+
+        let refused = open_control(
+            &mut replica.control,
+            &replica.pin,
+            &replica.opened,
+            &replica.name,
+        );
+        assert!(
+            refused.is_err(),
+            "opened the replacing file as the control connection"
+        );
+        assert!(replica.control.is_none());
+
+        assert_eq!(replica.checkpoint().unwrap(), Checkpoint::Skipped);
+        let replaced = FileIdentity::of(&dir.path().join("app.db")).unwrap();
+        assert!(replica.opened.same_file(&replaced));
+        let app = Connection::open(dir.path().join("app.db")).unwrap();
+        write_now(&app).expect("the write lock was left held");
+    }
 }
