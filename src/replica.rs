@@ -56,18 +56,48 @@
 //!
 //! While walsync is stopped nothing holds the WAL. On the next start the WAL must still be
 //! the one the tip describes (same salts, the same frame at the tip), or walsync must be able
-//! to prove that nothing committed was lost: the tip records the database file's identity
-//! (size, modification time, inode) at a moment when the tip was the end of the committed
-//! WAL (*settled*). A commit that left the WAL since then must have been copied into the
-//! database file, which changes it; so an unchanged file proves it, and a changed one (an
-//! application that committed, then closed its last connection or truncated the WAL)
-//! means a new generation. So does a replaced database file or a changed page size.
+//! to prove that nothing committed was lost, by content: before it stops, walsync copies
+//! every frame it staged into the database file (a complete checkpoint) and records the
+//! SHA-256 of that file, which then holds exactly the state at the tip (the *proof*). While
+//! its pin holds the WAL, nobody can change the file meanwhile. On the next start, a
+//! database file with the same digest still holds that state, so every later commit is in
+//! whatever WAL there is now, read from its top. A different digest (an application that
+//! committed, then closed its last connection or truncated the WAL) means a new
+//! generation. Timestamps prove nothing here: on a filesystem with whole-second times, a
+//! same-size write in the same second leaves size and modification time as they were. A
+//! replaced database file or a changed page size is a new generation too.
+//!
+//! # Storage is the truth
+//!
+//! The sidecar is a hint: it can be rolled back with the database (a VM snapshot
+//! restored), copied with it (`cp -a`), or pointed at a destination that no longer holds
+//! what it says (a new endpoint, an emptied prefix). Before anything is uploaded, each run
+//! *reconciles* the tip with one listing of the name ([`Replica::reconcile`]):
+//!
+//! - a position saved for another file (other path, device or inode) is foreign: it and
+//!   whatever it staged are dropped, and the name's ownership is checked as for a new
+//!   database;
+//! - storage holding a newer generation, or objects of the tip's generation past the tip,
+//!   means this host's files were rolled back: a new generation, never an index cut again;
+//! - storage lacking the base the tip builds on (no snapshot of its generation, stored or
+//!   staged, or a segment missing between it and the tip) means the destination is not the
+//!   one the sidecar wrote to: a new generation.
+//!
+//! When storage cannot be reached at start, the replica stages locally and uploads nothing
+//! until the listing succeeds; if the reconciliation then finds the tip wrong, the staged
+//! objects are dropped and a new generation is snapshotted from the database, which holds
+//! every commit they held.
+//!
+//! Object times are labels for point-in-time restores, read from the clock (held still
+//! through a small step back, following a large one: see [`Replica::next_time`]), so a
+//! clock step blurs point-in-time near the step, nothing more; the order of objects and of
+//! generations comes from indexes and from storage (see [`Generation::after`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::database::Database;
 use crate::error::{Context, Error, ErrorKind, Result};
@@ -87,10 +117,9 @@ pub const DEFAULT_STAGING_LIMIT: u64 = 1024 * 1024 * 1024;
 /// A WAL file at least this large is truncated after walsync's next complete checkpoint.
 pub const DEFAULT_WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 
-/// A file modified this recently may still change without its modification time changing
-/// (filesystem timestamps are only as fine as the kernel's clock tick), so its identity does
-/// not prove that it stayed the same.
-const TIMESTAMP_GRANULARITY: Duration = Duration::from_millis(20);
+/// Object times go back with the clock only when it steps back further than this (see
+/// [`Replica::next_time`]).
+const LABELS_FOLLOW_A_STEP_BACK_OF: Duration = Duration::from_secs(3600);
 
 /// How far the WAL has been read into staged objects: saved in the sidecar, and written
 /// before anything it covers is uploaded.
@@ -104,21 +133,51 @@ struct Position {
     page_size: u32,
     /// Chain value after `index` (see [`crate::segment`]).
     chain: [u32; 2],
-    /// Time of the newest object, in milliseconds: object times never go back, even when
-    /// the clock does.
+    /// Time of the newest object, in milliseconds (a label: see [`Replica::next_time`]).
     time_ms: i64,
     /// Staging sequence number of the newest object this position counts.
     seq: u64,
     /// The WAL just after the last commit read; `None` when the WAL had no valid header.
     wal: Option<WalMark>,
-    /// The database file as of the last read (dev and inode tell a replacement).
+    /// The database file as of the last read (dev and inode tell a replacement or a copy).
     db: FileIdentity,
-    /// The database file at a moment when this position was the end of the committed WAL,
-    /// if that moment is known and the identity can be trusted (see the module docs).
-    settled: Option<FileIdentity>,
+    /// The database's absolute path: a position found beside another path was copied there
+    /// (None in positions saved before walsync recorded it).
+    #[serde(default)]
+    path: Option<String>,
+    /// The host name when the position was saved: with another inode at the same path, a
+    /// position of this host is a database replaced by rename (a new generation), one of
+    /// another host a copy (see [`Position::is_foreign`]).
+    #[serde(default)]
+    host: Option<String>,
+    /// The database file's content when it alone held the state at this position, if
+    /// known (see the module docs).
+    #[serde(default)]
+    proof: Option<Proof>,
     /// Staging numbers of uncounted files that could not be removed yet: never uploaded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     leftovers: Vec<u64>,
+}
+
+impl Position {
+    /// Whether this position was saved for another database file than `opened` at `path`:
+    /// a copy of the database and its sidecar (`cp -a`, another host's volume), whose
+    /// position and staged objects belong to the original. A file renamed over the same
+    /// path on this host is not foreign: its position's objects are the old file's last
+    /// commits, uploaded before the new file starts a new generation.
+    fn is_foreign(&self, opened: &FileIdentity, path: &str) -> bool {
+        let moved = self.path.as_deref().is_some_and(|p| p != path);
+        let other_host = self.host.as_deref().is_some_and(|h| h != hostname());
+        moved || (!self.db.same_file(opened) && other_host)
+    }
+}
+
+/// The digest of a database file that held exactly the state at segment `index` of the
+/// position's generation: every frame up to there checkpointed into it, nothing after.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Proof {
+    index: u64,
+    sha256: String,
 }
 
 /// A place in one particular WAL (identified by its salts).
@@ -220,7 +279,7 @@ pub struct Replica {
     uploading: bool,
     /// The newest object confirmed stored (for `state.json`).
     stored: Option<(Generation, u64)>,
-    /// The newest generation of this name in storage when the replica was opened: a new
+    /// The newest generation of this name in storage when the replica was reconciled: a new
     /// generation must sort after it even if the sidecar was lost and the clock went back.
     newest_stored: Option<Generation>,
     /// The listing of this name taken when the replica was opened, until taken (by the
@@ -228,6 +287,12 @@ pub struct Replica {
     opening_listing: Option<std::collections::BTreeMap<Generation, layout::GenerationObjects>>,
     /// Where walsync's own checkpoints have copied the WAL up to (salts and offset).
     backfilled: Option<([u32; 2], u64)>,
+    /// The tip was checked against storage ([`Replica::reconcile`]): until then nothing
+    /// is uploaded.
+    reconciled: bool,
+    /// Why the tip cannot be continued, found by [`Replica::reconcile`]: the next cut
+    /// starts a new generation.
+    lost: Option<String>,
     staging_limit: u64,
     wal_size_limit: u64,
     /// Staging is full and that has been said.
@@ -236,21 +301,55 @@ pub struct Replica {
 
 impl Replica {
     /// Open `db_path` for replication to `storage` under `name`, pin its WAL, pick up what a
-    /// previous run staged, and refuse a name another database is written under (see
-    /// [`Replica::check_ownership`]).
+    /// previous run staged, and reconcile all that with storage ([`Replica::reconcile`]),
+    /// which refuses a name another database is written under.
     pub fn open(db_path: &Path, storage: Arc<dyn Storage>, name: &str) -> Result<Replica> {
+        let mut replica = Replica::open_unreconciled(db_path, storage, name)?;
+        replica.reconcile()?;
+        Ok(replica)
+    }
+
+    /// [`Replica::open`] without asking storage anything: nothing is uploaded until
+    /// [`Replica::reconcile`] succeeds, but the WAL is read and staged meanwhile (for
+    /// `walsync watch` when storage cannot be reached at start).
+    pub fn open_unreconciled(
+        db_path: &Path,
+        storage: Arc<dyn Storage>,
+        name: &str,
+    ) -> Result<Replica> {
         layout::validate_name(name)?;
         let (db, pin, opened) = open_connections(db_path)?;
         let destination = storage.describe();
         let sidecar = Sidecar::open(db_path, &destination, name)?;
+        let path = absolute_path(db_path);
         let mut tip = sidecar
             .load_position::<Position>()?
             .filter(|p| p.destination == destination && p.name == name);
+        if let Some(saved) = tip.as_ref().filter(|t| t.is_foreign(&opened, &path)) {
+            log::warn!(
+                "{name}: the replication position in {} was saved for another file ({} on {}, \
+                 inode {}): this database is a copy; the position and whatever it staged are \
+                 dropped, and the name's owner is checked as for a new database",
+                sidecar.dir().display(),
+                saved.path.as_deref().unwrap_or("?"),
+                saved.host.as_deref().unwrap_or("?"),
+                saved.db.ino
+            );
+            tip = None;
+        }
         let saved_seq = tip.as_ref().map_or(0, |t| t.seq);
         let (staged, seq_floor, leftovers) = pick_up_staged(&sidecar, name, tip.as_ref())?;
         let mut tip_changed = false;
         if let Some(tip) = tip.as_mut().filter(|t| t.leftovers != leftovers) {
             tip.leftovers = leftovers.clone();
+            tip_changed = true;
+        }
+        if let Some(tip) = tip
+            .as_mut()
+            .filter(|t| t.path.is_none() || t.host.is_none())
+        {
+            tip.path = Some(path.clone());
+            tip.host = Some(hostname());
             tip_changed = true;
         }
         let mut replica = Replica {
@@ -273,12 +372,13 @@ impl Replica {
             backfilled: None,
             newest_stored: None,
             opening_listing: None,
+            reconciled: false,
+            lost: None,
             staging_limit: DEFAULT_STAGING_LIMIT,
             wal_size_limit: DEFAULT_WAL_SIZE_LIMIT,
             said_full: false,
         };
         replica.pin_state = replica.pin_state_now()?;
-        replica.check_ownership()?;
         replica.release_memory();
         Ok(replica)
     }
@@ -412,9 +512,12 @@ impl Replica {
         self.stage_snapshot(tip)
     }
 
-    /// Record, under the barrier, that the tip is the end of the committed WAL, so that a
-    /// restart can prove nothing was committed while walsync was stopped (if the database
-    /// file is then unchanged). Call before stopping, after the last [`Replica::poll`].
+    /// Prepare for a stop: copy every staged frame into the database file and record its
+    /// digest (the proof, see the module docs), so that a restart can prove that nothing was
+    /// committed while walsync was stopped, whatever the application does with the WAL
+    /// meanwhile. Call before stopping, after the last [`Replica::poll`]. Without a complete
+    /// checkpoint (a reader holds old frames) there is no proof, and the next start relies
+    /// on the WAL alone.
     pub fn settle(&mut self) -> Result<()> {
         self.prepare()?;
         if self.tip.is_none() {
@@ -422,20 +525,30 @@ impl Replica {
             // never reports success with nothing stored.
             self.poll()?;
         }
-        for _ in 0..5 {
-            let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
-            self.persist()?;
-            match cut {
-                Cut::Broken(_) | Cut::Held => return Ok(()),
-                Cut::Idle | Cut::Staged { .. } => {}
-            }
-            if self.tip.as_ref().is_some_and(|t| t.settled.is_some()) {
-                return Ok(());
-            }
-            // The database file was written too recently for its identity to prove much.
-            std::thread::sleep(TIMESTAMP_GRANULARITY);
+        if self.checkpoint()? == Checkpoint::Complete {
+            self.prove()?;
         }
         Ok(())
+    }
+
+    /// Right after a complete checkpoint: the database file holds exactly the state at the
+    /// tip, and the pin, taken after the copy, reads the file alone (read mark 0), which
+    /// stops every checkpoint from copying later frames into it while it is read. Record
+    /// its digest.
+    fn prove(&mut self) -> Result<()> {
+        let sha256 = crate::files::content_digest(self.pin.path())
+            .map_err(|e| e.with_context(self.name.clone()))?;
+        if !FileIdentity::of(self.pin.path())?.same_file(&self.opened) {
+            return Ok(()); // replaced meanwhile: what was read proves nothing
+        }
+        if let Some(tip) = self.tip.as_mut() {
+            tip.proof = Some(Proof {
+                index: tip.index,
+                sha256,
+            });
+            self.tip_changed = true;
+        }
+        self.persist()
     }
 
     /// Checkpoint the WAL over what is staged (see the module docs).
@@ -487,9 +600,10 @@ impl Replica {
     }
 
     /// The next object to upload, if none is out for upload now. Uploads go one at a time,
-    /// in order, and only up to the saved tip; report each with [`Replica::upload_done`].
+    /// in order, only up to the saved tip, and only once the tip is reconciled with
+    /// storage; report each with [`Replica::upload_done`].
     pub fn next_upload(&mut self) -> Result<Option<Upload>> {
-        if self.uploading {
+        if self.uploading || !self.reconciled {
             return Ok(None);
         }
         let Some(front) = self.staged.front() else {
@@ -537,8 +651,15 @@ impl Replica {
         self.uploading = false;
     }
 
-    /// Upload everything staged, in order, from this thread.
+    /// Upload everything staged, in order, from this thread (after reconciling with
+    /// storage, if that is still to do: then a new generation may start first).
     pub fn flush(&mut self) -> Result<()> {
+        if !self.reconciled {
+            self.reconcile()?;
+            if self.lost.is_some() {
+                self.poll()?;
+            }
+        }
         while let Some(upload) = self.next_upload()? {
             let stored = self
                 .storage
@@ -568,41 +689,124 @@ impl Replica {
         self.opening_listing.take()
     }
 
-    /// Refuse to write into a replica name that another database is writing to.
-    ///
-    /// One LIST of the name (and a GET of its `state.json` when this database has no
-    /// generation of its own yet). Another writer shows as a generation newer than this
-    /// database's own, or, for a database without one, a `state.json` naming another
-    /// source (host and path). Removing that `state.json` hands the name over, for example
-    /// to a database restored onto a new host.
-    pub fn check_ownership(&mut self) -> Result<()> {
+    /// Whether the tip has been checked against storage (see [`Replica::reconcile`]).
+    pub fn is_reconciled(&self) -> bool {
+        self.reconciled
+    }
+
+    /// Check the tip against what storage holds for this name (one LIST, and a GET of its
+    /// `state.json` when ownership is in question), as the module docs say: refuse a name
+    /// another database writes, and start a new generation where storage contradicts the
+    /// tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
+    /// again.
+    pub fn reconcile(&mut self) -> Result<()> {
         let listing = self
             .storage
             .list(&format!("{}/", self.name))
             .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
         let mut catalog = layout::Catalog::from_listing(listing);
-        self.opening_listing = Some(catalog.databases.remove(&self.name).unwrap_or_default());
-        let Some(newest) = self
-            .opening_listing
-            .as_ref()
-            .and_then(|generations| generations.keys().next_back().cloned())
-        else {
-            return Ok(());
+        let generations = catalog.databases.remove(&self.name).unwrap_or_default();
+        let newest = generations.keys().next_back().cloned();
+        self.newest_stored = self.newest_stored.clone().max(newest.clone());
+        let verdict = self.judge(&generations, newest.as_ref())?;
+        self.opening_listing = Some(generations);
+        if let Some(reason) = verdict {
+            self.abandon_tip(reason)?;
+        }
+        self.reconciled = true;
+        Ok(())
+    }
+
+    /// What the listing of this name says about the tip: None to go on, or why a new
+    /// generation must start. An error when another database writes the name.
+    fn judge(
+        &self,
+        generations: &std::collections::BTreeMap<Generation, layout::GenerationObjects>,
+        newest: Option<&Generation>,
+    ) -> Result<Option<String>> {
+        let Some((ours, index)) = self.generation() else {
+            self.check_owner(newest)?;
+            return Ok(None);
         };
-        self.newest_stored = Some(newest.clone());
-        // The tip is saved before anything it counts is uploaded, so every generation this
-        // database wrote is at most the tip's.
-        if let Some((ours, _)) = self.generation() {
-            if newest > ours {
-                return Err(Error::invalid(format!(
-                    "{}: {} holds a newer generation {newest} of {:?} than this database's \
-                     {ours}: another walsync is writing that name; give this database another \
-                     name with PATH:NAME",
-                    self.pin.path().display(),
-                    self.storage.describe(),
-                    self.name
-                )));
-            }
+        let here = generations.get(&ours);
+        if let Some(newest) = newest.filter(|n| **n > ours) {
+            self.check_owner(Some(newest)).map_err(|e| {
+                e.with_context(format!(
+                    "storage holds a newer generation {newest} than this database's {ours}"
+                ))
+            })?;
+            return Ok(Some(format!(
+                "storage holds generation {newest}, newer than this database's {ours}: the \
+                 database and its sidecar were rolled back (a VM or filesystem snapshot \
+                 restored?)"
+            )));
+        }
+        if here.is_none() {
+            // Not stored yet (begun before a stop, or while storage was unreachable), or
+            // a destination that never held it: whoever wrote the name last must be us.
+            self.check_owner(newest)?;
+        }
+        let objects = here.cloned().unwrap_or_default();
+        if let Some(ahead) = objects
+            .snapshots
+            .iter()
+            .chain(&objects.segments)
+            .map(|o| o.name.index)
+            .filter(|i| *i > index)
+            .max()
+        {
+            return Ok(Some(format!(
+                "storage holds index {ahead} of generation {ours}, past this database's \
+                 position {index}: the database and its sidecar were rolled back (a VM or \
+                 filesystem snapshot restored?)"
+            )));
+        }
+        if !self.restorable(&ours, index, &objects) {
+            return Ok(Some(format!(
+                "{} lacks the snapshot or segments that generation {ours} builds on up to \
+                 index {index} (a new endpoint, or a prefix emptied while walsync was stopped?)",
+                self.storage.describe()
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Whether a restore of generation `generation` up to `index` could be done from what
+    /// is stored (`stored`) and staged: a snapshot, and every segment after it.
+    fn restorable(
+        &self,
+        generation: &Generation,
+        index: u64,
+        stored: &layout::GenerationObjects,
+    ) -> bool {
+        let staged = self
+            .staged
+            .iter()
+            .filter(|s| s.object.generation == *generation)
+            .map(|s| (s.object.kind, s.object.index));
+        let stored_names = stored
+            .snapshots
+            .iter()
+            .chain(&stored.segments)
+            .map(|o| (o.name.kind, o.name.index));
+        let have: std::collections::BTreeSet<(ObjectKind, u64)> =
+            staged.chain(stored_names).collect();
+        let Some(base) = have
+            .iter()
+            .filter(|(kind, i)| *kind == ObjectKind::Snapshot && *i <= index)
+            .map(|(_, i)| *i)
+            .max()
+        else {
+            return false;
+        };
+        (base + 1..=index).all(|i| have.contains(&(ObjectKind::Segment, i)))
+    }
+
+    /// Refuse the name when its `state.json` says another database writes it (unless this
+    /// database was restored from it, which hands the name over). `newest` is the newest
+    /// generation stored: with none there is nobody to refuse.
+    fn check_owner(&self, newest: Option<&Generation>) -> Result<()> {
+        if newest.is_none() {
             return Ok(());
         }
         let mut body = Vec::new();
@@ -615,33 +819,56 @@ impl Replica {
             Ok(state) => state,
             Err(_) => return Ok(()),
         };
-        if state.source != self.source() {
-            // Restored here from this replica while `state.generation` was still its newest
-            // (a container restarted with a new host name, a database moved to a new
-            // host): the name is handed over. A newer generation means another walsync
-            // wrote since the restore.
-            if let Some(restored) = self.sidecar.restored_from() {
-                if state.generation.as_str() <= restored.as_str() {
-                    log::info!(
-                        "{:?}: taking the name over from {} (this database was restored \
-                         from it)",
-                        self.name,
-                        state.source
-                    );
-                    return Ok(());
+        if state.source == self.source() {
+            return Ok(());
+        }
+        // Restored here from this replica while `state.generation` was still its newest
+        // (a container restarted with a new host name, a database moved to a new host):
+        // the name is handed over. A newer generation means another walsync wrote since.
+        if let Some(restored) = self.sidecar.restored_from(&self.opened) {
+            if state.generation.as_str() <= restored.as_str() {
+                log::info!(
+                    "{:?}: taking the name over from {} (this database was restored from it)",
+                    self.name,
+                    state.source
+                );
+                return Ok(());
+            }
+        }
+        Err(Error::invalid(format!(
+            "{:?} in {} holds backups of {}, not {}: another walsync writes that name; give \
+             this database another name with PATH:NAME, or remove {}/state.json to take the \
+             name over",
+            self.name,
+            self.storage.describe(),
+            state.source,
+            self.source(),
+            self.name
+        )))
+    }
+
+    /// The tip cannot be continued (see [`Replica::judge`]): drop whatever it staged (never
+    /// uploaded: it continues the wrong history, or one storage cannot restore) and make
+    /// the next cut start a new generation, snapshotted from the database, which holds
+    /// every commit those objects held.
+    fn abandon_tip(&mut self, reason: String) -> Result<()> {
+        log::warn!("{}: {reason}; starting a new generation", self.name);
+        let dropped: Vec<Staged> = self.staged.drain(..).collect();
+        for object in &dropped {
+            log::debug!("{}: dropping staged {}", self.name, object.path.display());
+            if let Err(e) = self.sidecar.remove(object) {
+                // Never uploaded: its number is kept among the leftovers.
+                log::warn!("{}: {e}; it is left alone and never uploaded", self.name);
+                self.leftovers.push(object.seq);
+                if let Some(tip) = self.tip.as_mut() {
+                    tip.leftovers.push(object.seq);
+                    self.tip_changed = true;
                 }
             }
-            return Err(Error::invalid(format!(
-                "{:?} in {} holds backups of {}, not {}: give this database another name with \
-                 PATH:NAME, or remove {}/state.json to take the name over",
-                self.name,
-                self.storage.describe(),
-                state.source,
-                self.source(),
-                self.name
-            )));
         }
-        Ok(())
+        self.unsynced.clear();
+        self.lost = Some(reason);
+        self.persist()
     }
 
     /// Write `state.json` for `list` and for people; restores never need it.
@@ -692,6 +919,9 @@ impl Replica {
         let Some(tip) = self.tip.clone() else {
             return Ok(Cut::Broken("no generation yet".into()));
         };
+        if let Some(reason) = &self.lost {
+            return Ok(Cut::Broken(reason.clone()));
+        }
         let staged = self.staged_bytes();
         if staged >= self.staging_limit {
             if !self.said_full {
@@ -716,10 +946,7 @@ impl Replica {
         };
         let start = match self.continuity(&tip, reader.as_ref(), &identity)? {
             Continuity::Lost(reason) => return Ok(Cut::Broken(reason)),
-            Continuity::NoWal => {
-                self.note_settled(identity);
-                return Ok(Cut::Idle);
-            }
+            Continuity::NoWal => return Ok(Cut::Idle),
             Continuity::From(start) => start,
         };
         let Some(reader) = reader.as_mut() else {
@@ -728,7 +955,6 @@ impl Replica {
         reader.seek(start);
         let header = *reader.header();
         if !reader.may_hold_frame()? {
-            self.note_settled(identity);
             self.note_reached(&header, start.offset);
             return Ok(Cut::Idle);
         }
@@ -739,7 +965,6 @@ impl Replica {
             Ok(Some(segment)) => segment,
             Ok(None) => {
                 // Frames of a transaction not committed yet; the draft is removed on drop.
-                self.note_settled(identity);
                 self.note_reached(&header, start.offset);
                 return Ok(Cut::Idle);
             }
@@ -770,7 +995,7 @@ impl Replica {
             seq: staged.seq,
             wal: Some(mark(&header, end)),
             db: identity,
-            settled: trusted(identity),
+            proof: None,
             ..tip
         });
         self.note_reached(&header, end.offset);
@@ -807,13 +1032,24 @@ impl Replica {
             return Ok(Continuity::Lost("the database file was replaced".into()));
         }
         // Nothing that was committed can have left the WAL unread: the pin guards, or the
-        // database file has not changed since the tip was the end of the WAL.
-        let proven = tip.settled.as_ref() == Some(identity);
-        let guarded = self.pin_state == Pin::Guarding || proven;
+        // database file still holds exactly the state at the tip (checked by content, and
+        // only when needed: it reads the whole file).
+        let guarded = self.pin_state == Pin::Guarding;
+        let header = reader.map(|r| *r.header());
+        let same_wal = match (header, tip.wal) {
+            (Some(header), Some(mark)) if header.salt == mark.salt => Some(mark),
+            _ => None,
+        };
+        let proven = !guarded && same_wal.is_none() && self.proves_unchanged(tip)?;
+        if proven {
+            self.pin_state = Pin::Guarding;
+        }
         let Some(reader) = reader else {
-            if !guarded {
+            if !(guarded || proven) {
                 return Ok(Continuity::Lost(
-                    "the WAL was checkpointed away while walsync was not holding it".into(),
+                    "the WAL was checkpointed away while walsync was not holding it, and the \
+                     database file no longer holds what was last replicated"
+                        .into(),
                 ));
             }
             // The pin, taken before this check, guards from now on.
@@ -827,8 +1063,8 @@ impl Replica {
                 tip.page_size, header.page_size
             )));
         }
-        let start = match tip.wal {
-            Some(mark) if header.salt == mark.salt => {
+        let start = match same_wal {
+            Some(mark) => {
                 if !reader.still_holds(mark.end)? {
                     return Ok(Continuity::Lost(
                         "the WAL no longer holds the frames last read".into(),
@@ -837,21 +1073,40 @@ impl Replica {
                 mark.end
             }
             // The WAL restarted (or appeared) since the tip: every frame in it is newer.
-            _ if guarded => WalPosition {
+            None if guarded || proven => WalPosition {
                 offset: HEADER_SIZE,
                 checksum: header.checksum,
             },
-            _ => {
+            None => {
                 return Ok(Continuity::Lost(
-                    "the WAL was checkpointed and restarted while walsync was not holding it"
+                    "the WAL was checkpointed and restarted while walsync was not holding it, \
+                     and the database file no longer holds what was last replicated"
                         .into(),
                 ))
             }
         };
-        if proven {
-            self.pin_state = Pin::Guarding;
-        }
         Ok(Continuity::From(start))
+    }
+
+    /// Whether the database file still holds exactly the state at the tip: its digest is
+    /// the tip's proof (see the module docs).
+    fn proves_unchanged(&self, tip: &Position) -> Result<bool> {
+        let Some(proof) = tip.proof.as_ref().filter(|p| p.index == tip.index) else {
+            return Ok(false);
+        };
+        let sha256 = crate::files::content_digest(self.pin.path())
+            .map_err(|e| e.with_context(self.name.clone()))?;
+        let same = sha256 == proof.sha256;
+        log::debug!(
+            "{}: the database file {} the state last replicated",
+            self.name,
+            if same {
+                "still holds"
+            } else {
+                "no longer holds"
+            }
+        );
+        Ok(same)
     }
 
     /// Start a new generation because of `reason`: under the barrier, note where the
@@ -905,13 +1160,16 @@ impl Replica {
             seq: self.next_seq() - 1,
             wal: end,
             db: identity,
-            settled: trusted(identity),
+            path: Some(self.absolute_path()),
+            host: Some(hostname()),
+            proof: None,
             leftovers: previous.map_or_else(|| self.leftovers.clone(), |t| t.leftovers.clone()),
         };
         self.backfilled = None;
         let key = self.stage_snapshot(base)?;
         // The pin was moved under the barrier to exactly where the new base is.
         self.pin_state = Pin::Guarding;
+        self.lost = None;
         Ok(key)
     }
 
@@ -977,14 +1235,12 @@ impl Replica {
         Ok(())
     }
 
-    /// Under the barrier, after a complete checkpoint: remember it, and that the database
-    /// file (changed by the copy) is settled at the tip.
+    /// Under the barrier, after a complete checkpoint: remember it.
     fn note_backfilled(&mut self) -> Result<()> {
         let identity = FileIdentity::of(self.pin.path())?;
         if let Some(tip) = self.tip.as_mut() {
             self.backfilled = tip.wal.map(|m| (m.salt, m.end.offset));
             tip.db = identity;
-            tip.settled = trusted(identity);
             self.tip_changed = true;
         }
         Ok(())
@@ -1100,21 +1356,6 @@ impl Replica {
         }
     }
 
-    /// Nothing new in the WAL: the tip is the end of the committed WAL as of `identity`
-    /// (taken before looking), if that identity can be trusted. Saved (by
-    /// [`Replica::persist`]) only when it differs, to spare the disk.
-    fn note_settled(&mut self, identity: FileIdentity) {
-        let Some(tip) = self.tip.as_mut() else {
-            return;
-        };
-        let settled = trusted(identity);
-        if tip.settled != settled {
-            tip.settled = settled;
-            tip.db = identity;
-            self.tip_changed = true;
-        }
-    }
-
     /// Where the committed part of the WAL ends right now (under the barrier, or after
     /// pinning).
     fn committed_end(&self) -> Result<Option<WalMark>> {
@@ -1146,10 +1387,18 @@ impl Replica {
         Ok(Some(mark(&header, end)))
     }
 
-    /// The time for the next object: now, but never before the previous one.
+    /// The time for the next object (a label for point-in-time restores, see the module
+    /// docs): now, but not before the previous object unless the clock went back further
+    /// than [`LABELS_FOLLOW_A_STEP_BACK_OF`]. A small step back is a clock that was a
+    /// little ahead and was corrected: labels hold still until it catches up, so a
+    /// point-in-time restore never includes a commit made after the time asked for. A large
+    /// one ends a glitch (a clock that ran days ahead): labels follow the clock again rather
+    /// than stay at the glitch for as long as it lasted.
     fn next_time(&self, tip: &Position) -> UtcTime {
         let now = UtcTime::now();
-        if now.millis() > tip.time_ms {
+        let back = tip.time_ms.saturating_sub(now.millis());
+        let limit = LABELS_FOLLOW_A_STEP_BACK_OF.as_millis() as i64;
+        if back < 0 || back > limit {
             now
         } else {
             UtcTime::from_millis(tip.time_ms + 1)
@@ -1175,8 +1424,12 @@ impl Replica {
 
     /// `host:/absolute/path` of this database, as recorded in `state.json`.
     fn source(&self) -> String {
-        let path = std::path::absolute(self.pin.path()).unwrap_or_else(|_| self.pin.path().into());
-        format!("{}:{}", hostname(), path.display())
+        format!("{}:{}", hostname(), self.absolute_path())
+    }
+
+    /// The database's absolute path, as recorded in the position and in `state.json`.
+    fn absolute_path(&self) -> String {
+        absolute_path(self.pin.path())
     }
 }
 
@@ -1290,15 +1543,12 @@ fn mark(header: &WalHeader, end: WalPosition) -> WalMark {
     }
 }
 
-/// `identity`, if it can vouch that the file has not changed since: not when the file was
-/// modified within the filesystem's timestamp granularity (or in the future, after a clock
-/// step), since a write right after would leave the same modification time.
-fn trusted(identity: FileIdentity) -> Option<FileIdentity> {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128);
-    let age = now - identity.mtime_ns;
-    (age >= TIMESTAMP_GRANULARITY.as_nanos() as i128).then_some(identity)
+/// `path` made absolute (as it is, if that fails), as text.
+fn absolute_path(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.into())
+        .display()
+        .to_string()
 }
 
 /// This machine's host name, or "localhost" if it cannot be read.

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::metrics::DbMetrics;
 use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
@@ -94,6 +95,10 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// After a failed checkpoint or one that could not finish, wait this long before the next.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
 
+/// Waits between tries to reach storage for a database that could not be reconciled at
+/// start (see [`Replica::reconcile`]).
+const RECONCILE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
 /// After a local error (reading the WAL, taking a snapshot), wait this long, then retry.
 const ERROR_RETRY: Duration = Duration::from_secs(5);
 
@@ -133,16 +138,34 @@ pub struct Replicator {
 impl Replicator {
     /// Start replicating `databases` (path and replica name) to `storage`.
     ///
-    /// Every database is opened and checked before any thread starts, so a bad path or a
-    /// database not in WAL mode is an error here, not a log line later.
+    /// Every database is opened and checked before any thread starts, so a bad path, a
+    /// database not in WAL mode or a name another database writes is an error here, not a
+    /// log line later. Storage that cannot be reached is not: the databases stage locally
+    /// and their threads reconcile with storage (see [`Replica::reconcile`]) once it can be
+    /// reached, so that an application started with walsync never waits for the network.
     pub fn start(
         storage: Arc<dyn Storage>,
         databases: &[(PathBuf, String)],
         options: Options,
     ) -> Result<Replicator> {
         let mut replicas = Vec::new();
+        let mut reachable = true;
         for (path, name) in databases {
-            let mut replica = Replica::open(path, Arc::clone(&storage), name)?;
+            let mut replica = Replica::open_unreconciled(path, Arc::clone(&storage), name)?;
+            if reachable {
+                match replica.reconcile() {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => {
+                        log::warn!(
+                            "storage cannot be reached ({e}): replicating to local staging \
+                             only; nothing is uploaded until {} answers (retried with backoff)",
+                            storage.describe()
+                        );
+                        reachable = false;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             replica.set_staging_limit(options.staging_limit);
             replica.set_wal_size_limit(options.wal_size_limit);
             replicas.push(replica);
@@ -181,6 +204,7 @@ impl Replicator {
                 pool: Arc::clone(&pool),
                 options: options.clone(),
                 prune: pruner.as_ref().map(Pruner::requests),
+                reconcile_backoff: RECONCILE_BACKOFF,
                 agenda: Agenda {
                     dirty: true,
                     last_snapshot: Some(Instant::now()),
@@ -314,6 +338,7 @@ struct DbWorker {
     prune: Option<Sender<PruneRequest>>,
     agenda: Agenda,
     metrics: Arc<DbMetrics>,
+    reconcile_backoff: Backoff,
 }
 
 /// Someone waiting for an object to be stored.
@@ -359,6 +384,8 @@ struct Agenda {
     /// Stopping, and everything committed is staged and the tip settled (see
     /// [`Replica::settle`]).
     settled: bool,
+    /// Storage could not be reached to reconcile the replica: try again then.
+    reconcile_at: Option<Instant>,
 }
 
 impl DbWorker {
@@ -381,6 +408,10 @@ impl DbWorker {
             // Coalesce whatever else arrived meanwhile.
             while let Ok(event) = self.events.try_recv() {
                 self.handle(event);
+            }
+            if let Err(e) = self.reconcile_if_due() {
+                log::error!("{name}: {e}; this database is no longer replicated");
+                return Err(e);
             }
             if let Err(e) = self.step() {
                 // While stopping, try again sooner: the deadline is near.
@@ -423,6 +454,9 @@ impl DbWorker {
         }
         if let Some(retry) = agenda.retry_at {
             wake = wake.min(retry);
+        }
+        if let Some(reconcile) = agenda.reconcile_at {
+            wake = wake.min(reconcile);
         }
         if let Some(prune) = self.next_prune() {
             wake = wake.min(prune);
@@ -491,6 +525,37 @@ impl DbWorker {
         self.upload_next()?;
         self.answer_syncs();
         Ok(())
+    }
+
+    /// Reconcile the replica with storage if that could not be done at start (nothing is
+    /// uploaded until it is; see [`Replica::reconcile`]) and the backoff allows. An error
+    /// only when storage answered and refused this database the name.
+    fn reconcile_if_due(&mut self) -> Result<()> {
+        let now = Instant::now();
+        if self.replica.is_reconciled() || self.agenda.reconcile_at.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        let name = self.replica.name().to_string();
+        match self.replica.reconcile() {
+            Ok(()) => {
+                if self.agenda.reconcile_at.take().is_some() {
+                    log::info!("{name}: storage answers again: uploading what was staged");
+                }
+                self.reconcile_backoff.restart();
+                self.agenda.dirty = true;
+                Ok(())
+            }
+            Err(e) if e.is_transient() => {
+                let wait = self.reconcile_backoff.next_jittered();
+                log::warn!(
+                    "{name}: {e}; staging locally, trying storage again in {}s",
+                    wait.as_secs().max(1)
+                );
+                self.agenda.reconcile_at = Some(now + wait);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// When the next prune may be asked for, if one is wanted.

@@ -2,7 +2,9 @@
 //!
 //! 1. **Plan** from a single (paginated) LIST of `<name>/`: the snapshot to start from (the
 //!    newest one, or for a point in time the newest taken at or before it) and the segments
-//!    of its generation after it (all of them, or those committed at or before the time).
+//!    of its generation after it (all of them, or for a point in time those up to the last
+//!    one committed at or before it: times are labels from a clock that may have stepped,
+//!    indexes are the order).
 //!    Their indexes must be contiguous: a missing segment is an error, never a silent
 //!    shorter restore.
 //! 2. **Download** with bounded parallelism, gunzipping as the bytes arrive (the gzip CRC is
@@ -193,12 +195,14 @@ pub fn choose(
             .iter()
             .filter(|(g, _)| generation.is_none_or(|wanted| wanted == *g))
     };
+    let times = snapshot_times(generations);
+    let time_of = |s: &StoredObject| times.get(&s.key).copied().unwrap_or(s.name.time);
     // Newest generation first; within it, the newest usable snapshot.
     let chosen = wanted()
         .flat_map(|(generation, objects)| objects.snapshots.iter().map(move |s| (generation, s)))
-        .filter(|(_, s)| in_time(s))
+        .filter(|(_, s)| point_in_time.is_none_or(|t| time_of(s) <= t))
         .max_by(|(ga, a), (gb, b)| match point_in_time {
-            Some(_) => (a.name.time, ga, a.name.index).cmp(&(b.name.time, gb, b.name.index)),
+            Some(_) => (time_of(a), ga, a.name.index).cmp(&(time_of(b), gb, b.name.index)),
             None => (ga, a.name.index).cmp(&(gb, b.name.index)),
         });
     let Some((generation, snapshot)) = chosen else {
@@ -225,6 +229,20 @@ pub fn choose(
     // index again. Keep the newest in time here; a chained restore chooses among them by the
     // chain (see `apply_chained`), so `alternatives` keeps the others.
     let objects = &generations[generation].segments;
+    // For a point in time: every segment up to the last one committed at or before it.
+    // Times are the writer's clock, which may have stepped: a segment labelled after the
+    // point but followed by one labelled before it was committed before that one (a clock
+    // stepped forward, then back), so it belongs to the restore. A step blurs the point in
+    // time near the step, never further.
+    let last = match point_in_time {
+        Some(_) => objects
+            .iter()
+            .filter(|s| s.name.index > snapshot.name.index && in_time(s))
+            .map(|s| s.name.index)
+            .max()
+            .unwrap_or(snapshot.name.index),
+        None => u64::MAX,
+    };
     let mut alternatives: Vec<StoredObject> = objects
         .iter()
         .filter(|s| s.name.index == snapshot.name.index && in_time(s))
@@ -241,8 +259,14 @@ pub fn choose(
         while let Some(more) = rest.next_if(|s| s.name.index == first.name.index) {
             group.push(more);
         }
-        // Listed oldest first within an index.
-        group.retain(|s| in_time(s));
+        if first.name.index > last {
+            break;
+        }
+        // Listed oldest first within an index. Only the cuts within the point in time;
+        // before the last index, if none is, all of them (see above).
+        if first.name.index == last || group.iter().any(|s| in_time(s)) {
+            group.retain(|s| in_time(s));
+        }
         let Some((newest, older)) = group.split_last() else {
             break;
         };
@@ -267,6 +291,41 @@ pub fn choose(
         chain: None,
         newest_generation: generations.keys().next_back().unwrap_or(generation).clone(),
     })
+}
+
+/// The time each snapshot stands for in a point-in-time restore (by key): its own label, or
+/// the earliest label of any object after it in its generation (by index) if that is
+/// earlier. Labels come from the writer's clock: a snapshot labelled after a later object
+/// was taken while the clock was ahead (it stepped forward, then back), and it certainly
+/// holds a state from before that object. Without this, a snapshot taken during a forward
+/// glitch would be out of reach of every point in time until the clock caught up.
+/// [`crate::retention`] keeps what restores choose by the same times.
+pub fn snapshot_times(
+    generations: &BTreeMap<Generation, GenerationObjects>,
+) -> std::collections::HashMap<String, UtcTime> {
+    let mut times = std::collections::HashMap::new();
+    for objects in generations.values() {
+        // The earliest label at each index, then the earliest after each index.
+        let mut earliest: BTreeMap<u64, UtcTime> = BTreeMap::new();
+        for object in objects.snapshots.iter().chain(&objects.segments) {
+            let slot = earliest
+                .entry(object.name.index)
+                .or_insert(object.name.time);
+            *slot = (*slot).min(object.name.time);
+        }
+        let mut after: Option<UtcTime> = None;
+        let mut later: BTreeMap<u64, Option<UtcTime>> = BTreeMap::new();
+        for (index, time) in earliest.iter().rev() {
+            later.insert(*index, after);
+            after = Some(after.map_or(*time, |a| a.min(*time)));
+        }
+        for snapshot in &objects.snapshots {
+            let next = later.get(&snapshot.name.index).copied().flatten();
+            let time = next.map_or(snapshot.name.time, |n| n.min(snapshot.name.time));
+            times.insert(snapshot.key.clone(), time);
+        }
+    }
+    times
 }
 
 /// Restore `name` from `storage` into `output`. Returns the plan that was applied.
@@ -325,8 +384,17 @@ pub fn restore(
 /// restore itself is complete either way: a failure here is a warning, and `watch` then
 /// explains how to hand the name over by hand.
 fn note_restored(output: &Path, storage: &dyn Storage, plan: &RestorePlan) {
-    let noted = crate::sidecar::Sidecar::open(output, &storage.describe(), &plan.name)
-        .and_then(|sidecar| sidecar.note_restored(plan.newest_generation.as_str()));
+    let noted = crate::sidecar::Sidecar::open(output, &storage.describe(), &plan.name).and_then(
+        |sidecar| {
+            let identity = crate::files::FileIdentity::of(output)?;
+            let path = std::path::absolute(output).unwrap_or_else(|_| output.to_path_buf());
+            sidecar.note_restored(
+                plan.newest_generation.as_str(),
+                &identity,
+                &path.display().to_string(),
+            )
+        },
+    );
     match noted {
         Ok(0) => {}
         Ok(n) => log::warn!(
@@ -1107,6 +1175,26 @@ mod tests {
         let (stray, _) = r.segment(4, 8, ChainValue([5, 6]), &new.commit(&["stray"]));
         let err = r.restore(None).unwrap_err().to_string();
         assert!(err.contains(&stray) && err.contains(&snap), "{err}");
+    }
+
+    /// Object times are the writer's clock: one segment labelled 30 days ahead (the clock
+    /// glitched, then came back) is applied by a point-in-time restore to a moment after
+    /// the glitch, not taken as the end of the history. The blur stays at the step: a
+    /// point before it restores as before.
+    #[test]
+    fn a_clock_stepped_forward_blurs_point_in_time_only_at_the_step() {
+        let r = Replica::new();
+        let src = Source::create(r.root.join("src.db"));
+        let base = ChainValue::of_generation(&r.generation);
+        r.snapshot(0, 0, &src.file(), Some(base));
+        let (_, c1) = r.segment(1, 1, base, &src.commit(&["a"]));
+        let (_, c2) = r.segment(2, 30 * 86400, c1, &src.commit(&["b"]));
+        let (_, c3) = r.segment(3, 3, c2, &src.commit(&["c"]));
+        r.segment(4, 4, c3, &src.commit(&["d"]));
+        assert_eq!(r.restore(Some(3)).unwrap().1, ["a", "b", "c"]);
+        assert_eq!(r.restore(Some(5)).unwrap().1, ["a", "b", "c", "d"]);
+        assert_eq!(r.restore(Some(1)).unwrap().1, ["a"]);
+        assert_eq!(r.restore(None).unwrap().1, ["a", "b", "c", "d"]);
     }
 
     #[test]

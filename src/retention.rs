@@ -9,7 +9,9 @@
 //! replica:
 //!
 //! - `S*` is the snapshot restore would choose for `t = W`: the greatest
-//!   `(time, generation, index)` with `time <= W`. If there is none, nothing is deleted: the
+//!   `(time, generation, index)` with `time <= W`, where a snapshot's time is the one restore
+//!   chooses it by (its label, or an earlier label of an object after it, after a clock
+//!   glitch: see `restore::snapshot_times`). If there is none, nothing is deleted: the
 //!   window reaches back before the first backup.
 //! - Kept snapshots: `S*` and every snapshot ordered after it in that order (for any
 //!   `t >= W` restore chooses one of them, since `S*` itself qualifies), the snapshot the
@@ -67,6 +69,7 @@ use std::time::Duration;
 
 use crate::error::{Context, Error, Result};
 use crate::layout::{self, Catalog, Generation, GenerationObjects, ObjectKind, StoredObject};
+use crate::restore;
 use crate::storage::Storage;
 use crate::utc::UtcTime;
 
@@ -216,16 +219,19 @@ pub fn plan(
             .iter()
             .flat_map(|(g, objects)| objects.snapshots.iter().map(move |s| (g, s)))
     };
+    // The times restore chooses snapshots by (see `restore::snapshot_times`).
+    let times = restore::snapshot_times(generations);
+    let time_of = |s: &StoredObject| times.get(&s.key).copied().unwrap_or(s.name.time);
     plan.next_due = snapshots()
-        .map(|(_, s)| s.name.time)
+        .map(|(_, s)| time_of(s))
         .filter(|time| *time > window)
         .min()
         .map(|time| UtcTime::from_millis(time.millis().saturating_add(retention_ms)));
     let restore_order =
-        |(g, s): &(&Generation, &StoredObject)| (s.name.time, (*g).clone(), s.name.index);
+        |(g, s): &(&Generation, &StoredObject)| (time_of(s), (*g).clone(), s.name.index);
     // S*: what a restore to W starts from.
     let Some(base) = snapshots()
-        .filter(|(_, s)| s.name.time <= window)
+        .filter(|(_, s)| time_of(s) <= window)
         .max_by_key(restore_order)
     else {
         return plan;
@@ -236,8 +242,8 @@ pub fn plan(
     let newest = snapshots().max_by_key(|(g, s)| ((*g).clone(), s.name.index));
     let newest_at_window = newest.and_then(|(newest_generation, _)| {
         snapshots()
-            .filter(|(g, s)| *g == newest_generation && s.name.time <= window)
-            .max_by_key(|(_, s)| (s.name.time, s.name.index))
+            .filter(|(g, s)| *g == newest_generation && time_of(s) <= window)
+            .max_by_key(|(_, s)| (time_of(s), s.name.index))
             .map(|(_, s)| s.key.clone())
     });
     let newest_position = newest.map(|(g, s)| (g.clone(), s.name.index));

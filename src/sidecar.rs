@@ -14,7 +14,7 @@
 //! - Scratch files (`.walsync-*`) while an object is being written.
 //! - `restored.json`, written by `walsync restore` into the sidecar of the file it restored:
 //!   the newest generation the replica had then. It lets that file take the name over from
-//!   the host that wrote it (see `Replica::check_ownership`), as a container restarted with
+//!   the host that wrote it (see `Replica::reconcile`), as a container restarted with
 //!   a new host name does.
 //!
 //! Everything is written with [`crate::files::write_atomically`]: a temporary file, fsync, rename, then an
@@ -143,10 +143,16 @@ impl Sidecar {
     }
 
     /// Record that the database was just restored from this replica, whose newest generation
-    /// was `newest`: `restored.json` (see the module doc). The position, which described the
-    /// file the restore replaced, is removed, and with it whatever that file had staged
-    /// (returned, to be reported).
-    pub fn note_restored(&self, newest: &str) -> Result<usize> {
+    /// was `newest`: `restored.json` (see the module doc), naming the restored file (its
+    /// absolute `path` and `identity`), so that a copy of the database and its sidecar is
+    /// not taken for it. The position, which described the file the restore replaced, is
+    /// removed, and with it whatever that file had staged (returned, to be reported).
+    pub fn note_restored(
+        &self,
+        newest: &str,
+        identity: &files::FileIdentity,
+        path: &str,
+    ) -> Result<usize> {
         let stale = self.staged()?;
         let position = self.dir.join("position.json");
         match std::fs::remove_file(&position) {
@@ -158,7 +164,12 @@ impl Sidecar {
         for staged in &stale {
             self.remove(staged)?;
         }
-        let body = serde_json::to_vec_pretty(&serde_json::json!({ "newest_generation": newest }))?;
+        let body = serde_json::to_vec_pretty(&serde_json::json!({
+            "newest_generation": newest,
+            "path": path,
+            "dev": identity.dev,
+            "ino": identity.ino,
+        }))?;
         write_atomically(&self.dir.join(RESTORED), self.file_mode, |f| {
             f.write_all(&body)
         })?;
@@ -166,10 +177,25 @@ impl Sidecar {
     }
 
     /// The newest generation of the replica when `walsync restore` wrote this database, if
-    /// it did (see [`Sidecar::note_restored`]).
-    pub fn restored_from(&self) -> Option<String> {
+    /// it did (see [`Sidecar::note_restored`]): not when `restored.json` names another file
+    /// than `identity` (the database and its sidecar were copied; device and inode decide,
+    /// since a path can be spelled many ways). One written before walsync recorded the
+    /// file is taken as it is.
+    pub fn restored_from(&self, identity: &files::FileIdentity) -> Option<String> {
         let body = std::fs::read(self.dir.join(RESTORED)).ok()?;
         let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let field = |name: &str| value.get(name).and_then(|v| v.as_u64());
+        let same_file = match (field("dev"), field("ino")) {
+            (Some(dev), Some(ino)) => dev == identity.dev && ino == identity.ino,
+            _ => true,
+        };
+        if !same_file {
+            log::debug!(
+                "{} names another file; ignored",
+                self.dir.join(RESTORED).display()
+            );
+            return None;
+        }
         Some(value.get("newest_generation")?.as_str()?.to_string())
     }
 

@@ -24,7 +24,7 @@ use walsync::storage::s3::{S3Config, S3Storage};
 use walsync::storage::Storage;
 use walsync::utc::UtcTime;
 
-fn s3_url(server: &S3Server, prefix: &str) -> String {
+pub(crate) fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())
 }
 
@@ -52,7 +52,7 @@ fn storage_via(server: &S3Server, prefix: &str, endpoint: &str) -> S3Storage {
     .unwrap()
 }
 
-fn start(storage: &Arc<dyn Storage>, db: &Path, options: Options) -> Replicator {
+pub(crate) fn start(storage: &Arc<dyn Storage>, db: &Path, options: Options) -> Replicator {
     crate::common::logs::init();
     Replicator::start(
         Arc::clone(storage),
@@ -63,12 +63,12 @@ fn start(storage: &Arc<dyn Storage>, db: &Path, options: Options) -> Replicator 
 }
 
 /// The stored objects of `name`, grouped by generation.
-fn catalog(storage: &dyn Storage, name: &str) -> Catalog {
+pub(crate) fn catalog(storage: &dyn Storage, name: &str) -> Catalog {
     Catalog::from_listing(storage.list(&format!("{name}/")).unwrap())
 }
 
 /// Generations stored for `name`.
-fn generations(storage: &dyn Storage, name: &str) -> usize {
+pub(crate) fn generations(storage: &dyn Storage, name: &str) -> usize {
     catalog(storage, name)
         .databases
         .get(name)
@@ -87,7 +87,7 @@ fn count_objects(storage: &dyn Storage, name: &str, kind: ObjectKind) -> usize {
 
 /// Restore `name` (latest, or as of `at`) with the library into a fresh file in `dir`: its
 /// dump once `PRAGMA integrity_check` says ok, or why not.
-fn restore_dump(
+pub(crate) fn restore_dump(
     storage: &dyn Storage,
     name: &str,
     dir: &Path,
@@ -130,7 +130,7 @@ fn summary(dump: &str) -> String {
 
 /// Insist that a restore succeeded and equals `expected`, with a readable message.
 #[track_caller]
-fn assert_restored(restored: Result<String, String>, expected: &str, what: &str) {
+pub(crate) fn assert_restored(restored: Result<String, String>, expected: &str, what: &str) {
     match restored {
         Ok(text) if text == expected => {}
         Ok(text) => {
@@ -150,7 +150,11 @@ fn assert_restored(restored: Result<String, String>, expected: &str, what: &str)
 }
 
 /// Restore the latest state of `name` with `walsync restore`: its dump, or stderr.
-fn restore_with_binary(server: &S3Server, prefix: &str, dir: &Path) -> Result<String, String> {
+pub(crate) fn restore_with_binary(
+    server: &S3Server,
+    prefix: &str,
+    dir: &Path,
+) -> Result<String, String> {
     let out = dir.join("restored-by-binary.db");
     let _ = std::fs::remove_file(&out);
     let dest = s3_url(server, prefix);
@@ -188,7 +192,7 @@ fn wait_until_checkpointed(app: &AppDb) {
 
 /// Run walsync through the library with a small PASSIVE checkpoint threshold until its own
 /// checkpoint has copied the whole WAL into the database file, then stop it cleanly.
-fn replicate_until_walsync_checkpointed(storage: &Arc<dyn Storage>, app: &mut AppDb) {
+pub(crate) fn replicate_until_walsync_checkpointed(storage: &Arc<dyn Storage>, app: &mut AppDb) {
     let options = Options {
         min_interval: Duration::from_millis(20),
         passive_checkpoint_frames: 10,

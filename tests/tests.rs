@@ -13,6 +13,7 @@ mod crash_recovery;
 mod durability;
 mod example_app;
 mod ops;
+mod reconcile;
 mod retention;
 mod secrets;
 mod service;

@@ -629,7 +629,7 @@ impl Drop for TmpfsMount {
 }
 
 /// Where libfaketime is, if installed (Debian: package `faketime`).
-fn find_libfaketime() -> Option<PathBuf> {
+pub fn find_libfaketime() -> Option<PathBuf> {
     let listed = Command::new("dpkg")
         .args(["-L", "libfaketime"])
         .output()
