@@ -3,9 +3,10 @@
 //! application checkpoints in every mode, the S3 server stops and restarts, and it and a
 //! proxy inject faults; walsync is stopped (SIGTERM and SIGKILL) while the application then
 //! closes every connection or truncates the WAL, the database is replaced by rename (also
-//! with a snapshot due), the sidecar is made immutable or its disk full, S3 is slow and the
-//! clock steps back; each round ends with a clean SIGTERM, a check of the whole chain and
-//! checked restores.
+//! with a snapshot due), the sidecar is made immutable or its disk full, S3 is slow, the
+//! clock steps back, the host is rolled back with its sidecar, the data directory is copied
+//! and the copy watched under the same name, and walsync starts with storage down; each round
+//! ends with a clean SIGTERM, a check of the whole chain and checked restores.
 
 use std::time::Duration;
 
@@ -61,6 +62,12 @@ fn two_short_torture_rounds_lose_nothing() {
         "replacement with a short snapshot interval",
     );
     at_least(totals.slow_s3, "slow S3 period");
+    at_least(totals.rollbacks, "rollback of the host with its sidecar");
+    at_least(
+        totals.copies_refused,
+        "copy of the data directory refused the name",
+    );
+    at_least(totals.starts_storage_down, "start with storage down");
     at_least(totals.chain_links, "chain link checked");
     assert!(
         totals.chain_generations >= 2,

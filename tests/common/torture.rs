@@ -21,7 +21,13 @@
 //! - a slow S3: every request delayed by seconds ([`Round::chaos_slow_s3`]), while the
 //!   application's commits (busy timeout 5 s) must never fail with SQLITE_BUSY;
 //! - the wall clock stepped back (libfaketime) for a walsync started right after a change
-//!   that forces a new generation ([`Round::start_next_under_stepped_clock`]).
+//!   that forces a new generation ([`Round::start_next_under_stepped_clock`]);
+//! - the host rolled back (a VM snapshot restored): the database, its WAL and the sidecar
+//!   put back in place as they were, while storage keeps what was uploaded since, in
+//!   `p == 1` rounds with the clock stepped back too ([`Round::chaos_rollback`]);
+//! - the data directory copied with its sidecar (`cp -a`) and the copy watched under the
+//!   same name ([`Round::chaos_copy`]);
+//! - walsync started while storage is down ([`Round::chaos_storage_down_at_start`]).
 //!
 //! At the end of the round (faults off, server up) walsync gets SIGTERM and must exit 0; then
 //! every stored object is downloaded and its place in the chain checked
@@ -165,6 +171,14 @@ pub struct Totals {
     pub chain_generations: u64,
     pub chain_links: u64,
     pub chain_duplicates: u64,
+    /// [`Round::chaos_rollback`]: the database, its WAL and the sidecar put back as they were.
+    pub rollbacks: u64,
+    /// [`Round::chaos_copy`]: copies of the data directory watched under the same name and
+    /// refused; copies not tried because no `state.json` named the original yet.
+    pub copies_refused: u64,
+    pub copies_skipped: u64,
+    /// [`Round::chaos_storage_down_at_start`]: walsync started while storage was down.
+    pub starts_storage_down: u64,
     /// Chaos this machine cannot play (no root, no libfaketime, ...), said once each.
     pub skipped: Vec<String>,
     pub failures: Vec<String>,
@@ -217,6 +231,10 @@ impl Totals {
         self.chain_generations += r.chain_generations;
         self.chain_links += r.chain_links;
         self.chain_duplicates += r.chain_duplicates;
+        self.rollbacks += r.rollbacks;
+        self.copies_refused += r.copies_refused;
+        self.copies_skipped += r.copies_skipped;
+        self.starts_storage_down += r.starts_storage_down;
         for note in &r.skipped {
             self.skip(note);
         }
@@ -237,6 +255,7 @@ impl Totals {
              {} server pauses, faults {}/{}/{}/{}/{} (reset/500/503/stall/truncated), \
              stops TERM/KILL {}/{} then close/TRUNCATE {}/{}, replacements {} (fresh {}, snapshot due {}), \
              sidecar frozen/full {}/{}, slow S3 {}, clock steps {} ({} generations), \
+             rollbacks {}, copies refused {} (skipped {}), starts with storage down {}, \
              chain links {} in {} generations, PITR {} (exact {}, max lag {}), {} failures",
             self.commits,
             self.slowest_commit.as_millis(),
@@ -266,6 +285,10 @@ impl Totals {
             self.slow_s3,
             self.clock_steps,
             self.clock_step_generations,
+            self.rollbacks,
+            self.copies_refused,
+            self.copies_skipped,
+            self.starts_storage_down,
             self.chain_links,
             self.chain_generations,
             self.pitr_checks,
@@ -336,6 +359,12 @@ impl Totals {
             self.slow_s3,
             self.clock_steps,
             self.clock_step_generations
+        );
+        let _ = writeln!(
+            s,
+            "host rolled back with its sidecar {}; data directory copied and the copy refused {} \
+             (not tried {}: no state.json yet); walsync started with storage down {}",
+            self.rollbacks, self.copies_refused, self.copies_skipped, self.starts_storage_down
         );
         let _ = writeln!(
             s,
@@ -711,6 +740,101 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Files as a VM or filesystem snapshot keeps them: bytes and modification times, put back
+/// in place (the same inode where the file still exists).
+struct DiskImage {
+    files: Vec<(PathBuf, Option<(Vec<u8>, std::time::SystemTime)>)>,
+    /// Directories whose whole content is put back (files they hold now and did not then
+    /// are removed).
+    trees: Vec<PathBuf>,
+}
+
+impl DiskImage {
+    fn take(files: &[PathBuf], tree: &Path) -> Result<DiskImage, String> {
+        let mut image = DiskImage {
+            files: Vec::new(),
+            trees: vec![tree.to_path_buf()],
+        };
+        let mut all: Vec<PathBuf> = files.to_vec();
+        all.extend(files_under(tree)?);
+        for path in all {
+            let read = || -> std::io::Result<(Vec<u8>, std::time::SystemTime)> {
+                let bytes = std::fs::read(&path)?;
+                Ok((bytes, std::fs::metadata(&path)?.modified()?))
+            };
+            match read() {
+                Ok(content) => image.files.push((path, Some(content))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    image.files.push((path, None))
+                }
+                Err(e) => return Err(format!("imaging {}: {e}", path.display())),
+            }
+        }
+        Ok(image)
+    }
+
+    fn put_back(&self) -> Result<(), String> {
+        let kept: std::collections::HashSet<&PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| p)
+            .collect();
+        let fail = |p: &Path, e: std::io::Error| format!("rolling back {}: {e}", p.display());
+        for tree in &self.trees {
+            for path in files_under(tree)? {
+                if !kept.contains(&path) {
+                    std::fs::remove_file(&path).map_err(|e| fail(&path, e))?;
+                }
+            }
+        }
+        for (path, content) in &self.files {
+            match content {
+                Some((bytes, modified)) => {
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
+                    }
+                    std::fs::write(path, bytes).map_err(|e| fail(path, e))?;
+                    File::options()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_modified(*modified))
+                        .map_err(|e| fail(path, e))?;
+                }
+                None => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(fail(path, e))
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every file under `dir` (recursively); none if it does not exist.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("reading {}: {e}", d.display())),
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    Ok(files)
+}
+
 const PREFIX: &str = "torture";
 const NAME: &str = "app";
 
@@ -972,7 +1096,7 @@ impl<'a> Round<'a> {
 
         // Every kind of chaos at least once per round (even if that takes longer than
         // `round_time`), then random ones of the first ten kinds.
-        let mut agenda: Vec<u64> = vec![0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14];
+        let mut agenda: Vec<u64> = vec![0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 15, 16, 17];
         for i in (1..agenda.len()).rev() {
             agenda.swap(i, self.rng.below(i as u64 + 1) as usize);
         }
@@ -1017,6 +1141,9 @@ impl<'a> Round<'a> {
                 12 => self.chaos_replace_database(&writer, totals)?,
                 13 => self.chaos_sidecar_fault(totals)?,
                 14 => self.chaos_slow_s3(totals),
+                15 => self.chaos_rollback(&writer, totals)?,
+                16 => self.chaos_copy(totals)?,
+                17 => self.chaos_storage_down_at_start(totals)?,
                 _ => {
                     totals.fault_switches += 1;
                     if action == 9 && self.mix() != FaultMix::none() {
@@ -1230,6 +1357,165 @@ impl<'a> Round<'a> {
         }
         drop(paused);
         self.checkpointer = Some(open_checkpointer(&self.db)?);
+        Ok(())
+    }
+
+    /// Roll the host back, as restoring a VM or filesystem snapshot does: walsync and the
+    /// application stopped as by a power cut, an image of the database, its WAL, its
+    /// `-shm` and the sidecar taken; then more commits, replicated for a second or two; then
+    /// everything stopped again and the image put back in place (same inodes, the old
+    /// modification times), while storage keeps what was uploaded meanwhile. The
+    /// application reopens the rolled-back database (its state is recorded as a switch) and
+    /// walsync starts on it, in `p == 1` rounds under a stepped-back clock.
+    ///
+    /// Hunts: indexes cut again over the abandoned history (two histories in one
+    /// generation, caught by the chain check), a new generation sorting before the
+    /// abandoned one (the latest restore would be the abandoned future), and the name
+    /// refused to its own host.
+    fn chaos_rollback(&mut self, writer: &Writer, totals: &mut Totals) -> Result<(), String> {
+        let paused = writer.pause()?;
+        self.checkpointer = None;
+        self.kill_watch();
+        totals.kills += 1;
+        let files = [
+            self.db.clone(),
+            with_suffix(&self.db, "-wal"),
+            with_suffix(&self.db, "-shm"),
+        ];
+        let image = DiskImage::take(&files, &self.sidecar_root())?;
+        drop(paused);
+        self.checkpointer = Some(open_checkpointer(&self.db)?);
+        self.start_watch(totals)?;
+        // The future that is undone.
+        sleep_ms(self.rng.range(800, 2000));
+        let paused = writer.pause()?;
+        self.checkpointer = None;
+        self.kill_watch();
+        totals.kills += 1;
+        image.put_back()?;
+        totals.rollbacks += 1;
+        drop(paused);
+        self.checkpointer = Some(open_checkpointer(&self.db)?);
+        if !self.plan.clock_step_after_replacement {
+            self.start_next_under_stepped_clock(totals);
+        }
+        self.start_watch(totals)?;
+        self.let_stepped_clock_start_generation(totals)
+    }
+
+    /// Copy the data directory as an operator would (`cp -a` of the database, its WAL and
+    /// `-shm`, and the sidecar, while everything runs) and watch the copy with the same
+    /// destination and name: walsync must refuse it at start (its saved position belongs
+    /// to the original; `state.json` names the original) before uploading anything, while
+    /// the original goes on (the final restores check that it still owns the name).
+    ///
+    /// Hunts: a copy that takes the name over (a newer generation of staging data, the
+    /// original refused at its next start).
+    fn chaos_copy(&mut self, totals: &mut Totals) -> Result<(), String> {
+        // Only a state.json naming the original tells the copy apart (walsync writes it
+        // after each stored snapshot); under heavy faults there may be none yet.
+        // Storage must answer the copy's walsync (below) for a refusal to be possible.
+        self.set_server(true);
+        let storage = self.server.storage(PREFIX);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while storage
+            .get(&format!("{NAME}/state.json"), &mut Vec::new())
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                totals.copies_skipped += 1;
+                return Ok(());
+            }
+            sleep_ms(200);
+        }
+        let copy_dir = self.dir.join(format!("copy-{}", totals.copies_refused));
+        std::fs::create_dir(&copy_dir)
+            .map_err(|e| format!("creating the copy's directory: {e}"))?;
+        let mut sources: Vec<PathBuf> = vec![self.db.clone(), self.sidecar_root()];
+        sources.extend(
+            ["-wal", "-shm"]
+                .map(|s| with_suffix(&self.db, s))
+                .into_iter()
+                .filter(|p| p.exists()),
+        );
+        let copied = Command::new("cp")
+            .arg("-a")
+            .args(&sources)
+            .arg(&copy_dir)
+            .status()
+            .map_err(|e| format!("cp -a: {e}"))?;
+        if !copied.success() {
+            // A file vanished under cp (the WAL deleted by a close): try again next time.
+            totals.copies_skipped += 1;
+            let _ = std::fs::remove_dir_all(&copy_dir);
+            return Ok(());
+        }
+        let copy = copy_dir.join(NAME).with_extension("db");
+        let dest = self.dest();
+        // Straight to the server, not through the fault proxy: the refusal needs an answer.
+        let mut cmd = self.command(&["watch", &copy.to_string_lossy(), "-b", &dest]);
+        let mut child = cmd
+            .envs(self.server.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting walsync on the copy: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            sleep_ms(50);
+        };
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        let _ = std::fs::remove_dir_all(&copy_dir);
+        match status {
+            Some(status) if !status.success() && stderr.contains("another walsync writes") => {
+                totals.copies_refused += 1;
+            }
+            outcome => totals.failures.push(format!(
+                "round {}: a copy of the data directory watched under the same name was not \
+                 refused ({}): {}",
+                self.round,
+                outcome.map_or("still running after 30 s".to_string(), |s| s.to_string()),
+                stderr.lines().last().unwrap_or("")
+            )),
+        }
+        Ok(())
+    }
+
+    /// Start walsync while storage is down (the network not up yet, the store restarting):
+    /// it must start, stage locally and upload once storage is back, not exit (a restart
+    /// loop under a supervisor).
+    fn chaos_storage_down_at_start(&mut self, totals: &mut Totals) -> Result<(), String> {
+        self.kill_watch();
+        totals.kills += 1;
+        self.set_server(false);
+        self.start_watch(totals)?;
+        totals.starts_storage_down += 1;
+        sleep_ms(self.rng.range(2500, 4000));
+        if let Some(child) = self.watch.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.watch = None;
+                self.watch_gone();
+                totals.failures.push(format!(
+                    "round {}: walsync exited ({status}) when started with storage down; see {}",
+                    self.round,
+                    self.log.display()
+                ));
+                self.start_watch(totals)?;
+            }
+        }
+        self.set_server(true);
         Ok(())
     }
 
@@ -1782,7 +2068,7 @@ struct WriterStats {
 }
 
 /// What [`Round::play`]'s actions are, by number.
-const ACTIONS: [&str; 15] = [
+const ACTIONS: [&str; 18] = [
     "a SIGKILL",
     "a PASSIVE checkpoint",
     "a FULL checkpoint",
@@ -1798,6 +2084,9 @@ const ACTIONS: [&str; 15] = [
     "a replacement",
     "a sidecar fault",
     "a slow S3",
+    "a rollback of the host",
+    "a copy of the data directory",
+    "a start with storage down",
 ];
 
 /// The application: commits random transactions on its own thread and records each.
