@@ -852,8 +852,14 @@ impl Replica {
     /// the next cut start a new generation, snapshotted from the database, which holds
     /// every commit those objects held.
     fn abandon_tip(&mut self, reason: String) -> Result<()> {
-        log::warn!("{}: {reason}; starting a new generation", self.name);
         let dropped: Vec<Staged> = self.staged.drain(..).collect();
+        if !dropped.is_empty() {
+            log::info!(
+                "{}: dropping {} staged object(s) of a history storage does not continue",
+                self.name,
+                dropped.len()
+            );
+        }
         for object in &dropped {
             log::debug!("{}: dropping staged {}", self.name, object.path.display());
             if let Err(e) = self.sidecar.remove(object) {

@@ -27,7 +27,9 @@
 //!   `p == 1` rounds with the clock stepped back too ([`Round::chaos_rollback`]);
 //! - the data directory copied with its sidecar (`cp -a`) and the copy watched under the
 //!   same name ([`Round::chaos_copy`]);
-//! - walsync started while storage is down ([`Round::chaos_storage_down_at_start`]).
+//! - walsync started while storage is down ([`Round::chaos_storage_down_at_start`]);
+//! - in `p == 0` rounds, all of it on a filesystem with whole-second file times (a
+//!   loop-mounted ext4 with 128-byte inodes, see [`CoarseFilesystem`]; needs root).
 //!
 //! At the end of the round (faults off, server up) walsync gets SIGTERM and must exit 0; then
 //! every stored object is downloaded and its place in the chain checked
@@ -171,6 +173,8 @@ pub struct Totals {
     pub chain_generations: u64,
     pub chain_links: u64,
     pub chain_duplicates: u64,
+    /// Rounds played on a filesystem with whole-second file times.
+    pub coarse_rounds: u64,
     /// [`Round::chaos_rollback`]: the database, its WAL and the sidecar put back as they were.
     pub rollbacks: u64,
     /// [`Round::chaos_copy`]: copies of the data directory watched under the same name and
@@ -231,6 +235,7 @@ impl Totals {
         self.chain_generations += r.chain_generations;
         self.chain_links += r.chain_links;
         self.chain_duplicates += r.chain_duplicates;
+        self.coarse_rounds += r.coarse_rounds;
         self.rollbacks += r.rollbacks;
         self.copies_refused += r.copies_refused;
         self.copies_skipped += r.copies_skipped;
@@ -363,8 +368,13 @@ impl Totals {
         let _ = writeln!(
             s,
             "host rolled back with its sidecar {}; data directory copied and the copy refused {} \
-             (not tried {}: no state.json yet); walsync started with storage down {}",
-            self.rollbacks, self.copies_refused, self.copies_skipped, self.starts_storage_down
+             (not tried {}: no state.json yet); walsync started with storage down {}; rounds on \
+             a filesystem with whole-second times {}",
+            self.rollbacks,
+            self.copies_refused,
+            self.copies_skipped,
+            self.starts_storage_down,
+            self.coarse_rounds
         );
         let _ = writeln!(
             s,
@@ -512,6 +522,9 @@ struct Plan {
     /// offset: within an hour, since S3 rejects requests signed further from its clock).
     clock_step: String,
     clock_step_after_replacement: bool,
+    /// The database and its sidecar live on a filesystem with whole-second file times (a
+    /// loop-mounted ext4 with 128-byte inodes), in `p == 0` rounds.
+    coarse_times: bool,
 }
 
 impl Plan {
@@ -540,6 +553,7 @@ impl Plan {
             },
             clock_step: format!("-{}m", rng.range(5, 40)),
             clock_step_after_replacement: even,
+            coarse_times: even,
         }
     }
 }
@@ -583,6 +597,58 @@ fn chattr(flag: &str, dir: &Path) -> Result<(), String> {
             dir.display(),
             String::from_utf8_lossy(&output.stderr).trim()
         ))
+    }
+}
+
+/// An ext4 filesystem with 128-byte inodes (file times in whole seconds, as on ext3, HFS+,
+/// FAT or NFS on those), loop-mounted on a directory until dropped: then its content is
+/// copied to `<dir>.kept` (a kept round shows the database as it was) and the image removed.
+struct CoarseFilesystem {
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+impl CoarseFilesystem {
+    fn mount(image: &Path, dir: &Path) -> Result<CoarseFilesystem, String> {
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        File::create(image)
+            .and_then(|f| f.set_len(512 << 20))
+            .map_err(|e| format!("creating {}: {e}", image.display()))?;
+        let mounted = run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-I", "128"])
+            .arg(image))
+        .and_then(|()| {
+            run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(dir))
+        });
+        if let Err(e) = mounted {
+            let _ = std::fs::remove_file(image);
+            return Err(e);
+        }
+        Ok(CoarseFilesystem {
+            dir: dir.to_path_buf(),
+            image: image.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for CoarseFilesystem {
+    fn drop(&mut self) {
+        let _ = copy_tree(&self.dir, &self.dir.with_extension("kept"));
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_file(&self.image);
     }
 }
 
@@ -871,6 +937,7 @@ struct Round<'a> {
     /// Undone when dropped (also on a panic); declared after everything that uses them.
     frozen: Option<Frozen>,
     tmpfs: Option<TmpfsMount>,
+    coarse: Option<CoarseFilesystem>,
 }
 
 impl<'a> Round<'a> {
@@ -892,7 +959,7 @@ impl<'a> Round<'a> {
             config,
             round,
             dir: dir.to_path_buf(),
-            db: dir.join("app.db"),
+            db: dir.join("data").join("app.db"),
             server,
             server_up: true,
             proxy,
@@ -910,6 +977,7 @@ impl<'a> Round<'a> {
             clock_stepped_at: None,
             frozen: None,
             tmpfs: None,
+            coarse: None,
         }
     }
 
@@ -925,7 +993,7 @@ impl<'a> Round<'a> {
 
     /// The sidecar directory beside the database.
     fn sidecar_root(&self) -> PathBuf {
-        self.dir.join(".app.db-walsync")
+        self.db.with_file_name(".app.db-walsync")
     }
 
     fn log_len(&self) -> u64 {
@@ -1075,6 +1143,23 @@ impl<'a> Round<'a> {
     }
 
     fn play(&mut self, totals: &mut Totals) -> Result<(), String> {
+        let data = self
+            .db
+            .parent()
+            .ok_or("the database has no directory")?
+            .to_path_buf();
+        std::fs::create_dir_all(&data).map_err(|e| format!("creating {}: {e}", data.display()))?;
+        if self.plan.coarse_times {
+            match CoarseFilesystem::mount(&self.dir.join("data.img"), &data) {
+                Ok(mount) => {
+                    self.coarse = Some(mount);
+                    totals.coarse_rounds += 1;
+                }
+                Err(e) => totals.skip(&format!(
+                    "filesystem with whole-second times: cannot mount a loop ext4 here ({e})"
+                )),
+            }
+        }
         create_database(&self.db, self.rng.chance(0.5)).map_err(|e| e.to_string())?;
         if self.plan.sidecar == SidecarFault::Full {
             // Before walsync creates its sidecar, so that all of it lives on the tmpfs.
@@ -1323,9 +1408,10 @@ impl<'a> Round<'a> {
         writer: &Writer,
         totals: &mut Totals,
     ) -> Result<(), String> {
+        // Beside the database: a rename does not cross filesystems.
         let replacement = self
-            .dir
-            .join(format!("replacement-{}.db", totals.replacements));
+            .db
+            .with_file_name(format!("replacement-{}.db", totals.replacements));
         let fresh = self.plan.fresh_replacement;
         prepare_replacement(&self.db, &replacement, fresh, &mut self.rng)?;
         let paused = writer.pause()?;
