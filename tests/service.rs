@@ -359,7 +359,7 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while log_text()
         .lines()
-        .filter(|l| l.starts_with("watching "))
+        .filter(|l| l.contains(" watching "))
         .count()
         < 2
     {

@@ -16,6 +16,7 @@ mod ops;
 mod retention;
 mod secrets;
 mod service;
+mod signals;
 mod snapshot_restore;
 mod storage;
 mod torture;
