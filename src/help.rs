@@ -92,7 +92,7 @@ SYNOPSIS
     walsync watch DB[:NAME]... -b DEST [--min-interval SECS] [--snapshot-interval SECS]
         [--upload-workers N] [--poll] [--shutdown-timeout SECS] [--staging-limit MIB]
         [--retention DURATION] [--metrics-addr ADDR] [--heartbeat-url URL]
-        [--heartbeat-interval SECS] [--exec CMD]
+        [--heartbeat-interval SECS] [--heartbeat-max-lag SECS] [--exec CMD]
 
 DESCRIPTION
     Replicates every named database (each must be in WAL mode) until SIGTERM or SIGINT,
@@ -102,10 +102,11 @@ DESCRIPTION
     forever. walsync runs the checkpoints itself and takes the application's write lock
     only for milliseconds of local work. A snapshot is taken every --snapshot-interval
     while a database changes. On SIGTERM or SIGINT it ships what is committed (within
-    --shutdown-timeout) and exits 0. With --exec it runs CMD through /bin/sh -c, forwards
-    SIGTERM and SIGINT to it, and when it exits ships what is left and exits with its
-    status. A replica name defaults to the file name without its extension; PATH:NAME
-    names it explicitly.
+    --shutdown-timeout) and exits 0; SIGHUP is logged and changes nothing. With --exec it
+    runs CMD, forwards SIGTERM, SIGINT and SIGHUP to it, and when it exits ships what is
+    left and exits with its status. A replica name defaults to the file name without its
+    extension (characters other than letters, digits, '.', '_' and '-' become '_');
+    PATH:NAME names it explicitly. \"watching PATH as NAME\" is logged for each database.
 
 OPTIONS
 ",
@@ -145,18 +146,27 @@ OPTIONS
         Other paths answer 404. An address that cannot be bound is a startup error.
 
     --heartbeat-url URL
-        GET this URL at most once per --heartbeat-interval, and only while every database
-        is caught up (everything read is stored, no upload failing): for a dead man's
-        switch monitor such as healthchecks.io. Failures are logged as warnings and never
-        stop replication; logs name only the URL's scheme and host.
+        GET this URL at most once per --heartbeat-interval, and only while every
+        database's lag (the age of its oldest commit not yet stored, whatever holds it
+        back: storage, the sidecar's disk, the staging limit) is under --heartbeat-max-lag:
+        for a dead man's switch monitor such as healthchecks.io. Failures are logged as
+        warnings and never stop replication; logs name only the URL's scheme and host.
 
     --heartbeat-interval SECS
         Seconds between heartbeats (default 60).
 
+    --heartbeat-max-lag SECS
+        No heartbeat while a database's lag is this long or longer (default 5
+        --min-intervals, at least 5 seconds).
+
     --exec CMD
-        Once replication has started, run CMD through /bin/sh -c, forward SIGTERM and
-        SIGINT to it, and when it exits ship what is left and exit with its status (128 +
-        the signal number if a signal killed it).
+        Once replication has started, run CMD and when it exits ship what is left and
+        exit with its status (128 + the signal number if a signal killed it). CMD starts
+        with an empty signal mask and default signal dispositions. Without shell syntax
+        (quotes, $, ;, &, |, <, >, globs, VAR=value, ...) it is executed directly, split
+        on whitespace, and SIGTERM, SIGINT and SIGHUP sent to walsync are forwarded to
+        it; otherwise it runs through /bin/sh -c in a process group of its own, and the
+        signals go to that group.
 
 ENVIRONMENT
 ",
@@ -164,7 +174,8 @@ ENVIRONMENT
     "
     WALSYNC_MIN_INTERVAL, WALSYNC_SNAPSHOT_INTERVAL, WALSYNC_UPLOAD_WORKERS,
     WALSYNC_SHUTDOWN_TIMEOUT, WALSYNC_STAGING_LIMIT, WALSYNC_RETENTION,
-    WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL, WALSYNC_EXEC
+    WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL,
+    WALSYNC_HEARTBEAT_MAX_LAG, WALSYNC_EXEC
         As the flags of the same name.
 
 ",

@@ -33,7 +33,11 @@ pub fn timestamps(no_flag: bool) -> Result<bool> {
     let Some(value) = std::env::var_os(TIMESTAMPS_VAR) else {
         return Ok(true);
     };
-    match value.to_str().map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+    match value
+        .to_str()
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
         Some("" | "1" | "true" | "yes" | "on") => Ok(true),
         Some("0" | "false" | "no" | "off") => Ok(false),
         _ => Err(Error::invalid(format!(

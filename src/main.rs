@@ -379,6 +379,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.verbose || verbose, timestamps);
+    log::debug!("walsync {}", env!("CARGO_PKG_VERSION"));
     match run(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -819,8 +820,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         replicator.stop(shutdown_timeout)?;
         return Ok(0);
     };
-    let status =
-        supervise::Supervised::start(&command).and_then(|child| child.wait(&signals));
+    let status = supervise::Supervised::start(&command).and_then(|child| child.wait(&signals));
     drop(heartbeat);
     let status = match status {
         Ok(status) => status,

@@ -230,7 +230,10 @@ mod tests {
             launch_of("myapp --db /data/app.db"),
             Launch::Direct(vec!["myapp", "--db", "/data/app.db"])
         );
-        assert_eq!(launch_of("  sleep   30 "), Launch::Direct(vec!["sleep", "30"]));
+        assert_eq!(
+            launch_of("  sleep   30 "),
+            Launch::Direct(vec!["sleep", "30"])
+        );
         for shell in [
             "exec myapp",
             "a && b",

@@ -54,22 +54,26 @@ fn processes() -> Vec<(i32, i32, i32)> {
 /// The one child process of `pid`, once it has one.
 fn child_of(pid: i32) -> i32 {
     let mut child = 0;
-    wait_for(Duration::from_secs(20), "the --exec child", || {
-        match processes().iter().find(|(_, parent, _)| *parent == pid) {
+    wait_for(
+        Duration::from_secs(20),
+        "the --exec child",
+        || match processes().iter().find(|(_, parent, _)| *parent == pid) {
             Some((p, _, _)) => {
                 child = *p;
                 true
             }
             None => false,
-        }
-    });
+        },
+    );
     child
 }
 
 /// No live process has this pid or belongs to this process group.
 fn assert_gone(pid: i32) {
     wait_for(Duration::from_secs(5), "the --exec processes gone", || {
-        !processes().iter().any(|(p, _, group)| *p == pid || *group == pid)
+        !processes()
+            .iter()
+            .any(|(p, _, group)| *p == pid || *group == pid)
     });
 }
 
