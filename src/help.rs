@@ -89,7 +89,7 @@ const WATCH: &str = concat!(
     walsync watch - replicate SQLite databases continuously
 
 SYNOPSIS
-    walsync watch DB[:NAME]... -b DEST [--min-interval SECS] [--snapshot-interval SECS]
+    walsync watch [DB[:NAME]...] -b DEST [--min-interval SECS] [--snapshot-interval SECS]
         [--upload-workers N] [--poll] [--shutdown-timeout SECS] [--staging-limit MIB]
         [--retention DURATION] [--metrics-addr ADDR] [--heartbeat-url URL]
         [--heartbeat-interval SECS] [--heartbeat-max-lag SECS] [--exec CMD]
@@ -177,6 +177,11 @@ ENVIRONMENT
     WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL,
     WALSYNC_HEARTBEAT_MAX_LAG, WALSYNC_EXEC
         As the flags of the same name.
+
+    WALSYNC_DATABASES
+        The databases to replicate when none are given as arguments: PATH or PATH:NAME,
+        separated by whitespace (for service files; a path with blanks must be an
+        argument).
 
 ",
     exit_status!(),

@@ -151,6 +151,7 @@ macro_rules! with_destination {
                     bucket: self.bucket.as_deref(),
                     endpoint: self.endpoint.as_deref(),
                     s3_timeout: self.s3_timeout,
+                    must_exist: false,
                 }
             }
         }
@@ -162,7 +163,8 @@ with_destination! {
     #[derive(FromArgs)]
     #[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
     struct WatchCmd {
-        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
+        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode; or
+        /// WALSYNC_DATABASES, separated by whitespace)
         #[argh(positional)]
         databases: Vec<String>,
         /// seconds between snapshots of a changing database (default 3600; or
@@ -496,6 +498,8 @@ struct StorageArgs<'a> {
     bucket: Option<&'a str>,
     endpoint: Option<&'a str>,
     s3_timeout: Option<f64>,
+    /// A `file://` directory must exist (see [`StorageArgs::existing`]).
+    must_exist: bool,
 }
 
 impl StorageArgs<'_> {
@@ -532,8 +536,25 @@ impl StorageArgs<'_> {
             false,
         )?;
         let dest = Destination::parse(&bucket)?;
+        if let (Destination::File { root }, true) = (&dest, self.must_exist) {
+            if !root.is_dir() {
+                return Err(Error::not_found(format!(
+                    "{bucket}: the directory {} does not exist (walsync watch and snapshot \
+                     create it; check the path)",
+                    root.display()
+                )));
+            }
+        }
         let storage = storage::open_with_timeout(&dest, endpoint.as_deref(), s3_timeout)?;
         Ok((bucket, Arc::from(storage)))
+    }
+
+    /// For commands that only read or delete: a `file://` destination whose directory is
+    /// missing is an error (not found), not an empty replica, so a mistyped path is not
+    /// reported as "no replicas".
+    fn existing(mut self) -> Self {
+        self.must_exist = true;
+        self
     }
 }
 
@@ -576,7 +597,7 @@ fn prune_command(cmd: PruneCmd) -> Result<()> {
     for name in &cmd.names {
         layout::validate_name(name)?;
     }
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let catalog = walsync::list::catalog(storage.as_ref())?;
     let now = UtcTime::now();
     if cmd.dry_run {
@@ -689,6 +710,30 @@ impl WatchCmd {
     }
 }
 
+impl WatchCmd {
+    /// The databases to watch: the arguments, else WALSYNC_DATABASES (for service files:
+    /// PATH or PATH:NAME, separated by whitespace).
+    fn database_specs(&self) -> Result<Vec<String>> {
+        if !self.databases.is_empty() {
+            return Ok(self.databases.clone());
+        }
+        let specs: Vec<String> = setting(
+            None::<String>,
+            "DB",
+            "WALSYNC_DATABASES",
+            "a list of databases",
+        )?
+        .map(|(list, _)| list.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+        if specs.is_empty() {
+            return Err(Error::invalid(
+                "watch needs at least one database: pass DB[:NAME]... or set WALSYNC_DATABASES",
+            ));
+        }
+        Ok(specs)
+    }
+}
+
 /// Heartbeat interval unless `--heartbeat-interval` or WALSYNC_HEARTBEAT_INTERVAL says
 /// otherwise.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
@@ -748,9 +793,7 @@ impl WatchCmd {
 
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
-    if cmd.databases.is_empty() {
-        return Err(Error::invalid("watch needs at least one database"));
-    }
+    let databases = cmd.database_specs()?;
     let exec = setting(cmd.exec.clone(), "--exec", "WALSYNC_EXEC", "a command")?
         .map(|(command, _)| command)
         .filter(|command| !command.trim().is_empty());
@@ -758,7 +801,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let (options, shutdown_timeout) = cmd.options()?;
     let monitoring = cmd.monitoring(options.min_interval)?;
     let (destination, storage) = cmd.destination().open()?;
-    let databases = layout::assign_names(&cmd.databases)?;
+    let databases = layout::assign_names(&databases)?;
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
@@ -847,8 +890,8 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         ));
     }
     if cmd.if_db_not_exists && cmd.output.exists() {
-        eprintln!(
-            "walsync: {} already exists; not restoring (--if-db-not-exists)",
+        log::info!(
+            "{} already exists; not restoring (--if-db-not-exists)",
             cmd.output.display()
         );
         return Ok(());
@@ -877,11 +920,26 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
         generation,
     };
-    let (_, storage) = cmd.destination().open()?;
+    let storage = match cmd.destination().existing().open() {
+        Ok((_, storage)) => storage,
+        // A file:// directory that does not exist holds no replica either.
+        Err(e) if cmd.if_replica_exists && e.kind() == ErrorKind::NotFound => {
+            log::info!(
+                "{e}: no replica of {:?}; not restoring (--if-replica-exists)",
+                cmd.name
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            // A usage error (OUT exists) comes first, as when the destination is usable.
+            restore::check_output(&cmd.output, cmd.force)?;
+            return Err(e);
+        }
+    };
     let storage = with_progress(storage, "restore", !cmd.dry_run);
     if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
-        eprintln!(
-            "walsync: no replica of {:?} in {}; not restoring (--if-replica-exists)",
+        log::info!(
+            "no replica of {:?} in {}; not restoring (--if-replica-exists)",
             cmd.name,
             storage.describe()
         );
@@ -988,7 +1046,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
 
 /// `walsync list`.
 fn list_command(cmd: ListCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let listing = walsync::list::list(storage.as_ref())?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -1000,7 +1058,7 @@ fn list_command(cmd: ListCmd) -> Result<()> {
 
 /// `walsync status`.
 fn status_command(cmd: StatusCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);

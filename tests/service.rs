@@ -186,6 +186,7 @@ fn status_reports_the_newest_commit_its_age_and_the_newest_generation() {
     assert_eq!(code, 3, "{stdout}{stderr}");
     assert!(stderr.contains("\"nope\""), "{stderr}");
     // An empty destination is fine unless a name is asked for.
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
     let empty = format!("file://{}", dir.path().join("empty").display());
     let text = succeeds(&["status", "-b", &empty], &[]);
     assert!(text.contains("no replicas"), "{text}");

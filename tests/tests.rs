@@ -9,6 +9,7 @@ mod common;
 
 mod bad_input;
 mod cli;
+mod cli_rules;
 mod crash_recovery;
 mod durability;
 mod example_app;
