@@ -295,8 +295,12 @@ ENVIRONMENT
     "    3 also when a NAME has no replica.
 
 EXAMPLES
-    age=$(walsync status app --json | jq '.databases[0].age_seconds')
-    [ \"$age\" -lt 600 ] || echo \"app: nothing stored for ${age}s\"
+    if json=$(walsync status app --json); then
+      age=$(printf '%s' \"$json\" | jq '.databases[0].age_seconds')
+      [ \"$age\" -lt 600 ] || echo \"app: nothing stored for ${age}s\"
+    else
+      echo \"app: walsync status failed (exit $?; its error is above)\"
+    fi
 "
 );
 

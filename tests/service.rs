@@ -379,8 +379,13 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
         text.contains("as one\n") && text.contains("as second\n"),
         "{text}"
     );
-    // stderr goes to the log too (exec 2>&1).
+    // stderr goes to the log too (exec 2>&1), without walsync's timestamps: the
+    // supervisor's logger adds its own.
     assert!(text.contains("replicating 2 database(s)"), "{text}");
+    assert!(
+        text.lines().all(|l| !l.starts_with("20")),
+        "timestamps under a run script: {text}"
+    );
 
     for _ in 0..3 {
         one.insert(5, 500);

@@ -14,6 +14,7 @@ mod crash_recovery;
 mod durability;
 mod example_app;
 mod ops;
+mod readme;
 mod retention;
 mod secrets;
 mod service;
