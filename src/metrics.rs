@@ -363,20 +363,19 @@ mod tests {
     }
 
     #[test]
-    fn lag_and_caught_up_follow_the_database_thread() {
+    fn lag_counts_from_the_time_the_database_thread_gives() {
         let m = DbMetrics::new("a\"b");
-        assert!(m.caught_up());
-        m.changed();
-        assert!(!m.caught_up());
-        m.staged(1, 100, false);
+        assert_eq!(m.lag_seconds(), 0.0);
+        m.set_unstored_since(Some(unix_millis() - 3_000));
+        let lag = m.lag_seconds();
+        assert!((3.0..4.0).contains(&lag), "{lag}");
+        m.staged(1, 100);
         m.upload_failed(true);
-        m.staged(0, 0, true);
-        assert!(!m.caught_up(), "the last upload attempt failed");
         m.stored(
             "a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz",
             10,
         );
-        assert!(m.caught_up());
+        m.set_unstored_since(None);
         assert_eq!(m.lag_seconds(), 0.0);
         assert_eq!(
             m.newest_stored_ms.load(Ordering::Relaxed),
