@@ -68,13 +68,37 @@ fn child_of(pid: i32) -> i32 {
     child
 }
 
-/// No live process has this pid or belongs to this process group.
-fn assert_gone(pid: i32) {
-    wait_for(Duration::from_secs(5), "the --exec processes gone", || {
-        !processes()
-            .iter()
-            .any(|(p, _, group)| *p == pid || *group == pid)
-    });
+/// `pid` and every process below it (children, their children, ...).
+fn tree(pid: i32) -> Vec<i32> {
+    let all = processes();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            all.iter()
+                .filter(|(_, pp, _)| *pp == parent)
+                .map(|(p, _, _)| *p),
+        );
+        i += 1;
+    }
+    found
+}
+
+/// None of `pids` is alive any more, nor any process in the group the first would lead.
+fn assert_gone(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<(i32, i32, i32)> = processes()
+            .into_iter()
+            .filter(|(p, _, group)| pids.contains(p) || pids.first() == Some(group))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The application: commits a row every 50 ms; its SIGTERM handler commits a last row
@@ -134,7 +158,7 @@ fn exec_delivers_sigterm_to_the_applications_handler_and_its_last_commit_is_stor
     watch.signal(libc::SIGTERM);
     let code = exit_code(&mut watch);
     assert_eq!(code, 0, "{}", watch.log());
-    assert_gone(pid);
+    assert_gone(&[pid]);
     let label: String = app
         .conn
         .query_row("SELECT label FROM items WHERE id = 1000000", [], |r| {
@@ -161,8 +185,13 @@ fn stop_exec_with(command: &str, signal: i32) {
         dir.path(),
     );
     let child = child_of(watch.pid());
-    // Let a shell start its own children.
+    // Let a shell start its own children; then every process of the command's.
     std::thread::sleep(Duration::from_millis(300));
+    let command_tree = tree(child);
+    assert!(
+        command_tree.len() >= 2 || !command.contains(';'),
+        "{command_tree:?}"
+    );
     app.insert(2, 100);
     let started = Instant::now();
     watch.signal(signal);
@@ -173,7 +202,7 @@ fn stop_exec_with(command: &str, signal: i32) {
         "{command:?} took {:?} to stop",
         started.elapsed()
     );
-    assert_gone(child);
+    assert_gone(&command_tree);
     let out = dir.path().join("out.db");
     let restore = walsync(&["restore", "app", "-o", path_str(&out), "-b", &dest], &[]);
     assert!(restore.status.success(), "{restore:?}");
