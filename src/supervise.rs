@@ -47,10 +47,31 @@ pub fn block_signals(child_too: bool) -> Signals {
 impl Signals {
     /// Wait until one of the blocked signals arrives; returns its number.
     pub fn wait(&self) -> libc::c_int {
+        self.wait_with_origin().0
+    }
+
+    /// Wait until one of the blocked signals arrives; returns its number, and whether the
+    /// kernel sent it to walsync's whole process group from a terminal (Ctrl-C): then a
+    /// child in that group got it too.
+    #[cfg(target_os = "linux")]
+    fn wait_with_origin(&self) -> (libc::c_int, bool) {
+        loop {
+            // SAFETY: the set is initialised and its signals are blocked in every thread;
+            // `info` is written by the call.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let signal = unsafe { libc::sigwaitinfo(&self.0, &mut info) };
+            if signal > 0 {
+                return (signal, info.si_code == libc::SI_KERNEL);
+            }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn wait_with_origin(&self) -> (libc::c_int, bool) {
         let mut signal: libc::c_int = 0;
         // SAFETY: the set is initialised and its signals are blocked in every thread.
         while unsafe { libc::sigwait(&self.0, &mut signal) } != 0 {}
-        signal
+        (signal, false)
     }
 
     /// Wait for SIGTERM or SIGINT (a stop); SIGHUP is logged and waited past.
@@ -182,8 +203,17 @@ impl Supervised {
             {
                 return Ok(status);
             }
-            let signal = signals.wait();
+            let (signal, from_terminal) = signals.wait_with_origin();
             if signal == libc::SIGCHLD {
+                continue;
+            }
+            if from_terminal && !self.group {
+                // Ctrl-C at a terminal: the child shares walsync's process group and got
+                // it already; a second one could cut its shutdown short.
+                log::info!(
+                    "{} from the terminal: the --exec command got it too",
+                    signal_name(signal)
+                );
                 continue;
             }
             log::info!(

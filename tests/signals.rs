@@ -275,3 +275,78 @@ fn sighup_is_forwarded_to_the_exec_command() {
     assert_eq!(exit_code(&mut watch), 3, "{}", watch.log());
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "hup\n");
 }
+
+/// Counts the SIGINTs it gets (in `count`), exits 0 a second after the first.
+const COUNT_SIGINTS: &str = r#"
+import signal, sys, time
+count, ready = sys.argv[1], sys.argv[2]
+n = 0
+def interrupted(signum, frame):
+    global n
+    n += 1
+    with open(count, "w") as f:
+        f.write(str(n))
+signal.signal(signal.SIGINT, interrupted)
+open(ready, "w").close()
+while n == 0:
+    time.sleep(0.05)
+time.sleep(1)
+sys.exit(0)
+"#;
+
+#[test]
+fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
+    let has_script = std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_script {
+        eprintln!("script(1) not installed: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("file://{}", dir.path().join("replica").display());
+    let app = AppDb::create(dir.path(), "app.db");
+    let script = dir.path().join("count.py");
+    std::fs::write(&script, COUNT_SIGINTS).unwrap();
+    let (count, ready) = (dir.path().join("count"), dir.path().join("ready"));
+    let command = format!(
+        "{} watch {} -b {dest} --exec 'python3 {} {} {}'",
+        env!("CARGO_BIN_EXE_walsync"),
+        app.path.display(),
+        script.display(),
+        count.display(),
+        ready.display()
+    );
+    // script(1) runs walsync on a terminal of its own; Ctrl-C typed there goes to the
+    // terminal's foreground process group: walsync and the application it executed.
+    let mut terminal = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the application to start", || {
+        ready.exists()
+    });
+    use std::io::Write as _;
+    let mut keyboard = terminal.stdin.take().unwrap();
+    keyboard.write_all(b"\x03").unwrap();
+    keyboard.flush().unwrap();
+    let output = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while terminal.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "walsync did not stop on Ctrl-C");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(keyboard);
+        terminal.wait_with_output().unwrap()
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(&count).unwrap(),
+        "1",
+        "the application got Ctrl-C more than once: {text}"
+    );
+}
