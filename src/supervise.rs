@@ -12,7 +12,10 @@
 //! - a command without shell syntax is executed directly (split on whitespace), so the
 //!   signal walsync forwards reaches the application itself, not a shell that dies and
 //!   leaves it orphaned; a command with shell syntax runs through `/bin/sh -c` in a process
-//!   group of its own, and signals go to the whole group.
+//!   group of its own, and signals go to the whole group;
+//! - a SIGINT the terminal sent (Ctrl-C) already reached a directly executed child, which
+//!   shares walsync's process group: on Linux, where `sigwaitinfo` tells, it is not sent
+//!   again.
 //!
 //! walsync then waits for the child, ships what is left, and exits with its status.
 
