@@ -102,9 +102,9 @@ DESCRIPTION
     forever. walsync runs the checkpoints itself and takes the application's write lock
     only for milliseconds of local work. A snapshot is taken every --snapshot-interval
     while a database changes. On SIGTERM or SIGINT it ships what is committed (within
-    --shutdown-timeout) and exits 0; SIGHUP is logged and changes nothing. With --exec it
-    runs CMD, forwards SIGTERM, SIGINT and SIGHUP to it, and when it exits ships what is
-    left and exits with its status. A replica name defaults to the file name without its
+    --shutdown-timeout) and exits 0; SIGHUP, SIGUSR1 and SIGUSR2 are logged and change
+    nothing. With --exec it runs CMD, forwards those signals and SIGQUIT to it, and when
+    it exits ships what is left and exits with its status. A replica name defaults to the file name without its
     extension (characters other than letters, digits, '.', '_' and '-' become '_');
     PATH:NAME names it explicitly. \"watching PATH as NAME\" is logged for each database.
 
@@ -164,9 +164,9 @@ OPTIONS
         exit with its status (128 + the signal number if a signal killed it). CMD starts
         with an empty signal mask and default signal dispositions. Without shell syntax
         (quotes, $, ;, &, |, <, >, globs, VAR=value, ...) it is executed directly, split
-        on whitespace, and SIGTERM, SIGINT and SIGHUP sent to walsync are forwarded to
-        it; otherwise it runs through /bin/sh -c in a process group of its own, and the
-        signals go to that group.
+        on whitespace, and SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
+        walsync are forwarded to it; otherwise it runs through /bin/sh -c in a process
+        group of its own, and the signals go to that group.
 
 ENVIRONMENT
 ",

@@ -197,8 +197,8 @@ with_destination! {
         #[argh(option)]
         retention: Option<String>,
         /// once replication has started, run this command (directly, or through /bin/sh -c if
-        /// it has shell syntax), forward SIGTERM, SIGINT and SIGHUP to it, and when it exits,
-        /// ship what is left and exit with its status (or WALSYNC_EXEC)
+        /// it has shell syntax), forward SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1/2 to it,
+        /// and when it exits, ship what is left and exit with its status (or WALSYNC_EXEC)
         #[argh(option)]
         exec: Option<String>,
         /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or

@@ -1,10 +1,11 @@
 //! Signals for `walsync watch`, and the `--exec` child it supervises.
 //!
-//! walsync takes its signals synchronously: SIGTERM, SIGINT, SIGHUP (and SIGCHLD with
-//! `--exec`) are blocked in every thread from the start and taken with `sigwait` by the main
-//! thread. SIGTERM and SIGINT stop walsync (after shipping what is committed); SIGHUP, which
-//! `sv hup` and `s6-svc -h` send routinely, is logged and otherwise changes nothing: a
-//! default SIGHUP would kill walsync at once, shipping nothing.
+//! walsync takes its signals synchronously: SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 (and
+//! SIGCHLD and SIGQUIT with `--exec`) are blocked in every thread from the start and taken
+//! with `sigwait` by the main thread. SIGTERM and SIGINT stop walsync (after shipping what
+//! is committed); SIGHUP, SIGUSR1 and SIGUSR2, which supervisors send routinely (`sv hup`,
+//! `sv 1`, `s6-svc -h`), are logged and otherwise change nothing: by default they would
+//! kill walsync at once, shipping nothing. With `--exec`, all but SIGCHLD are forwarded.
 //!
 //! An `--exec` application must get its signals as if walsync were not there:
 //! - it starts with an empty signal mask and default dispositions (a child inherits both
@@ -27,8 +28,8 @@ use walsync::error::{Error, Result};
 /// The signals walsync takes itself: every thread blocks them (see [`block_signals`]).
 pub struct Signals(libc::sigset_t);
 
-/// Block SIGTERM, SIGINT and SIGHUP (and SIGCHLD, with `child_too`, to notice an `--exec`
-/// child's exit) in this thread and every thread started after, so that [`Signals::wait`]
+/// Block SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 (and, with `child_too`, SIGCHLD to
+/// notice an `--exec` child's exit and SIGQUIT to forward it) in this thread and every thread started after, so that [`Signals::wait`]
 /// can take them synchronously. A blocked SIGCHLD stays pending until taken, so a child
 /// that exits before the wait starts is not missed. Must run before any thread starts.
 pub fn block_signals(child_too: bool) -> Signals {
@@ -36,11 +37,18 @@ pub fn block_signals(child_too: bool) -> Signals {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for signal in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+        ] {
             libc::sigaddset(&mut set, signal);
         }
         if child_too {
             libc::sigaddset(&mut set, libc::SIGCHLD);
+            libc::sigaddset(&mut set, libc::SIGQUIT);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         Signals(set)
@@ -77,20 +85,17 @@ impl Signals {
         (signal, false)
     }
 
-    /// Wait for SIGTERM or SIGINT (a stop); SIGHUP is logged and waited past.
+    /// Wait for SIGTERM or SIGINT (a stop); the others are logged and waited past.
     pub fn wait_for_stop(&self) -> libc::c_int {
         loop {
             let signal = self.wait();
-            if signal == libc::SIGHUP {
-                log::info!(
-                    "SIGHUP: nothing to reload; replication goes on (SIGTERM or SIGINT stops \
-                     walsync)"
-                );
-                continue;
-            }
-            if signal != libc::SIGCHLD {
+            if matches!(signal, libc::SIGTERM | libc::SIGINT) {
                 return signal;
             }
+            log::info!(
+                "{}: nothing to do; replication goes on (SIGTERM or SIGINT stops walsync)",
+                signal_name(signal)
+            );
         }
     }
 }
@@ -100,6 +105,9 @@ pub fn signal_name(signal: libc::c_int) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGQUIT => "SIGQUIT",
         libc::SIGCHLD => "SIGCHLD",
         _ => "a signal",
     }

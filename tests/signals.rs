@@ -226,19 +226,23 @@ fn exec_through_a_shell_signals_its_whole_process_group() {
 }
 
 #[test]
-fn sighup_is_logged_and_nothing_is_lost() {
+fn sighup_and_sigusr_are_logged_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let dest = format!("file://{}", dir.path().join("replica").display());
     let mut app = AppDb::create(dir.path(), "app.db");
     app.insert(3, 100);
     let watch = WatchProcess::start(&[path_str(&app.path), "-b", &dest], &[], dir.path());
-    for _ in 0..3 {
+    // And the other signals supervisors send (sv 1, sv 2), whose default is to kill.
+    for signal in [libc::SIGHUP, libc::SIGUSR1, libc::SIGHUP, libc::SIGUSR2] {
         app.insert(2, 100);
-        watch.signal(libc::SIGHUP);
+        watch.signal(signal);
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_for(Duration::from_secs(10), "SIGHUP logged", || {
-        watch.log().contains("SIGHUP")
+    wait_for(Duration::from_secs(10), "the signals logged", || {
+        let log = watch.log();
+        ["SIGHUP", "SIGUSR1", "SIGUSR2"]
+            .iter()
+            .all(|name| log.contains(&format!("{name}: nothing to do")))
     });
     app.insert(2, 100);
     let log = watch.stderr.clone();
@@ -252,16 +256,17 @@ fn sighup_is_logged_and_nothing_is_lost() {
 }
 
 #[test]
-fn sighup_is_forwarded_to_the_exec_command() {
+fn sighup_and_sigusr1_are_forwarded_to_the_exec_command() {
     let dir = tempfile::tempdir().unwrap();
     let dest = format!("file://{}", dir.path().join("replica").display());
     let app = AppDb::create(dir.path(), "app.db");
     let marker = dir.path().join("got-hup");
     let ready = dir.path().join("ready");
     let command = format!(
-        "trap 'echo hup > {}; exit 3' HUP; touch {}; while :; do sleep 0.05; done",
-        marker.display(),
-        ready.display()
+        "trap 'echo usr1 >> {m}' USR1; trap 'echo hup >> {m}; exit 3' HUP; touch {}; \
+         while :; do sleep 0.05; done",
+        ready.display(),
+        m = marker.display(),
     );
     let mut watch = WatchProcess::start(
         &[path_str(&app.path), "-b", &dest, "--exec", &command],
@@ -271,9 +276,13 @@ fn sighup_is_forwarded_to_the_exec_command() {
     wait_for(Duration::from_secs(20), "the child to start", || {
         ready.exists()
     });
+    watch.signal(libc::SIGUSR1);
+    wait_for(Duration::from_secs(10), "SIGUSR1 handled", || {
+        marker.exists()
+    });
     watch.signal(libc::SIGHUP);
     assert_eq!(exit_code(&mut watch), 3, "{}", watch.log());
-    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "hup\n");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "usr1\nhup\n");
 }
 
 /// Counts the SIGINTs it gets (in `count`), exits 0 a second after the first.
