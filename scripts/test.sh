@@ -6,13 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need sqlite3 || ! need gunzip || ! need chattr || ! need faketime; then
+if ! need sqlite3 || ! need gunzip || ! need chattr || ! need faketime || ! need jq ||
+  ! need runsvdir || ! need s6-svscan; then
   # The emergency-restore script is tested with the real sqlite3 and gunzip; a read-only
   # directory is made with chattr (root ignores permission bits); the torture harness steps
-  # walsync's clock back with libfaketime.
+  # walsync's clock back with libfaketime; README's status snippet uses jq; contrib's
+  # service directories run under the real runsvdir/runsv (runit) and s6-svscan/s6-supervise
+  # (s6). Installing runit and s6 only adds their tools: neither becomes the init system.
   sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq sqlite3 gzip e2fsprogs faketime >/dev/null
+  $sudo apt-get install -y -qq sqlite3 gzip e2fsprogs faketime jq runit s6 >/dev/null
 fi
 # The harness finds the library itself; without it, it skips the clock step and says so.
 if ! dpkg -L libfaketime 2>/dev/null | grep -q '/libfaketime\.so\.1$'; then

@@ -1,7 +1,9 @@
 //! A heartbeat for dead man's switch monitors (healthchecks.io, Uptime Kuma push monitors
 //! and the like): an HTTP GET to a URL at most once per interval, and only while every
-//! watched database is caught up (see [`DbMetrics::caught_up`]). When replication falls
-//! behind or storage fails, the GETs stop and the monitor raises the alarm.
+//! watched database's lag (the age of its oldest commit not yet stored, see
+//! [`DbMetrics::lag_seconds`]) is under a bound. A busy database that keeps up still gets
+//! its heartbeats; when replication falls behind, whatever the reason (storage down, the
+//! sidecar's disk full), the GETs stop and the monitor raises the alarm.
 //!
 //! The GET runs on its own thread with a short timeout; a failure is a warning and never
 //! touches replication. Such URLs often carry a secret token in their path or query, so
@@ -13,6 +15,18 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::metrics::DbMetrics;
+
+/// The default bound on lag for a heartbeat: this many `--min-interval`s ...
+pub const MAX_LAG_INTERVALS: u32 = 5;
+
+/// ... but never less than this.
+pub const MIN_MAX_LAG: Duration = Duration::from_secs(5);
+
+/// The default `--heartbeat-max-lag` for a given `--min-interval`: a few intervals (a
+/// commit waits up to one before it is read), at least [`MIN_MAX_LAG`].
+pub fn default_max_lag(min_interval: Duration) -> Duration {
+    (min_interval * MAX_LAG_INTERVALS).max(MIN_MAX_LAG)
+}
 
 /// How long one heartbeat request may take, all included.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,13 +74,15 @@ fn scrub(message: &str, url: &url::Url) -> String {
 }
 
 impl Heartbeat {
-    /// Start the thread: GET `url` at most once per `interval`, while every one of
-    /// `databases` is caught up.
+    /// Start the thread: GET `url` at most once per `interval`, while the lag of every one
+    /// of `databases` is under `max_lag`.
     pub fn start(
         url: url::Url,
         interval: Duration,
+        max_lag: Duration,
         databases: Vec<Arc<DbMetrics>>,
     ) -> Result<Heartbeat> {
+        let max_lag = max_lag.as_secs_f64();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stopped = Arc::clone(&stop);
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -81,7 +97,7 @@ impl Heartbeat {
                 let mut last: Option<Instant> = None;
                 loop {
                     let due = last.is_none_or(|t| t.elapsed() >= interval);
-                    if due && databases.iter().all(|d| d.caught_up()) {
+                    if due && databases.iter().all(|d| d.lag_seconds() < max_lag) {
                         last = Some(Instant::now());
                         beat(&agent, &url);
                     }

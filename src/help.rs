@@ -18,9 +18,35 @@ macro_rules! storage_options {
     --s3-timeout SECS
         How long one S3 read or write may wait before that request fails and is
         retried (default 60; or WALSYNC_S3_TIMEOUT).
+
+    -v, --verbose
+        Log more (debug level); RUST_LOG overrides. Accepted before or after the command.
+
+    --no-log-timestamps
+        Log lines without their leading UTC time (RFC 3339 with milliseconds), for
+        loggers that add their own such as svlogd -tt or s6-log T (or
+        WALSYNC_LOG_TIMESTAMPS=0).
 "
     };
 }
+
+/// What `walsync prune` keeps and deletes: the DESCRIPTION of `walsync help prune` and the
+/// note of `walsync prune --help` (see `main.rs`), so the two say one rule.
+macro_rules! prune_rule {
+    () => {
+        "For each database (every one under the destination, or those named), with
+    W = now - DURATION: keeps the snapshot a restore to W starts from, every snapshot
+    after it and the segments they need, and always the newest snapshot and everything
+    after it, whatever the clock says. Deletes older snapshots, the segments only they
+    need, and older generations, snapshots first, then segments, oldest first, so an
+    interrupted prune leaves every kept point restorable. Never state.json, nor keys
+    walsync did not write. One LIST, then batched deletes (S3 DeleteObjects, 1000 keys a
+    request). Safe beside a running walsync watch, which only adds newer objects."
+    };
+}
+
+/// The rule, for `main.rs` to put into `walsync prune --help`.
+pub const PRUNE_RULE: &str = prune_rule!();
 
 /// The environment every command that talks to storage reads.
 macro_rules! storage_environment {
@@ -35,6 +61,10 @@ macro_rules! storage_environment {
 
     RUST_LOG
         Log filter (walsync -v: debug level).
+
+    WALSYNC_LOG_TIMESTAMPS
+        0 logs lines without their leading UTC time (as --no-log-timestamps); 1, the
+        default, with it. Messages go to stderr, a command's results to stdout.
 "
     };
 }
@@ -59,10 +89,10 @@ const WATCH: &str = concat!(
     walsync watch - replicate SQLite databases continuously
 
 SYNOPSIS
-    walsync watch DB[:NAME]... -b DEST [--min-interval SECS] [--snapshot-interval SECS]
+    walsync watch [DB[:NAME]...] -b DEST [--min-interval SECS] [--snapshot-interval SECS]
         [--upload-workers N] [--poll] [--shutdown-timeout SECS] [--staging-limit MIB]
         [--retention DURATION] [--metrics-addr ADDR] [--heartbeat-url URL]
-        [--heartbeat-interval SECS] [--exec CMD]
+        [--heartbeat-interval SECS] [--heartbeat-max-lag SECS] [--exec CMD]
 
 DESCRIPTION
     Replicates every named database (each must be in WAL mode) until SIGTERM or SIGINT,
@@ -72,10 +102,11 @@ DESCRIPTION
     forever. walsync runs the checkpoints itself and takes the application's write lock
     only for milliseconds of local work. A snapshot is taken every --snapshot-interval
     while a database changes. On SIGTERM or SIGINT it ships what is committed (within
-    --shutdown-timeout) and exits 0. With --exec it runs CMD through /bin/sh -c, forwards
-    SIGTERM and SIGINT to it, and when it exits ships what is left and exits with its
-    status. A replica name defaults to the file name without its extension; PATH:NAME
-    names it explicitly.
+    --shutdown-timeout) and exits 0; SIGHUP, SIGUSR1 and SIGUSR2 are logged and change
+    nothing. With --exec it runs CMD, forwards those signals and SIGQUIT to it, and when
+    it exits ships what is left and exits with its status. A replica name defaults to the file name without its
+    extension (characters other than letters, digits, '.', '_' and '-' become '_');
+    PATH:NAME names it explicitly. \"watching PATH as NAME\" is logged for each database.
 
 OPTIONS
 ",
@@ -115,18 +146,27 @@ OPTIONS
         Other paths answer 404. An address that cannot be bound is a startup error.
 
     --heartbeat-url URL
-        GET this URL at most once per --heartbeat-interval, and only while every database
-        is caught up (everything read is stored, no upload failing): for a dead man's
-        switch monitor such as healthchecks.io. Failures are logged as warnings and never
-        stop replication; logs name only the URL's scheme and host.
+        GET this URL at most once per --heartbeat-interval, and only while every
+        database's lag (the age of its oldest commit not yet stored, whatever holds it
+        back: storage, the sidecar's disk, the staging limit) is under --heartbeat-max-lag:
+        for a dead man's switch monitor such as healthchecks.io. Failures are logged as
+        warnings and never stop replication; logs name only the URL's scheme and host.
 
     --heartbeat-interval SECS
         Seconds between heartbeats (default 60).
 
+    --heartbeat-max-lag SECS
+        No heartbeat while a database's lag is this long or longer (default 5
+        --min-intervals, at least 5 seconds).
+
     --exec CMD
-        Once replication has started, run CMD through /bin/sh -c, forward SIGTERM and
-        SIGINT to it, and when it exits ship what is left and exit with its status (128 +
-        the signal number if a signal killed it).
+        Once replication has started, run CMD and when it exits ship what is left and
+        exit with its status (128 + the signal number if a signal killed it). CMD starts
+        with an empty signal mask and default signal dispositions. Without shell syntax
+        (quotes, $, ;, &, |, <, >, globs, VAR=value, ...) it is executed directly, split
+        on whitespace, and SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
+        walsync are forwarded to it; otherwise it runs through /bin/sh -c in a process
+        group of its own, and the signals go to that group.
 
 ENVIRONMENT
 ",
@@ -134,8 +174,14 @@ ENVIRONMENT
     "
     WALSYNC_MIN_INTERVAL, WALSYNC_SNAPSHOT_INTERVAL, WALSYNC_UPLOAD_WORKERS,
     WALSYNC_SHUTDOWN_TIMEOUT, WALSYNC_STAGING_LIMIT, WALSYNC_RETENTION,
-    WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL, WALSYNC_EXEC
+    WALSYNC_METRICS_ADDR, WALSYNC_HEARTBEAT_URL, WALSYNC_HEARTBEAT_INTERVAL,
+    WALSYNC_HEARTBEAT_MAX_LAG, WALSYNC_EXEC
         As the flags of the same name.
+
+    WALSYNC_DATABASES
+        The databases to replicate when none are given as arguments: PATH or PATH:NAME,
+        separated by whitespace (for service files; a path with blanks must be an
+        argument).
 
 ",
     exit_status!(),
@@ -249,8 +295,12 @@ ENVIRONMENT
     "    3 also when a NAME has no replica.
 
 EXAMPLES
-    age=$(walsync status app --json | jq '.databases[0].age_seconds')
-    [ \"$age\" -lt 600 ] || echo \"app: nothing stored for ${age}s\"
+    if json=$(walsync status app --json); then
+      age=$(printf '%s' \"$json\" | jq '.databases[0].age_seconds')
+      [ \"$age\" -lt 600 ] || echo \"app: nothing stored for ${age}s\"
+    else
+      echo \"app: walsync status failed (exit $?; its error is above)\"
+    fi
 "
 );
 
@@ -321,39 +371,26 @@ EXAMPLES
 "
 );
 
-const PRUNE: &str = "NAME
-    walsync prune - delete backups that no restore inside the retention window needs
+const PRUNE: &str = concat!(
+    "NAME
+    walsync prune - delete the backups no restore inside the retention window needs
 
 SYNOPSIS
-    walsync prune -b DEST --retention DURATION [--endpoint URL] [--s3-timeout SECS]
-                  [--dry-run] [NAME...]
+    walsync prune -b DEST --retention DURATION [--dry-run] [NAME...]
 
 DESCRIPTION
-    For each database (every one under the destination, or those named), with
-    W = now - DURATION: keeps the snapshot a restore to W starts from, every snapshot
-    after it and the segments they need, and always the newest snapshot and everything
-    after it, whatever the clock says. Deletes older snapshots, the segments only they
-    need, and older generations, snapshots first, then segments, oldest first, so an
-    interrupted prune leaves every kept point restorable. Never state.json, nor keys
-    walsync did not write. One LIST, then batched deletes (S3 DeleteObjects, 1000 keys a
-    request). Safe beside a running walsync watch, which only adds newer objects.
+    ",
+    prune_rule!(),
+    "
     walsync watch --retention does the same as it runs.
 
 OPTIONS
-    -b, --bucket DEST
-        Destination: s3://bucket/prefix or file:///some/dir (or WALSYNC_BUCKET).
-
+",
+    storage_options!(),
+    "
     --retention DURATION
         How far back every point in time stays restorable: 3600s, 90m, 24h, 7d, 1.5h (a
         plain number is seconds); 0 keeps everything. Required (or WALSYNC_RETENTION).
-
-    --endpoint URL
-        S3 endpoint URL, with path-style addressing (or WALSYNC_ENDPOINT, else
-        AWS_ENDPOINT_URL_S3).
-
-    --s3-timeout SECS
-        How long one S3 read or write may wait before that request fails and is
-        retried (default 60; or WALSYNC_S3_TIMEOUT).
 
     --dry-run
         Print each key that would be deleted with its size, and the bytes freed; delete
@@ -363,20 +400,21 @@ OPTIONS
         Replica names, as walsync list shows them (default: every database).
 
 ENVIRONMENT
-    WALSYNC_BUCKET, WALSYNC_ENDPOINT, WALSYNC_S3_TIMEOUT, WALSYNC_RETENTION
-        As -b, --endpoint, --s3-timeout and --retention; a flag always wins.
+",
+    storage_environment!(),
+    "
+    WALSYNC_RETENTION
+        As --retention.
 
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION
-        Credentials (never logged) and region.
-
-EXIT STATUS
-    0 on success; 3 if a NAME has no replica (checked before anything is deleted);
-    otherwise as for every command (see walsync help watch).
+",
+    exit_status!(),
+    "    3 also when a NAME has no replica (checked before anything is deleted).
 
 EXAMPLES
     walsync prune -b s3://backups/host1 --retention 7d --dry-run
     walsync prune -b s3://backups/host1 --retention 7d app
-";
+"
+);
 
 const HELP: &str = "NAME
     walsync help - show the manual page of a command
@@ -391,7 +429,7 @@ DESCRIPTION
 
 /// Every command's page, in the order `walsync help` lists them, with a one-line summary.
 pub const PAGES: &[(&str, &str, &str)] = &[
-    ("watch", "replicate databases continuously", WATCH),
+    ("watch", "replicate SQLite databases continuously", WATCH),
     (
         "snapshot",
         "store a full snapshot of a database now",
@@ -406,7 +444,7 @@ pub const PAGES: &[(&str, &str, &str)] = &[
     ("restore", "restore a database from its replica", RESTORE),
     (
         "prune",
-        "remove generations older than the retention period",
+        "delete the backups no restore inside the retention window needs",
         PRUNE,
     ),
     ("help", "show the manual page of a command", HELP),

@@ -45,19 +45,18 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 /// The default replica name of a database: its file name without the extension
-/// (`/var/lib/app/app.db` → `app`).
+/// (`/var/lib/app/app.db` → `app`), with characters a name may not hold replaced by `_`
+/// (`my app.db` → `my_app`). Every command (`watch`, `snapshot`) names by this one rule.
 pub fn default_name(db_path: &Path) -> Result<String> {
-    let stem = db_path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "cannot derive a replica name from {}",
-                db_path.display()
-            ))
-        })?;
-    validate_name(stem)?;
-    Ok(stem.to_string())
+    let stem = db_path.file_stem().ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot derive a replica name from {}",
+            db_path.display()
+        ))
+    })?;
+    let name = sanitize(&stem.to_string_lossy());
+    validate_name(&name)?;
+    Ok(name)
 }
 
 /// Give each database a distinct, deterministic replica name.
@@ -93,11 +92,7 @@ pub fn assign_names(specs: &[String]) -> Result<Vec<(std::path::PathBuf, String)
     // How many parent directories each unnamed database needs in its name.
     let mut depth = vec![0usize; parsed.len()];
     let name_at = |path: &Path, depth: usize| -> Result<String> {
-        let stem = default_name(path).or_else(|_| {
-            path.file_stem()
-                .map(|s| sanitize(&s.to_string_lossy()))
-                .ok_or_else(|| Error::invalid(format!("{} has no file name", path.display())))
-        })?;
+        let stem = default_name(path)?;
         let parents: Vec<String> = path
             .parent()
             .into_iter()
@@ -602,5 +597,6 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
         assert_eq!(default_name(Path::new("/var/lib/x/app.db")).unwrap(), "app");
+        assert_eq!(default_name(Path::new("my app.db")).unwrap(), "my_app");
     }
 }

@@ -55,7 +55,7 @@
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, served for Prometheus.
-//! - `heartbeat`: a GET to a monitoring URL while every database is caught up.
+//! - `heartbeat`: a GET to a monitoring URL while every database's lag is under a bound.
 //! - `progress`: a progress line on a terminal for one-shot commands.
 
 #[doc(hidden)]

@@ -9,6 +9,8 @@ use std::time::Duration;
 use argh::FromArgs;
 
 mod help;
+mod logging;
+mod supervise;
 
 use walsync::error::{Error, ErrorKind, Result};
 use walsync::heartbeat::Heartbeat;
@@ -23,6 +25,10 @@ use walsync::watcher::WatchMode;
 
 /// The placeholder for the version in the top-level help (argh takes only literals there).
 const VERSION_PLACEHOLDER: &str = "walsync VERSION";
+
+/// The placeholder for prune's rule in `walsync prune --help`: the text is
+/// [`help::PRUNE_RULE`], which `walsync help prune` shows too.
+const PRUNE_RULE_PLACEHOLDER: &str = "PRUNE_RULE";
 
 /// Exit status of a command-line usage error (bad flags included).
 const USAGE: u8 = 2;
@@ -61,6 +67,10 @@ struct Cli {
     /// log more (debug level); RUST_LOG overrides
     #[argh(switch, short = 'v')]
     verbose: bool,
+    /// log lines without their leading UTC time, for loggers that add their own (or
+    /// WALSYNC_LOG_TIMESTAMPS=0)
+    #[argh(switch)]
+    no_log_timestamps: bool,
     /// print the version (walsync VERSION) and exit
     #[argh(switch)]
     version: bool,
@@ -79,9 +89,25 @@ enum Command {
     Prune(PruneCmd),
 }
 
+impl Command {
+    /// `-v` and `--no-log-timestamps` as given after the command.
+    fn logging(&self) -> (bool, bool) {
+        match self {
+            Command::Watch(cmd) => cmd.logging(),
+            Command::Snapshot(cmd) => cmd.logging(),
+            Command::List(cmd) => cmd.logging(),
+            Command::Status(cmd) => cmd.logging(),
+            Command::Restore(cmd) => cmd.logging(),
+            Command::Prune(cmd) => cmd.logging(),
+        }
+    }
+}
+
 /// Declares a subcommand whose options include the destination's, `-b`, `--endpoint` and
-/// `--s3-timeout` (argh has no flattening, so they are written once here rather than in
-/// every command), and gives it [`StorageArgs`] through `destination()`.
+/// `--s3-timeout`, and the logging switches `-v` and `--no-log-timestamps` (so they work
+/// after the command too, as people type them); argh has no flattening, so they are
+/// written once here rather than in every command. Gives the command [`StorageArgs`]
+/// through `destination()`.
 macro_rules! with_destination {
     (
         $(#[$meta:meta])*
@@ -104,15 +130,28 @@ macro_rules! with_destination {
             /// retried (default 60; or WALSYNC_S3_TIMEOUT)
             #[argh(option)]
             s3_timeout: Option<f64>,
+            /// log more (debug level); RUST_LOG overrides
+            #[argh(switch, short = 'v')]
+            verbose: bool,
+            /// log lines without their leading UTC time, for loggers that add their own (or
+            /// WALSYNC_LOG_TIMESTAMPS=0)
+            #[argh(switch)]
+            no_log_timestamps: bool,
         }
 
         impl $name {
+            /// `-v` and `--no-log-timestamps`, given after the command.
+            fn logging(&self) -> (bool, bool) {
+                (self.verbose, self.no_log_timestamps)
+            }
+
             /// Where this command's replica is, as given.
             fn destination(&self) -> StorageArgs<'_> {
                 StorageArgs {
                     bucket: self.bucket.as_deref(),
                     endpoint: self.endpoint.as_deref(),
                     s3_timeout: self.s3_timeout,
+                    must_exist: false,
                 }
             }
         }
@@ -124,7 +163,8 @@ with_destination! {
     #[derive(FromArgs)]
     #[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
     struct WatchCmd {
-        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode)
+        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode; or
+        /// WALSYNC_DATABASES, separated by whitespace)
         #[argh(positional)]
         databases: Vec<String>,
         /// seconds between snapshots of a changing database (default 3600; or
@@ -156,22 +196,27 @@ with_destination! {
         /// when the window passes the next snapshot
         #[argh(option)]
         retention: Option<String>,
-        /// once replication has started, run this command through /bin/sh -c, forward SIGTERM
-        /// and SIGINT to it, and when it exits, ship what is left and exit with its status (or
-        /// WALSYNC_EXEC)
+        /// once replication has started, run this command (directly, or through /bin/sh -c if
+        /// it has shell syntax), forward SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1/2 to it,
+        /// and when it exits, ship what is left and exit with its status (or WALSYNC_EXEC)
         #[argh(option)]
         exec: Option<String>,
         /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
         /// WALSYNC_METRICS_ADDR)
         #[argh(option)]
         metrics_addr: Option<String>,
-        /// GET this URL at most once per --heartbeat-interval while every database is caught up,
-        /// for a dead man's switch monitor (or WALSYNC_HEARTBEAT_URL)
+        /// GET this URL at most once per --heartbeat-interval while every database's lag is
+        /// under --heartbeat-max-lag, for a dead man's switch monitor (or
+        /// WALSYNC_HEARTBEAT_URL)
         #[argh(option)]
         heartbeat_url: Option<String>,
         /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
         #[argh(option)]
         heartbeat_interval: Option<f64>,
+        /// heartbeats stop while a database's oldest commit not yet stored is this many
+        /// seconds old (default 5 --min-intervals, at least 5; or WALSYNC_HEARTBEAT_MAX_LAG)
+        #[argh(option)]
+        heartbeat_max_lag: Option<f64>,
     }
 }
 
@@ -262,16 +307,12 @@ with_destination! {
 }
 
 with_destination! {
-    /// Delete backups older than the retention, keeping every point in time inside it
-    /// restorable.
+    /// Delete the backups no restore inside the retention window needs.
     #[derive(FromArgs)]
     #[argh(
         subcommand,
         name = "prune",
-        note = "Keeps the snapshot a restore to (now - retention) starts from, everything after\n\
-                it, and always the newest snapshot and what follows it; deletes older snapshots,\n\
-                the segments only they need, and older generations. Never state.json or keys\n\
-                walsync did not write. One LIST, then batched deletes, oldest first.\n\
+        note = "PRUNE_RULE\n\
                 Exit codes: see walsync --help (3 if a NAME has no replica)."
     )]
     struct PruneCmd {
@@ -331,22 +372,16 @@ fn main() -> ExitCode {
         eprintln!("walsync: error: a command is required (watch, snapshot, list, status, restore or prune); see walsync --help");
         return ExitCode::from(USAGE);
     };
-    let default_level = if cli.verbose {
-        "walsync=debug,info"
-    } else {
-        "walsync=info,warn"
+    let (verbose, no_timestamps) = command.logging();
+    let timestamps = match logging::timestamps(no_timestamps || cli.no_log_timestamps) {
+        Ok(timestamps) => timestamps,
+        Err(e) => {
+            eprintln!("walsync: error: {e}");
+            return ExitCode::from(USAGE);
+        }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        // ureq logs each request's URL at debug level and more at trace; presigned URLs carry
-        // the session token (X-Amz-Security-Token) and the signature in their query. Keep the
-        // HTTP client at info whatever RUST_LOG says, so `-v` and RUST_LOG=trace stay safe to
-        // paste. (These directives come after RUST_LOG's and replace any it gave for them.)
-        .filter_module("ureq", log::LevelFilter::Info)
-        .filter_module("ureq_proto", log::LevelFilter::Info)
-        .format_timestamp_millis()
-        // Log lines wipe a progress line first (see walsync::progress).
-        .target(env_logger::Target::Pipe(Box::new(progress::LogWriter)))
-        .init();
+    logging::init(cli.verbose || verbose, timestamps);
+    log::debug!("walsync {}", env!("CARGO_PKG_VERSION"));
     match run(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -386,7 +421,12 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
     Cli::from_args(&["walsync"], &args).map_err(|exit| match exit.status {
         Ok(()) => {
             let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
-            println!("{}", exit.output.replace(VERSION_PLACEHOLDER, &version));
+            println!(
+                "{}",
+                exit.output
+                    .replace(VERSION_PLACEHOLDER, &version)
+                    .replace(PRUNE_RULE_PLACEHOLDER, help::PRUNE_RULE)
+            );
             ExitCode::SUCCESS
         }
         Err(()) => {
@@ -458,6 +498,8 @@ struct StorageArgs<'a> {
     bucket: Option<&'a str>,
     endpoint: Option<&'a str>,
     s3_timeout: Option<f64>,
+    /// A `file://` directory must exist (see [`StorageArgs::existing`]).
+    must_exist: bool,
 }
 
 impl StorageArgs<'_> {
@@ -494,8 +536,25 @@ impl StorageArgs<'_> {
             false,
         )?;
         let dest = Destination::parse(&bucket)?;
+        if let (Destination::File { root }, true) = (&dest, self.must_exist) {
+            if !root.is_dir() {
+                return Err(Error::not_found(format!(
+                    "{bucket}: the directory {} does not exist (walsync watch and snapshot \
+                     create it; check the path)",
+                    root.display()
+                )));
+            }
+        }
         let storage = storage::open_with_timeout(&dest, endpoint.as_deref(), s3_timeout)?;
         Ok((bucket, Arc::from(storage)))
+    }
+
+    /// For commands that only read or delete: a `file://` destination whose directory is
+    /// missing is an error (not found), not an empty replica, so a mistyped path is not
+    /// reported as "no replicas".
+    fn existing(mut self) -> Self {
+        self.must_exist = true;
+        self
     }
 }
 
@@ -538,7 +597,7 @@ fn prune_command(cmd: PruneCmd) -> Result<()> {
     for name in &cmd.names {
         layout::validate_name(name)?;
     }
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let catalog = walsync::list::catalog(storage.as_ref())?;
     let now = UtcTime::now();
     if cmd.dry_run {
@@ -584,84 +643,6 @@ fn parse_mode(text: &str) -> Result<u32> {
                 "--mode {text:?}: expected octal permission bits such as 0640"
             ))
         })
-}
-
-/// Block SIGTERM and SIGINT (and SIGCHLD, with `child_too`, to notice an `--exec` child's
-/// exit) in this thread and every thread started after, so that [`wait_for_signal`] can take
-/// them synchronously. A blocked SIGCHLD stays pending until taken, so a child that exits
-/// before the wait starts is not missed. (Children get an empty mask: std resets it.)
-fn block_stop_signals(child_too: bool) -> libc::sigset_t {
-    // SAFETY: plain libc calls on a sigset_t we own; called before any thread is started.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if child_too {
-            libc::sigaddset(&mut set, libc::SIGCHLD);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Wait until one of the signals in `set` arrives; returns its number.
-fn wait_for_signal(set: &libc::sigset_t) -> libc::c_int {
-    let mut signal: libc::c_int = 0;
-    // SAFETY: `set` is initialised and the signals in it are blocked in every thread.
-    while unsafe { libc::sigwait(set, &mut signal) } != 0 {}
-    signal
-}
-
-fn signal_name(signal: libc::c_int) -> &'static str {
-    match signal {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGCHLD => "SIGCHLD",
-        _ => "a signal",
-    }
-}
-
-/// The `--exec` command's exit status as walsync's own: its code, or 128 + the signal that
-/// killed it, as shells report it.
-fn child_exit_code(status: std::process::ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(signal)) => (128 + signal).clamp(0, 255) as u8,
-        (None, None) => 1,
-    }
-}
-
-/// Run `command` through `/bin/sh -c` (inheriting stdin, stdout, stderr and the
-/// environment), forward SIGTERM and SIGINT to it, and return its exit status once it has
-/// exited. SIGCHLD must be in `signals` (see [`block_stop_signals`]).
-fn supervise(command: &str, signals: &libc::sigset_t) -> Result<std::process::ExitStatus> {
-    let mut child = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(command)
-        .spawn()
-        .map_err(|e| Error::from(e).with_context(format!("starting --exec {command:?}")))?;
-    let pid = child.id() as libc::pid_t;
-    log::info!("started --exec command (pid {pid})");
-    loop {
-        let signal = wait_for_signal(signals);
-        if signal != libc::SIGCHLD {
-            log::info!("{}: forwarding it to pid {pid}", signal_name(signal));
-            // SAFETY: kill(2) on our own child, not yet reaped (so the pid is still ours).
-            unsafe {
-                libc::kill(pid, signal);
-            }
-            continue;
-        }
-        // SIGCHLD: our only child may have exited (or merely stopped or continued).
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| Error::from(e).with_context("waiting for the --exec command"))?
-        {
-            return Ok(status);
-        }
-    }
 }
 
 /// Shutdown timeout unless `--shutdown-timeout` or WALSYNC_SHUTDOWN_TIMEOUT says otherwise.
@@ -729,19 +710,43 @@ impl WatchCmd {
     }
 }
 
+impl WatchCmd {
+    /// The databases to watch: the arguments, else WALSYNC_DATABASES (for service files:
+    /// PATH or PATH:NAME, separated by whitespace).
+    fn database_specs(&self) -> Result<Vec<String>> {
+        if !self.databases.is_empty() {
+            return Ok(self.databases.clone());
+        }
+        let specs: Vec<String> = setting(
+            None::<String>,
+            "DB",
+            "WALSYNC_DATABASES",
+            "a list of databases",
+        )?
+        .map(|(list, _)| list.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+        if specs.is_empty() {
+            return Err(Error::invalid(
+                "watch needs at least one database: pass DB[:NAME]... or set WALSYNC_DATABASES",
+            ));
+        }
+        Ok(specs)
+    }
+}
+
 /// Heartbeat interval unless `--heartbeat-interval` or WALSYNC_HEARTBEAT_INTERVAL says
 /// otherwise.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// `watch`'s monitoring: the metrics listener (bound before replication starts, so a bad
-/// address is a startup error) and the heartbeat URL and interval.
+/// address is a startup error) and the heartbeat URL, interval and lag bound.
 struct Monitoring {
     metrics: Option<std::net::TcpListener>,
-    heartbeat: Option<(url::Url, Duration)>,
+    heartbeat: Option<(url::Url, Duration, Duration)>,
 }
 
 impl WatchCmd {
-    fn monitoring(&self) -> Result<Monitoring> {
+    fn monitoring(&self, min_interval: Duration) -> Result<Monitoring> {
         let metrics = setting(
             self.metrics_addr.clone(),
             "--metrics-addr",
@@ -769,7 +774,17 @@ impl WatchCmd {
                     HEARTBEAT_INTERVAL,
                     false,
                 )?;
-                Some((url, interval))
+                let max_lag = seconds(
+                    setting(
+                        self.heartbeat_max_lag,
+                        "--heartbeat-max-lag",
+                        "WALSYNC_HEARTBEAT_MAX_LAG",
+                        "a number of seconds",
+                    )?,
+                    walsync::heartbeat::default_max_lag(min_interval),
+                    false,
+                )?;
+                Some((url, interval, max_lag))
             }
         };
         Ok(Monitoring { metrics, heartbeat })
@@ -778,17 +793,15 @@ impl WatchCmd {
 
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
-    if cmd.databases.is_empty() {
-        return Err(Error::invalid("watch needs at least one database"));
-    }
+    let databases = cmd.database_specs()?;
     let exec = setting(cmd.exec.clone(), "--exec", "WALSYNC_EXEC", "a command")?
         .map(|(command, _)| command)
         .filter(|command| !command.trim().is_empty());
-    let signals = block_stop_signals(exec.is_some());
+    let signals = supervise::block_signals(exec.is_some());
     let (options, shutdown_timeout) = cmd.options()?;
-    let monitoring = cmd.monitoring()?;
+    let monitoring = cmd.monitoring(options.min_interval)?;
     let (destination, storage) = cmd.destination().open()?;
-    let databases = layout::assign_names(&cmd.databases)?;
+    let databases = layout::assign_names(&databases)?;
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
@@ -805,7 +818,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     }
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
-        println!("watching {} as {name}", path.display());
+        log::info!("watching {} as {name}", path.display());
     }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
@@ -823,28 +836,34 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         walsync::metrics::serve(listener, replicator.metrics())?;
     }
     let heartbeat = match monitoring.heartbeat {
-        Some((url, interval)) => {
+        Some((url, interval, max_lag)) => {
             log::info!(
-                "heartbeat to {} every {}s while caught up",
+                "heartbeat to {} every {}s while every database's lag is under {}s",
                 walsync::heartbeat::redacted(&url),
-                interval.as_secs_f64()
+                interval.as_secs_f64(),
+                max_lag.as_secs_f64()
             );
-            Some(Heartbeat::start(url, interval, replicator.metrics())?)
+            Some(Heartbeat::start(
+                url,
+                interval,
+                max_lag,
+                replicator.metrics(),
+            )?)
         }
         None => None,
     };
     let Some(command) = exec else {
-        let signal = wait_for_signal(&signals);
+        let signal = signals.wait_for_stop();
         log::info!(
             "{}: shipping what is left (up to {}s)",
-            signal_name(signal),
+            supervise::signal_name(signal),
             shutdown_timeout.as_secs_f64()
         );
         drop(heartbeat);
         replicator.stop(shutdown_timeout)?;
         return Ok(0);
     };
-    let status = supervise(&command, &signals);
+    let status = supervise::Supervised::start(&command).and_then(|child| child.wait(&signals));
     drop(heartbeat);
     let status = match status {
         Ok(status) => status,
@@ -861,7 +880,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         shutdown_timeout.as_secs_f64()
     );
     replicator.stop(shutdown_timeout)?;
-    Ok(child_exit_code(status))
+    Ok(supervise::child_exit_code(status))
 }
 
 fn restore_command(cmd: RestoreCmd) -> Result<()> {
@@ -871,8 +890,8 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         ));
     }
     if cmd.if_db_not_exists && cmd.output.exists() {
-        eprintln!(
-            "walsync: {} already exists; not restoring (--if-db-not-exists)",
+        log::info!(
+            "{} already exists; not restoring (--if-db-not-exists)",
             cmd.output.display()
         );
         return Ok(());
@@ -901,11 +920,26 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
         generation,
     };
-    let (_, storage) = cmd.destination().open()?;
+    let storage = match cmd.destination().existing().open() {
+        Ok((_, storage)) => storage,
+        // A file:// directory that does not exist holds no replica either.
+        Err(e) if cmd.if_replica_exists && e.kind() == ErrorKind::NotFound => {
+            log::info!(
+                "{e}: no replica of {:?}; not restoring (--if-replica-exists)",
+                cmd.name
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            // A usage error (OUT exists) comes first, as when the destination is usable.
+            restore::check_output(&cmd.output, cmd.force)?;
+            return Err(e);
+        }
+    };
     let storage = with_progress(storage, "restore", !cmd.dry_run);
     if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
-        eprintln!(
-            "walsync: no replica of {:?} in {}; not restoring (--if-replica-exists)",
+        log::info!(
+            "no replica of {:?} in {}; not restoring (--if-replica-exists)",
             cmd.name,
             storage.describe()
         );
@@ -1012,7 +1046,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
 
 /// `walsync list`.
 fn list_command(cmd: ListCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let listing = walsync::list::list(storage.as_ref())?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -1024,7 +1058,7 @@ fn list_command(cmd: ListCmd) -> Result<()> {
 
 /// `walsync status`.
 fn status_command(cmd: StatusCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination().existing().open()?;
     let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);

@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,15 +32,13 @@ pub struct DbMetrics {
     /// Failed upload attempts, and those of them followed by another attempt.
     upload_errors: AtomicU64,
     upload_retries: AtomicU64,
-    /// The last attempt of the object now being uploaded failed.
-    upload_failing: AtomicBool,
     checkpoints_complete: AtomicU64,
     checkpoints_partial: AtomicU64,
     /// Staged objects not yet stored, and their bytes.
     staged_objects: AtomicU64,
     staged_bytes: AtomicU64,
-    /// Unix time in milliseconds since when something committed has not been stored;
-    /// 0 when everything is.
+    /// Unix time in milliseconds of the oldest commit not yet stored; 0 when every
+    /// commit is.
     unstored_since_ms: AtomicU64,
     /// Time of the newest stored commit, unix milliseconds (0: none stored since start).
     newest_stored_ms: AtomicU64,
@@ -69,7 +67,6 @@ impl DbMetrics {
     pub fn stored(&self, key: &str, bytes: u64) {
         self.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
         self.objects_stored.fetch_add(1, Ordering::Relaxed);
-        self.upload_failing.store(false, Ordering::Relaxed);
         if let Some((_, object)) = ObjectName::parse_key(key) {
             let millis = object.time.millis().max(0) as u64;
             // Like `walsync status`: the newest segment's time, a snapshot's only until a
@@ -93,7 +90,6 @@ impl DbMetrics {
         if retrying {
             self.upload_retries.fetch_add(1, Ordering::Relaxed);
         }
-        self.upload_failing.store(true, Ordering::Relaxed);
     }
 
     /// A checkpoint ran (skipped ones are not counted).
@@ -105,26 +101,20 @@ impl DbMetrics {
         };
     }
 
-    /// Something was committed and may not be stored yet (the WAL changed).
-    pub fn changed(&self) {
-        let _ = self.unstored_since_ms.compare_exchange(
-            0,
-            unix_millis(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// The database thread's view after a step: what is staged, and whether everything
-    /// read is stored and nothing more is waiting to be read (`caught_up`).
-    pub fn staged(&self, objects: usize, bytes: u64, caught_up: bool) {
+    /// What is staged in the sidecar and not yet stored.
+    pub fn staged(&self, objects: usize, bytes: u64) {
         self.staged_objects.store(objects as u64, Ordering::Relaxed);
         self.staged_bytes.store(bytes, Ordering::Relaxed);
-        if caught_up {
-            self.unstored_since_ms.store(0, Ordering::Relaxed);
-        } else if objects > 0 {
-            self.changed();
-        }
+    }
+
+    /// The unix time in milliseconds of the oldest commit not yet stored, or None when
+    /// every commit is stored. The database thread works it out (see
+    /// `replicator::LagTracker`) from what it has read, staged and seen stored, so that
+    /// lag counts whatever holds a commit back: storage, the sidecar's disk, a pinned WAL.
+    pub fn set_unstored_since(&self, since_ms: Option<u64>) {
+        // 0 means "nothing unstored"; a real time is never 0.
+        let value = since_ms.map_or(0, |ms| ms.max(1));
+        self.unstored_since_ms.store(value, Ordering::Relaxed);
     }
 
     /// Seconds since the oldest commit not yet stored; 0 when caught up.
@@ -133,14 +123,6 @@ impl DbMetrics {
             0 => 0.0,
             since => unix_millis().saturating_sub(since) as f64 / 1000.0,
         }
-    }
-
-    /// Everything read is stored, nothing is known to wait in the WAL, and the last upload
-    /// attempt did not fail.
-    pub fn caught_up(&self) -> bool {
-        self.unstored_since_ms.load(Ordering::Relaxed) == 0
-            && self.staged_objects.load(Ordering::Relaxed) == 0
-            && !self.upload_failing.load(Ordering::Relaxed)
     }
 }
 
@@ -381,20 +363,19 @@ mod tests {
     }
 
     #[test]
-    fn lag_and_caught_up_follow_the_database_thread() {
+    fn lag_counts_from_the_time_the_database_thread_gives() {
         let m = DbMetrics::new("a\"b");
-        assert!(m.caught_up());
-        m.changed();
-        assert!(!m.caught_up());
-        m.staged(1, 100, false);
+        assert_eq!(m.lag_seconds(), 0.0);
+        m.set_unstored_since(Some(unix_millis() - 3_000));
+        let lag = m.lag_seconds();
+        assert!((3.0..4.0).contains(&lag), "{lag}");
+        m.staged(1, 100);
         m.upload_failed(true);
-        m.staged(0, 0, true);
-        assert!(!m.caught_up(), "the last upload attempt failed");
         m.stored(
             "a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz",
             10,
         );
-        assert!(m.caught_up());
+        m.set_unstored_since(None);
         assert_eq!(m.lag_seconds(), 0.0);
         assert_eq!(
             m.newest_stored_ms.load(Ordering::Relaxed),

@@ -195,7 +195,8 @@ impl Replicator {
             let path = replica.path().to_path_buf();
             let metrics = Arc::new(DbMetrics::new(&name));
             // Not caught up until the thread has looked at the WAL.
-            metrics.changed();
+            let lag = LagTracker::started();
+            metrics.set_unstored_since(lag.since());
             let worker = DbWorker {
                 metrics: Arc::clone(&metrics),
                 replica,
@@ -205,6 +206,7 @@ impl Replicator {
                 options: options.clone(),
                 prune: pruner.as_ref().map(Pruner::requests),
                 reconcile_backoff: RECONCILE_BACKOFF,
+                lag,
                 agenda: Agenda {
                     dirty: true,
                     last_snapshot: Some(Instant::now()),
@@ -339,6 +341,7 @@ struct DbWorker {
     agenda: Agenda,
     metrics: Arc<DbMetrics>,
     reconcile_backoff: Backoff,
+    lag: LagTracker,
 }
 
 /// Someone waiting for an object to be stored.
@@ -413,7 +416,8 @@ impl DbWorker {
                 log::error!("{name}: {e}; this database is no longer replicated");
                 return Err(e);
             }
-            if let Err(e) = self.step() {
+            let stepped = self.step();
+            if let Err(e) = stepped.as_ref() {
                 // While stopping, try again sooner: the deadline is near.
                 let retry = if self.agenda.stop.is_some() {
                     STOP_RETRY
@@ -426,12 +430,12 @@ impl DbWorker {
                     let _ = waiter.send(Err(e.clone()));
                 }
             }
-            let caught_up = self.replica.is_flushed() && !self.agenda.dirty;
-            self.metrics.staged(
-                self.replica.staged_count(),
-                self.replica.staged_bytes(),
-                caught_up,
-            );
+            // All read, if the step ran a read (`dirty` cleared) that did not fail.
+            let all_read = stepped.is_ok() && !self.agenda.dirty;
+            self.lag.after_step(&self.replica, all_read);
+            self.metrics
+                .staged(self.replica.staged_count(), self.replica.staged_bytes());
+            self.metrics.set_unstored_since(self.lag.since());
             if let Some(deadline) = self.agenda.stop {
                 let done = self.agenda.settled && self.replica.is_flushed();
                 if done || Instant::now() >= deadline {
@@ -473,10 +477,11 @@ impl DbWorker {
         match event {
             Event::Changed => {
                 agenda.dirty = true;
-                self.metrics.changed();
+                self.lag.changed();
             }
             Event::Uploaded(upload, Ok(())) => {
                 let key = upload.key.clone();
+                self.lag.stored(&key);
                 match self.replica.upload_done(&key) {
                     Ok(true) => {
                         drop(self.write_state());
@@ -794,6 +799,77 @@ impl DbWorker {
             ))
         }
     }
+}
+
+/// Where a database's lag counts from: the oldest commit not yet stored, whatever holds it
+/// back (storage down or slow, the sidecar's disk full or read-only, the staging limit).
+///
+/// Commits are noticed when the WAL changes (a file event), read into a staged object by a
+/// later step, and stored when that object's upload succeeds. So the tracker keeps when the
+/// first change not yet read was noticed, and for each staged object the time of the first
+/// change it holds. A step that fails to read keeps the unread time, so a sidecar that
+/// cannot be written shows as growing lag instead of 0.
+struct LagTracker {
+    /// Unix milliseconds of the first change not yet read into a staged object.
+    unread: Option<u64>,
+    /// Staged objects in upload order: key, and the time of the first change each holds
+    /// (None: it holds no commit that was waiting, such as a snapshot of a quiet database).
+    staged: std::collections::VecDeque<(String, Option<u64>)>,
+}
+
+impl LagTracker {
+    /// At start nothing is known to be stored until the first read.
+    fn started() -> LagTracker {
+        LagTracker {
+            unread: Some(unix_millis()),
+            staged: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The WAL or database file changed: a commit may wait to be read.
+    fn changed(&mut self) {
+        self.unread.get_or_insert_with(unix_millis);
+    }
+
+    /// The object `key` was stored; uploads go in order, so those before it were too.
+    fn stored(&mut self, key: &str) {
+        if let Some(at) = self.staged.iter().position(|(k, _)| k == key) {
+            self.staged.drain(..=at);
+        }
+    }
+
+    /// After a step: a newly staged object takes the unread changes with it; with
+    /// `all_read` (a read ran and did not fail) and nothing staged, nothing waits at all.
+    fn after_step(&mut self, replica: &Replica, all_read: bool) {
+        if replica.is_flushed() {
+            self.staged.clear();
+            if all_read {
+                self.unread = None;
+            }
+            return;
+        }
+        if let Some(key) = replica.last_queued_key() {
+            if self.staged.back().is_none_or(|(k, _)| *k != key) {
+                let since = self.unread.take();
+                self.staged.push_back((key, since));
+            }
+        }
+    }
+
+    /// Unix milliseconds of the oldest commit not yet stored, if any.
+    fn since(&self) -> Option<u64> {
+        let staged = self.staged.iter().find_map(|(_, since)| *since);
+        match (staged, self.unread) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A request to prune one database: after a snapshot was stored (list it afresh), or at

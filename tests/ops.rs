@@ -1,6 +1,8 @@
 //! Operations features of the real binary: `watch --metrics-addr` (Prometheus text),
-//! `watch --heartbeat-url` (only while caught up), progress output of `restore` and
-//! `snapshot` (only on a terminal), and `walsync help COMMAND` (every flag documented).
+//! `watch --heartbeat-url` (only while every database's lag is under a bound), the lag
+//! itself whatever holds commits back, progress output of `restore` and `snapshot` (only
+//! on a terminal), timestamped log lines, and `walsync help COMMAND` (every flag
+//! documented, one rule for prune).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -262,7 +264,7 @@ impl Monitor {
 }
 
 #[test]
-fn heartbeat_only_while_caught_up() {
+fn heartbeat_only_while_the_lag_is_under_its_bound() {
     let mut s3 = S3Server::start();
     let monitor = Monitor::start();
     let dir = tempfile::tempdir().unwrap();
@@ -283,6 +285,8 @@ fn heartbeat_only_while_caught_up() {
             &dest,
             "--heartbeat-interval",
             "1",
+            "--heartbeat-max-lag",
+            "1",
             "--s3-timeout",
             "2",
         ],
@@ -301,12 +305,13 @@ fn heartbeat_only_while_caught_up() {
         .iter()
         .all(|(_, line)| line == "GET /ping/secret-token-4711?key=hidden-0815 HTTP/1.1"));
 
-    // Storage down and a commit waiting: no heartbeat.
+    // Storage down and a commit waiting longer than --heartbeat-max-lag: no heartbeat.
     s3.stop();
     app.insert(5, 100);
     wait_for(Duration::from_secs(20), "an upload failure logged", || {
         watch.log().contains("failed (")
     });
+    std::thread::sleep(Duration::from_millis(1500));
     let silent_from = monitor.count();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
@@ -335,7 +340,9 @@ fn heartbeat_only_while_caught_up() {
     let log = std::fs::read_to_string(stderr).unwrap_or_default();
     assert!(status.success(), "{log}");
     assert!(
-        log.contains("heartbeat to http://127.0.0.1 every 1s"),
+        log.contains(
+            "heartbeat to http://127.0.0.1 every 1s while every database's lag is under 1s"
+        ),
         "{log}"
     );
     for secret in ["secret-token-4711", "hidden-0815"] {
@@ -576,4 +583,309 @@ fn help_pages_document_every_flag_of_every_command() {
     assert!(checked >= 5, "only {checked} commands checked");
     let unknown = walsync(&["help", "nosuch"], &[]);
     assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[test]
+fn heartbeat_keeps_pinging_a_busy_database_that_keeps_up() {
+    let s3 = S3Server::start();
+    let monitor = Monitor::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(5, 100);
+    let url = format!("http://{}/ping", monitor.addr);
+    let dest = format!("s3://{}/busy", s3.bucket());
+    // The default --heartbeat-max-lag (5 --min-intervals, at least 5 s).
+    let watch = WatchProcess::start(
+        &[
+            path_str(&app.path),
+            "-b",
+            &dest,
+            "--heartbeat-url",
+            &url,
+            "--heartbeat-interval",
+            "1",
+        ],
+        &s3.env(),
+        dir.path(),
+    );
+    wait_for(Duration::from_secs(20), "a first heartbeat", || {
+        monitor.count() >= 1
+    });
+    // 10 commits a second for 8 seconds: walsync keeps up, so the pings go on.
+    let from = monitor.count();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        app.insert(1, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pings = monitor.count() - from;
+    assert!(
+        pings >= 5,
+        "{pings} heartbeats in 8 s of 10 commits/s: {}",
+        watch.log()
+    );
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+}
+
+/// The sidecar directory of the only replica of `db`.
+fn replica_sidecar(db: &Path) -> std::path::PathBuf {
+    let root = db.with_file_name(format!(
+        ".{}-walsync",
+        db.file_name().unwrap().to_string_lossy()
+    ));
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}
+
+#[test]
+fn lag_counts_while_the_sidecar_cannot_be_written_and_the_heartbeat_stops() {
+    let s3 = S3Server::start();
+    let monitor = Monitor::start();
+    // Under the target directory: the same filesystem as the checkout, which supports chattr.
+    let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = base.path();
+    let mut app = AppDb::create(dir, "app.db");
+    app.insert(5, 100);
+    let addr = free_addr();
+    let url = format!("http://{}/ping", monitor.addr);
+    let dest = format!("s3://{}/frozen", s3.bucket());
+    let watch = WatchProcess::start(
+        &[
+            path_str(&app.path),
+            "-b",
+            &dest,
+            "--min-interval",
+            "0.2",
+            "--metrics-addr",
+            &addr.to_string(),
+            "--heartbeat-url",
+            &url,
+            "--heartbeat-interval",
+            "0.5",
+            "--heartbeat-max-lag",
+            "2",
+        ],
+        &s3.env(),
+        dir,
+    );
+    let lag = || value(&scrape(addr), "walsync_replication_lag_seconds", "app");
+    wait_for(Duration::from_secs(20), "caught up and pinging", || {
+        lag() == 0.0 && monitor.count() >= 1
+    });
+
+    // The sidecar cannot be written while the application commits: nothing can be
+    // staged, so nothing is stored, and the lag must say so.
+    let frozen = crate::common::fixtures::Immutable::new(&replica_sidecar(&app.path));
+    let started = Instant::now();
+    let mut highest: f64 = 0.0;
+    let mut pings_at_3s = None;
+    while started.elapsed() < Duration::from_secs(6) {
+        app.insert(1, 200);
+        highest = highest.max(lag());
+        if started.elapsed() >= Duration::from_secs(3) && pings_at_3s.is_none() {
+            pings_at_3s = Some(monitor.count());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        highest > 4.0,
+        "lag at most {highest}s while the sidecar was unwritable for 6 s: {}",
+        watch.log()
+    );
+    assert_eq!(
+        Some(monitor.count()),
+        pings_at_3s,
+        "heartbeats went on while commits waited 3-6 s"
+    );
+
+    // Writable again: everything is stored, lag drops, the pings resume.
+    drop(frozen);
+    let resumed_from = monitor.count();
+    wait_for(Duration::from_secs(30), "the lag back near 0", || {
+        lag() < 1.0
+    });
+    wait_for(Duration::from_secs(20), "heartbeats again", || {
+        monitor.count() > resumed_from
+    });
+    let stderr = watch.stderr.clone();
+    let status = watch.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
+    );
+    let out = dir.join("restored.db");
+    let restore = walsync(
+        &["restore", "app", "-o", path_str(&out), "-b", &dest],
+        &s3.env(),
+    );
+    assert!(restore.status.success(), "{restore:?}");
+    assert_eq!(crate::common::fixtures::dump(&out), app.dump());
+}
+
+/// True if `line` starts with a UTC RFC 3339 time with milliseconds and a space.
+fn starts_with_timestamp(line: &str) -> bool {
+    let b = line.as_bytes();
+    let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b[i].is_ascii_digit());
+    b.len() > 25
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b'.'
+        && digits(20..23)
+        && &b[23..25] == b"Z "
+}
+
+#[test]
+fn every_log_line_has_a_utc_timestamp_unless_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("file://{}", dir.path().join("replica").display());
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.insert(5, 100);
+    let watch = WatchProcess::start(&[path_str(&app.path), "-b", &dest], &[], dir.path());
+    app.insert(5, 100);
+    std::thread::sleep(Duration::from_millis(300));
+    let stderr = watch.stderr.clone();
+    let stdout = watch.stdout.clone();
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let log = std::fs::read_to_string(stderr).unwrap();
+    assert!(log.lines().count() >= 4, "{log}");
+    for line in log.lines() {
+        assert!(starts_with_timestamp(line), "no timestamp: {line:?}");
+    }
+    let today = walsync::utc::UtcTime::now().to_rfc3339();
+    assert!(log.starts_with(&today[..10]), "{log}");
+    // "watching X as Y" is a log line; watch prints no data on stdout.
+    assert!(log.contains(" watching "), "{log}");
+    assert_eq!(std::fs::read_to_string(stdout).unwrap(), "");
+
+    // One-shot commands: their messages timestamped on stderr, their data on stdout.
+    let out = dir.path().join("out.db");
+    let restore = walsync(&["restore", "app", "-o", path_str(&out), "-b", &dest], &[]);
+    assert!(restore.status.success());
+    let text = String::from_utf8_lossy(&restore.stderr);
+    assert!(text.contains("restored app"), "{text}");
+    assert!(text.lines().all(starts_with_timestamp), "{text}");
+    let list = walsync(&["list", "-b", &dest], &[]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("app"));
+    assert_eq!(String::from_utf8_lossy(&list.stderr), "");
+
+    // Off, for loggers that stamp lines themselves: by variable, and by flag (also after
+    // the command, like -v).
+    let env = [("WALSYNC_LOG_TIMESTAMPS".to_string(), "0".to_string())];
+    for (args, env) in [
+        (
+            vec!["restore", "app", "-o", "OUT", "-b", &dest, "--force"],
+            &env[..],
+        ),
+        (
+            vec![
+                "restore",
+                "app",
+                "-o",
+                "OUT",
+                "-b",
+                &dest,
+                "--force",
+                "--no-log-timestamps",
+                "-v",
+            ],
+            &[][..],
+        ),
+    ] {
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "OUT" { path_str(&out) } else { a })
+            .collect();
+        let restore = walsync(&args, env);
+        let text = String::from_utf8_lossy(&restore.stderr);
+        assert!(restore.status.success(), "{args:?}: {text}");
+        assert!(text.contains("INFO  walsync: restored app"), "{text}");
+        assert!(!text.lines().any(starts_with_timestamp), "{args:?}: {text}");
+    }
+    let bad = [("WALSYNC_LOG_TIMESTAMPS".to_string(), "maybe".to_string())];
+    let out = walsync(&["list", "-b", &dest], &bad);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WALSYNC_LOG_TIMESTAMPS"));
+}
+
+#[test]
+fn verbose_is_accepted_before_and_after_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("file://{}", dir.path().join("replica").display());
+    let app = AppDb::create(dir.path(), "app.db");
+    let snapshot = walsync(&["snapshot", path_str(&app.path), "-b", &dest], &[]);
+    assert!(snapshot.status.success(), "{snapshot:?}");
+    for args in [
+        vec!["-v", "list", "-b", &dest],
+        vec!["list", "-b", &dest, "-v"],
+        vec!["list", "--verbose", "-b", &dest],
+    ] {
+        let out = walsync(&args, &[]);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("app"));
+    }
+    // At debug level, debug lines appear.
+    let quiet = walsync(&["status", "-b", &dest], &[]);
+    let loud = walsync(&["status", "-b", &dest, "-v"], &[]);
+    assert!(quiet.status.success() && loud.status.success());
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("DEBUG"));
+    assert!(
+        String::from_utf8_lossy(&loud.stderr).contains("DEBUG"),
+        "{loud:?}"
+    );
+}
+
+/// `text` with every run of whitespace made one space.
+fn words(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn help_and_dash_dash_help_say_the_same_rule_and_summary() {
+    // prune's rule: the note of `prune --help` is a paragraph of `help prune`.
+    let short = walsync(&["prune", "--help"], &[]);
+    assert!(short.status.success());
+    let short = String::from_utf8_lossy(&short.stdout).into_owned();
+    let page = walsync(&["help", "prune"], &[]);
+    let page = words(&String::from_utf8_lossy(&page.stdout));
+    let notes = short
+        .split("Notes:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no notes in {short}"));
+    let rule = words(notes.split("Exit codes:").next().unwrap());
+    assert!(rule.len() > 200, "{rule}");
+    assert!(
+        page.contains(&rule),
+        "prune --help says {rule:?}; help prune: {page}"
+    );
+    assert!(rule.contains("newest snapshot"), "{rule}");
+    // Every command's one-line summary in `walsync help` is the one its page gives.
+    let index = String::from_utf8_lossy(&walsync(&["help"], &[]).stdout).into_owned();
+    for command in ["watch", "snapshot", "list", "status", "restore", "prune"] {
+        let summary = index
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(command))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{command} not in {index}"));
+        let page = String::from_utf8_lossy(&walsync(&["help", command], &[]).stdout).into_owned();
+        let name = format!("walsync {command} - {summary}");
+        assert!(
+            page.lines().any(|l| l.trim() == name),
+            "walsync help says {summary:?}, its page: {page}"
+        );
+    }
 }

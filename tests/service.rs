@@ -186,6 +186,7 @@ fn status_reports_the_newest_commit_its_age_and_the_newest_generation() {
     assert_eq!(code, 3, "{stdout}{stderr}");
     assert!(stderr.contains("\"nope\""), "{stderr}");
     // An empty destination is fine unless a name is asked for.
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
     let empty = format!("file://{}", dir.path().join("empty").display());
     let text = succeeds(&["status", "-b", &empty], &[]);
     assert!(text.contains("no replicas"), "{text}");
@@ -359,7 +360,7 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while log_text()
         .lines()
-        .filter(|l| l.starts_with("watching "))
+        .filter(|l| l.contains(" watching "))
         .count()
         < 2
     {
@@ -378,8 +379,13 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
         text.contains("as one\n") && text.contains("as second\n"),
         "{text}"
     );
-    // stderr goes to the log too (exec 2>&1).
+    // stderr goes to the log too (exec 2>&1), without walsync's timestamps: the
+    // supervisor's logger adds its own.
     assert!(text.contains("replicating 2 database(s)"), "{text}");
+    assert!(
+        text.lines().all(|l| !l.starts_with("20")),
+        "timestamps under a run script: {text}"
+    );
 
     for _ in 0..3 {
         one.insert(5, 500);

@@ -9,14 +9,17 @@ mod common;
 
 mod bad_input;
 mod cli;
+mod cli_rules;
 mod crash_recovery;
 mod durability;
 mod example_app;
 mod ops;
+mod readme;
 mod reconcile;
 mod retention;
 mod secrets;
 mod service;
+mod signals;
 mod snapshot_restore;
 mod storage;
 mod torture;

@@ -196,7 +196,7 @@ fn three_databases_in_one_process_keep_their_own_replicas() {
         &server.env(),
         dir.path(),
     );
-    let mapping = watch.stdout_text();
+    let mapping = watch.log();
     assert!(mapping.contains("as romneys-app"), "{mapping}");
     assert!(mapping.contains("as smiths-app"), "{mapping}");
     assert!(mapping.contains("as ledger"), "{mapping}");

@@ -251,8 +251,14 @@ impl WatchProcess {
         };
         let databases = args.iter().take_while(|a| !a.starts_with('-')).count();
         wait_for(Duration::from_secs(20), "walsync watch to start", || {
-            let out = std::fs::read_to_string(&process.stdout).unwrap_or_default();
-            out.lines().filter(|l| l.starts_with("watching ")).count() >= databases
+            // "watching PATH as NAME" is a log line (on stderr, after its timestamp; older
+            // builds printed it alone on stdout).
+            let out = std::fs::read_to_string(&process.stderr).unwrap_or_default()
+                + &std::fs::read_to_string(&process.stdout).unwrap_or_default();
+            out.lines()
+                .filter(|l| l.starts_with("watching ") || l.contains(" watching "))
+                .count()
+                >= databases
         });
         process
     }
@@ -304,10 +310,6 @@ impl WatchProcess {
     /// Everything walsync printed to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    pub fn stdout_text(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 }
 

@@ -1822,7 +1822,7 @@ impl<'a> Round<'a> {
             let ours = log.get(self.log_start as usize..).unwrap_or_default();
             if String::from_utf8_lossy(ours)
                 .lines()
-                .any(|l| l.starts_with("watching "))
+                .any(|l| l.contains(" watching "))
             {
                 return Ok(());
             }
