@@ -1,13 +1,15 @@
 //! The S3 storage client against a real (in-process) S3 server: real HTTP, real SigV4.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::common::faults::FaultMix;
 use crate::common::logs::warnings;
-use crate::common::s3server::S3Server;
-use walsync::storage::s3::{S3Config, S3Storage};
+use crate::common::s3server::{Options, PrivateCa, S3Server};
+use walsync::storage::s3::{CaRoots, S3Config, S3Storage, STALE_UPLOAD_AGE};
 use walsync::storage::{Destination, ObjectInfo, Storage};
 use walsync::ErrorKind;
 
@@ -329,13 +331,18 @@ fn wrong_credentials_are_auth_errors_without_secrets() {
         wrong_secret.list("").unwrap_err(),
         get(&wrong_key, "app/state.json").unwrap_err(),
     ];
-    for err in &errors {
+    for (i, err) in errors.iter().enumerate() {
         let message = err.to_string();
         assert_eq!(err.kind(), ErrorKind::Auth, "{message}");
-        assert!(
-            message.contains("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
-            "{message}"
-        );
+        // The server's code, and a hint chosen by it.
+        let expected = if i < 4 {
+            "access denied (HTTP 403 SignatureDoesNotMatch): the secret key does not match the \
+             access key: check AWS_SECRET_ACCESS_KEY"
+        } else {
+            "access denied (HTTP 403 NotSignedUp: Your account is not signed up): check the \
+             credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and their permissions"
+        };
+        assert!(message.ends_with(expected), "{message}");
         assert!(message.contains("403"), "{message}");
         assert!(
             message.starts_with(&format!("s3://{}/p: ", server.bucket())),
@@ -541,4 +548,346 @@ fn open_builds_file_storage() {
     assert_eq!(storage.describe(), url);
     storage.put_bytes("x/y", b"z").unwrap();
     assert_eq!(std::fs::read(dir.path().join("x/y")).unwrap(), b"z");
+}
+
+/// Standard base64 with padding, written out here to check `Content-MD5` headers
+/// independently of walsync's own.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn md5_base64(data: &[u8]) -> String {
+    use md5::Digest;
+    base64(&md5::Md5::digest(data))
+}
+
+/// Start a multipart upload of `object` and leave it incomplete, with an independent client.
+fn start_upload(server: &S3Server, object: &str) {
+    use rusty_s3::S3Action;
+    let bucket = rusty_s3::Bucket::new(
+        server.endpoint().parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        server.bucket().to_string(),
+        "us-east-1",
+    )
+    .unwrap();
+    let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    let url = bucket
+        .create_multipart_upload(Some(&credentials), object)
+        .sign(Duration::from_secs(60));
+    ureq::post(url.as_str())
+        .send_empty()
+        .expect("CreateMultipartUpload");
+}
+
+/// walsync itself, with `env` and none of the test's own AWS or TLS settings.
+fn walsync(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AWS_") || key.starts_with("SSL_CERT") || key.starts_with("WALSYNC_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    cmd.output().expect("running walsync")
+}
+
+#[test]
+fn every_request_is_signed_in_the_authorization_header() {
+    let server = S3Server::start();
+    let s3 = server.storage("signed").with_part_size(5 * MIB as u64);
+    let dir = tempfile::tempdir().unwrap();
+    let big = temp_file(&dir, &pseudo_random(11 * MIB, 9));
+    server.clear_requests();
+
+    // Every operation walsync has, POST included (multipart, DeleteObjects).
+    s3.put_bytes("a/small", b"x").unwrap();
+    s3.put_file("a/big", &big).unwrap();
+    assert_eq!(get(&s3, "a/small").unwrap(), b"x");
+    assert_eq!(s3.list("a/").unwrap().len(), 2);
+    s3.delete_many(&["a/small".to_string(), "a/big".to_string()])
+        .unwrap();
+    s3.delete("a/none").unwrap();
+    s3.abort_stale_uploads("a/", STALE_UPLOAD_AGE).unwrap();
+
+    let requests = server.requests();
+    let kinds: BTreeSet<String> = requests
+        .iter()
+        .map(|r| {
+            let mut params: Vec<&str> = r.query.iter().map(String::as_str).collect();
+            params.sort();
+            format!("{} {}", r.method, params.join("&"))
+        })
+        .collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [
+            "DELETE ",
+            "GET ",
+            "GET encoding-type&list-type&prefix",
+            "GET encoding-type&prefix&uploads",
+            "POST delete",
+            "POST uploadId",
+            "POST uploads",
+            "PUT ",
+            "PUT partNumber&uploadId",
+        ]
+    );
+    let credential = format!("AWS4-HMAC-SHA256 Credential={}/", server.access_key());
+    for r in &requests {
+        // Nothing of a signature in the query: no presigned URLs.
+        assert!(r.query.iter().all(|q| !q.starts_with("X-Amz-")), "{r:?}");
+        let auth = r.authorization.as_deref().unwrap_or_default();
+        assert!(auth.starts_with(&credential), "{r:?}");
+        assert!(
+            auth.contains("/us-east-1/s3/aws4_request,SignedHeaders=")
+                && auth.contains("x-amz-content-sha256;x-amz-date,Signature="),
+            "{auth}"
+        );
+    }
+}
+
+#[test]
+fn every_upload_carries_its_content_md5() {
+    let server = S3Server::start();
+    let s3 = server.storage("md5").with_part_size(5 * MIB as u64);
+    let (dir1, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let big = pseudo_random(12 * MIB + 3, 10);
+    let small = pseudo_random(300 * 1024, 11);
+    let (big_file, small_file) = (temp_file(&dir1, &big), temp_file(&dir2, &small));
+    server.clear_requests();
+
+    s3.put_bytes("bytes", b"state").unwrap();
+    s3.put_file("small", &small_file).unwrap();
+    s3.put_file("big", &big_file).unwrap();
+
+    let got: Vec<Option<String>> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.content_md5)
+        .collect();
+    let five = 5 * MIB;
+    let expected: Vec<Option<String>> = [
+        &b"state"[..],
+        &small,
+        &big[..five],
+        &big[five..2 * five],
+        &big[2 * five..],
+    ]
+    .iter()
+    .map(|body| Some(md5_base64(body)))
+    .collect();
+    assert_eq!(got, expected);
+    // s3s-fs checks a PutObject's Content-MD5 against the body it stored.
+    assert_eq!(get(&s3, "small").unwrap(), small);
+    assert_eq!(get(&s3, "big").unwrap(), big);
+}
+
+#[test]
+fn stale_multipart_uploads_of_this_replica_are_aborted() {
+    let server = S3Server::start();
+    // A prefix that s3s-fs lists unencoded although it says it encoded it.
+    let s3 = server.storage("p+q");
+    start_upload(&server, "p+q/app/old"); // this replica's, left by a crash
+    start_upload(&server, "p+q/other/old"); // another database's
+    start_upload(&server, "elsewhere/old"); // outside the destination
+    server.age_uploads(STALE_UPLOAD_AGE + Duration::from_secs(3600));
+    start_upload(&server, "p+q/app/new"); // may still be running somewhere
+    assert_eq!(server.uploads().len(), 4);
+
+    let aborted = s3.abort_stale_uploads("app/", STALE_UPLOAD_AGE).unwrap();
+    assert_eq!(aborted, ["app/old"]);
+    assert_eq!(
+        server.uploads(),
+        ["elsewhere/old", "p+q/app/new", "p+q/other/old"]
+    );
+    // Through the trait (as prune calls it), with the default age.
+    let storage: &dyn Storage = &s3;
+    assert_eq!(storage.abort_stale_uploads("other/").unwrap(), 1);
+    assert_eq!(server.uploads(), ["elsewhere/old", "p+q/app/new"]);
+    assert_eq!(storage.abort_stale_uploads("app/").unwrap(), 0);
+    // file:// has no uploads to abort.
+    let dir = tempfile::tempdir().unwrap();
+    let file = walsync::storage::file::FileStorage::new(dir.path().to_path_buf());
+    assert_eq!(file.abort_stale_uploads("app/").unwrap(), 0);
+}
+
+#[test]
+fn keys_under_a_prefix_with_plus_or_percent_are_listed_and_found() {
+    let server = S3Server::start();
+    // s3s-fs lists keys unencoded while saying `encoding-type=url`: decoded, these prefixes
+    // would not match and every backup under them would be invisible.
+    for prefix in ["a+b", "c%41d/e+f", "sp ace+/%2F"] {
+        let s3 = server.storage(prefix);
+        s3.put_bytes("app/state.json", b"1").unwrap();
+        s3.put_bytes("app/wal/0001.wal.gz", b"22").unwrap();
+        let on_disk = server.root().join(server.bucket()).join(prefix);
+        assert!(on_disk.join("app/state.json").is_file(), "{prefix}");
+        let listed = s3.list("app/").unwrap();
+        assert_eq!(
+            listed,
+            [
+                ObjectInfo {
+                    key: "app/state.json".into(),
+                    size: 1
+                },
+                ObjectInfo {
+                    key: "app/wal/0001.wal.gz".into(),
+                    size: 2
+                }
+            ],
+            "{prefix}"
+        );
+        assert_eq!(get(&s3, "app/wal/0001.wal.gz").unwrap(), b"22");
+        s3.delete_many(&listed.into_iter().map(|o| o.key).collect::<Vec<_>>())
+            .unwrap();
+        assert!(s3.list("").unwrap().is_empty(), "{prefix}");
+    }
+}
+
+#[test]
+fn prefixes_with_dot_or_empty_segments_are_refused_in_one_line() {
+    let server = S3Server::start();
+    for prefix in ["a/../b", "./a", "a/.", "a//b"] {
+        let dest = format!("s3://{}/{prefix}", server.bucket());
+        let out = walsync(&["list", "-b", &dest], &server.env());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{prefix}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("the prefix must not contain empty, '.' or '..' segments"),
+            "{stderr}"
+        );
+    }
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn a_wrong_secret_is_reported_with_the_servers_code_by_the_cli() {
+    let server = S3Server::start();
+    let mut env = server.env();
+    for (key, value) in env.iter_mut() {
+        if key == "AWS_SECRET_ACCESS_KEY" {
+            *value = "wrong-secret-for-this-test".to_string();
+        }
+    }
+    let dest = format!("s3://{}/cli", server.bucket());
+    let out = walsync(&["list", "-b", &dest], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains(
+            "access denied (HTTP 403 SignatureDoesNotMatch): the secret key does not match the \
+             access key: check AWS_SECRET_ACCESS_KEY"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-secret-for-this-test"), "{stderr}");
+}
+
+#[test]
+fn an_https_store_with_a_private_ca_is_trusted_through_each_variable() {
+    let ca = PrivateCa::new();
+    let server = S3Server::start_with(Options {
+        tls: Some(ca.clone()),
+        ..Options::default()
+    });
+    assert!(server.endpoint().starts_with("https://127.0.0.1:"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("private-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let ca_dir = dir.path().join("certs");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::write(ca_dir.join("README"), "not a certificate").unwrap();
+    std::fs::write(ca_dir.join("private-ca.pem"), &ca.ca_pem).unwrap();
+
+    // Not trusted by the built-in roots: fails at once (no retries), naming the variable.
+    let untrusted = server.storage("tls");
+    let started = Instant::now();
+    let err = untrusted.put_bytes("k", b"x").unwrap_err();
+    let message = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{message}");
+    assert!(
+        message.starts_with(&format!(
+            "s3://{}/tls: PUT k: TLS failure with 127.0.0.1: invalid peer certificate: ",
+            server.bucket()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "it was checked against walsync's built-in roots; if the store's certificate comes \
+             from a private CA, set AWS_CA_BUNDLE (or SSL_CERT_FILE or SSL_CERT_DIR) to the CA's \
+             PEM file"
+        ),
+        "{message}"
+    );
+    assert_eq!(untrusted.stats().requests, 1);
+    assert_eq!(untrusted.stats().retries, 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // Trusted: the CA as the system's store, then through each variable, as the CLI reads them.
+    let trusted = S3Storage::new(S3Config {
+        ca_roots: CaRoots::System(ca_file.clone()),
+        ..server.config("tls")
+    })
+    .unwrap();
+    trusted.put_bytes("k", b"over TLS").unwrap();
+    assert_eq!(get(&trusted, "k").unwrap(), b"over TLS");
+    let dest = format!("s3://{}/tls", server.bucket());
+    let file = ca_file.to_str().unwrap().to_string();
+    let dir_list = format!("/nonexistent:{}", ca_dir.display());
+    for (var, value) in [
+        ("AWS_CA_BUNDLE", file.clone()),
+        ("SSL_CERT_FILE", file),
+        ("SSL_CERT_DIR", dir_list),
+    ] {
+        let mut env = server.env();
+        env.push((var.to_string(), value));
+        let out = walsync(&["list", "-b", &dest], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{var}: {stderr}");
+    }
+    // Without them, the CLI fails with exit 5 and says what to set.
+    let out = walsync(&["list", "-b", &dest], &server.env());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("set AWS_CA_BUNDLE"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn prune_aborts_the_stale_uploads_of_the_database_it_prunes() {
+    let server = S3Server::start();
+    let s3 = server.storage("prune");
+    start_upload(&server, "prune/app/snapshots/crashed.db.gz");
+    start_upload(&server, "prune/other/snapshots/crashed.db.gz");
+    server.age_uploads(STALE_UPLOAD_AGE + Duration::from_secs(60));
+    let now = walsync::utc::UtcTime::now();
+    let hour = Duration::from_secs(3600);
+
+    // A dry run changes nothing.
+    walsync::retention::prune(&s3, "app", now, hour, true).unwrap();
+    assert_eq!(server.uploads().len(), 2);
+    walsync::retention::prune(&s3, "app", now, hour, false).unwrap();
+    assert_eq!(server.uploads(), ["prune/other/snapshots/crashed.db.gz"]);
 }
