@@ -12,6 +12,7 @@
 //! - [`file::FileStorage`]: a directory tree, for `file://` destinations (tests, NFS mounts,
 //!   and a quick start that needs no S3 server).
 
+pub mod credentials;
 pub mod file;
 pub mod s3;
 mod sigv4;

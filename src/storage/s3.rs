@@ -31,12 +31,13 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use md5::Digest as _;
 use url::Url;
 
+use super::credentials;
 use super::sigv4::{self, Bucket, Credentials};
 use super::{check_key, xml, FileRange, ObjectInfo, Storage};
 use crate::backoff::Backoff;
@@ -142,9 +143,16 @@ pub struct S3Config {
     /// `WALSYNC_S3_ADDRESSING`: virtual-hosted or path-style bucket URLs.
     pub addressing: Addressing,
     pub region: String,
+    /// Keys that do not change (empty when `credential_source` gives them).
     pub access_key: String,
     pub secret_key: String,
     pub session_token: Option<String>,
+    /// Where temporary keys are asked for, and asked again before they expire (see
+    /// [`credentials`]); `None` for the keys above.
+    pub credential_source: Option<credentials::Source>,
+    /// Where the keys come from, for the log line at start and for messages ("the
+    /// environment", a profile, ...); empty for keys given by a program.
+    pub credential_origin: String,
     /// Longest wait for one read or write on a connection ([`DEFAULT_TIMEOUT`] unless set):
     /// a server that stops answering mid-request fails the attempt after this long, and the
     /// request is retried, instead of hanging an upload worker.
@@ -162,6 +170,7 @@ impl fmt::Debug for S3Config {
             .field("addressing", &self.addressing)
             .field("region", &self.region)
             .field("access_key", &self.access_key)
+            .field("credential_source", &self.credential_source)
             .field("secret_key", &"<redacted>")
             .field(
                 "session_token",
@@ -174,9 +183,10 @@ impl fmt::Debug for S3Config {
 }
 
 impl S3Config {
-    /// Configuration from the usual AWS variables: `AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` (optional), `AWS_REGION` (else
-    /// `AWS_DEFAULT_REGION`, else `us-east-1`), and `AWS_ENDPOINT_URL_S3` (else
+    /// Configuration from the usual AWS variables: credentials from the chain of
+    /// [`credentials::resolve`] (the environment's `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` first), `AWS_REGION` (else
+    /// `AWS_DEFAULT_REGION`, else the profile's region, else `us-east-1`), and `AWS_ENDPOINT_URL_S3` (else
     /// `AWS_ENDPOINT_URL`) unless `endpoint_flag` gives the endpoint; `WALSYNC_S3_ADDRESSING`
     /// (`virtual` or `path`); for `https://`, `AWS_CA_BUNDLE`, else `SSL_CERT_FILE` and
     /// `SSL_CERT_DIR`, else the system's trust store if there is one, else the built-in
@@ -204,13 +214,8 @@ impl S3Config {
         system_bundle: Option<std::path::PathBuf>,
     ) -> Result<S3Config> {
         let var = |name: &str| var(name).filter(|v| !v.is_empty());
-        let (Some(access_key), Some(secret_key)) =
-            (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY"))
-        else {
-            return Err(Error::invalid(
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for s3:// destinations",
-            ));
-        };
+        let chain = credentials::resolve(&var, "us-east-1")?;
+        let keys = chain.keys.clone();
         let endpoint = endpoint_flag
             .filter(|e| !e.is_empty())
             .map(str::to_string)
@@ -252,10 +257,13 @@ impl S3Config {
             addressing,
             region: var("AWS_REGION")
                 .or_else(|| var("AWS_DEFAULT_REGION"))
+                .or(chain.profile_region)
                 .unwrap_or_else(|| "us-east-1".to_string()),
-            access_key,
-            secret_key,
-            session_token: var("AWS_SESSION_TOKEN"),
+            access_key: keys.as_ref().map(|k| k.key.clone()).unwrap_or_default(),
+            secret_key: keys.as_ref().map(|k| k.secret.clone()).unwrap_or_default(),
+            session_token: keys.and_then(|k| k.token),
+            credential_source: chain.source,
+            credential_origin: chain.origin,
             timeout: DEFAULT_TIMEOUT,
             ca_roots,
         })
@@ -310,7 +318,10 @@ pub struct S3Storage {
     /// region can be followed there).
     aws_endpoint: bool,
     addressing: Addressing,
-    credentials: Credentials,
+    /// The keys requests are signed with now, renewed before they expire.
+    keys: Mutex<Keys>,
+    /// Where temporary keys come from; `None` for keys that do not change.
+    credential_source: Option<credentials::Source>,
     /// What a certificate failure should tell the user to set.
     ca_roots: CaRoots,
     agent: ureq::Agent,
@@ -332,6 +343,20 @@ impl fmt::Debug for S3Storage {
             .field("endpoint", &self.bucket().base_url().as_str())
             .finish_non_exhaustive()
     }
+}
+
+/// Temporary keys are asked for again this long before they expire (as the AWS SDKs do).
+const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// A source that failed to renew keys still valid is asked again after this long, not at
+/// every request.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
+/// The keys of an [`S3Storage`].
+struct Keys {
+    /// `None` until the source is first asked (at the first request).
+    current: Option<Arc<Credentials>>,
+    expires: Option<UtcTime>,
+    last_failure: Option<std::time::Instant>,
 }
 
 /// What a request sends.
@@ -487,8 +512,25 @@ impl S3Storage {
             &config.bucket,
             &config.region,
         )?;
-        let credentials =
-            Credentials::new(config.access_key, config.secret_key, config.session_token);
+        let static_keys = (!config.access_key.is_empty() || config.credential_source.is_none())
+            .then(|| {
+                Arc::new(Credentials::new(
+                    config.access_key,
+                    config.secret_key,
+                    config.session_token,
+                ))
+            });
+        // The one line that says where the keys come from (never the keys); the usual case,
+        // the environment, only with -v.
+        if !config.credential_origin.is_empty() {
+            if config.credential_source.is_none()
+                && config.credential_origin.starts_with("the environment")
+            {
+                log::debug!("S3 credentials from {}", config.credential_origin);
+            } else {
+                log::info!("S3 credentials from {}", config.credential_origin);
+            }
+        }
         // Certificates are read only for an https endpoint, which holds them for good.
         let roots = if bucket.base_url().scheme() == "https" {
             load_roots(&config.ca_roots)?
@@ -522,7 +564,12 @@ impl S3Storage {
             bucket: RwLock::new(bucket),
             aws_endpoint: config.endpoint.is_none(),
             addressing: config.addressing,
-            credentials,
+            keys: Mutex::new(Keys {
+                current: static_keys,
+                expires: None,
+                last_failure: None,
+            }),
+            credential_source: config.credential_source,
             ca_roots: config.ca_roots,
             agent,
             prefix,
@@ -581,6 +628,66 @@ impl S3Storage {
             key.to_string()
         } else {
             format!("{}/{key}", self.prefix)
+        }
+    }
+
+    /// The keys to sign with now: asked for at the first request when they come from a
+    /// source, and again when they are about to expire. A renewal that fails while the keys
+    /// still work is a warning (tried again after [`RENEW_RETRY`]); once they have expired,
+    /// an error.
+    fn credentials(&self) -> Result<Arc<Credentials>> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(source) = &self.credential_source else {
+            if let Some(current) = &keys.current {
+                return Ok(Arc::clone(current));
+            }
+            return Err(Error::new(ErrorKind::Auth, "no S3 credentials"));
+        };
+        let now = UtcTime::now().millis();
+        let left = keys.expires.map(|at| at.millis() - now);
+        let renew_before = i64::try_from(RENEW_BEFORE.as_millis()).unwrap_or(i64::MAX);
+        let usable = keys.current.is_some() && left.is_none_or(|left| left > 0);
+        let due = keys.current.is_none() || left.is_some_and(|left| left < renew_before);
+        let resting = keys
+            .last_failure
+            .is_some_and(|at| at.elapsed() < RENEW_RETRY);
+        if let (Some(current), false) = (&keys.current, due && !(usable && resting)) {
+            return Ok(Arc::clone(current));
+        }
+        match source.fetch() {
+            Ok(fetched) => {
+                let first = keys.current.is_none();
+                let until = fetched
+                    .expires
+                    .map_or_else(|| "no expiry".to_string(), |at| format!("valid until {at}"));
+                if first {
+                    log::debug!("S3 credentials from {} ({until})", source.describe());
+                } else {
+                    log::info!(
+                        "S3 credentials renewed from {} ({until})",
+                        source.describe()
+                    );
+                }
+                let current =
+                    Arc::new(Credentials::new(fetched.key, fetched.secret, fetched.token));
+                keys.current = Some(Arc::clone(&current));
+                keys.expires = fetched.expires;
+                keys.last_failure = None;
+                Ok(current)
+            }
+            Err(err) => {
+                keys.last_failure = Some(std::time::Instant::now());
+                match (&keys.current, keys.expires) {
+                    (Some(current), Some(at)) if usable => {
+                        log::warn!("{err}; the current ones work until {at}");
+                        Ok(Arc::clone(current))
+                    }
+                    _ => Err(err),
+                }
+            }
         }
     }
 
@@ -690,6 +797,9 @@ impl S3Storage {
         bucket: &Bucket,
         req: &Req<'_>,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, Failed> {
+        let credentials = self.credentials().map_err(|err| {
+            Failed::Error(err.with_context(format!("{}: {} {}", self.describe(), req.op, req.key)))
+        })?;
         bump(&self.counters.requests);
         let url = bucket.url(req.object, req.query);
         let payload_hash = match req.payload {
@@ -699,7 +809,7 @@ impl S3Storage {
             Payload::File { .. } => sigv4::UNSIGNED_PAYLOAD.to_string(),
         };
         let signed = bucket.sign(
-            &self.credentials,
+            &credentials,
             req.method.as_str(),
             &url,
             req.headers,
@@ -836,7 +946,11 @@ impl S3Storage {
     /// server may have echoed: only those, the rest of the text is kept as it was.
     fn redact(&self, text: &str) -> String {
         let mut text = text.to_string();
-        for secret in self.credentials.secrets() {
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for secret in keys.current.iter().flat_map(|c| c.secrets()) {
             // A secret too short to be real would match ordinary words.
             if secret.len() >= 8 {
                 text = text.replace(secret, "<redacted>");
@@ -2046,17 +2160,26 @@ mod tests {
     }
 
     #[test]
-    fn config_requires_credentials() {
-        for list in [&KEYS[..1], &KEYS[1..], &[][..]] {
+    fn config_takes_credentials_from_the_chain() {
+        for list in [&KEYS[..1], &KEYS[1..]] {
             let err = S3Config::from_vars("b", "", None, vars(list), None).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Invalid);
             assert_eq!(
                 err.to_string(),
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for s3:// destinations"
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (only one is)"
             );
         }
-        let empty = [("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "")];
-        assert!(S3Config::from_vars("b", "", None, vars(&empty), None).is_err());
+        // With nothing else, the end of the chain: the instance role, asked at the first
+        // request.
+        let c = S3Config::from_vars("b", "", None, vars(&[]), None).unwrap();
+        assert_eq!(c.access_key, "");
+        assert!(matches!(
+            c.credential_source,
+            Some(credentials::Source::Imds { .. })
+        ));
+        let c = S3Config::from_vars("b", "", None, vars(&KEYS), None).unwrap();
+        assert_eq!(c.credential_source, None);
+        assert_eq!(c.credential_origin, "the environment (AWS_ACCESS_KEY_ID)");
     }
 
     #[test]

@@ -272,6 +272,8 @@ impl S3Server {
             access_key: self.access_key.clone(),
             secret_key: self.secret_key.clone(),
             session_token: None,
+            credential_source: None,
+            credential_origin: String::new(),
             timeout: walsync::storage::s3::DEFAULT_TIMEOUT,
             ca_roots: walsync::storage::s3::CaRoots::BuiltIn,
         }
