@@ -1267,3 +1267,61 @@ fn keys_from_web_identity_through_sts() {
     assert_eq!(sts.received().len(), 1);
     assert!(!stderr.contains("eyJ.jwt.token"), "{stderr}");
 }
+
+#[test]
+fn a_custom_endpoint_addressed_virtual_hosted_style() {
+    let server = S3Server::start_with(Options {
+        virtual_host: true,
+        ..Options::default()
+    });
+    let (proxy, asked) = server.connect_proxy();
+    let dest = format!("s3://{}/vhost", server.bucket());
+    let mut env = server.env();
+    for (key, value) in env.iter_mut() {
+        if key == "AWS_ENDPOINT_URL_S3" {
+            *value = server.virtual_host_endpoint();
+        }
+    }
+    env.push(("HTTP_PROXY".into(), proxy));
+    env.push(("WALSYNC_S3_ADDRESSING".into(), "virtual".into()));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let sqlite = rusqlite::Connection::open(&db).unwrap();
+    sqlite
+        .execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);")
+        .unwrap();
+    let out = walsync(&["snapshot", db.to_str().unwrap(), "-b", &dest], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = walsync(&["list", "-b", &dest], &env);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("app"), "{stdout}");
+    // Every request named the bucket in the host, and its path has no bucket in it.
+    let port = server.addr().port();
+    let hosts: BTreeSet<String> = asked.lock().unwrap().iter().cloned().collect();
+    assert_eq!(
+        hosts.into_iter().collect::<Vec<_>>(),
+        [format!("{}.s3.test:{port}", server.bucket())]
+    );
+    let requests = server.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert!(
+            !r.path.starts_with(&format!("/{}", server.bucket())),
+            "{r:?}"
+        );
+    }
+    // Path style, the default for a custom endpoint, names the bucket in the path: this
+    // server (which takes it from the host) does not find it.
+    env.retain(|(k, _)| k != "WALSYNC_S3_ADDRESSING");
+    let out = walsync(&["list", "-b", &dest], &env);
+    assert!(!out.status.success());
+}

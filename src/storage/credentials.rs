@@ -473,8 +473,12 @@ fn run_process(command: &str) -> std::result::Result<Fetched, String> {
     from_json(&stdout, "SessionToken")
 }
 
-fn agent(connect: Duration) -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP client for one source. `direct`: no proxy (HTTPS_PROXY and the like), for the
+/// link-local metadata and container endpoints that only this host reaches.
+fn agent(connect: Duration, direct: bool) -> ureq::Agent {
+    let builder = ureq::Agent::config_builder();
+    let builder = if direct { builder.proxy(None) } else { builder };
+    builder
         .http_status_as_error(false)
         .timeout_connect(Some(connect))
         .timeout_global(Some(FETCH_TIMEOUT))
@@ -517,7 +521,7 @@ fn container(
         ),
         None => token.map(str::to_string),
     };
-    let mut request = agent(FETCH_TIMEOUT).get(url);
+    let mut request = agent(FETCH_TIMEOUT, true).get(url);
     if let Some(token) = &token {
         request = request.header("authorization", token.as_str());
     }
@@ -526,7 +530,7 @@ fn container(
 }
 
 fn imds(endpoint: &str) -> std::result::Result<Fetched, String> {
-    let agent = agent(IMDS_CONNECT_TIMEOUT);
+    let agent = agent(IMDS_CONNECT_TIMEOUT, true);
     let token = body(
         agent
             .put(format!("{endpoint}/latest/api/token"))
@@ -586,7 +590,7 @@ fn assume_role_with_web_identity(
             .remove(b'~');
         encoded.extend(percent_encoding::utf8_percent_encode(value, FORM));
     }
-    let response = agent(FETCH_TIMEOUT)
+    let response = agent(FETCH_TIMEOUT, false)
         .post(sts)
         .header("content-type", "application/x-www-form-urlencoded")
         .send(encoded.as_bytes());

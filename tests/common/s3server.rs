@@ -96,6 +96,10 @@ pub struct Options {
     pub fault_seed: u64,
     /// Serve HTTPS only, with this certificate.
     pub tls: Option<PrivateCa>,
+    /// Take the bucket from the Host header (virtual-hosted style) under the domain
+    /// `s3.test` ([`S3Server::virtual_host_endpoint`]), which no resolver knows: clients
+    /// reach it through a CONNECT proxy ([`S3Server::connect_proxy`]).
+    pub virtual_host: bool,
 }
 
 /// A private certificate authority made for one test, and a certificate it signed for
@@ -168,6 +172,7 @@ pub struct S3Server {
     access_key: String,
     secret_key: String,
     tls: Option<PrivateCa>,
+    virtual_host: bool,
     shared: Arc<Shared>,
     running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -208,7 +213,9 @@ impl S3Server {
             access_key,
             secret_key,
             tls: options.tls,
+            virtual_host: options.virtual_host,
             shared: Arc::new(Shared {
+                virtual_host: options.virtual_host,
                 request_log: Mutex::new(request_log),
                 fault_rng: SharedRng::new(options.fault_seed),
                 ..Shared::default()
@@ -227,6 +234,58 @@ impl S3Server {
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// The endpoint of a [`Options::virtual_host`] server: `http://s3.test:PORT`.
+    pub fn virtual_host_endpoint(&self) -> String {
+        format!("http://s3.test:{}", self.addr.port())
+    }
+
+    /// A CONNECT proxy on 127.0.0.1 that sends every tunnel to this server, whatever host
+    /// it names (the names of [`S3Server::virtual_host_endpoint`] resolve nowhere), and
+    /// records the hosts asked for. Returns its URL (`http://127.0.0.1:PORT`).
+    pub fn connect_proxy(&self) -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = self.addr;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&asked);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                        break;
+                    }
+                }
+                let host = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                log.lock().unwrap().push(host);
+                let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let (mut up_read, mut up_write) = (upstream.try_clone().unwrap(), upstream);
+                let mut client_write = client.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut reader, &mut up_write);
+                    let _ = up_write.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_read, &mut client_write);
+                    let _ = client_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (url, asked)
     }
 
     pub fn bucket(&self) -> &'static str {
@@ -374,6 +433,10 @@ impl S3Server {
             self.access_key.as_str(),
             self.secret_key.as_str(),
         ));
+        if self.virtual_host {
+            let domain = format!("s3.test:{}", self.addr.port());
+            builder.set_host(s3s::host::SingleDomain::new(&domain).expect("virtual host domain"));
+        }
         let service = builder.build();
         let shared = Arc::clone(&self.shared);
         let tls = self.tls.as_ref().map(PrivateCa::acceptor);
@@ -520,12 +583,18 @@ async fn respond(
     } else {
         None
     };
-    let bucket = seen
-        .path
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("");
+    let host = (req.headers().get("host"))
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let bucket = if shared.virtual_host {
+        host.split_once(".s3.test").map_or("", |(bucket, _)| bucket)
+    } else {
+        seen.path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+    };
     let other_bucket = bucket != BUCKET;
     note(shared, &req);
     if chunked_put {
@@ -740,6 +809,7 @@ fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
 /// What the server threads share with the test.
 #[derive(Default)]
 struct Shared {
+    virtual_host: bool,
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
     request_log: Mutex<Option<std::fs::File>>,
