@@ -1325,3 +1325,58 @@ fn a_custom_endpoint_addressed_virtual_hosted_style() {
     let out = walsync(&["list", "-b", &dest], &env);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_host_clock_far_off_signs_with_the_stores_time() {
+    let Ok(faketime) = which_faketime() else {
+        eprintln!("skipped: no faketime (Debian package faketime) to step walsync's clock");
+        return;
+    };
+    let server = S3Server::start();
+    server
+        .storage("skew")
+        .put_bytes("app/state.json", b"{}")
+        .unwrap();
+    let dest = format!("s3://{}/skew", server.bucket());
+    // 40 minutes either way: far past the 15 minutes a signature may be off.
+    for (step, said) in [("-40m", "behind"), ("+40m", "ahead of")] {
+        let mut cmd = Command::new(&faketime);
+        cmd.args([
+            "-f",
+            step,
+            env!("CARGO_BIN_EXE_walsync"),
+            "list",
+            "-b",
+            &dest,
+        ]);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") {
+                cmd.env_remove(key);
+            }
+        }
+        let out = cmd.envs(server.env()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{step}: {stderr}");
+        let warned: Vec<&str> = stderr.lines().filter(|l| l.contains("clock is")).collect();
+        assert_eq!(warned.len(), 1, "{stderr}");
+        assert!(
+            warned[0].contains(&format!(
+                "s {said} the store's: signing requests with the store's time"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+fn which_faketime() -> Result<String, ()> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v faketime"])
+        .output()
+        .map_err(|_| ())?;
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    if path.is_empty() {
+        Err(())
+    } else {
+        Ok(path)
+    }
+}

@@ -30,7 +30,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -334,6 +334,10 @@ pub struct S3Storage {
     single_deletes: AtomicBool,
     /// Multipart uploads this process has started and not finished: never stale.
     uploads_in_flight: Mutex<HashSet<String>>,
+    /// How far the store's clock is ahead of this host's (milliseconds), learnt from a
+    /// `RequestTimeTooSkewed` answer: requests are signed with the store's time, as the AWS
+    /// SDKs do, since a signature more than 15 minutes off is refused.
+    clock_offset: AtomicI64,
 }
 
 impl fmt::Debug for S3Storage {
@@ -579,6 +583,7 @@ impl S3Storage {
             counters: Counters::default(),
             single_deletes: AtomicBool::new(false),
             uploads_in_flight: Mutex::new(HashSet::new()),
+            clock_offset: AtomicI64::new(0),
         })
     }
 
@@ -741,6 +746,7 @@ impl S3Storage {
     /// followed there once (the request signed again for it).
     fn exchange(&self, req: &Req<'_>) -> Result<ureq::http::Response<ureq::Body>> {
         let mut followed = false;
+        let mut corrected = false;
         loop {
             let bucket = self.bucket();
             match self.exchange_once(&bucket, req) {
@@ -752,6 +758,12 @@ impl S3Storage {
                         region: bucket.region(),
                         bucket_region: answer.bucket_region.as_deref(),
                     };
+                    if !corrected && xml_text(&answer.body, "Code") == "RequestTimeTooSkewed" {
+                        corrected = true;
+                        if self.correct_clock(&answer) {
+                            continue;
+                        }
+                    }
                     if !followed && self.aws_endpoint {
                         if let Some(region) = wrong_region(answer.status, &answer.body, &cx) {
                             followed = true;
@@ -768,6 +780,39 @@ impl S3Storage {
                 }
             }
         }
+    }
+
+    /// Sign with the store's time from now on, from its answer to a request signed too far
+    /// from it (`<ServerTime>`, else the `Date` header); false if the answer says nothing
+    /// usable or this host's time is not that far off.
+    fn correct_clock(&self, answer: &Answer) -> bool {
+        let server = Some(xml_text(&answer.body, "ServerTime"))
+            .filter(|t| !t.is_empty())
+            .and_then(|t| UtcTime::parse_rfc3339(&t).ok())
+            .or_else(|| answer.date.as_deref().and_then(parse_http_date));
+        let Some(server) = server else {
+            return false;
+        };
+        let offset = server.millis() - UtcTime::now().millis();
+        if offset.abs() < 60_000 {
+            return false;
+        }
+        let was = self.clock_offset.swap(offset, Ordering::Relaxed);
+        if (was - offset).abs() >= 60_000 {
+            log::warn!(
+                "{}: this host's clock is {} s {} the store's: signing requests with the \
+                 store's time (set the clock right: NTP)",
+                self.describe(),
+                offset.abs() / 1000,
+                if offset > 0 { "behind" } else { "ahead of" }
+            );
+        }
+        true
+    }
+
+    /// The time to sign with: this host's, corrected by what the store said its time is.
+    fn signing_time(&self) -> UtcTime {
+        UtcTime::from_millis(UtcTime::now().millis() + self.clock_offset.load(Ordering::Relaxed))
     }
 
     /// Address the bucket in `region` from now on, unless another request already did;
@@ -808,12 +853,13 @@ impl S3Storage {
             // Not read twice to hash it: its Content-MD5 protects it instead.
             Payload::File { .. } => sigv4::UNSIGNED_PAYLOAD.to_string(),
         };
-        let signed = bucket.sign(
+        let signed = bucket.sign_at(
             &credentials,
             req.method.as_str(),
             &url,
             req.headers,
             &payload_hash,
+            self.signing_time(),
         );
         let headers = req
             .headers
@@ -872,11 +918,15 @@ impl S3Storage {
             }
             Ok(response) => {
                 let status = response.status().as_u16();
-                let bucket_region = response
-                    .headers()
-                    .get("x-amz-bucket-region")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let bucket_region = header("x-amz-bucket-region");
+                let date = header("date");
                 let body = response
                     .into_body()
                     .into_with_config()
@@ -888,6 +938,7 @@ impl S3Storage {
                     status,
                     body,
                     bucket_region,
+                    date,
                 }))
             }
             Err(err) => Err(Failed::Error(
@@ -1382,6 +1433,22 @@ struct Answer {
     body: String,
     /// The `x-amz-bucket-region` header: where AWS says the bucket is.
     bucket_region: Option<String>,
+    /// The `Date` header: the store's time.
+    date: Option<String>,
+}
+
+/// An HTTP date (RFC 9110's IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`), if it is one.
+fn parse_http_date(text: &str) -> Option<UtcTime> {
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts[..] else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? + 1;
+    let day: u32 = day.parse().ok()?;
+    UtcTime::parse_rfc3339(&format!("{year}-{month:02}-{day:02}T{time}Z")).ok()
 }
 
 impl Storage for S3Storage {
@@ -2570,6 +2637,27 @@ mod tests {
         );
         let url = "http://h:1/b/k?uploads=".parse().unwrap();
         assert_eq!(without_query(&url), "http://h:1/b/k");
+    }
+
+    #[test]
+    fn http_dates() {
+        let at = |text| parse_http_date(text).map(|t| t.to_rfc3339());
+        assert_eq!(
+            at("Sun, 06 Dec 2026 21:35:07 GMT").as_deref(),
+            Some("2026-12-06T21:35:07.000Z")
+        );
+        assert_eq!(
+            at("Tue, 01 Feb 2028 00:00:00 GMT").as_deref(),
+            Some("2028-02-01T00:00:00.000Z")
+        );
+        for bad in [
+            "",
+            "Sun, 06 Dec 2026 21:35:07 UTC",
+            "Sun, 06 Foo 2026 21:35:07 GMT",
+            "x y",
+        ] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

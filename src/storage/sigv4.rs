@@ -183,30 +183,12 @@ impl Bucket {
         url
     }
 
-    /// The headers that sign a request for `method` to `url` (one of [`Bucket::url`]'s),
-    /// sent with the extra `headers` (all signed too) and a body whose SHA-256 in hex is
-    /// `payload_hash` (or [`UNSIGNED_PAYLOAD`]): `x-amz-date`, `x-amz-content-sha256`,
+    /// The headers that sign a request for `method` to `url` (one of [`Bucket::url`]'s) at
+    /// `time`, sent with the extra `headers` (all signed too) and a body whose SHA-256 in hex
+    /// is `payload_hash` (or [`UNSIGNED_PAYLOAD`]): `x-amz-date`, `x-amz-content-sha256`,
     /// `x-amz-security-token` with a session token, and `authorization`, as the AWS SDKs
     /// send them. Nothing secret goes in the URL.
-    pub fn sign(
-        &self,
-        credentials: &Credentials,
-        method: &str,
-        url: &Url,
-        headers: &[(&str, String)],
-        payload_hash: &str,
-    ) -> Vec<(&'static str, String)> {
-        self.sign_at(
-            credentials,
-            method,
-            url,
-            headers,
-            payload_hash,
-            UtcTime::now(),
-        )
-    }
-
-    fn sign_at(
+    pub fn sign_at(
         &self,
         credentials: &Credentials,
         method: &str,
