@@ -1103,6 +1103,14 @@ fn keys_from_credential_process_are_renewed_before_they_expire() {
         s3.put_bytes(key, b"x").unwrap();
     }
     assert_eq!(runs_count(), 3);
+    // Keys the store says have expired before their time are fetched again, at once.
+    std::fs::remove_file(&runs).unwrap();
+    let s3 = storage(3600);
+    s3.put_bytes("f", b"x").unwrap();
+    server.fail_next_request(400, "ExpiredToken", "The provided token has expired.");
+    s3.put_bytes("g", b"x").unwrap();
+    assert_eq!(runs_count(), 2);
+    assert_eq!(get(&s3, "g").unwrap(), b"x");
     // A process that fails at the first request: an auth error naming the source.
     let s3 = storage(3600);
     std::fs::write(&answer, "not json").unwrap();

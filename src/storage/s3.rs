@@ -651,7 +651,8 @@ impl S3Storage {
             }
             return Err(Error::new(ErrorKind::Auth, "no S3 credentials"));
         };
-        let now = UtcTime::now().millis();
+        // Expiry times are the issuer's (AWS's) clock, which the store's time stands for.
+        let now = self.signing_time().millis();
         let left = keys.expires.map(|at| at.millis() - now);
         let renew_before = i64::try_from(RENEW_BEFORE.as_millis()).unwrap_or(i64::MAX);
         let usable = keys.current.is_some() && left.is_none_or(|left| left > 0);
@@ -694,6 +695,16 @@ impl S3Storage {
                 }
             }
         }
+    }
+
+    /// Take the current keys as expired: the next request asks the source for new ones.
+    fn expire_keys(&self) {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.expires = Some(UtcTime::from_millis(self.signing_time().millis()));
+        keys.last_failure = None;
     }
 
     /// The bucket as requests address it now.
@@ -747,6 +758,7 @@ impl S3Storage {
     fn exchange(&self, req: &Req<'_>) -> Result<ureq::http::Response<ureq::Body>> {
         let mut followed = false;
         let mut corrected = false;
+        let mut renewed = false;
         loop {
             let bucket = self.bucket();
             match self.exchange_once(&bucket, req) {
@@ -758,7 +770,18 @@ impl S3Storage {
                         region: bucket.region(),
                         bucket_region: answer.bucket_region.as_deref(),
                     };
-                    if !corrected && xml_text(&answer.body, "Code") == "RequestTimeTooSkewed" {
+                    let code = xml_text(&answer.body, "Code");
+                    // Temporary keys the store finds expired before their stated expiry (a
+                    // revoked session, an issuer's clock): fetched again once, at once.
+                    if !renewed
+                        && self.credential_source.is_some()
+                        && matches!(code.as_str(), "ExpiredToken" | "TokenRefreshRequired")
+                    {
+                        renewed = true;
+                        self.expire_keys();
+                        continue;
+                    }
+                    if !corrected && code == "RequestTimeTooSkewed" {
                         corrected = true;
                         if self.correct_clock(&answer) {
                             continue;

@@ -376,6 +376,12 @@ impl S3Server {
         *self.shared.cut_next_download.lock().unwrap() = Some(bytes);
     }
 
+    /// Answer the next request (only it) with this S3 error instead of serving it.
+    pub fn fail_next_request(&self, status: u16, code: &str, message: &str) {
+        *self.shared.next_error.lock().unwrap() =
+            Some((status, code.to_string(), message.to_string()));
+    }
+
     /// Answer DeleteObjects (`POST ?delete`) with `501 NotImplemented`, as some
     /// S3-compatible servers do, or (false) serve it again.
     pub fn refuse_delete_objects(&self, refuse: bool) {
@@ -597,6 +603,10 @@ async fn respond(
     };
     let other_bucket = bucket != BUCKET;
     note(shared, &req);
+    let next_error = shared.next_error.lock().unwrap().take();
+    if let Some((status, code, message)) = next_error {
+        return Ok(s3_error(status, &code, &message));
+    }
     if chunked_put {
         let message = "You must provide the Content-Length HTTP header.";
         return Ok(s3_error(411, "MissingContentLength", message));
@@ -810,6 +820,7 @@ fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
 #[derive(Default)]
 struct Shared {
     virtual_host: bool,
+    next_error: Mutex<Option<(u16, String, String)>>,
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
     request_log: Mutex<Option<std::fs::File>>,
