@@ -58,6 +58,15 @@ macro_rules! storage_environment {
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
     AWS_ENDPOINT_URL_S3
         Credentials (never logged), region (default us-east-1) and endpoint.
+        Without keys, the AWS SDKs' chain: AWS_PROFILE and ~/.aws (keys,
+        credential_process), web identity, container credentials, the EC2
+        instance role (IMDSv2).
+
+    WALSYNC_S3_ADDRESSING
+        virtual or path (default: virtual for AWS, path for an endpoint).
+
+    AWS_CA_BUNDLE, SSL_CERT_FILE, SSL_CERT_DIR
+        Roots for TLS (default: the system's store, else built-in roots).
 
     RUST_LOG
         Log filter (walsync -v: debug level).

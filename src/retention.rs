@@ -329,6 +329,7 @@ pub fn prune_catalog(
     for plan in &plans {
         if !dry_run {
             execute(storage, plan)?;
+            abort_stale_uploads(storage, &plan.name);
         }
         report(plan, !dry_run);
     }
@@ -367,8 +368,29 @@ pub fn prune_listed(
     let plan = plan(name, generations, now, retention);
     if !dry_run {
         execute(storage, &plan)?;
+        abort_stale_uploads(storage, name);
     }
     Ok(plan)
+}
+
+/// Abort the incomplete multipart uploads of `name` that a crash left in storage (see
+/// [`Storage::abort_stale_uploads`]), which S3 would otherwise keep and bill. Best effort:
+/// a failure is a warning and fails no prune.
+fn abort_stale_uploads(storage: &dyn Storage, name: &str) {
+    match storage.abort_stale_uploads(&format!("{name}/")) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "{name}: aborted {n} incomplete multipart upload(s) left by a crash in {}",
+            storage.describe()
+        ),
+        // Stores without ListMultipartUploads: nothing to do about it, every prune.
+        Err(err) if err.http_status() == Some(501) || err.s3_code() == Some("NotImplemented") => {
+            log::debug!("{name}: incomplete multipart uploads not listed: {err}")
+        }
+        Err(err) => log::warn!(
+            "{name}: the incomplete multipart uploads left by a crash were not aborted: {err}"
+        ),
+    }
 }
 
 /// Delete what `plan` says, in its order.

@@ -6,11 +6,13 @@
 //! prefix, use `/` as separator, and never start with `/`; each implementation maps them
 //! onto its own namespace.
 //!
-//! - [`s3::S3Storage`]: any S3-compatible service, presigned with SigV4 (`sigv4`) over a
-//!   blocking HTTP client (ureq), with retries and multipart upload for large files.
+//! - [`s3::S3Storage`]: any S3-compatible service, signed with SigV4 (`sigv4`, in the
+//!   `Authorization` header) over a blocking HTTP client (ureq), with retries and multipart
+//!   upload for large files.
 //! - [`file::FileStorage`]: a directory tree, for `file://` destinations (tests, NFS mounts,
 //!   and a quick start that needs no S3 server).
 
+pub mod credentials;
 pub mod file;
 pub mod s3;
 mod sigv4;
@@ -67,6 +69,15 @@ pub trait Storage: Send + Sync {
             self.delete(key)?;
         }
         Ok(())
+    }
+
+    /// Abort the incomplete multipart uploads under `prefix` (relative, like a
+    /// [`Storage::list`] prefix) that a crash left behind: those started more than
+    /// [`s3::STALE_UPLOAD_AGE`] ago, which S3 keeps (and bills) until they are aborted.
+    /// Returns how many were aborted. Storage without multipart uploads has none.
+    fn abort_stale_uploads(&self, prefix: &str) -> Result<usize> {
+        let _ = prefix;
+        Ok(0)
     }
 
     /// Where this storage points, for messages: `s3://bucket/prefix` or `file:///dir`.
@@ -205,6 +216,12 @@ impl Destination {
                 )));
             }
             let prefix = prefix.trim_matches('/').to_string();
+            s3::check_prefix(&prefix).map_err(|why| {
+                Error::invalid(format!(
+                    "destination {url:?}: {why} (a store would keep the objects under \
+                     another key than the one walsync lists)"
+                ))
+            })?;
             return Ok(Destination::S3 {
                 bucket: bucket.to_string(),
                 prefix,

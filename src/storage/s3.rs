@@ -1,15 +1,20 @@
 //! [`S3Storage`]: any S3-compatible service, over plain blocking HTTP.
 //!
-//! Requests are presigned with SigV4 ([`super::sigv4`]: query-string signatures, valid for an hour)
-//! and sent with ureq. Request bodies are streamed from files with positional reads and an
-//! explicit `Content-Length` (S3 rejects chunked uploads); response bodies are streamed into
-//! the caller's writer. Files larger than one part go up as a multipart upload, one part at a
-//! time, each part read straight from its range of the file.
+//! Every request is signed with SigV4 in its `Authorization` header ([`super::sigv4`]), as the
+//! AWS SDKs sign them, and sent with ureq. Request bodies are streamed from files with
+//! positional reads and an explicit `Content-Length` (S3 rejects chunked uploads); every
+//! upload (a PUT, each part of a multipart upload) carries its `Content-MD5`, which buckets
+//! under Object Lock require and which lets the store refuse a body damaged on the way.
+//! Response bodies are streamed into the caller's writer. Files larger than one part go up as
+//! a multipart upload, one part at a time, each part read straight from its range of the file.
 //!
 //! Transient failures (5xx, 429, `SlowDown`, connection refused or reset, timeouts) are retried
 //! a bounded number of times with exponential backoff and jitter, each request on its own: a
 //! failed part is sent again, not the whole file, and an interrupted download resumes where it
-//! stopped. Other failures are reported at once, classified into [`ErrorKind`]s.
+//! stopped. Other failures are reported at once, classified into [`ErrorKind`]s, with the
+//! server's own code and message and a hint chosen by the code (region, clock, credentials,
+//! permissions, certificates). A bucket in another AWS region than the one configured is
+//! followed once (its `x-amz-bucket-region`), with a warning naming the region to set.
 //!
 //! Many keys are deleted with DeleteObjects, up to [`DELETE_BATCH`] keys a request (with the
 //! `Content-MD5` header S3 requires for it); keys the response reports as failed with a
@@ -18,22 +23,26 @@
 //! then on.
 //!
 //! Error messages name the destination, the operation and the relative key, and the HTTP
-//! status; URLs in them are printed without their query string, which holds the presigned
-//! credential and signature. Secrets are never printed.
+//! status. Secrets are never printed: nothing secret is in a URL, and the secret key, the
+//! session token and signatures are removed from any text a server sends back.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use md5::Digest as _;
 use url::Url;
 
-use super::sigv4::{Bucket, Credentials};
+use super::credentials;
+use super::sigv4::{self, Bucket, Credentials};
 use super::{check_key, xml, FileRange, ObjectInfo, Storage};
 use crate::backoff::Backoff;
 use crate::error::{Context, Error, ErrorKind, Result};
+use crate::utc::UtcTime;
 
 /// Files larger than this are uploaded in parts (unless [`S3Storage::with_part_size`] says
 /// otherwise); it is also the default part size.
@@ -52,8 +61,21 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// (and is retried): the default of `--s3-timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Presigned URLs are used at once; this only has to cover clock skew and slow starts.
-const SIGNATURE_VALIDITY: Duration = Duration::from_secs(60 * 60);
+/// Incomplete multipart uploads older than this, under a replica's prefix, are left over
+/// from a crash and are aborted ([`S3Storage::abort_stale_uploads`]): no upload of walsync's
+/// takes that long, and one this process is still sending is never aborted.
+pub const STALE_UPLOAD_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Where operating systems keep their trust store as one PEM bundle, the first found is used
+/// (the list of Go's crypto/x509 and of rustls-native-certs).
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Alpine, Arch, Gentoo
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL, CentOS
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem", // RHEL, CentOS
+    "/etc/ssl/cert.pem",                  // macOS, OpenBSD, Alpine
+    "/usr/local/share/certs/ca-root-nss.crt", // FreeBSD
+];
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -68,23 +90,75 @@ const COPY_BUFFER: usize = 64 * 1024;
 /// Keys per DeleteObjects request: S3 takes at most 1000.
 pub const DELETE_BATCH: usize = 1000;
 
+/// How bucket URLs are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Addressing {
+    /// Virtual-hosted for AWS (path style for bucket names with dots, which the wildcard
+    /// certificate does not cover), path style for a custom endpoint.
+    #[default]
+    Auto,
+    /// `https://bucket.host/key`.
+    Virtual,
+    /// `https://host/bucket/key`.
+    Path,
+}
+
+/// The certificates an `https://` endpoint's certificate must chain to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CaRoots {
+    /// The Mozilla roots compiled into walsync (webpki-roots).
+    #[default]
+    BuiltIn,
+    /// The system's trust store: this PEM bundle.
+    System(std::path::PathBuf),
+    /// The PEM files and directories named by these variables (`AWS_CA_BUNDLE`, or
+    /// `SSL_CERT_FILE` and `SSL_CERT_DIR`), in place of any other roots.
+    Named(Vec<(&'static str, std::path::PathBuf)>),
+}
+
+impl CaRoots {
+    /// For messages: where the roots come from.
+    fn describe(&self) -> String {
+        match self {
+            CaRoots::BuiltIn => "walsync's built-in roots".to_string(),
+            CaRoots::System(path) => format!("the system's roots ({})", path.display()),
+            CaRoots::Named(named) => named
+                .iter()
+                .map(|(var, path)| format!("{var}={}", path.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
 /// Where and how to reach an S3 bucket.
 #[derive(Clone)]
 pub struct S3Config {
     pub bucket: String,
     /// Prepended to every key with a `/`; empty for the bucket's root.
     pub prefix: String,
-    /// `None` for AWS (`https://s3.<region>.amazonaws.com`, virtual-hosted style); anything
-    /// else (MinIO, R2, a test server) is addressed path style.
+    /// `None` for AWS (`https://s3.<region>.amazonaws.com`, or `.amazonaws.com.cn` for the
+    /// `cn-` regions); anything else is a custom endpoint (MinIO, R2, a test server).
     pub endpoint: Option<String>,
+    /// `WALSYNC_S3_ADDRESSING`: virtual-hosted or path-style bucket URLs.
+    pub addressing: Addressing,
     pub region: String,
+    /// Keys that do not change (empty when `credential_source` gives them).
     pub access_key: String,
     pub secret_key: String,
     pub session_token: Option<String>,
+    /// Where temporary keys are asked for, and asked again before they expire (see
+    /// [`credentials`]); `None` for the keys above.
+    pub credential_source: Option<credentials::Source>,
+    /// Where the keys come from, for the log line at start and for messages ("the
+    /// environment", a profile, ...); empty for keys given by a program.
+    pub credential_origin: String,
     /// Longest wait for one read or write on a connection ([`DEFAULT_TIMEOUT`] unless set):
     /// a server that stops answering mid-request fails the attempt after this long, and the
     /// request is retried, instead of hanging an upload worker.
     pub timeout: Duration,
+    /// What an `https://` endpoint's certificate must chain to.
+    pub ca_roots: CaRoots,
 }
 
 impl fmt::Debug for S3Config {
@@ -93,28 +167,43 @@ impl fmt::Debug for S3Config {
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
             .field("endpoint", &self.endpoint)
+            .field("addressing", &self.addressing)
             .field("region", &self.region)
             .field("access_key", &self.access_key)
+            .field("credential_source", &self.credential_source)
             .field("secret_key", &"<redacted>")
             .field(
                 "session_token",
                 &self.session_token.as_ref().map(|_| "<redacted>"),
             )
             .field("timeout", &self.timeout)
+            .field("ca_roots", &self.ca_roots)
             .finish()
     }
 }
 
 impl S3Config {
-    /// Configuration from the usual AWS variables: `AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` (optional), `AWS_REGION` (else
-    /// `AWS_DEFAULT_REGION`, else `us-east-1`), and `AWS_ENDPOINT_URL_S3` (else
-    /// `AWS_ENDPOINT_URL`) unless `endpoint_flag` gives the endpoint. Empty variables count as
-    /// unset.
+    /// Configuration from the usual AWS variables: credentials from the chain of
+    /// [`credentials::resolve`] (the environment's `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` first), `AWS_REGION` (else
+    /// `AWS_DEFAULT_REGION`, else the profile's region, else `us-east-1`), and `AWS_ENDPOINT_URL_S3` (else
+    /// `AWS_ENDPOINT_URL`) unless `endpoint_flag` gives the endpoint; `WALSYNC_S3_ADDRESSING`
+    /// (`virtual` or `path`); for `https://`, `AWS_CA_BUNDLE`, else `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR`, else the system's trust store if there is one, else the built-in
+    /// roots. Empty variables count as unset.
     pub fn from_env(bucket: &str, prefix: &str, endpoint_flag: Option<&str>) -> Result<S3Config> {
-        S3Config::from_vars(bucket, prefix, endpoint_flag, |name| {
-            std::env::var(name).ok()
-        })
+        let system = SYSTEM_BUNDLES
+            .iter()
+            .map(std::path::Path::new)
+            .find(|path| path.is_file())
+            .map(std::path::Path::to_path_buf);
+        S3Config::from_vars(
+            bucket,
+            prefix,
+            endpoint_flag,
+            |name| std::env::var(name).ok(),
+            system,
+        )
     }
 
     fn from_vars(
@@ -122,32 +211,71 @@ impl S3Config {
         prefix: &str,
         endpoint_flag: Option<&str>,
         var: impl Fn(&str) -> Option<String>,
+        system_bundle: Option<std::path::PathBuf>,
     ) -> Result<S3Config> {
         let var = |name: &str| var(name).filter(|v| !v.is_empty());
-        let (Some(access_key), Some(secret_key)) =
-            (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY"))
-        else {
-            return Err(Error::invalid(
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for s3:// destinations",
-            ));
-        };
+        let chain = credentials::resolve(&var, "us-east-1")?;
+        let keys = chain.keys.clone();
         let endpoint = endpoint_flag
             .filter(|e| !e.is_empty())
             .map(str::to_string)
             .or_else(|| var("AWS_ENDPOINT_URL_S3"))
             .or_else(|| var("AWS_ENDPOINT_URL"));
+        let addressing = match var("WALSYNC_S3_ADDRESSING").as_deref() {
+            None => Addressing::Auto,
+            Some("virtual") => Addressing::Virtual,
+            Some("path") => Addressing::Path,
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "WALSYNC_S3_ADDRESSING={other:?} is not valid: use \"virtual\" or \"path\""
+                )))
+            }
+        };
+        let ca_roots = if let Some(bundle) = var("AWS_CA_BUNDLE") {
+            CaRoots::Named(vec![("AWS_CA_BUNDLE", bundle.into())])
+        } else {
+            let mut named = Vec::new();
+            if let Some(file) = var("SSL_CERT_FILE") {
+                named.push(("SSL_CERT_FILE", file.into()));
+            }
+            if let Some(dirs) = var("SSL_CERT_DIR") {
+                // A list, like PATH, as OpenSSL reads it.
+                for dir in dirs.split(':').filter(|d| !d.is_empty()) {
+                    named.push(("SSL_CERT_DIR", dir.into()));
+                }
+            }
+            match (named.is_empty(), system_bundle) {
+                (false, _) => CaRoots::Named(named),
+                (true, Some(system)) => CaRoots::System(system),
+                (true, None) => CaRoots::BuiltIn,
+            }
+        };
         Ok(S3Config {
             bucket: bucket.to_string(),
             prefix: prefix.trim_matches('/').to_string(),
             endpoint,
+            addressing,
             region: var("AWS_REGION")
                 .or_else(|| var("AWS_DEFAULT_REGION"))
+                .or(chain.profile_region)
                 .unwrap_or_else(|| "us-east-1".to_string()),
-            access_key,
-            secret_key,
-            session_token: var("AWS_SESSION_TOKEN"),
+            access_key: keys.as_ref().map(|k| k.key.clone()).unwrap_or_default(),
+            secret_key: keys.as_ref().map(|k| k.secret.clone()).unwrap_or_default(),
+            session_token: keys.and_then(|k| k.token),
+            credential_source: chain.source,
+            credential_origin: chain.origin,
             timeout: DEFAULT_TIMEOUT,
+            ca_roots,
         })
+    }
+}
+
+/// The AWS endpoint of `region`: `.amazonaws.com.cn` for the China regions.
+fn aws_endpoint(region: &str) -> String {
+    if region.starts_with("cn-") {
+        format!("https://s3.{region}.amazonaws.com.cn")
+    } else {
+        format!("https://s3.{region}.amazonaws.com")
     }
 }
 
@@ -184,8 +312,18 @@ fn bump(counter: &AtomicU64) {
 
 /// Storage in an S3 bucket: `s3://bucket/prefix`.
 pub struct S3Storage {
-    bucket: Bucket,
-    credentials: Credentials,
+    /// Replaced when AWS says the bucket is in another region (see [`S3Storage::exchange`]).
+    bucket: RwLock<Bucket>,
+    /// Whether the endpoint is AWS's own, chosen from the region (so a bucket in another
+    /// region can be followed there).
+    aws_endpoint: bool,
+    addressing: Addressing,
+    /// The keys requests are signed with now, renewed before they expire.
+    keys: Mutex<Keys>,
+    /// Where temporary keys come from; `None` for keys that do not change.
+    credential_source: Option<credentials::Source>,
+    /// What a certificate failure should tell the user to set.
+    ca_roots: CaRoots,
     agent: ureq::Agent,
     prefix: String,
     part_size: u64,
@@ -194,15 +332,35 @@ pub struct S3Storage {
     counters: Counters,
     /// The server answered DeleteObjects with NotImplemented: delete one key per request.
     single_deletes: AtomicBool,
+    /// Multipart uploads this process has started and not finished: never stale.
+    uploads_in_flight: Mutex<HashSet<String>>,
+    /// How far the store's clock is ahead of this host's (milliseconds), learnt from a
+    /// `RequestTimeTooSkewed` answer: requests are signed with the store's time, as the AWS
+    /// SDKs do, since a signature more than 15 minutes off is refused.
+    clock_offset: AtomicI64,
 }
 
 impl fmt::Debug for S3Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("S3Storage")
             .field("destination", &self.describe())
-            .field("endpoint", &self.bucket.base_url().as_str())
+            .field("endpoint", &self.bucket().base_url().as_str())
             .finish_non_exhaustive()
     }
+}
+
+/// Temporary keys are asked for again this long before they expire (as the AWS SDKs do).
+const RENEW_BEFORE: Duration = Duration::from_secs(5 * 60);
+/// A source that failed to renew keys still valid is asked again after this long, not at
+/// every request.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
+/// The keys of an [`S3Storage`].
+struct Keys {
+    /// `None` until the source is first asked (at the first request).
+    current: Option<Arc<Credentials>>,
+    expires: Option<UtcTime>,
+    last_failure: Option<std::time::Instant>,
 }
 
 /// What a request sends.
@@ -237,33 +395,161 @@ impl Method {
     }
 }
 
+/// Why a prefix cannot be used, if it cannot: empty, `.` and `..` segments would be
+/// normalised away in request paths (the object stored under another key than the one
+/// listed), or read differently by each store.
+pub fn check_prefix(prefix: &str) -> std::result::Result<(), &'static str> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    if prefix.contains(['\\', '\0']) {
+        return Err("the prefix must not contain '\\' or NUL");
+    }
+    if prefix
+        .split('/')
+        .any(|part| matches!(part, "" | "." | ".."))
+    {
+        return Err("the prefix must not contain empty, '.' or '..' segments");
+    }
+    Ok(())
+}
+
+/// The bucket `name` in `region`, at `endpoint` (AWS's for the region if `None`).
+fn make_bucket(
+    endpoint: Option<&str>,
+    addressing: Addressing,
+    name: &str,
+    region: &str,
+) -> Result<Bucket> {
+    let endpoint_text = endpoint.map_or_else(|| aws_endpoint(region), str::to_string);
+    let path_style = match addressing {
+        Addressing::Path => true,
+        Addressing::Virtual => false,
+        Addressing::Auto => endpoint.is_some() || name.contains('.'),
+    };
+    let bad_endpoint = |why: String| {
+        Error::invalid(format!(
+            "s3://{name}: invalid S3 endpoint {endpoint_text:?}: {why} (expected http://host:port or https://host)"
+        ))
+    };
+    let url: Url = endpoint_text
+        .parse()
+        .map_err(|e| bad_endpoint(format!("{e}")))?;
+    Bucket::new(url, path_style, name.to_string(), region.to_string())
+        .map_err(|e| bad_endpoint(format!("{e:?}")))
+}
+
+/// The root certificates of `roots`, or `None` for the built-in ones. A system store that
+/// cannot be read falls back to the built-in roots; a file or directory a variable names
+/// must hold certificates.
+fn load_roots(roots: &CaRoots) -> Result<Option<Vec<ureq::tls::Certificate<'static>>>> {
+    let parse = |pem: &[u8]| -> Vec<ureq::tls::Certificate<'static>> {
+        ureq::tls::parse_pem(pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+                _ => None,
+            })
+            .collect()
+    };
+    match roots {
+        CaRoots::BuiltIn => Ok(None),
+        CaRoots::System(path) => {
+            let certs = std::fs::read(path)
+                .map(|pem| parse(&pem))
+                .unwrap_or_default();
+            if certs.is_empty() {
+                log::warn!(
+                    "no certificates read from the system's trust store {}; using walsync's built-in roots",
+                    path.display()
+                );
+                return Ok(None);
+            }
+            Ok(Some(certs))
+        }
+        CaRoots::Named(named) => {
+            let mut all = Vec::new();
+            for (var, path) in named {
+                let bad = |why: String| Error::invalid(format!("{var}={}: {why}", path.display()));
+                let certs = if *var == "SSL_CERT_DIR" {
+                    // Every file of each directory (OpenSSL's hashed names are links to
+                    // them); as OpenSSL does, a directory of the list that is not there is
+                    // skipped, and only finding no certificate at all is an error.
+                    let Ok(entries) = std::fs::read_dir(path) else {
+                        log::debug!("{var}: no directory {}", path.display());
+                        continue;
+                    };
+                    for entry in entries.flatten() {
+                        if let Ok(pem) = std::fs::read(entry.path()) {
+                            all.extend(parse(&pem));
+                        }
+                    }
+                    continue;
+                } else {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| bad(format!("cannot read the certificate file: {e}")))?;
+                    parse(&pem)
+                };
+                if certs.is_empty() {
+                    return Err(bad("no PEM certificate found there".to_string()));
+                }
+                all.extend(certs);
+            }
+            if all.is_empty() {
+                return Err(Error::invalid(format!(
+                    "{}: no PEM certificate found there",
+                    roots.describe()
+                )));
+            }
+            Ok(Some(all))
+        }
+    }
+}
+
 impl S3Storage {
     pub fn new(config: S3Config) -> Result<S3Storage> {
-        // Path style (`https://host/bucket/key`) or virtual-hosted (`https://bucket.host/key`).
-        let (endpoint, path_style) = match &config.endpoint {
-            Some(endpoint) => (endpoint.clone(), true),
-            // Bucket names with dots do not match the wildcard certificate of virtual hosts.
-            None if config.bucket.contains('.') => {
-                (format!("https://s3.{}.amazonaws.com", config.region), true)
+        let prefix = config.prefix.trim_matches('/').to_string();
+        check_prefix(&prefix)
+            .map_err(|why| Error::invalid(format!("s3://{}/{prefix}: {why}", config.bucket)))?;
+        let bucket = make_bucket(
+            config.endpoint.as_deref(),
+            config.addressing,
+            &config.bucket,
+            &config.region,
+        )?;
+        let static_keys = (!config.access_key.is_empty() || config.credential_source.is_none())
+            .then(|| {
+                Arc::new(Credentials::new(
+                    config.access_key,
+                    config.secret_key,
+                    config.session_token,
+                ))
+            });
+        // The one line that says where the keys come from (never the keys); the usual case,
+        // the environment, only with -v.
+        if !config.credential_origin.is_empty() {
+            if config.credential_source.is_none()
+                && config.credential_origin.starts_with("the environment")
+            {
+                log::debug!("S3 credentials from {}", config.credential_origin);
+            } else {
+                log::info!("S3 credentials from {}", config.credential_origin);
             }
-            None => (format!("https://s3.{}.amazonaws.com", config.region), false),
+        }
+        // Certificates are read only for an https endpoint, which holds them for good.
+        let roots = if bucket.base_url().scheme() == "https" {
+            load_roots(&config.ca_roots)?
+        } else {
+            None
         };
-        let bad_endpoint = |why: String| {
-            Error::invalid(format!(
-                "s3://{}: invalid S3 endpoint {endpoint:?}: {why} (expected http://host:port or https://host)",
-                config.bucket
-            ))
-        };
-        let url: Url = endpoint.parse().map_err(|e| bad_endpoint(format!("{e}")))?;
-        let bucket = Bucket::new(
-            url,
-            path_style,
-            config.bucket.clone(),
-            config.region.clone(),
-        )
-        .map_err(|e| bad_endpoint(format!("{e:?}")))?;
-        let credentials =
-            Credentials::new(config.access_key, config.secret_key, config.session_token);
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(roots) = roots {
+            log::debug!(
+                "TLS: {} root certificates from {}",
+                roots.len(),
+                config.ca_roots.describe()
+            );
+            tls = tls.root_certs(ureq::tls::RootCerts::from(roots));
+        }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             // S3 explains its errors in an XML body: read it rather than get a bare status.
             .http_status_as_error(false)
@@ -274,19 +560,30 @@ impl S3Storage {
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_per_read(Some(config.timeout))
             .timeout_per_write(Some(config.timeout))
+            .tls_config(tls.build())
             .user_agent(concat!("walsync/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
         Ok(S3Storage {
-            bucket,
-            credentials,
+            bucket: RwLock::new(bucket),
+            aws_endpoint: config.endpoint.is_none(),
+            addressing: config.addressing,
+            keys: Mutex::new(Keys {
+                current: static_keys,
+                expires: None,
+                last_failure: None,
+            }),
+            credential_source: config.credential_source,
+            ca_roots: config.ca_roots,
             agent,
-            prefix: config.prefix.trim_matches('/').to_string(),
+            prefix,
             part_size: MULTIPART_THRESHOLD,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             list_page_size: None,
             counters: Counters::default(),
             single_deletes: AtomicBool::new(false),
+            uploads_in_flight: Mutex::new(HashSet::new()),
+            clock_offset: AtomicI64::new(0),
         })
     }
 
@@ -339,20 +636,83 @@ impl S3Storage {
         }
     }
 
-    /// A presigned URL for `method` on `object` (the bucket itself if `None`), with the extra
-    /// query parameters `query`.
-    fn presign(&self, method: Method, object: Option<&str>, query: &[(&str, &str)]) -> Url {
-        let url = match object {
-            Some(object) => self.bucket.object_url(object),
-            None => self.bucket.base_url().clone(),
+    /// The keys to sign with now: asked for at the first request when they come from a
+    /// source, and again when they are about to expire. A renewal that fails while the keys
+    /// still work is a warning (tried again after [`RENEW_RETRY`]); once they have expired,
+    /// an error.
+    fn credentials(&self) -> Result<Arc<Credentials>> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(source) = &self.credential_source else {
+            if let Some(current) = &keys.current {
+                return Ok(Arc::clone(current));
+            }
+            return Err(Error::new(ErrorKind::Auth, "no S3 credentials"));
         };
-        self.bucket.sign(
-            &self.credentials,
-            method.as_str(),
-            url,
-            query,
-            SIGNATURE_VALIDITY,
-        )
+        // Expiry times are the issuer's (AWS's) clock, which the store's time stands for.
+        let now = self.signing_time().millis();
+        let left = keys.expires.map(|at| at.millis() - now);
+        let renew_before = i64::try_from(RENEW_BEFORE.as_millis()).unwrap_or(i64::MAX);
+        let usable = keys.current.is_some() && left.is_none_or(|left| left > 0);
+        let due = keys.current.is_none() || left.is_some_and(|left| left < renew_before);
+        let resting = keys
+            .last_failure
+            .is_some_and(|at| at.elapsed() < RENEW_RETRY);
+        if let (Some(current), false) = (&keys.current, due && !(usable && resting)) {
+            return Ok(Arc::clone(current));
+        }
+        match source.fetch() {
+            Ok(fetched) => {
+                let first = keys.current.is_none();
+                let until = fetched
+                    .expires
+                    .map_or_else(|| "no expiry".to_string(), |at| format!("valid until {at}"));
+                if first {
+                    log::debug!("S3 credentials from {} ({until})", source.describe());
+                } else {
+                    log::info!(
+                        "S3 credentials renewed from {} ({until})",
+                        source.describe()
+                    );
+                }
+                let current =
+                    Arc::new(Credentials::new(fetched.key, fetched.secret, fetched.token));
+                keys.current = Some(Arc::clone(&current));
+                keys.expires = fetched.expires;
+                keys.last_failure = None;
+                Ok(current)
+            }
+            Err(err) => {
+                keys.last_failure = Some(std::time::Instant::now());
+                match (&keys.current, keys.expires) {
+                    (Some(current), Some(at)) if usable => {
+                        log::warn!("{err}; the current ones work until {at}");
+                        Ok(Arc::clone(current))
+                    }
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+
+    /// Take the current keys as expired: the next request asks the source for new ones.
+    fn expire_keys(&self) {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        keys.expires = Some(UtcTime::from_millis(self.signing_time().millis()));
+        keys.last_failure = None;
+    }
+
+    /// The bucket as requests address it now.
+    fn bucket(&self) -> Bucket {
+        self.bucket
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// An error about `op` on `key`: `s3://bucket/prefix: GET app/state.json: {detail}`.
@@ -391,31 +751,157 @@ impl S3Storage {
         unreachable!("the loop returns")
     }
 
-    /// One HTTP exchange. Returns the response if its status is a success, and otherwise an
-    /// error classified from the status, the S3 error code, or the transport failure.
-    fn exchange(
+    /// One HTTP exchange: `req` signed for the bucket as it is now. Returns the response if
+    /// its status is a success, and otherwise an error classified from the status, the S3
+    /// error code, or the transport failure. A bucket that AWS says is in another region is
+    /// followed there once (the request signed again for it).
+    fn exchange(&self, req: &Req<'_>) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut followed = false;
+        let mut corrected = false;
+        let mut renewed = false;
+        loop {
+            let bucket = self.bucket();
+            match self.exchange_once(&bucket, req) {
+                Ok(response) => return Ok(response),
+                Err(Failed::Error(err)) => return Err(err),
+                Err(Failed::Answer(answer)) => {
+                    let cx = AnswerContext {
+                        bucket: bucket.name(),
+                        region: bucket.region(),
+                        bucket_region: answer.bucket_region.as_deref(),
+                    };
+                    let code = xml_text(&answer.body, "Code");
+                    // Temporary keys the store finds expired before their stated expiry (a
+                    // revoked session, an issuer's clock): fetched again once, at once.
+                    if !renewed
+                        && self.credential_source.is_some()
+                        && matches!(code.as_str(), "ExpiredToken" | "TokenRefreshRequired")
+                    {
+                        renewed = true;
+                        self.expire_keys();
+                        continue;
+                    }
+                    if !corrected && code == "RequestTimeTooSkewed" {
+                        corrected = true;
+                        if self.correct_clock(&answer) {
+                            continue;
+                        }
+                    }
+                    if !followed && self.aws_endpoint {
+                        if let Some(region) = wrong_region(answer.status, &answer.body, &cx) {
+                            followed = true;
+                            if self.follow_region(&bucket, &region) {
+                                continue;
+                            }
+                        }
+                    }
+                    let (kind, detail) = classify_status(answer.status, &answer.body, &cx);
+                    let code = xml_text(&answer.body, "Code");
+                    return Err(self
+                        .error(kind, req.op, req.key, self.redact(&detail))
+                        .with_response(answer.status, &code));
+                }
+            }
+        }
+    }
+
+    /// Sign with the store's time from now on, from its answer to a request signed too far
+    /// from it (`<ServerTime>`, else the `Date` header); false if the answer says nothing
+    /// usable or this host's time is not that far off.
+    fn correct_clock(&self, answer: &Answer) -> bool {
+        let server = Some(xml_text(&answer.body, "ServerTime"))
+            .filter(|t| !t.is_empty())
+            .and_then(|t| UtcTime::parse_rfc3339(&t).ok())
+            .or_else(|| answer.date.as_deref().and_then(parse_http_date));
+        let Some(server) = server else {
+            return false;
+        };
+        let offset = server.millis() - UtcTime::now().millis();
+        if offset.abs() < 60_000 {
+            return false;
+        }
+        let was = self.clock_offset.swap(offset, Ordering::Relaxed);
+        if (was - offset).abs() >= 60_000 {
+            log::warn!(
+                "{}: this host's clock is {} s {} the store's: signing requests with the \
+                 store's time (set the clock right: NTP)",
+                self.describe(),
+                offset.abs() / 1000,
+                if offset > 0 { "behind" } else { "ahead of" }
+            );
+        }
+        true
+    }
+
+    /// The time to sign with: this host's, corrected by what the store said its time is.
+    fn signing_time(&self) -> UtcTime {
+        UtcTime::from_millis(UtcTime::now().millis() + self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Address the bucket in `region` from now on, unless another request already did;
+    /// false if it cannot be (a region name that makes no host name).
+    fn follow_region(&self, was: &Bucket, region: &str) -> bool {
+        let Ok(moved) = make_bucket(None, self.addressing, was.name(), region) else {
+            return false;
+        };
+        let mut bucket = self
+            .bucket
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if bucket.region() == was.region() {
+            log::warn!(
+                "{}: the bucket is in region {region}, not {}: using {region} \
+                 (set AWS_REGION={region} to go there directly)",
+                self.describe(),
+                was.region()
+            );
+            *bucket = moved;
+        }
+        true
+    }
+
+    fn exchange_once(
         &self,
-        op: &str,
-        key: &str,
-        method: Method,
-        url: &Url,
-        headers: &[(&str, String)],
-        payload: Payload<'_>,
-    ) -> Result<ureq::http::Response<ureq::Body>> {
+        bucket: &Bucket,
+        req: &Req<'_>,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, Failed> {
+        let credentials = self.credentials().map_err(|err| {
+            Failed::Error(err.with_context(format!("{}: {} {}", self.describe(), req.op, req.key)))
+        })?;
         bump(&self.counters.requests);
+        let url = bucket.url(req.object, req.query);
+        let payload_hash = match req.payload {
+            Payload::Empty => sigv4::EMPTY_SHA256.to_string(),
+            Payload::Bytes(data) => sigv4::sha256_hex(data),
+            // Not read twice to hash it: its Content-MD5 protects it instead.
+            Payload::File { .. } => sigv4::UNSIGNED_PAYLOAD.to_string(),
+        };
+        let signed = bucket.sign_at(
+            &credentials,
+            req.method.as_str(),
+            &url,
+            req.headers,
+            &payload_hash,
+            self.signing_time(),
+        );
+        let headers = req
+            .headers
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .chain(signed.iter().map(|(n, v)| (*n, v.as_str())));
         let uri = url.as_str();
         let mut source = None;
-        let result = match method {
+        let result = match req.method {
             Method::Get => with_headers(self.agent.get(uri), headers).call(),
             Method::Delete => with_headers(self.agent.delete(uri), headers).call(),
             Method::Put | Method::Post => {
-                let builder = if method == Method::Put {
+                let builder = if req.method == Method::Put {
                     self.agent.put(uri)
                 } else {
                     self.agent.post(uri)
                 };
                 let builder = with_headers(builder, headers);
-                match payload {
+                match req.payload {
                     Payload::Empty => builder.send_empty(),
                     Payload::Bytes(data) => builder.send(data),
                     Payload::File { file, offset, len } => {
@@ -436,50 +922,87 @@ impl S3Storage {
         };
         if let Some(failure) = source.and_then(|s| s.failure) {
             // Reading our own file failed: not a network problem, and retrying won't help.
-            return Err(Error::from(failure).with_context(format!(
-                "{}: {op} {key}: reading the source file",
-                self.describe()
-            )));
+            return Err(Failed::Error(Error::from(failure).with_context(format!(
+                "{}: {} {}: reading the source file",
+                self.describe(),
+                req.op,
+                req.key
+            ))));
         }
         match result {
             Ok(response) if response.status().is_success() => {
-                log::debug!("{op} {key}: HTTP {}", response.status().as_u16());
+                log::debug!(
+                    "{} {}: HTTP {}",
+                    req.op,
+                    req.key,
+                    response.status().as_u16()
+                );
                 Ok(response)
             }
-            Ok(response) => Err(self.status_error(op, key, url, response)),
-            Err(err) => Err(self.transport_error(op, key, url, &err)),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let bucket_region = header("x-amz-bucket-region");
+                let date = header("date");
+                let body = response
+                    .into_body()
+                    .into_with_config()
+                    .limit(ERROR_BODY_LIMIT)
+                    .lossy_utf8(true)
+                    .read_to_string()
+                    .unwrap_or_default();
+                Err(Failed::Answer(Answer {
+                    status,
+                    body,
+                    bucket_region,
+                    date,
+                }))
+            }
+            Err(err) => Err(Failed::Error(
+                self.transport_error(req.op, req.key, &url, &err),
+            )),
         }
     }
 
-    /// An error for a response with a failure status, from its status and S3 error code.
-    fn status_error(
-        &self,
-        op: &str,
-        key: &str,
-        url: &Url,
-        response: ureq::http::Response<ureq::Body>,
-    ) -> Error {
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .into_with_config()
-            .limit(ERROR_BODY_LIMIT)
-            .lossy_utf8(true)
-            .read_to_string()
-            .unwrap_or_default();
-        self.answer_error(op, key, url, status, &body)
-    }
-
-    /// An error for an answer with `status` and error document `body`, carrying both as data.
-    fn answer_error(&self, op: &str, key: &str, url: &Url, status: u16, body: &str) -> Error {
-        let (kind, detail) = classify_status(status, body, self.bucket.name());
-        let code = xml_tag(body, "Code").unwrap_or_default();
-        self.error(kind, op, key, redact(&detail, url))
-            .with_response(status, code)
+    /// An error for an answer with `status` and error document `body` that came with a
+    /// success status (S3 can answer 200 and still fail).
+    fn answer_error(&self, op: &str, key: &str, status: u16, body: &str) -> Error {
+        let bucket = self.bucket();
+        let cx = AnswerContext {
+            bucket: bucket.name(),
+            region: bucket.region(),
+            bucket_region: None,
+        };
+        let (kind, detail) = classify_status(status, body, &cx);
+        self.error(kind, op, key, self.redact(&detail))
+            .with_response(status, &xml_text(body, "Code"))
     }
 
     /// An error for a request that got no response.
     fn transport_error(&self, op: &str, key: &str, url: &Url, err: &ureq::Error) -> Error {
+        if let Some(tls) = tls_failure(err) {
+            // A certificate that does not verify will not verify on the next attempt either.
+            let hint = if tls.contains("certificate") {
+                format!(
+                    "it was checked against {}; if the store's certificate comes from a private \
+                     CA, set AWS_CA_BUNDLE (or SSL_CERT_FILE or SSL_CERT_DIR) to the CA's PEM file",
+                    self.ca_roots.describe()
+                )
+            } else {
+                "check that the endpoint speaks TLS (https://) on that port".to_string()
+            };
+            let detail = format!(
+                "TLS failure with {}: {tls}: {hint}",
+                url.host_str().unwrap_or_default()
+            );
+            return self.error(ErrorKind::Auth, op, key, self.redact(&detail));
+        }
         let kind = match err {
             ureq::Error::Timeout(_)
             | ureq::Error::Io(_)
@@ -490,7 +1013,27 @@ impl S3Storage {
             _ => ErrorKind::Other,
         };
         let detail = format!("{err} (requesting {})", without_query(url));
-        self.error(kind, op, key, redact(&detail, url))
+        self.error(kind, op, key, self.redact(&detail))
+    }
+
+    /// `text` without the secret key, the session token, or any signature or token value a
+    /// server may have echoed: only those, the rest of the text is kept as it was.
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        let keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for secret in keys.current.iter().flat_map(|c| c.secrets()) {
+            // A secret too short to be real would match ordinary words.
+            if secret.len() >= 8 {
+                text = text.replace(secret, "<redacted>");
+            }
+        }
+        for marker in ["signature=", "security-token=", "security-token:"] {
+            text = scrub_values(&text, marker);
+        }
+        text
     }
 
     /// Read a whole (small) success body, as text.
@@ -498,7 +1041,6 @@ impl S3Storage {
         &self,
         op: &str,
         key: &str,
-        url: &Url,
         response: ureq::http::Response<ureq::Body>,
     ) -> Result<String> {
         response
@@ -506,25 +1048,57 @@ impl S3Storage {
             .into_with_config()
             .limit(XML_BODY_LIMIT)
             .read_to_string()
-            .map_err(|e| self.transport_error(op, key, url, &e))
+            .map_err(|e| {
+                let kind = match e {
+                    ureq::Error::BodyExceedsLimit(_) => ErrorKind::Other,
+                    _ => ErrorKind::Transient,
+                };
+                self.error(kind, op, key, format!("reading the response: {e}"))
+            })
     }
 
-    /// [`S3Storage::exchange`] without extra headers.
-    fn send(
-        &self,
-        op: &str,
-        key: &str,
-        method: Method,
-        url: &Url,
-        payload: Payload<'_>,
-    ) -> Result<ureq::http::Response<ureq::Body>> {
-        self.exchange(op, key, method, url, &[], payload)
+    /// The `Content-MD5` header of a payload: the base64 of its MD5, read from the file
+    /// for a file range (once, before the attempts to send it).
+    fn content_md5(&self, op: &str, key: &str, payload: Payload<'_>) -> Result<String> {
+        let mut md5 = md5::Md5::new();
+        match payload {
+            Payload::Empty => {}
+            Payload::Bytes(data) => md5.update(data),
+            Payload::File { file, offset, len } => {
+                let mut range = FileRange::new(file, offset, len);
+                let mut buf = vec![0u8; COPY_BUFFER];
+                loop {
+                    let n = match range.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            return Err(Error::from(e).with_context(format!(
+                                "{}: {op} {key}: reading the source file",
+                                self.describe()
+                            )))
+                        }
+                    };
+                    md5.update(&buf[..n]);
+                }
+            }
+        }
+        Ok(sigv4::base64(&md5.finalize()))
     }
 
     fn put(&self, key: &str, object: &str, payload: Payload<'_>) -> Result<()> {
+        let headers = [("content-md5", self.content_md5("PUT", key, payload)?)];
+        let req = Req {
+            op: "PUT",
+            key,
+            method: Method::Put,
+            object: Some(object),
+            query: &[],
+            headers: &headers,
+            payload,
+        };
         self.retry(|| {
-            let url = self.presign(Method::Put, Some(object), &[]);
-            drain(self.send("PUT", key, Method::Put, &url, payload)?);
+            drain(self.exchange(&req)?);
             Ok(())
         })
     }
@@ -533,36 +1107,54 @@ impl S3Storage {
         let part_size = self.part_size.max(len.div_ceil(MAX_PARTS));
         let parts = len.div_ceil(part_size);
         let op = "CreateMultipartUpload";
+        let create = Req {
+            op,
+            key,
+            method: Method::Post,
+            object: Some(object),
+            query: &[("uploads", "")],
+            headers: &[],
+            payload: Payload::Empty,
+        };
         let upload_id = self.retry(|| {
-            let url = self.presign(Method::Post, Some(object), &[("uploads", "1")]);
-            let response = self.send(op, key, Method::Post, &url, Payload::Empty)?;
-            let body = self.read_text(op, key, &url, response)?;
+            let response = self.exchange(&create)?;
+            let body = self.read_text(op, key, response)?;
             xml::expect_root(&body, "InitiateMultipartUploadResult")
                 .and_then(|content| xml::required(content, "UploadId"))
                 .map_err(|e| self.error(ErrorKind::Other, op, key, format!("bad response: {e}")))
         })?;
         log::debug!("{op} {key}: {parts} parts of {part_size} bytes, upload id {upload_id}");
+        self.in_flight(&upload_id, true);
 
         let uploaded = (|| {
             let mut etags = Vec::with_capacity(parts as usize);
             for index in 0..parts {
-                let number = u16::try_from(index + 1).expect("at most 10000 parts");
+                let number = index + 1;
                 let offset = index * part_size;
                 let size = part_size.min(len - offset);
                 let op = format!("UploadPart {number}/{parts}");
+                let payload = Payload::File {
+                    file,
+                    offset,
+                    len: size,
+                };
+                let part = number.to_string();
+                let query = [
+                    ("partNumber", part.as_str()),
+                    ("uploadId", upload_id.as_str()),
+                ];
+                let headers = [("content-md5", self.content_md5(&op, key, payload)?)];
+                let req = Req {
+                    op: &op,
+                    key,
+                    method: Method::Put,
+                    object: Some(object),
+                    query: &query,
+                    headers: &headers,
+                    payload,
+                };
                 let etag = self.retry(|| {
-                    let part = number.to_string();
-                    let query = [
-                        ("partNumber", part.as_str()),
-                        ("uploadId", upload_id.as_str()),
-                    ];
-                    let url = self.presign(Method::Put, Some(object), &query);
-                    let payload = Payload::File {
-                        file,
-                        offset,
-                        len: size,
-                    };
-                    let response = self.send(&op, key, Method::Put, &url, payload)?;
+                    let response = self.exchange(&req)?;
                     let etag = response
                         .headers()
                         .get("etag")
@@ -577,21 +1169,24 @@ impl S3Storage {
                 etags.push(etag);
             }
             let op = "CompleteMultipartUpload";
+            let body = complete_multipart_body(&etags);
+            let req = Req {
+                op,
+                key,
+                method: Method::Post,
+                object: Some(object),
+                query: &[("uploadId", upload_id.as_str())],
+                headers: &[],
+                payload: Payload::Bytes(body.as_bytes()),
+            };
             self.retry(|| {
-                let url = self.presign(
-                    Method::Post,
-                    Some(object),
-                    &[("uploadId", upload_id.as_str())],
-                );
-                let body = complete_multipart_body(&etags);
-                let response =
-                    self.send(op, key, Method::Post, &url, Payload::Bytes(body.as_bytes()))?;
+                let response = self.exchange(&req)?;
                 // S3 can answer 200 and still fail, with an <Error> document as the body.
-                let text = self.read_text(op, key, &url, response)?;
+                let text = self.read_text(op, key, response)?;
                 match xml::expect_root(&text, "CompleteMultipartUploadResult") {
                     Ok(_) => Ok(()),
                     Err(_) if text.contains("<Error>") => {
-                        Err(self.answer_error(op, key, &url, 200, &text))
+                        Err(self.answer_error(op, key, 200, &text))
                     }
                     Err(e) => {
                         Err(self.error(ErrorKind::Other, op, key, format!("bad response: {e}")))
@@ -600,7 +1195,7 @@ impl S3Storage {
             })
         })();
 
-        match uploaded {
+        let result = match uploaded {
             Ok(()) => {
                 bump(&self.counters.multipart_uploads);
                 Ok(())
@@ -609,6 +1204,21 @@ impl S3Storage {
                 self.abort_multipart(key, object, &upload_id);
                 Err(err)
             }
+        };
+        self.in_flight(&upload_id, false);
+        result
+    }
+
+    /// Note that this process is running (or no longer running) the upload `id`.
+    fn in_flight(&self, id: &str, running: bool) {
+        let mut ids = self
+            .uploads_in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if running {
+            ids.insert(id.to_string());
+        } else {
+            ids.remove(id);
         }
     }
 
@@ -631,26 +1241,26 @@ impl S3Storage {
         };
         let mut remaining: Vec<String> = objects.to_vec();
         self.retry(|| {
-            let url = self.presign(Method::Post, None, &[("delete", "1")]);
             // Quiet: only failures are listed in the answer, a short body for 1000 keys.
             let body = delete_objects_body(&remaining);
-            let md5 = super::sigv4::base64(&md5::Md5::digest(body.as_bytes()));
-            let headers = [("content-md5", md5)];
-            let response = self.exchange(
+            let payload = Payload::Bytes(body.as_bytes());
+            let headers = [("content-md5", self.content_md5(op, &label, payload)?)];
+            let req = Req {
                 op,
-                &label,
-                Method::Post,
-                &url,
-                &headers,
-                Payload::Bytes(body.as_bytes()),
-            )?;
-            let text = self.read_text(op, &label, &url, response)?;
+                key: &label,
+                method: Method::Post,
+                object: None,
+                query: &[("delete", "")],
+                headers: &headers,
+                payload,
+            };
+            let response = self.exchange(&req)?;
+            let text = self.read_text(op, &label, response)?;
             let answer = match parse_delete_result(&text) {
                 Ok(answer) => answer,
                 // Like CompleteMultipartUpload, a 200 can carry an <Error> document.
                 Err(_) if text.contains("<Error>") && !text.contains("DeleteResult") => {
-                    let (kind, detail) = classify_status(200, &text, self.bucket.name());
-                    return Err(self.error(kind, op, &label, redact(&detail, &url)));
+                    return Err(self.answer_error(op, &label, 200, &text));
                 }
                 Err(e) => {
                     return Err(self.error(
@@ -675,7 +1285,12 @@ impl S3Storage {
                 .iter()
                 .map(|e| {
                     let status = if e.code == "AccessDenied" { 403 } else { 200 };
-                    classify_status(status, &format!("<Code>{}</Code>", e.code), "").0
+                    let cx = AnswerContext {
+                        bucket: "",
+                        region: "",
+                        bucket_region: None,
+                    };
+                    classify_status(status, &format!("<Code>{}</Code>", e.code), &cx).0
                 })
                 .collect();
             // Send again only what failed, and only if every failure was temporary.
@@ -701,28 +1316,162 @@ impl S3Storage {
                 detail.push_str(&format!(" and {} more", failed.len() - 5));
             }
             remaining.retain(|o| failed.iter().any(|e| e.key == *o));
-            Err(self.error(kind, op, &label, redact(detail.trim_end_matches(';'), &url)))
+            Err(self.error(kind, op, &label, self.redact(detail.trim_end_matches(';'))))
         })
     }
 
     /// Best effort: parts of an upload that is neither completed nor aborted are kept (and
-    /// billed) until a lifecycle rule removes them.
+    /// billed) until a lifecycle rule removes them, or [`S3Storage::abort_stale_uploads`].
     fn abort_multipart(&self, key: &str, object: &str, upload_id: &str) {
-        let url = self.presign(Method::Delete, Some(object), &[("uploadId", upload_id)]);
-        match self.send(
-            "AbortMultipartUpload",
+        let req = Req {
+            op: "AbortMultipartUpload",
             key,
-            Method::Delete,
-            &url,
-            Payload::Empty,
-        ) {
+            method: Method::Delete,
+            object: Some(object),
+            query: &[("uploadId", upload_id)],
+            headers: &[],
+            payload: Payload::Empty,
+        };
+        match self.exchange(&req) {
             Ok(response) => drain(response),
             Err(err) => log::warn!(
-                "{err}; the parts already uploaded stay in the bucket until an \
-                 AbortIncompleteMultipartUpload lifecycle rule removes them"
+                "{err}; the parts already uploaded stay in the bucket until walsync finds \
+                 the upload stale (after {} h) or a lifecycle rule removes them",
+                STALE_UPLOAD_AGE.as_secs() / 3600
             ),
         }
     }
+
+    /// Abort the incomplete multipart uploads under `prefix` (relative to the destination's
+    /// prefix, like a [`Storage::list`] prefix) that were started more than `older_than`
+    /// ago, except those this process is running: what a crash in the middle of an upload
+    /// left behind, which S3 keeps (and bills) until aborted. Uploads with a start time
+    /// that cannot be read are left alone. Returns the relative keys of the uploads aborted.
+    pub fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> Result<Vec<String>> {
+        let op = "ListMultipartUploads";
+        let full_prefix = self.prefixed(prefix);
+        let strip = self.prefixed("");
+        let now = UtcTime::now();
+        let cutoff = now.millis() - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let mut aborted = Vec::new();
+        let mut markers: Option<(String, String)> = None;
+        loop {
+            let mut query = vec![
+                ("uploads", ""),
+                ("encoding-type", "url"),
+                ("prefix", full_prefix.as_str()),
+            ];
+            if let Some((key_marker, id_marker)) = &markers {
+                query.push(("key-marker", key_marker.as_str()));
+                query.push(("upload-id-marker", id_marker.as_str()));
+            }
+            let req = Req {
+                op,
+                key: prefix,
+                method: Method::Get,
+                object: None,
+                query: &query,
+                headers: &[],
+                payload: Payload::Empty,
+            };
+            let page = self.retry(|| {
+                let response = self.exchange(&req)?;
+                let text = self.read_text(op, prefix, response)?;
+                parse_uploads_page(&text, &full_prefix).map_err(|e| {
+                    self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}"))
+                })
+            })?;
+            for upload in &page.uploads {
+                let Some(relative) = upload.key.strip_prefix(&strip) else {
+                    continue;
+                };
+                if !relative.starts_with(prefix) {
+                    continue;
+                }
+                let running = self
+                    .uploads_in_flight
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(&upload.upload_id);
+                let started = UtcTime::parse_rfc3339(&upload.initiated).ok();
+                match started {
+                    Some(started) if started.millis() < cutoff && !running => {
+                        log::info!(
+                            "{}: aborting the incomplete multipart upload of {relative} \
+                             started {} (left by a crash)",
+                            self.describe(),
+                            upload.initiated
+                        );
+                        self.abort_multipart(relative, &upload.key, &upload.upload_id);
+                        aborted.push(relative.to_string());
+                    }
+                    Some(_) => {}
+                    None => log::debug!(
+                        "{op} {prefix}: upload of {relative} has an unreadable start time {:?}",
+                        upload.initiated
+                    ),
+                }
+            }
+            match page.next {
+                Some(next) if markers.as_ref() == Some(&next) => {
+                    return Err(self.error(
+                        ErrorKind::Other,
+                        op,
+                        prefix,
+                        "the server returned the same markers twice",
+                    ));
+                }
+                Some(next) => markers = Some(next),
+                None => break,
+            }
+        }
+        Ok(aborted)
+    }
+}
+
+/// One request: what [`S3Storage::exchange`] signs and sends.
+struct Req<'a> {
+    /// The operation, for messages (`PUT`, `UploadPart 2/3`...).
+    op: &'a str,
+    /// The relative key (or a label for many), for messages.
+    key: &'a str,
+    method: Method,
+    /// The object key (the bucket itself if `None`).
+    object: Option<&'a str>,
+    query: &'a [(&'a str, &'a str)],
+    /// Headers to send and sign besides the signature's own.
+    headers: &'a [(&'a str, String)],
+    payload: Payload<'a>,
+}
+
+/// A request that failed: a server's answer (kept whole, to decide on following the bucket
+/// to another region) or any other error.
+enum Failed {
+    Answer(Answer),
+    Error(Error),
+}
+
+struct Answer {
+    status: u16,
+    body: String,
+    /// The `x-amz-bucket-region` header: where AWS says the bucket is.
+    bucket_region: Option<String>,
+    /// The `Date` header: the store's time.
+    date: Option<String>,
+}
+
+/// An HTTP date (RFC 9110's IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`), if it is one.
+fn parse_http_date(text: &str) -> Option<UtcTime> {
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = parts[..] else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? + 1;
+    let day: u32 = day.parse().ok()?;
+    UtcTime::parse_rfc3339(&format!("{year}-{month:02}-{day:02}T{time}Z")).ok()
 }
 
 impl Storage for S3Storage {
@@ -768,7 +1517,6 @@ impl Storage for S3Storage {
             if total == Some(written) && written > 0 {
                 return Ok(());
             }
-            let url = self.presign(Method::Get, Some(&object), &[]);
             let mut headers = Vec::new();
             if written > 0 {
                 headers.push(("range", format!("bytes={written}-")));
@@ -776,8 +1524,16 @@ impl Storage for S3Storage {
                     headers.push(("if-match", etag.clone()));
                 }
             }
-            let response =
-                self.exchange("GET", key, Method::Get, &url, &headers, Payload::Empty)?;
+            let req = Req {
+                op: "GET",
+                key,
+                method: Method::Get,
+                object: Some(&object),
+                query: &[],
+                headers: &headers,
+                payload: Payload::Empty,
+            };
+            let response = self.exchange(&req)?;
             // A server that ignores Range sends everything again: skip what we already have.
             let mut skip = if response.status() == 206 { 0 } else { written };
             if response.status() == 200 {
@@ -805,7 +1561,7 @@ impl Storage for S3Storage {
                             ErrorKind::Transient,
                             "GET",
                             key,
-                            redact(&detail, &url),
+                            self.redact(&detail),
                         ));
                     }
                 };
@@ -837,46 +1593,76 @@ impl Storage for S3Storage {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let op = "LIST";
         let full_prefix = self.prefixed(prefix);
-        let strip = if self.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.prefix)
-        };
+        let strip = self.prefixed("");
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
+        // Some stores (s3s-fs) list keys as they are while saying they encoded them: once a
+        // key shows it, every key of the listing is taken as it is.
+        let mut raw = false;
+        let max_keys = self
+            .list_page_size
+            .map(|keys| u16::try_from(keys).unwrap_or(u16::MAX).to_string());
         loop {
+            // Keys come back URL-encoded: an XML document cannot carry every character.
+            let mut query = vec![
+                ("list-type", "2"),
+                ("encoding-type", "url"),
+                ("prefix", full_prefix.as_str()),
+            ];
+            if let Some(token) = &token {
+                query.push(("continuation-token", token.as_str()));
+            }
+            if let Some(max_keys) = &max_keys {
+                query.push(("max-keys", max_keys.as_str()));
+            }
+            let req = Req {
+                op,
+                key: prefix,
+                method: Method::Get,
+                object: None,
+                query: &query,
+                headers: &[],
+                payload: Payload::Empty,
+            };
             let page = self.retry(|| {
-                // Keys come back URL-encoded: an XML document cannot carry every character.
-                let mut query = vec![
-                    ("list-type", "2"),
-                    ("encoding-type", "url"),
-                    ("prefix", full_prefix.as_str()),
-                ];
-                if let Some(token) = &token {
-                    query.push(("continuation-token", token.as_str()));
-                }
-                let max_keys = self
-                    .list_page_size
-                    .map(|keys| u16::try_from(keys).unwrap_or(u16::MAX).to_string());
-                if let Some(max_keys) = &max_keys {
-                    query.push(("max-keys", max_keys.as_str()));
-                }
-                let url = self.presign(Method::Get, None, &query);
                 bump(&self.counters.list_pages);
-                let response = self.send(op, prefix, Method::Get, &url, Payload::Empty)?;
-                let text = self.read_text(op, prefix, &url, response)?;
-                parse_list_page(&text).map_err(|e| {
+                let response = self.exchange(&req)?;
+                let text = self.read_text(op, prefix, response)?;
+                parse_list_page(&text, &full_prefix).map_err(|e| {
                     self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}"))
                 })
             })?;
+            raw |= page.raw;
             for content in page.objects {
-                match content.key.strip_prefix(&strip) {
-                    Some(key) if key.starts_with(prefix) => objects.push(ObjectInfo {
-                        key: key.to_string(),
+                let relative = |key: &str| {
+                    key.strip_prefix(&strip)
+                        .filter(|k| k.starts_with(prefix))
+                        .map(str::to_string)
+                };
+                let decoded = content.decoded.as_deref().filter(|_| !raw);
+                let key = match decoded.and_then(relative) {
+                    Some(key) => Some(key),
+                    None => {
+                        let key = relative(&content.key);
+                        if key.is_some() && content.decoded.is_some() && !raw {
+                            log::debug!(
+                                "{}: {op} {prefix}: the store lists keys unencoded although \
+                                 asked to encode them; taking them as they are",
+                                self.describe()
+                            );
+                            raw = true;
+                        }
+                        key
+                    }
+                };
+                match key {
+                    Some(key) => objects.push(ObjectInfo {
+                        key,
                         size: content.size,
                     }),
-                    _ => log::warn!(
-                        "{}: {op} {prefix}: ignoring unexpected key {:?} in the listing",
+                    None => log::warn!(
+                        "{}: {op} {prefix}: the store listed the key {:?}, which is not under \
+                         the prefix asked for; ignoring it",
                         self.describe(),
                         content.key
                     ),
@@ -902,17 +1688,23 @@ impl Storage for S3Storage {
 
     fn delete(&self, key: &str) -> Result<()> {
         let object = self.object_key(key)?;
-        self.retry(|| {
-            let url = self.presign(Method::Delete, Some(&object), &[]);
-            match self.send("DELETE", key, Method::Delete, &url, Payload::Empty) {
-                Ok(response) => {
-                    drain(response);
-                    Ok(())
-                }
-                // S3 answers 204 for missing keys; some compatible servers say 404.
-                Err(err) if err.kind() == ErrorKind::NotFound && !is_missing_bucket(&err) => Ok(()),
-                Err(err) => Err(err),
+        let req = Req {
+            op: "DELETE",
+            key,
+            method: Method::Delete,
+            object: Some(&object),
+            query: &[],
+            headers: &[],
+            payload: Payload::Empty,
+        };
+        self.retry(|| match self.exchange(&req) {
+            Ok(response) => {
+                drain(response);
+                Ok(())
             }
+            // S3 answers 204 for missing keys; some compatible servers say 404.
+            Err(err) if err.kind() == ErrorKind::NotFound && !is_missing_bucket(&err) => Ok(()),
+            Err(err) => Err(err),
         })
     }
 
@@ -939,11 +1731,16 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    fn abort_stale_uploads(&self, prefix: &str) -> Result<usize> {
+        S3Storage::abort_stale_uploads(self, prefix, STALE_UPLOAD_AGE).map(|keys| keys.len())
+    }
+
     fn describe(&self) -> String {
+        let bucket = self.bucket();
         if self.prefix.is_empty() {
-            format!("s3://{}", self.bucket.name())
+            format!("s3://{}", bucket.name())
         } else {
-            format!("s3://{}/{}", self.bucket.name(), self.prefix)
+            format!("s3://{}/{}", bucket.name(), self.prefix)
         }
     }
 }
@@ -952,28 +1749,46 @@ impl Storage for S3Storage {
 struct ListPage {
     objects: Vec<ListedObject>,
     next_continuation_token: Option<String>,
+    /// The store echoed the prefix unencoded although asked to encode keys: its keys are
+    /// unencoded too.
+    raw: bool,
 }
 
 struct ListedObject {
+    /// The key as listed (XML entities decoded).
     key: String,
+    /// The key URL-decoded, when the listing says it encoded keys.
+    decoded: Option<String>,
     size: u64,
 }
 
-fn parse_list_page(text: &str) -> std::result::Result<ListPage, String> {
+/// `text` URL-decoded as S3 encodes listings (`encoding-type=url`): AWS and MinIO encode
+/// keys as HTML forms do (space as `+`, `+` as `%2B`), others percent-encode everything:
+/// decoding `+` first reads both.
+fn url_decode(text: &str) -> Option<String> {
+    let plus_decoded = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_decoded)
+        .decode_utf8()
+        .ok()
+        .map(|d| d.into_owned())
+}
+
+/// A ListObjectsV2 page, of a listing of `prefix` (the full object prefix asked for).
+fn parse_list_page(text: &str, prefix: &str) -> std::result::Result<ListPage, String> {
     let content = xml::expect_root(text, "ListBucketResult")?;
-    // Asked for with `encoding-type=url`; AWS and MinIO encode keys as HTML forms do (space
-    // as `+`, `+` as `%2B`), others percent-encode everything: decoding `+` first reads both.
     let url_encoded = xml::text(content, "EncodingType")?.as_deref() == Some("url");
+    // An honest store echoes the prefix encoded, one that lists raw keys echoes it raw:
+    // they can be told apart when the prefix has a character that encoding changes.
+    let raw = url_encoded
+        && match xml::text(content, "Prefix")? {
+            Some(echoed) => echoed == prefix && url_decode(&echoed).as_deref() != Some(prefix),
+            None => false,
+        };
     let mut objects = Vec::new();
     for entry in xml::elements(content, "Contents") {
         let entry = entry?;
-        let mut key = xml::required(entry, "Key")?;
-        if url_encoded {
-            let plus_decoded = key.replace('+', " ");
-            if let Ok(decoded) = percent_encoding::percent_decode_str(&plus_decoded).decode_utf8() {
-                key = decoded.into_owned();
-            }
-        }
+        let key = xml::required(entry, "Key")?;
+        let decoded = if url_encoded { url_decode(&key) } else { None };
         let size = match xml::text(entry, "Size")? {
             Some(size) => size
                 .trim()
@@ -981,7 +1796,7 @@ fn parse_list_page(text: &str) -> std::result::Result<ListPage, String> {
                 .map_err(|_| format!("invalid <Size> {size:?} of {key:?}"))?,
             None => 0,
         };
-        objects.push(ListedObject { key, size });
+        objects.push(ListedObject { key, decoded, size });
     }
     let truncated = match xml::text(content, "IsTruncated")? {
         Some(t) => match t.trim() {
@@ -1005,7 +1820,60 @@ fn parse_list_page(text: &str) -> std::result::Result<ListPage, String> {
     Ok(ListPage {
         objects,
         next_continuation_token,
+        raw,
     })
+}
+
+/// One incomplete multipart upload of a ListMultipartUploads page.
+struct ListedUpload {
+    /// The object key (decoded as [`S3Storage::list`] decodes keys).
+    key: String,
+    upload_id: String,
+    /// When it was started (RFC 3339).
+    initiated: String,
+}
+
+struct UploadsPage {
+    uploads: Vec<ListedUpload>,
+    /// The key and upload id markers of the next page, if there is one.
+    next: Option<(String, String)>,
+}
+
+/// A ListMultipartUploads page, of a listing of `prefix` (the full object prefix asked for).
+fn parse_uploads_page(text: &str, prefix: &str) -> std::result::Result<UploadsPage, String> {
+    let content = xml::expect_root(text, "ListMultipartUploadsResult")?;
+    let url_encoded = xml::text(content, "EncodingType")?.as_deref() == Some("url");
+    let mut uploads = Vec::new();
+    for entry in xml::elements(content, "Upload") {
+        let entry = entry?;
+        let raw_key = xml::required(entry, "Key")?;
+        // As in listings: the decoded key if it is under the prefix, else the key as listed.
+        let key = match url_decode(&raw_key).filter(|_| url_encoded) {
+            Some(decoded) if decoded.starts_with(prefix) => decoded,
+            _ => raw_key,
+        };
+        uploads.push(ListedUpload {
+            key,
+            upload_id: xml::required(entry, "UploadId")?,
+            initiated: xml::text(entry, "Initiated")?.unwrap_or_default(),
+        });
+    }
+    let truncated = xml::text(content, "IsTruncated")?.as_deref() == Some("true");
+    let next = if truncated {
+        let key = xml::text(content, "NextKeyMarker")?.unwrap_or_default();
+        let id = xml::text(content, "NextUploadIdMarker")?.unwrap_or_default();
+        if key.is_empty() && id.is_empty() {
+            return Err("truncated listing without <NextKeyMarker>".to_string());
+        }
+        let key = match url_decode(&key).filter(|_| url_encoded) {
+            Some(decoded) if decoded.starts_with(prefix) => decoded,
+            _ => key,
+        };
+        Some((key, id))
+    } else {
+        None
+    };
+    Ok(UploadsPage { uploads, next })
 }
 
 /// A key that DeleteObjects reports as not deleted.
@@ -1080,12 +1948,12 @@ impl Read for SourceReader<'_> {
     }
 }
 
-fn with_headers<B>(
+fn with_headers<'a, B>(
     mut builder: ureq::RequestBuilder<B>,
-    headers: &[(&str, String)],
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> ureq::RequestBuilder<B> {
     for (name, value) in headers {
-        builder = builder.header(*name, value.as_str());
+        builder = builder.header(name, value);
     }
     builder
 }
@@ -1104,87 +1972,211 @@ fn header_u64(response: &ureq::http::Response<ureq::Body>, name: &str) -> Option
     response.headers().get(name)?.to_str().ok()?.parse().ok()
 }
 
-/// The kind and a description of an S3 failure, from the HTTP status and the XML error body.
-fn classify_status(status: u16, body: &str, bucket: &str) -> (ErrorKind, String) {
-    let code = xml_tag(body, "Code").unwrap_or_default();
-    let message = xml_tag(body, "Message").unwrap_or_default();
+/// Where an error answer came from, for the hints of [`classify_status`].
+struct AnswerContext<'a> {
+    bucket: &'a str,
+    /// The region the request was signed for.
+    region: &'a str,
+    /// The `x-amz-bucket-region` header of the answer.
+    bucket_region: Option<&'a str>,
+}
+
+/// The decoded text of the first `<tag>` of an error document (empty if none): entities
+/// decoded; the raw text if it does not decode.
+fn xml_text(body: &str, tag: &str) -> String {
+    match xml::elements(body, tag).next() {
+        Some(Ok(raw)) => xml::unescape(raw).unwrap_or_else(|_| raw.to_string()),
+        _ => String::new(),
+    }
+    .trim()
+    .to_string()
+}
+
+/// The region the bucket is really in, when the answer says the request went to the wrong
+/// one (AWS: `PermanentRedirect`, `AuthorizationHeaderMalformed`, a 301, or a 400 with an
+/// `x-amz-bucket-region` that is not the region signed for) and names it.
+fn wrong_region(status: u16, body: &str, cx: &AnswerContext<'_>) -> Option<String> {
+    if !is_wrong_region(status, body, cx) {
+        return None;
+    }
+    let from_body = xml_text(body, "Region");
+    let from_message = xml_text(body, "Message");
+    // "...; the region 'us-east-1' is wrong; expecting 'eu-west-1'"
+    let expecting = from_message
+        .split("expecting '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_default()
+        .to_string();
+    [
+        cx.bucket_region.unwrap_or_default().to_string(),
+        from_body,
+        expecting,
+    ]
+    .into_iter()
+    .find(|region| {
+        !region.is_empty()
+            && region != cx.region
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    })
+}
+
+fn is_wrong_region(status: u16, body: &str, cx: &AnswerContext<'_>) -> bool {
+    let code = xml_text(body, "Code");
+    match code.as_str() {
+        "PermanentRedirect"
+        | "AuthorizationHeaderMalformed"
+        | "AuthorizationQueryParametersError"
+        | "IllegalLocationConstraintException"
+        | "IncorrectEndpoint" => true,
+        _ => {
+            matches!(status, 301 | 307)
+                || (status == 400
+                    && cx
+                        .bucket_region
+                        .is_some_and(|r| !r.is_empty() && r != cx.region))
+        }
+    }
+}
+
+/// The kind and a description of an S3 failure, from the HTTP status and the XML error
+/// body: what failed, the server's own code and message (entities decoded), and a hint
+/// chosen by the code.
+fn classify_status(status: u16, body: &str, cx: &AnswerContext<'_>) -> (ErrorKind, String) {
+    let code = xml_text(body, "Code");
+    let message = shorten(&xml_text(body, "Message"));
     let http = if code.is_empty() {
         format!("HTTP {status}")
     } else {
         format!("HTTP {status} {code}")
     };
-    let explained = |what: &str| {
-        if message.is_empty() {
-            format!("{what} ({http})")
+    let answer = if message.is_empty() {
+        format!("({http})")
+    } else {
+        format!("({http}: {message})")
+    };
+    let said = |what: &str, hint: &str| {
+        if hint.is_empty() {
+            format!("{what} {answer}")
         } else {
-            format!("{what} ({http}: {})", shorten(message))
+            format!("{what} {answer}: {hint}")
         }
     };
-    match code {
+    if is_wrong_region(status, body, cx) {
+        let hint = match wrong_region(status, body, cx) {
+            Some(region) => format!(
+                "the bucket is in region {region}, requests were signed for {}: set AWS_REGION={region}",
+                cx.region
+            ),
+            None => format!(
+                "requests were signed for region {}: set AWS_REGION to the bucket's region \
+                 (or the endpoint to the store's)",
+                cx.region
+            ),
+        };
+        return (
+            ErrorKind::Other,
+            said("wrong region for this bucket", &hint),
+        );
+    }
+    match code.as_str() {
         "NoSuchBucket" => (
             ErrorKind::NotFound,
-            format!("bucket {bucket:?} does not exist ({http})"),
+            format!("bucket {:?} does not exist ({http})", cx.bucket),
         ),
         "NoSuchKey" | "NoSuchUpload" => (ErrorKind::NotFound, format!("not found ({http})")),
-        "SignatureDoesNotMatch" | "InvalidAccessKeyId" => (
+        "InvalidAccessKeyId" => (
             ErrorKind::Auth,
-            format!("access denied ({http}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+            said(
+                "access denied",
+                "the store knows no such access key: check AWS_ACCESS_KEY_ID (and that the \
+                 endpoint is the store the key belongs to)",
+            ),
+        ),
+        "SignatureDoesNotMatch" => (
+            ErrorKind::Auth,
+            said(
+                "access denied",
+                "the secret key does not match the access key: check AWS_SECRET_ACCESS_KEY",
+            ),
         ),
         "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired" => (
             ErrorKind::Auth,
-            format!("access denied ({http}): check AWS_SESSION_TOKEN (temporary credentials expire)"),
+            said(
+                "access denied",
+                "the temporary credentials expired or are not valid: renew AWS_SESSION_TOKEN \
+                 with its AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            ),
         ),
-        "RequestTimeTooSkewed" => (
+        "RequestTimeTooSkewed" => {
+            let server = xml_text(body, "ServerTime");
+            let hint = if server.is_empty() {
+                "this host's clock is off: set it right (NTP)".to_string()
+            } else {
+                format!(
+                    "this host's clock is off (the store's time is {server}, this host's {}): \
+                     set it right (NTP)",
+                    UtcTime::now().to_rfc3339()
+                )
+            };
+            (ErrorKind::Auth, said("access denied", &hint))
+        }
+        "AccessDenied" | "AllAccessDisabled" | "AccountProblem" | "InvalidObjectState" => (
             ErrorKind::Auth,
-            format!("access denied ({http}): the system clock is off; check it"),
+            said(
+                "access denied",
+                "the store accepted the credentials but refused this request: see its \
+                 message; check the permissions of the key (IAM and bucket policies, a KMS \
+                 key policy for an encrypted bucket)",
+            ),
         ),
-        "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" => {
-            (ErrorKind::Transient, explained("temporary failure"))
+        "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" | "BadDigest" => {
+            (ErrorKind::Transient, said("temporary failure", ""))
         }
         // Retrying cannot help: the server lacks the request (some lack DeleteObjects).
-        "NotImplemented" => (ErrorKind::Other, explained("not implemented by this server")),
-        "PermanentRedirect" | "AuthorizationHeaderMalformed" if status != 403 => (
-            ErrorKind::Other,
-            explained("wrong region or endpoint for this bucket; check AWS_REGION"),
-        ),
+        "NotImplemented" => (ErrorKind::Other, said("not implemented by this server", "")),
         _ => match status {
             403 => (
                 ErrorKind::Auth,
-                format!(
-                    "access denied ({http}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and their permissions"
+                said(
+                    "access denied",
+                    "check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and \
+                     their permissions",
                 ),
             ),
             404 => (ErrorKind::NotFound, format!("not found ({http})")),
-            501 => (ErrorKind::Other, explained("not implemented by this server")),
-            429 | 500..=599 => (ErrorKind::Transient, explained("temporary failure")),
-            301 | 307 => (
-                ErrorKind::Other,
-                explained("wrong region or endpoint for this bucket; check AWS_REGION"),
-            ),
-            _ => (ErrorKind::Other, explained("request failed")),
+            501 => (ErrorKind::Other, said("not implemented by this server", "")),
+            429 | 500..=599 => (ErrorKind::Transient, said("temporary failure", "")),
+            _ => (ErrorKind::Other, said("request failed", "")),
         },
     }
 }
 
-/// The text of the first `<tag>...</tag>` in `xml`, if any.
-fn xml_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
-    let open = format!("<{tag}>");
-    let start = xml.find(&open)? + open.len();
-    let len = xml[start..].find(&format!("</{tag}>"))?;
-    Some(xml[start..start + len].trim())
+/// The rustls failure behind a transport error, if it is one.
+fn tls_failure(err: &ureq::Error) -> Option<String> {
+    match err {
+        ureq::Error::Rustls(e) => Some(e.to_string()),
+        ureq::Error::Io(e) => e
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+            .map(|e| e.to_string()),
+        _ => None,
+    }
 }
 
 /// Server messages are for people: keep them to one short line.
 fn shorten(message: &str) -> String {
     let line: String = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.chars().count() > 200 {
-        format!("{}...", line.chars().take(200).collect::<String>())
+    if line.chars().count() > 300 {
+        format!("{}...", line.chars().take(300).collect::<String>())
     } else {
         line
     }
 }
 
-/// The URL without its query string, where presigned URLs keep credential and signature.
+/// The URL without its query string, for messages.
 fn without_query(url: &Url) -> String {
     let mut url = url.clone();
     url.set_query(None);
@@ -1192,24 +2184,25 @@ fn without_query(url: &Url) -> String {
     url.to_string()
 }
 
-/// Remove any trace of the signed query string from text about a request to `url`.
-fn redact(text: &str, url: &Url) -> String {
-    let mut text = text.replace(url.as_str(), &without_query(url));
-    if let Some(query) = url.query().filter(|q| !q.is_empty()) {
-        text = text.replace(query, "<redacted>");
-    }
-    // Whatever else echoed part of a signed request (a server message, say), cut it.
-    for marker in [
-        "X-Amz-Credential",
-        "X-Amz-Signature",
-        "X-Amz-Security-Token",
-    ] {
-        if let Some(at) = text.find(marker) {
-            text.truncate(at);
-            text.push_str("<redacted>");
+/// `text` with the value after each `marker` (ASCII case ignored) replaced by
+/// `<redacted>`: a value ends at `&`, `,`, `;`, a quote, `<` or a blank.
+fn scrub_values(text: &str, marker: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    while let Some(at) = lower[from..].find(marker) {
+        let value_start = from + at + marker.len();
+        let value_len = text[value_start..]
+            .find(|c: char| matches!(c, '&' | ',' | ';' | '"' | '\'' | '<') || c.is_whitespace())
+            .unwrap_or(text.len() - value_start);
+        out.push_str(&text[from..value_start]);
+        if value_len > 0 {
+            out.push_str("<redacted>");
         }
+        from = value_start + value_len;
     }
-    text
+    out.push_str(&text[from..]);
+    out
 }
 
 #[cfg(test)]
@@ -1231,7 +2224,7 @@ mod tests {
 
     #[test]
     fn config_from_vars_defaults_and_precedence() {
-        let c = S3Config::from_vars("b", "/p/q/", None, vars(&KEYS)).unwrap();
+        let c = S3Config::from_vars("b", "/p/q/", None, vars(&KEYS), None).unwrap();
         assert_eq!(c.bucket, "b");
         assert_eq!(c.prefix, "p/q");
         assert_eq!(c.region, "us-east-1");
@@ -1244,11 +2237,11 @@ mod tests {
             ("AWS_ENDPOINT_URL_S3", "http://env:9000"),
             ("AWS_SESSION_TOKEN", "tok-tok"),
         ]);
-        let c = S3Config::from_vars("b", "", None, vars(&all)).unwrap();
+        let c = S3Config::from_vars("b", "", None, vars(&all), None).unwrap();
         assert_eq!(c.region, "eu-west-3");
         assert_eq!(c.endpoint.as_deref(), Some("http://env:9000"));
         assert_eq!(c.session_token.as_deref(), Some("tok-tok"));
-        let c = S3Config::from_vars("b", "", Some("http://flag:1"), vars(&all)).unwrap();
+        let c = S3Config::from_vars("b", "", Some("http://flag:1"), vars(&all), None).unwrap();
         assert_eq!(
             c.endpoint.as_deref(),
             Some("http://flag:1"),
@@ -1257,24 +2250,33 @@ mod tests {
     }
 
     #[test]
-    fn config_requires_credentials() {
-        for list in [&KEYS[..1], &KEYS[1..], &[][..]] {
-            let err = S3Config::from_vars("b", "", None, vars(list)).unwrap_err();
+    fn config_takes_credentials_from_the_chain() {
+        for list in [&KEYS[..1], &KEYS[1..]] {
+            let err = S3Config::from_vars("b", "", None, vars(list), None).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Invalid);
             assert_eq!(
                 err.to_string(),
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set for s3:// destinations"
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together (only one is)"
             );
         }
-        let empty = [("AWS_ACCESS_KEY_ID", "a"), ("AWS_SECRET_ACCESS_KEY", "")];
-        assert!(S3Config::from_vars("b", "", None, vars(&empty)).is_err());
+        // With nothing else, the end of the chain: the instance role, asked at the first
+        // request.
+        let c = S3Config::from_vars("b", "", None, vars(&[]), None).unwrap();
+        assert_eq!(c.access_key, "");
+        assert!(matches!(
+            c.credential_source,
+            Some(credentials::Source::Imds { .. })
+        ));
+        let c = S3Config::from_vars("b", "", None, vars(&KEYS), None).unwrap();
+        assert_eq!(c.credential_source, None);
+        assert_eq!(c.credential_origin, "the environment (AWS_ACCESS_KEY_ID)");
     }
 
     #[test]
     fn config_debug_hides_secrets() {
         let mut all = KEYS.to_vec();
         all.push(("AWS_SESSION_TOKEN", "tok-tok-secret"));
-        let c = S3Config::from_vars("b", "", None, vars(&all)).unwrap();
+        let c = S3Config::from_vars("b", "", None, vars(&all), None).unwrap();
         let shown = format!("{c:?} {c:#?}");
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(!shown.contains("tok-tok-secret"), "{shown}");
@@ -1286,8 +2288,20 @@ mod tests {
     }
 
     fn storage(bucket: &str, prefix: &str, endpoint: Option<&str>) -> S3Storage {
-        let c = S3Config::from_vars(bucket, prefix, endpoint, vars(&KEYS)).unwrap();
+        let c = S3Config::from_vars(bucket, prefix, endpoint, vars(&KEYS), None).unwrap();
         S3Storage::new(c).unwrap()
+    }
+
+    fn object_url(s: &S3Storage, key: &str) -> String {
+        s.bucket()
+            .url(Some(&s.object_key(key).unwrap()), &[])
+            .to_string()
+    }
+
+    fn config(list: &[(&str, &str)], endpoint: Option<&str>) -> Result<S3Config> {
+        let mut all = KEYS.to_vec();
+        all.extend_from_slice(list);
+        S3Config::from_vars("b", "", endpoint, vars(&all), None)
     }
 
     #[test]
@@ -1295,28 +2309,17 @@ mod tests {
         let aws = storage("my-bucket", "db/app", None);
         assert_eq!(aws.describe(), "s3://my-bucket/db/app");
         assert_eq!(
-            aws.bucket
-                .object_url(&aws.object_key("x/y").unwrap())
-                .as_str(),
+            object_url(&aws, "x/y"),
             "https://my-bucket.s3.us-east-1.amazonaws.com/db/app/x/y"
         );
         let dotted = storage("my.bucket", "", None);
         assert_eq!(dotted.describe(), "s3://my.bucket");
         assert_eq!(
-            dotted
-                .bucket
-                .object_url(&dotted.object_key("k").unwrap())
-                .as_str(),
+            object_url(&dotted, "k"),
             "https://s3.us-east-1.amazonaws.com/my.bucket/k"
         );
         let custom = storage("b", "", Some("http://127.0.0.1:9000"));
-        assert_eq!(
-            custom
-                .bucket
-                .object_url(&custom.object_key("k").unwrap())
-                .as_str(),
-            "http://127.0.0.1:9000/b/k"
-        );
+        assert_eq!(object_url(&custom, "k"), "http://127.0.0.1:9000/b/k");
         for bad in ["/abs", "a/../b", "", "a//b"] {
             assert_eq!(
                 custom.object_key(bad).unwrap_err().kind(),
@@ -1324,24 +2327,150 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let err = S3Storage::new(
-            S3Config::from_vars("b", "", Some("localhost:9000"), vars(&KEYS)).unwrap(),
-        )
-        .unwrap_err();
+        let err = S3Storage::new(config(&[], Some("localhost:9000")).unwrap()).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
     }
+
+    #[test]
+    fn addressing_setting_and_china_regions() {
+        let with = |list: &[(&str, &str)], endpoint: Option<&str>| {
+            Ok::<_, Error>(object_url(&S3Storage::new(config(list, endpoint)?)?, "k"))
+        };
+        // Defaults: virtual-hosted for AWS, path style for a custom endpoint.
+        assert_eq!(
+            with(&[], None).unwrap(),
+            "https://b.s3.us-east-1.amazonaws.com/k"
+        );
+        assert_eq!(
+            with(&[], Some("https://minio.example:9000")).unwrap(),
+            "https://minio.example:9000/b/k"
+        );
+        let virtual_ = [("WALSYNC_S3_ADDRESSING", "virtual")];
+        assert_eq!(
+            with(&virtual_, Some("https://minio.example:9000")).unwrap(),
+            "https://b.minio.example:9000/k"
+        );
+        let path = [("WALSYNC_S3_ADDRESSING", "path")];
+        assert_eq!(
+            with(&path, None).unwrap(),
+            "https://s3.us-east-1.amazonaws.com/b/k"
+        );
+        assert_eq!(
+            with(&[("AWS_REGION", "cn-north-1")], None).unwrap(),
+            "https://b.s3.cn-north-1.amazonaws.com.cn/k"
+        );
+        assert_eq!(
+            with(&[("AWS_REGION", "cn-northwest-1")], None).unwrap(),
+            "https://b.s3.cn-northwest-1.amazonaws.com.cn/k"
+        );
+        let err = with(&[("WALSYNC_S3_ADDRESSING", "vhost")], None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            err.to_string(),
+            "WALSYNC_S3_ADDRESSING=\"vhost\" is not valid: use \"virtual\" or \"path\""
+        );
+    }
+
+    #[test]
+    fn ca_roots_come_from_the_variables_then_the_system() {
+        let roots = |list: &[(&str, &str)], system: Option<&str>| {
+            let mut all = KEYS.to_vec();
+            all.extend_from_slice(list);
+            S3Config::from_vars("b", "", None, vars(&all), system.map(Into::into))
+                .unwrap()
+                .ca_roots
+        };
+        assert_eq!(roots(&[], None), CaRoots::BuiltIn);
+        assert_eq!(
+            roots(&[], Some("/etc/ssl/certs/ca-certificates.crt")),
+            CaRoots::System("/etc/ssl/certs/ca-certificates.crt".into())
+        );
+        let all = [
+            ("AWS_CA_BUNDLE", "/ca.pem"),
+            ("SSL_CERT_FILE", "/f.pem"),
+            ("SSL_CERT_DIR", "/d1:/d2"),
+        ];
+        assert_eq!(
+            roots(&all, Some("/sys.pem")),
+            CaRoots::Named(vec![("AWS_CA_BUNDLE", "/ca.pem".into())])
+        );
+        assert_eq!(
+            roots(&all[1..], Some("/sys.pem")),
+            CaRoots::Named(vec![
+                ("SSL_CERT_FILE", "/f.pem".into()),
+                ("SSL_CERT_DIR", "/d1".into()),
+                ("SSL_CERT_DIR", "/d2".into())
+            ])
+        );
+        // A file named that holds no certificate is an error naming the variable, at start.
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let bundle = [("AWS_CA_BUNDLE", empty.to_str().unwrap())];
+        let err = S3Storage::new(config(&bundle, Some("https://h")).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "AWS_CA_BUNDLE={}: no PEM certificate found there",
+                empty.display()
+            )
+        );
+        let missing = dir.path().join("missing.pem");
+        let file = [("SSL_CERT_FILE", missing.to_str().unwrap())];
+        let err = S3Storage::new(config(&file, Some("https://h")).unwrap())
+            .unwrap_err()
+            .to_string();
+        let expected = format!(
+            "SSL_CERT_FILE={}: cannot read the certificate file: ",
+            missing.display()
+        );
+        assert!(err.starts_with(&expected), "{err}");
+        // Directories of SSL_CERT_DIR that are not there are skipped, as OpenSSL does; none
+        // with a certificate is an error.
+        let dirs = [("SSL_CERT_DIR", "/nonexistent-1:/nonexistent-2")];
+        let err = S3Storage::new(config(&dirs, Some("https://h")).unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "SSL_CERT_DIR=/nonexistent-1, SSL_CERT_DIR=/nonexistent-2: no PEM certificate found there"
+        );
+        // Not read at all for a plain http endpoint.
+        assert!(S3Storage::new(config(&file, Some("http://h")).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn prefixes_with_dot_or_empty_segments_are_refused() {
+        for bad in ["a/./b", "a/../b", "..", ".", "a//b", "a\\b"] {
+            let c = S3Config::from_vars("b", bad, None, vars(&KEYS), None).unwrap();
+            let err = S3Storage::new(c).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{bad:?}");
+            let message = err.to_string();
+            assert!(message.contains("the prefix must not contain"), "{message}");
+        }
+        for good in ["", "a", "a.b/c..d/.e", "a+b/%41"] {
+            let c = S3Config::from_vars("b", good, None, vars(&KEYS), None).unwrap();
+            assert!(S3Storage::new(c).is_ok(), "{good:?}");
+        }
+    }
+
+    const CX: AnswerContext<'static> = AnswerContext {
+        bucket: "b",
+        region: "us-east-1",
+        bucket_region: None,
+    };
 
     #[test]
     fn statuses_and_codes_map_to_kinds() {
         let xml = |code: &str| {
             format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>Some words.</Message></Error>")
         };
-        let kind = |status, body: &str| classify_status(status, body, "b").0;
+        let kind = |status, body: &str| classify_status(status, body, &CX).0;
         assert_eq!(kind(403, &xml("SignatureDoesNotMatch")), ErrorKind::Auth);
         assert_eq!(kind(403, &xml("InvalidAccessKeyId")), ErrorKind::Auth);
         assert_eq!(kind(403, &xml("AccessDenied")), ErrorKind::Auth);
         assert_eq!(kind(403, ""), ErrorKind::Auth);
         assert_eq!(kind(400, &xml("ExpiredToken")), ErrorKind::Auth);
+        assert_eq!(kind(403, &xml("RequestTimeTooSkewed")), ErrorKind::Auth);
         assert_eq!(kind(404, &xml("NoSuchKey")), ErrorKind::NotFound);
         assert_eq!(kind(404, ""), ErrorKind::NotFound);
         assert_eq!(kind(404, &xml("NoSuchBucket")), ErrorKind::NotFound);
@@ -1349,66 +2478,235 @@ mod tests {
         assert_eq!(kind(500, ""), ErrorKind::Transient);
         assert_eq!(kind(429, ""), ErrorKind::Transient);
         assert_eq!(kind(400, &xml("RequestTimeout")), ErrorKind::Transient);
+        assert_eq!(kind(400, &xml("BadDigest")), ErrorKind::Transient);
         assert_eq!(kind(200, &xml("InternalError")), ErrorKind::Transient);
         assert_eq!(kind(400, &xml("InvalidArgument")), ErrorKind::Other);
         assert_eq!(kind(301, &xml("PermanentRedirect")), ErrorKind::Other);
+        assert_eq!(kind(301, ""), ErrorKind::Other);
         assert_eq!(kind(409, ""), ErrorKind::Other);
         assert_eq!(kind(501, ""), ErrorKind::Other);
         assert_eq!(kind(501, &xml("NotImplemented")), ErrorKind::Other);
         assert_eq!(kind(400, &xml("NotImplemented")), ErrorKind::Other);
 
-        let (_, detail) = classify_status(403, &xml("SignatureDoesNotMatch"), "b");
+        let (_, detail) = classify_status(404, &xml("NoSuchBucket"), &CX);
         assert_eq!(
             detail,
-            "access denied (HTTP 403 SignatureDoesNotMatch): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            "bucket \"b\" does not exist (HTTP 404 NoSuchBucket)"
         );
-        let (_, detail) = classify_status(404, &xml("NoSuchBucket"), "bk");
-        assert_eq!(
-            detail,
-            "bucket \"bk\" does not exist (HTTP 404 NoSuchBucket)"
-        );
-        let (_, detail) = classify_status(400, &xml("InvalidArgument"), "b");
+        let (_, detail) = classify_status(400, &xml("InvalidArgument"), &CX);
         assert_eq!(
             detail,
             "request failed (HTTP 400 InvalidArgument: Some words.)"
         );
     }
 
+    fn detail(status: u16, body: &str, cx: &AnswerContext<'_>) -> String {
+        classify_status(status, body, cx).1
+    }
+
+    /// Error documents as AWS sends them (from its documentation and real answers).
     #[test]
-    fn redaction_removes_signed_query() {
-        let url: Url = "http://h:1/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F2024&X-Amz-Signature=abcdef"
-            .parse()
-            .unwrap();
-        let text = format!("failed: {url} / {}", url.query().unwrap());
-        let clean = redact(&text, &url);
-        assert_eq!(clean, "failed: http://h:1/b/k / <redacted>");
+    fn wrong_region_answers_name_the_region_to_set() {
+        // A presigned request's wrong region: the old filter cut this at "X-Amz-Credential".
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error>\
+            <Code>AuthorizationQueryParametersError</Code><Message>Error parsing the \
+            X-Amz-Credential parameter; the region &apos;us-east-1&apos; is wrong; expecting \
+            &apos;eu-west-1&apos;</Message><RequestId>0H5S3Y1B2XK0ZBJ2</RequestId>\
+            <HostId>Xc1p+x</HostId></Error>";
         assert_eq!(
-            redact("server said X-Amz-Signature=zzz oops", &url),
-            "server said <redacted>"
+            detail(400, body, &CX),
+            "wrong region for this bucket (HTTP 400 AuthorizationQueryParametersError: Error \
+             parsing the X-Amz-Credential parameter; the region 'us-east-1' is wrong; expecting \
+             'eu-west-1'): the bucket is in region eu-west-1, requests were signed for \
+             us-east-1: set AWS_REGION=eu-west-1"
         );
+        let body = "<Error><Code>AuthorizationHeaderMalformed</Code><Message>The authorization \
+            header is malformed; the region &apos;us-east-1&apos; is wrong; expecting \
+            &apos;ap-southeast-2&apos;</Message><Region>ap-southeast-2</Region>\
+            <RequestId>R</RequestId><HostId>H</HostId></Error>";
+        assert_eq!(
+            wrong_region(400, body, &CX).as_deref(),
+            Some("ap-southeast-2")
+        );
+        assert!(detail(400, body, &CX).ends_with("set AWS_REGION=ap-southeast-2"));
+        // A 301 to a HEAD has no body: the header says where the bucket is.
+        let cx = AnswerContext {
+            bucket_region: Some("eu-central-1"),
+            ..CX
+        };
+        assert_eq!(
+            detail(301, "", &cx),
+            "wrong region for this bucket (HTTP 301): the bucket is in region eu-central-1, \
+             requests were signed for us-east-1: set AWS_REGION=eu-central-1"
+        );
+        let body = "<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting \
+            to access must be addressed using the specified endpoint. Please send all future \
+            requests to this endpoint.</Message><Endpoint>b.s3.eu-central-1.amazonaws.com\
+            </Endpoint><Bucket>b</Bucket></Error>";
+        assert_eq!(
+            wrong_region(301, body, &cx).as_deref(),
+            Some("eu-central-1")
+        );
+        assert_eq!(wrong_region(301, body, &CX), None);
+        assert!(detail(301, body, &CX).ends_with(
+            "requests were signed for region us-east-1: set AWS_REGION to the bucket's region \
+             (or the endpoint to the store's)"
+        ));
+        // The region asked for is not "wrong".
+        let same = AnswerContext {
+            bucket_region: Some("us-east-1"),
+            ..CX
+        };
+        assert_eq!(
+            classify_status(400, "<Error><Code>InvalidRequest</Code></Error>", &same).0,
+            ErrorKind::Other
+        );
+        assert_eq!(wrong_region(400, "", &same), None);
+    }
+
+    #[test]
+    fn clock_credential_and_permission_answers_keep_the_servers_words() {
+        let body = "<Error><Code>RequestTimeTooSkewed</Code><Message>The difference between the \
+            request time and the current time is too large.</Message>\
+            <RequestTime>20261206T120000Z</RequestTime><ServerTime>2026-12-06T13:00:00Z\
+            </ServerTime><MaxAllowedSkewMilliseconds>900000</MaxAllowedSkewMilliseconds></Error>";
+        let text = detail(403, body, &CX);
+        assert!(
+            text.starts_with(
+                "access denied (HTTP 403 RequestTimeTooSkewed: The difference between the \
+                 request time and the current time is too large.): this host's clock is off \
+                 (the store's time is 2026-12-06T13:00:00Z, this host's "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("): set it right (NTP)"), "{text}");
+
+        let body = "<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you \
+            provided does not exist in our records.</Message><AWSAccessKeyId>AKIAEXAMPLE\
+            </AWSAccessKeyId></Error>";
+        assert_eq!(
+            detail(403, body, &CX),
+            "access denied (HTTP 403 InvalidAccessKeyId: The AWS Access Key Id you provided \
+             does not exist in our records.): the store knows no such access key: check \
+             AWS_ACCESS_KEY_ID (and that the endpoint is the store the key belongs to)"
+        );
+        let body = "<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we \
+            calculated does not match the signature you provided. Check your key and signing \
+            method.</Message><AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId><StringToSign>\
+            AWS4-HMAC-SHA256</StringToSign><SignatureProvided>abc</SignatureProvided>\
+            <CanonicalRequest>GET x-amz-security-token:TOKEN</CanonicalRequest></Error>";
+        assert_eq!(
+            detail(403, body, &CX),
+            "access denied (HTTP 403 SignatureDoesNotMatch: The request signature we \
+             calculated does not match the signature you provided. Check your key and signing \
+             method.): the secret key does not match the access key: check \
+             AWS_SECRET_ACCESS_KEY"
+        );
+        // Denials keep the server's reason: expiry, a policy, a KMS key.
+        let body = "<Error><Code>AccessDenied</Code><Message>Request has expired</Message>\
+            <X-Amz-Expires>3600</X-Amz-Expires><Expires>2026-12-06T12:00:00Z</Expires></Error>";
+        assert!(detail(403, body, &CX).starts_with(
+            "access denied (HTTP 403 AccessDenied: Request has expired): the store accepted"
+        ));
+        let body = "<Error><Code>AccessDenied</Code><Message>User: \
+            arn:aws:iam::123456789012:user/backup is not authorized to perform: \
+            kms:GenerateDataKey on resource: arn:aws:kms:eu-west-1:123456789012:key/1234 \
+            because no identity-based policy allows the kms:GenerateDataKey action</Message>\
+            </Error>";
+        let text = detail(403, body, &CX);
+        assert!(
+            text.contains("is not authorized to perform: kms:GenerateDataKey on resource"),
+            "{text}"
+        );
+        assert!(text.contains("KMS key policy"), "{text}");
+        let body = "<Error><Code>ExpiredToken</Code><Message>The provided token has expired.\
+            </Message></Error>";
+        assert!(detail(400, body, &CX).ends_with(
+            "renew AWS_SESSION_TOKEN with its AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ));
+        // Entities of every kind are decoded.
+        let body = "<Error><Code>InvalidArgument</Code><Message>a &lt;b&gt; &amp; \
+            &quot;c&quot; &#39;d&#x27;</Message></Error>";
+        assert_eq!(
+            detail(400, body, &CX),
+            "request failed (HTTP 400 InvalidArgument: a <b> & \"c\" 'd')"
+        );
+    }
+
+    #[test]
+    fn redaction_removes_exactly_the_secrets() {
+        let token = [
+            ("AWS_SESSION_TOKEN", "FQoGZXIvYXdzEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "very-secret-value"),
+        ];
+        let s = S3Storage::new(config(&token, Some("http://h:1")).unwrap()).unwrap();
+        let kept = "Error parsing the X-Amz-Credential parameter; the region 'us-east-1' is wrong";
+        assert_eq!(s.redact(kept), kept);
+        assert_eq!(
+            s.redact("echo very-secret-value and FQoGZXIvYXdzEXAMPLE, key AKIDEXAMPLE"),
+            "echo <redacted> and <redacted>, key AKIDEXAMPLE"
+        );
+        assert_eq!(
+            s.redact("url ?X-Amz-Signature=abcdef&x-amz-security-token=zzz&uploadId=1 then"),
+            "url ?X-Amz-Signature=<redacted>&x-amz-security-token=<redacted>&uploadId=1 then"
+        );
+        assert_eq!(
+            s.redact("AWS4-HMAC-SHA256 Credential=AKID/x, SignedHeaders=host, Signature=0123abc"),
+            "AWS4-HMAC-SHA256 Credential=AKID/x, SignedHeaders=host, Signature=<redacted>"
+        );
+        assert_eq!(
+            s.redact("x-amz-security-token:tok\nhost"),
+            "x-amz-security-token:<redacted>\nhost"
+        );
+        let url = "http://h:1/b/k?uploads=".parse().unwrap();
         assert_eq!(without_query(&url), "http://h:1/b/k");
     }
 
     #[test]
-    fn xml_tags() {
-        let body =
-            "<Error><Code>NoSuchKey</Code><Message> The key\n does not exist. </Message></Error>";
-        assert_eq!(xml_tag(body, "Code"), Some("NoSuchKey"));
+    fn http_dates() {
+        let at = |text| parse_http_date(text).map(|t| t.to_rfc3339());
         assert_eq!(
-            xml_tag(body, "Message").map(shorten).as_deref(),
-            Some("The key does not exist.")
+            at("Sun, 06 Dec 2026 21:35:07 GMT").as_deref(),
+            Some("2026-12-06T21:35:07.000Z")
         );
-        assert_eq!(xml_tag(body, "Missing"), None);
-        assert_eq!(xml_tag("<Code>unterminated", "Code"), None);
+        assert_eq!(
+            at("Tue, 01 Feb 2028 00:00:00 GMT").as_deref(),
+            Some("2028-02-01T00:00:00.000Z")
+        );
+        for bad in [
+            "",
+            "Sun, 06 Dec 2026 21:35:07 UTC",
+            "Sun, 06 Foo 2026 21:35:07 GMT",
+            "x y",
+        ] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn xml_texts_are_decoded_and_shortened() {
+        let body = "<Error><Code>NoSuchKey</Code><Message> The key\n does &apos;not&apos; \
+                    exist. </Message></Error>";
+        assert_eq!(xml_text(body, "Code"), "NoSuchKey");
+        assert_eq!(
+            shorten(&xml_text(body, "Message")),
+            "The key does 'not' exist."
+        );
+        assert_eq!(xml_text(body, "Missing"), "");
+        assert_eq!(xml_text("<Code>unterminated", "Code"), "");
+        assert_eq!(xml_text("<Code>a &bogus; b</Code>", "Code"), "a &bogus; b");
     }
 
     #[test]
     fn list_pages_decode_keys_and_follow_tokens() {
         let page = |body: &str| {
-            parse_list_page(&format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+            parse_list_page(
+                &format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
                  <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{body}</ListBucketResult>"
-            ))
+                ),
+                "p",
+            )
         };
         let p = page(
             "<Name>b</Name><Prefix>p</Prefix><EncodingType>url</EncodingType>\
@@ -1419,12 +2717,21 @@ mod tests {
              <NextContinuationToken>t/1+=</NextContinuationToken>",
         )
         .unwrap();
-        let keys: Vec<_> = p.objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
-        assert_eq!(keys, [("a b+c é", 12), ("k&<", 0)]);
+        let keys: Vec<_> = p
+            .objects
+            .iter()
+            .map(|o| (o.decoded.as_deref().unwrap(), o.key.as_str(), o.size))
+            .collect();
+        assert_eq!(
+            keys,
+            [("a b+c é", "a+b%2Bc%20%C3%A9", 12), ("k&<", "k&%3C", 0)]
+        );
+        assert!(!p.raw);
         assert_eq!(p.next_continuation_token.as_deref(), Some("t/1+="));
         // Without EncodingType, keys are taken as they are (entities decoded).
         let p = page("<Contents><Key>a+b%20&lt;</Key><Size>1</Size></Contents>").unwrap();
         assert_eq!(p.objects[0].key, "a+b%20<");
+        assert_eq!(p.objects[0].decoded, None);
         assert_eq!(p.next_continuation_token, None);
         // A complete listing ends even with a token; a truncated one needs one.
         let p = page(
@@ -1436,7 +2743,76 @@ mod tests {
         assert!(page("<IsTruncated>true</IsTruncated><NextContinuationToken/>").is_err());
         assert!(page("<Contents><Key>k</Key><Size>-1</Size></Contents>").is_err());
         assert!(page("<Contents><Size>1</Size></Contents>").is_err());
-        assert!(parse_list_page("<Error><Code>NoSuchBucket</Code></Error>").is_err());
+        assert!(parse_list_page("<Error><Code>NoSuchBucket</Code></Error>", "p").is_err());
+    }
+
+    #[test]
+    fn a_listing_that_echoes_its_prefix_unencoded_lists_raw_keys() {
+        let page = |prefix: &str, echoed: &str| {
+            parse_list_page(
+                &format!(
+                    "<ListBucketResult><Prefix>{echoed}</Prefix><EncodingType>url</EncodingType>\
+                     <Contents><Key>{echoed}/k</Key><Size>1</Size></Contents></ListBucketResult>"
+                ),
+                prefix,
+            )
+            .unwrap()
+            .raw
+        };
+        // s3s-fs: `encoding-type=url` echoed, nothing encoded.
+        assert!(page("a+b", "a+b"));
+        assert!(page("x%41y/z", "x%41y/z"));
+        // AWS: the prefix encoded as the keys are.
+        assert!(!page("a+b", "a%2Bb"));
+        assert!(!page("a b", "a+b"));
+        // Nothing to tell them apart by.
+        assert!(!page("plain/prefix", "plain/prefix"));
+    }
+
+    #[test]
+    fn multipart_upload_listings() {
+        let page = parse_uploads_page(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+             <ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>\
+             <NextKeyMarker>p%2Bq/app/b</NextKeyMarker><NextUploadIdMarker>id2</NextUploadIdMarker>\
+             <EncodingType>url</EncodingType><MaxUploads>1000</MaxUploads><IsTruncated>true</IsTruncated>\
+             <Upload><Key>p%2Bq/app/a</Key><UploadId>id1</UploadId><Initiator><ID>x</ID></Initiator>\
+             <StorageClass>STANDARD</StorageClass><Initiated>2026-12-01T10:00:00.000Z</Initiated></Upload>\
+             <Upload><Key>p+q/app/b</Key><UploadId>id2</UploadId>\
+             <Initiated>2026-12-06T10:00:00.000Z</Initiated></Upload>\
+             </ListMultipartUploadsResult>",
+            "p+q/",
+        )
+        .unwrap();
+        let got: Vec<_> = page
+            .uploads
+            .iter()
+            .map(|u| (u.key.as_str(), u.upload_id.as_str(), u.initiated.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("p+q/app/a", "id1", "2026-12-01T10:00:00.000Z"),
+                // Listed raw (decoding would read "p q/"): taken as listed.
+                ("p+q/app/b", "id2", "2026-12-06T10:00:00.000Z"),
+            ]
+        );
+        assert_eq!(
+            page.next,
+            Some(("p+q/app/b".to_string(), "id2".to_string()))
+        );
+        let last = parse_uploads_page(
+            "<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>",
+            "",
+        )
+        .unwrap();
+        assert!(last.uploads.is_empty() && last.next.is_none());
+        assert!(parse_uploads_page(
+            "<ListMultipartUploadsResult><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>",
+            ""
+        )
+        .is_err());
     }
 
     #[test]
@@ -1449,7 +2825,7 @@ mod tests {
         );
         // The Content-MD5 header of a body, as S3 checks it (`openssl md5 -binary | base64`).
         assert_eq!(
-            super::super::sigv4::base64(&md5::Md5::digest(b"<Delete></Delete>")),
+            sigv4::base64(&md5::Md5::digest(b"<Delete></Delete>")),
             "R2cEG0GhQVRNiyXR3QnSyw=="
         );
         let failures = parse_delete_result(

@@ -22,7 +22,12 @@
 //!
 //! s3s-fs quirks to know: an object `a` and an object `a/b` cannot coexist (files vs
 //! directories), and listings echo `encoding-type=url` without encoding keys, so a key with `+`
-//! or `%` comes back altered (`+` as a space).
+//! or `%` comes back altered (`+` as a space). It lacks ListMultipartUploads: the server
+//! answers it here, from s3s-fs's files, with the same quirk, each upload's start time being
+//! its metadata file's mtime ([`S3Server::age_uploads`] moves it back).
+//!
+//! With [`Options::tls`] it speaks HTTPS only, with a certificate of a private CA made for
+//! the test ([`PrivateCa`]).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -59,6 +64,10 @@ pub struct Request {
     pub chunked: bool,
     /// The `Range` header, e.g. `bytes=100-`.
     pub range: Option<String>,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `Content-MD5` header.
+    pub content_md5: Option<String>,
 }
 
 impl Request {
@@ -85,6 +94,74 @@ pub struct Options {
     pub credentials: Option<(String, String)>,
     /// Seeds the choice of faults ([`S3Server::set_fault_mix`]).
     pub fault_seed: u64,
+    /// Serve HTTPS only, with this certificate.
+    pub tls: Option<PrivateCa>,
+    /// Take the bucket from the Host header (virtual-hosted style) under the domain
+    /// `s3.test` ([`S3Server::virtual_host_endpoint`]), which no resolver knows: clients
+    /// reach it through a CONNECT proxy ([`S3Server::connect_proxy`]).
+    pub virtual_host: bool,
+}
+
+/// A private certificate authority made for one test, and a certificate it signed for
+/// `127.0.0.1` and `localhost`.
+#[derive(Clone)]
+pub struct PrivateCa {
+    /// The CA's certificate (PEM): what a client must trust.
+    pub ca_pem: String,
+    /// The server's certificate (PEM), signed by the CA.
+    pub cert_pem: String,
+    /// The server's private key (PEM).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for PrivateCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateCa")
+    }
+}
+
+impl PrivateCa {
+    pub fn new() -> PrivateCa {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "walsync test CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        PrivateCa {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 pub struct S3Server {
@@ -94,6 +171,8 @@ pub struct S3Server {
     addr: SocketAddr,
     access_key: String,
     secret_key: String,
+    tls: Option<PrivateCa>,
+    virtual_host: bool,
     shared: Arc<Shared>,
     running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -133,7 +212,10 @@ impl S3Server {
             addr: listener.local_addr().unwrap(),
             access_key,
             secret_key,
+            tls: options.tls,
+            virtual_host: options.virtual_host,
             shared: Arc::new(Shared {
+                virtual_host: options.virtual_host,
                 request_log: Mutex::new(request_log),
                 fault_rng: SharedRng::new(options.fault_seed),
                 ..Shared::default()
@@ -150,7 +232,60 @@ impl S3Server {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The endpoint of a [`Options::virtual_host`] server: `http://s3.test:PORT`.
+    pub fn virtual_host_endpoint(&self) -> String {
+        format!("http://s3.test:{}", self.addr.port())
+    }
+
+    /// A CONNECT proxy on 127.0.0.1 that sends every tunnel to this server, whatever host
+    /// it names (the names of [`S3Server::virtual_host_endpoint`] resolve nowhere), and
+    /// records the hosts asked for. Returns its URL (`http://127.0.0.1:PORT`).
+    pub fn connect_proxy(&self) -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = self.addr;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&asked);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                        break;
+                    }
+                }
+                let host = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                log.lock().unwrap().push(host);
+                let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let (mut up_read, mut up_write) = (upstream.try_clone().unwrap(), upstream);
+                let mut client_write = client.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut reader, &mut up_write);
+                    let _ = up_write.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_read, &mut client_write);
+                    let _ = client_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (url, asked)
     }
 
     pub fn bucket(&self) -> &'static str {
@@ -191,17 +326,40 @@ impl S3Server {
             bucket: BUCKET.to_string(),
             prefix: prefix.to_string(),
             endpoint: Some(self.endpoint()),
+            addressing: walsync::storage::s3::Addressing::Auto,
             region: REGION.to_string(),
             access_key: self.access_key.clone(),
             secret_key: self.secret_key.clone(),
             session_token: None,
+            credential_source: None,
+            credential_origin: String::new(),
             timeout: walsync::storage::s3::DEFAULT_TIMEOUT,
+            ca_roots: walsync::storage::s3::CaRoots::BuiltIn,
         }
     }
 
     /// A client for `s3://<bucket>/<prefix>` on this server.
     pub fn storage(&self, prefix: &str) -> S3Storage {
         S3Storage::new(self.config(prefix)).expect("S3 storage for the test server")
+    }
+
+    /// Make every incomplete multipart upload look started `by` earlier than it was.
+    pub fn age_uploads(&self, by: Duration) {
+        for (path, _) in upload_files(&self.root) {
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            let mtime = file.metadata().unwrap().modified().unwrap();
+            file.set_modified(mtime - by).unwrap();
+        }
+    }
+
+    /// The object keys of the incomplete multipart uploads, sorted.
+    pub fn uploads(&self) -> Vec<String> {
+        let mut keys: Vec<String> = upload_files(&self.root)
+            .into_iter()
+            .map(|(_, upload)| upload.key)
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Every request received so far, oldest first.
@@ -216,6 +374,12 @@ impl S3Server {
     /// The next object download sends `bytes` bytes of its body, then the connection breaks.
     pub fn cut_next_download_after(&self, bytes: u64) {
         *self.shared.cut_next_download.lock().unwrap() = Some(bytes);
+    }
+
+    /// Answer the next request (only it) with this S3 error instead of serving it.
+    pub fn fail_next_request(&self, status: u16, code: &str, message: &str) {
+        *self.shared.next_error.lock().unwrap() =
+            Some((status, code.to_string(), message.to_string()));
     }
 
     /// Answer DeleteObjects (`POST ?delete`) with `501 NotImplemented`, as some
@@ -275,8 +439,14 @@ impl S3Server {
             self.access_key.as_str(),
             self.secret_key.as_str(),
         ));
+        if self.virtual_host {
+            let domain = format!("s3.test:{}", self.addr.port());
+            builder.set_host(s3s::host::SingleDomain::new(&domain).expect("virtual host domain"));
+        }
         let service = builder.build();
         let shared = Arc::clone(&self.shared);
+        let tls = self.tls.as_ref().map(PrivateCa::acceptor);
+        let root = self.root.clone();
         let (shutdown, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -284,7 +454,7 @@ impl S3Server {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            runtime.block_on(accept_loop(listener, service, shared, stopped));
+            runtime.block_on(accept_loop(listener, service, shared, root, tls, stopped));
             // Dropping the runtime's tasks closes the connections still open.
             runtime.shutdown_timeout(Duration::from_secs(1));
         });
@@ -302,6 +472,8 @@ async fn accept_loop(
     listener: TcpListener,
     service: S3Service,
     shared: Arc<Shared>,
+    root: PathBuf,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -313,14 +485,28 @@ async fn accept_loop(
                 Err(_) => continue,
             },
         };
-        let (service, shared) = (service.clone(), Arc::clone(&shared));
+        let (service, shared, root) = (service.clone(), Arc::clone(&shared), root.clone());
         let handler = hyper::service::service_fn(move |req| {
-            handle(service.clone(), Arc::clone(&shared), req)
+            handle(service.clone(), Arc::clone(&shared), root.clone(), req)
         });
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), handler);
-            let _ = connection.await;
+            let builder = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(socket), handler)
+                        .await;
+                }
+                // A client that does not trust the certificate closes the handshake.
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(socket).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), handler)
+                            .await;
+                    }
+                }
+            }
         });
     }
 }
@@ -328,6 +514,7 @@ async fn accept_loop(
 async fn handle(
     service: S3Service,
     shared: Arc<Shared>,
+    root: PathBuf,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
     let fault = shared.pick_fault();
@@ -344,7 +531,7 @@ async fn handle(
         Fault::Truncate => {
             // A HEAD answer has a Content-Length but no body.
             let head = req.method() == hyper::Method::HEAD;
-            let mut response = respond(service, &shared, req).await?;
+            let mut response = respond(service, &shared, &root, req).await?;
             let length = (response.headers().get(CONTENT_LENGTH))
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .or_else(|| response.body().size_hint().exact())
@@ -359,7 +546,9 @@ async fn handle(
             body.left = Some(body.left.map_or(cut, |left| left.min(cut)));
             return Ok(response);
         }
-        Fault::Pass | Fault::Reset | Fault::Stall => return respond(service, &shared, req).await,
+        Fault::Pass | Fault::Reset | Fault::Stall => {
+            return respond(service, &shared, &root, req).await
+        }
     };
     // The request is seen (and recorded) but not served.
     note(&shared, &req);
@@ -389,6 +578,7 @@ fn note(shared: &Shared, req: &hyper::Request<hyper::body::Incoming>) {
 async fn respond(
     service: S3Service,
     shared: &Shared,
+    root: &Path,
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<CutBody>, s3s::HttpError> {
     let seen = record(&req);
@@ -399,14 +589,24 @@ async fn respond(
     } else {
         None
     };
-    let bucket = seen
-        .path
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("");
+    let host = (req.headers().get("host"))
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let bucket = if shared.virtual_host {
+        host.split_once(".s3.test").map_or("", |(bucket, _)| bucket)
+    } else {
+        seen.path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+    };
     let other_bucket = bucket != BUCKET;
     note(shared, &req);
+    let next_error = shared.next_error.lock().unwrap().take();
+    if let Some((status, code, message)) = next_error {
+        return Ok(s3_error(status, &code, &message));
+    }
     if chunked_put {
         let message = "You must provide the Content-Length HTTP header.";
         return Ok(s3_error(411, "MissingContentLength", message));
@@ -420,6 +620,11 @@ async fn respond(
     if delete_objects && *shared.refuse_delete_objects.lock().unwrap() {
         let message = "A header you provided implies functionality that is not implemented";
         return Ok(s3_error(501, "NotImplemented", message));
+    }
+    // ListMultipartUploads, which s3s-fs lacks: answered here, so its signature is not
+    // checked (every other request's is, by s3s).
+    if seen.method == "GET" && seen.has_param("uploads") {
+        return Ok(list_uploads(root, req.uri().query().unwrap_or("")));
     }
     let canned = shared.delete_objects_answer.lock().unwrap().clone();
     if let Some(body) = canned.filter(|_| delete_objects) {
@@ -489,12 +694,133 @@ fn record(req: &hyper::Request<hyper::body::Incoming>) -> Request {
         range: headers
             .get("range")
             .and_then(|v| Some(v.to_str().ok()?.to_string())),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| Some(v.to_str().ok()?.to_string())),
+        content_md5: headers
+            .get("content-md5")
+            .and_then(|v| Some(v.to_str().ok()?.to_string())),
     }
+}
+
+/// An incomplete multipart upload, from s3s-fs's files.
+struct Upload {
+    key: String,
+    id: String,
+    started: std::time::SystemTime,
+}
+
+/// The metadata files of s3s-fs's incomplete uploads
+/// (`.bucket-<b64>.object-<b64>.upload-<uuid>.metadata.json`) and what they say.
+fn upload_files(root: &Path) -> Vec<(PathBuf, Upload)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(".bucket-") else {
+            continue;
+        };
+        let Some(rest) = rest.strip_suffix(".metadata.json") else {
+            continue;
+        };
+        let Some((bucket_and_key, id)) = rest.split_once(".upload-") else {
+            continue;
+        };
+        let Some((_, key)) = bucket_and_key.split_once(".object-") else {
+            continue;
+        };
+        let started = entry.metadata().unwrap().modified().unwrap();
+        let key = String::from_utf8(base64_url_decode(key)).unwrap();
+        let id = id.to_string();
+        found.push((entry.path(), Upload { key, id, started }));
+    }
+    found
+}
+
+/// Base64 with the URL-safe alphabet and no padding, as s3s-fs names its files.
+fn base64_url_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        b'_' => 63,
+        _ => panic!("not base64url: {text}"),
+    };
+    let mut out = Vec::new();
+    let (mut bits, mut n) = (0u32, 0);
+    for c in text.bytes() {
+        bits = (bits << 6) | u32::from(value(c));
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}
+
+/// A ListMultipartUploads answer (one page) for the raw query `query`: like s3s-fs's
+/// listings, it echoes `encoding-type=url` and encodes nothing.
+fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
+    let mut prefix = String::new();
+    let mut encoding = false;
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .unwrap()
+            .to_string();
+        match name {
+            "prefix" => prefix = value,
+            "encoding-type" => encoding = value == "url",
+            _ => {}
+        }
+    }
+    let mut uploads: Vec<Upload> = upload_files(root)
+        .into_iter()
+        .map(|(_, upload)| upload)
+        .filter(|u| u.key.starts_with(&prefix))
+        .collect();
+    uploads.sort_by(|a, b| (&a.key, &a.id).cmp(&(&b.key, &b.id)));
+    let escape = |text: &str| {
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListMultipartUploadsResult>\
+         <Bucket>{BUCKET}</Bucket><Prefix>{}</Prefix><IsTruncated>false</IsTruncated>",
+        escape(&prefix)
+    );
+    if encoding {
+        body.push_str("<EncodingType>url</EncodingType>");
+    }
+    for upload in uploads {
+        let millis = upload
+            .started
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let initiated = walsync::utc::UtcTime::from_millis(millis as i64).to_rfc3339();
+        body.push_str(&format!(
+            "<Upload><Key>{}</Key><UploadId>{}</UploadId><Initiated>{initiated}</Initiated></Upload>",
+            escape(&upload.key),
+            upload.id
+        ));
+    }
+    body.push_str("</ListMultipartUploadsResult>");
+    hyper::Response::builder()
+        .status(200)
+        .header("content-type", "application/xml")
+        .body(CutBody::new(s3s::Body::from(body), None))
+        .unwrap()
 }
 
 /// What the server threads share with the test.
 #[derive(Default)]
 struct Shared {
+    virtual_host: bool,
+    next_error: Mutex<Option<(u16, String, String)>>,
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
     request_log: Mutex<Option<std::fs::File>>,
