@@ -809,7 +809,8 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Files as a VM or filesystem snapshot keeps them: bytes and modification times, put back
 /// in place (the same inode where the file still exists).
 struct DiskImage {
-    files: Vec<(PathBuf, Option<(Vec<u8>, std::time::SystemTime)>)>,
+    /// Each file's bytes and modification time, or None if it did not exist.
+    files: Vec<(PathBuf, Option<FileContent>)>,
     /// Directories whose whole content is put back (files they hold now and did not then
     /// are removed).
     trees: Vec<PathBuf>,
@@ -824,7 +825,7 @@ impl DiskImage {
         let mut all: Vec<PathBuf> = files.to_vec();
         all.extend(files_under(tree)?);
         for path in all {
-            let read = || -> std::io::Result<(Vec<u8>, std::time::SystemTime)> {
+            let read = || -> std::io::Result<FileContent> {
                 let bytes = std::fs::read(&path)?;
                 Ok((bytes, std::fs::metadata(&path)?.modified()?))
             };
@@ -878,6 +879,8 @@ impl DiskImage {
         Ok(())
     }
 }
+
+type FileContent = (Vec<u8>, std::time::SystemTime);
 
 /// Every file under `dir` (recursively); none if it does not exist.
 fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
