@@ -1530,3 +1530,67 @@ fn a_second_server_over_https_s3rver() {
         "{stderr}"
     );
 }
+
+/// AWS's own endpoint, with the bucket in another region than AWS_REGION: the test server
+/// poses as `s3.eu-west-1.amazonaws.com` (TLS with a private CA, reached through a CONNECT
+/// proxy) and answers requests to `s3.us-east-1.amazonaws.com` with AWS's `301
+/// PermanentRedirect` and `x-amz-bucket-region`.
+#[test]
+fn a_bucket_in_another_aws_region_is_followed_there() {
+    let ca = PrivateCa::for_names(&[
+        "*.s3.us-east-1.amazonaws.com",
+        "*.s3.eu-west-1.amazonaws.com",
+    ]);
+    let server = S3Server::start_with(Options {
+        tls: Some(ca.clone()),
+        aws_region: Some("eu-west-1".into()),
+        ..Options::default()
+    });
+    let (proxy, asked) = server.connect_proxy();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let env_for = |region: &str| {
+        let mut env: Vec<(String, String)> = server
+            .env()
+            .into_iter()
+            .filter(|(k, _)| k != "AWS_ENDPOINT_URL_S3" && k != "AWS_REGION")
+            .collect();
+        env.push(("AWS_REGION".into(), region.into()));
+        env.push(("HTTPS_PROXY".into(), proxy.clone()));
+        env.push(("AWS_CA_BUNDLE".into(), ca_file.display().to_string()));
+        env
+    };
+    let mut app = crate::common::fixtures::AppDb::create(dir.path(), "app.db");
+    app.insert(5, 100);
+    let db = app.path.to_str().unwrap().to_string();
+    let dest = format!("s3://{}/region", server.bucket());
+
+    let out = walsync(&["snapshot", &db, "-b", &dest], &env_for("us-east-1"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warned: Vec<&str> = stderr.lines().filter(|l| l.contains("region")).collect();
+    assert_eq!(warned.len(), 1, "{stderr}");
+    assert!(
+        warned[0].ends_with(&format!(
+            "s3://{}/region: the bucket is in region eu-west-1, not us-east-1: using eu-west-1 \
+             (set AWS_REGION=eu-west-1 to go there directly)",
+            server.bucket()
+        )),
+        "{stderr}"
+    );
+    let hosts: Vec<String> = asked.lock().unwrap().drain(..).collect();
+    let first = format!("{}.s3.us-east-1.amazonaws.com:443", server.bucket());
+    let moved = format!("{}.s3.eu-west-1.amazonaws.com:443", server.bucket());
+    assert_eq!(hosts.first(), Some(&first), "{hosts:?}");
+    assert!(hosts[1..].iter().all(|h| *h == moved), "{hosts:?}");
+
+    // With the region the warning named: straight there, no warning.
+    let out = walsync(&["list", "-b", &dest], &env_for("eu-west-1"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("app"));
+    assert!(!stderr.contains("region"), "{stderr}");
+    let hosts: Vec<String> = asked.lock().unwrap().drain(..).collect();
+    assert!(hosts.iter().all(|h| *h == moved), "{hosts:?}");
+}
