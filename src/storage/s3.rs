@@ -844,15 +844,16 @@ impl S3Storage {
         let Ok(moved) = make_bucket(None, self.addressing, was.name(), region) else {
             return false;
         };
+        // Named before the lock is taken: `describe` reads the bucket.
+        let destination = self.describe();
         let mut bucket = self
             .bucket
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if bucket.region() == was.region() {
             log::warn!(
-                "{}: the bucket is in region {region}, not {}: using {region} \
+                "{destination}: the bucket is in region {region}, not {}: using {region} \
                  (set AWS_REGION={region} to go there directly)",
-                self.describe(),
                 was.region()
             );
             *bucket = moved;

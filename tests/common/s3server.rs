@@ -100,6 +100,11 @@ pub struct Options {
     /// `s3.test` ([`S3Server::virtual_host_endpoint`]), which no resolver knows: clients
     /// reach it through a CONNECT proxy ([`S3Server::connect_proxy`]).
     pub virtual_host: bool,
+    /// Pose as AWS S3 with the bucket in this region: virtual-hosted under
+    /// `s3.REGION.amazonaws.com` (reached through [`S3Server::connect_proxy`], with a
+    /// [`PrivateCa::for_names`] certificate in [`Options::tls`]), and a `301
+    /// PermanentRedirect` with `x-amz-bucket-region` for a request to another region's host.
+    pub aws_region: Option<String>,
 }
 
 /// A private certificate authority made for one test, and a certificate it signed for
@@ -122,6 +127,11 @@ impl std::fmt::Debug for PrivateCa {
 
 impl PrivateCa {
     pub fn new() -> PrivateCa {
+        PrivateCa::for_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// A CA and a server certificate for `names` (host names, `*.` wildcards, addresses).
+    pub fn for_names(names: &[&str]) -> PrivateCa {
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params
             .distinguished_name
@@ -134,9 +144,8 @@ impl PrivateCa {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-                .unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
         PrivateCa {
@@ -172,7 +181,8 @@ pub struct S3Server {
     access_key: String,
     secret_key: String,
     tls: Option<PrivateCa>,
-    virtual_host: bool,
+    /// The domain under which the Host header names the bucket, if it does.
+    virtual_domain: Option<String>,
     shared: Arc<Shared>,
     running: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -203,6 +213,12 @@ impl S3Server {
                 .unwrap_or_else(|e| panic!("request log {}: {e}", path.display()))
         });
         let listener = TcpListener::bind(("127.0.0.1", options.port)).expect("bind 127.0.0.1");
+        let port = listener.local_addr().unwrap().port();
+        let virtual_domain = match (&options.aws_region, options.virtual_host) {
+            (Some(region), _) => Some(format!("s3.{region}.amazonaws.com")),
+            (None, true) => Some(format!("s3.test:{port}")),
+            (None, false) => None,
+        };
         let (access_key, secret_key) = options
             .credentials
             .unwrap_or_else(|| (ACCESS_KEY.to_string(), SECRET_KEY.to_string()));
@@ -213,9 +229,9 @@ impl S3Server {
             access_key,
             secret_key,
             tls: options.tls,
-            virtual_host: options.virtual_host,
+            virtual_domain: virtual_domain.clone(),
             shared: Arc::new(Shared {
-                virtual_host: options.virtual_host,
+                virtual_domain,
                 request_log: Mutex::new(request_log),
                 fault_rng: SharedRng::new(options.fault_seed),
                 ..Shared::default()
@@ -439,9 +455,8 @@ impl S3Server {
             self.access_key.as_str(),
             self.secret_key.as_str(),
         ));
-        if self.virtual_host {
-            let domain = format!("s3.test:{}", self.addr.port());
-            builder.set_host(s3s::host::SingleDomain::new(&domain).expect("virtual host domain"));
+        if let Some(domain) = &self.virtual_domain {
+            builder.set_host(s3s::host::SingleDomain::new(domain).expect("virtual host domain"));
         }
         let service = builder.build();
         let shared = Arc::clone(&self.shared);
@@ -592,8 +607,23 @@ async fn respond(
     let host = (req.headers().get("host"))
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
-    let bucket = if shared.virtual_host {
-        host.split_once(".s3.test").map_or("", |(bucket, _)| bucket)
+    let bucket = if let Some(domain) = &shared.virtual_domain {
+        // Another region's host, where AWS redirects: `walsync-test.s3.OTHER.amazonaws.com`.
+        let (bucket, rest) = host.split_once('.').unwrap_or(("", ""));
+        if rest != domain.as_str() && rest.ends_with(".amazonaws.com") {
+            let region = domain
+                .trim_start_matches("s3.")
+                .trim_end_matches(".amazonaws.com");
+            let message = "The bucket you are attempting to access must be addressed using \
+                           the specified endpoint. Please send all future requests to this \
+                           endpoint.";
+            let mut response = s3_error(301, "PermanentRedirect", message);
+            response
+                .headers_mut()
+                .insert("x-amz-bucket-region", region.parse().unwrap());
+            return Ok(response);
+        }
+        bucket
     } else {
         seen.path
             .trim_start_matches('/')
@@ -819,7 +849,7 @@ fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
 /// What the server threads share with the test.
 #[derive(Default)]
 struct Shared {
-    virtual_host: bool,
+    virtual_domain: Option<String>,
     next_error: Mutex<Option<(u16, String, String)>>,
     requests: Mutex<Vec<Request>>,
     cut_next_download: Mutex<Option<u64>>,
