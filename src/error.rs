@@ -6,8 +6,9 @@
 //! decide what to do without parsing text: retry a transient storage failure, report a missing
 //! object, refuse corrupt data.
 //!
-//! Messages must never contain credentials: storage code formats URLs without their query
-//! string (where presigned signatures live) and never prints keys.
+//! Messages must never contain credentials: requests are signed in headers, which no message
+//! quotes; storage code formats URLs without their query string, removes the secret parts of
+//! a server's answer precisely, and never prints keys.
 
 use std::fmt;
 

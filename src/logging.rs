@@ -55,8 +55,8 @@ pub fn init(verbose: bool, timestamps: bool) {
         "walsync=info,warn"
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
-        // ureq logs each request's URL at debug level and more at trace; presigned URLs carry
-        // the session token (X-Amz-Security-Token) and the signature in their query. Keep the
+        // ureq logs each request at debug level and its headers at trace, among them the
+        // `Authorization` signature and the session token (X-Amz-Security-Token). Keep the
         // HTTP client at info whatever RUST_LOG says, so `-v` and RUST_LOG=trace stay safe to
         // paste. (These directives come after RUST_LOG's and replace any it gave for them.)
         .filter_module("ureq", log::LevelFilter::Info)
