@@ -552,8 +552,9 @@ impl DbWorker {
             }
             Err(e) if e.is_transient() => {
                 let wait = self.reconcile_backoff.next_jittered();
+                // The error names the database already.
                 log::warn!(
-                    "{name}: {e}; staging locally, trying storage again in {}s",
+                    "{e}; staging locally, trying storage again in {}s",
                     wait.as_secs().max(1)
                 );
                 self.agenda.reconcile_at = Some(now + wait);
