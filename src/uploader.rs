@@ -2,8 +2,9 @@
 //!
 //! Each database thread hands over one object at a time (so a replica's objects land in
 //! order) and is told when it is stored. A worker retries a failed upload with exponential
-//! backoff for as long as it takes: the data is still pinned in the WAL and in the spool
-//! file, and dropping it would lose a transaction. Each failure is logged once per backoff
+//! backoff for as long as it takes: the object is staged (written and fsynced) in the
+//! database's sidecar, whose WAL frames walsync may already have let SQLite checkpoint
+//! away, so dropping it would lose a transaction. Each failure is logged once per backoff
 //! step, saying what failed and when the next try is. Only a shutdown deadline ends the
 //! retrying; the object is then handed back unstored.
 
@@ -217,7 +218,7 @@ impl Worker {
                         return Err(e.with_context(format!("{}: uploading {key}", label)));
                     }
                     log::warn!(
-                        "{}: uploading {key} failed ({e}); the data stays pinned in the WAL, \
+                        "{}: uploading {key} failed ({e}); it stays staged in the sidecar, \
                          retrying in {}s",
                         label,
                         wait.as_secs()
