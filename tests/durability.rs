@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::faultproxy::FaultProxy;
 use crate::common::fixtures::{
-    dump, dump_of, integrity, wait_for, walsync, AppDb, Immutable, WatchProcess,
+    dump, dump_of, integrity, replica_sidecar, wait_for, walsync, AppDb, Immutable, WatchProcess,
 };
 use crate::common::s3server::S3Server;
 use rusqlite::{params, Connection};
@@ -709,21 +709,6 @@ fn a_repin_after_a_full_application_checkpoint_keeps_one_generation() {
         "the application's checkpoint and walsync's repin started a new generation"
     );
     assert_restored(restored, &app.dump(), "the latest restore");
-}
-
-/// The replica's own directory inside `.app.db-walsync/` (one destination and name).
-fn replica_sidecar(db: &Path) -> PathBuf {
-    let root = db.with_file_name(format!(
-        ".{}-walsync",
-        db.file_name().unwrap().to_string_lossy()
-    ));
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs.pop().unwrap()
 }
 
 /// Found by the torture harness: a SIGTERM that arrives while walsync waits to retry a

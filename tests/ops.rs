@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::common::fixtures::{wait_for, walsync, walsync_err, AppDb, WatchProcess};
+use crate::common::fixtures::{
+    replica_sidecar, wait_for, walsync, walsync_err, AppDb, WatchProcess,
+};
 use crate::common::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
@@ -625,21 +627,6 @@ fn heartbeat_keeps_pinging_a_busy_database_that_keeps_up() {
         watch.log()
     );
     assert!(watch.terminate(Duration::from_secs(30)).success());
-}
-
-/// The sidecar directory of the only replica of `db`.
-fn replica_sidecar(db: &Path) -> std::path::PathBuf {
-    let root = db.with_file_name(format!(
-        ".{}-walsync",
-        db.file_name().unwrap().to_string_lossy()
-    ));
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs.pop().unwrap()
 }
 
 #[test]

@@ -349,36 +349,28 @@ fn a_forward_clock_glitch_does_not_hold_later_times() {
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .to_vec();
-    let watch = WatchProcess::start(
-        &[&db, "-b", &dest, "--min-interval", "0.1"],
-        &glitched,
-        dir.path(),
-    );
-    app.insert(5, 100);
-    let glitch_state = app.dump();
-    wait_for(
-        Duration::from_secs(20),
-        "the glitched commit to be stored",
-        || restore_dump(&storage, "app", dir.path(), None).is_ok_and(|d| d == glitch_state),
-    );
-    assert!(watch.terminate(Duration::from_secs(30)).success());
-
-    let watch = WatchProcess::start(
-        &[&db, "-b", &dest, "--min-interval", "0.1"],
-        &[],
-        dir.path(),
-    );
-    app.insert(5, 100);
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let replicate = |app: &mut AppDb, env: &[(String, String)]| {
+        let watch = WatchProcess::start(
+            &[&db, "-b", &dest, "--min-interval", "0.1"],
+            env,
+            dir.path(),
+        );
+        app.insert(5, 100);
+        let state = app.dump();
+        wait_for(
+            Duration::from_secs(20),
+            "the last commit to be stored",
+            || restore_dump(storage.as_ref(), "app", dir.path(), None).is_ok_and(|d| d == state),
+        );
+        assert!(watch.terminate(Duration::from_secs(30)).success());
+    };
+    replicate(&mut app, &glitched);
+    replicate(&mut app, &[]);
     let expected = app.dump();
-    wait_for(
-        Duration::from_secs(20),
-        "the last commit to be stored",
-        || restore_dump(&storage, "app", dir.path(), None).is_ok_and(|d| d == expected),
-    );
-    assert!(watch.terminate(Duration::from_secs(30)).success());
     let now = UtcTime::now();
     assert_restored(
-        restore_dump(&storage, "app", dir.path(), Some(now)),
+        restore_dump(storage.as_ref(), "app", dir.path(), Some(now)),
         &expected,
         "point-in-time restore to now after a clock glitch",
     );

@@ -357,3 +357,18 @@ impl Drop for Immutable {
         let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
     }
 }
+
+/// The sidecar directory of the only replica of `db` (`.app.db-walsync/<name>-<hash>/`).
+pub fn replica_sidecar(db: &Path) -> PathBuf {
+    let root = db.with_file_name(format!(
+        ".{}-walsync",
+        db.file_name().unwrap().to_string_lossy()
+    ));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}

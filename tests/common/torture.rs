@@ -1550,18 +1550,7 @@ impl<'a> Round<'a> {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("starting walsync on the copy: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            sleep_ms(50);
-        };
+        let status = wait_at_most(&mut child, Duration::from_secs(30))?;
         let mut stderr = String::new();
         if let Some(mut err) = child.stderr.take() {
             let _ = err.read_to_string(&mut stderr);
@@ -1847,18 +1836,7 @@ impl<'a> Round<'a> {
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let outcome = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            sleep_ms(20);
-        };
+        let outcome = wait_at_most(&mut child, Duration::from_secs(90))?;
         self.watch_gone();
         Ok(outcome)
     }
@@ -2049,6 +2027,22 @@ impl<'a> Round<'a> {
 impl Drop for Round<'_> {
     fn drop(&mut self) {
         self.kill_watch();
+    }
+}
+
+/// Wait for `child` to exit, at most `timeout`: its status, or None if it had to be killed.
+fn wait_at_most(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(Some(status));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        sleep_ms(20);
     }
 }
 
