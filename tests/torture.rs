@@ -93,6 +93,11 @@ fn two_short_torture_rounds_lose_nothing() {
     );
     unless_skipped(totals.clock_steps, "clock step", "clock stepped back");
     unless_skipped(
+        totals.clock_ahead,
+        "start with the clock ahead",
+        "clock ahead",
+    );
+    unless_skipped(
         totals.coarse_rounds,
         "round on a filesystem with whole-second times",
         "filesystem with whole-second times",

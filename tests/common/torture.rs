@@ -23,8 +23,9 @@
 //! - the wall clock stepped back (libfaketime) for a walsync started right after a change
 //!   that forces a new generation ([`Round::start_next_under_stepped_clock`]);
 //! - the host rolled back (a VM snapshot restored): the database, its WAL and the sidecar
-//!   put back in place as they were, while storage keeps what was uploaded since, in
-//!   `p == 1` rounds with the clock stepped back too ([`Round::chaos_rollback`]);
+//!   put back in place as they were, while storage keeps what was uploaded since, then
+//!   walsync started with its clock ahead (`p == 0`) or behind (`p == 1`)
+//!   ([`Round::chaos_rollback`]);
 //! - the data directory copied with its sidecar (`cp -a`) and the copy watched under the
 //!   same name ([`Round::chaos_copy`]);
 //! - walsync started while storage is down ([`Round::chaos_storage_down_at_start`]);
@@ -175,6 +176,8 @@ pub struct Totals {
     pub chain_duplicates: u64,
     /// Rounds played on a filesystem with whole-second file times.
     pub coarse_rounds: u64,
+    /// walsync starts with the clock ahead (after a rollback, in `p == 0` rounds).
+    pub clock_ahead: u64,
     /// [`Round::chaos_rollback`]: the database, its WAL and the sidecar put back as they were.
     pub rollbacks: u64,
     /// [`Round::chaos_copy`]: copies of the data directory watched under the same name and
@@ -236,6 +239,7 @@ impl Totals {
         self.chain_links += r.chain_links;
         self.chain_duplicates += r.chain_duplicates;
         self.coarse_rounds += r.coarse_rounds;
+        self.clock_ahead += r.clock_ahead;
         self.rollbacks += r.rollbacks;
         self.copies_refused += r.copies_refused;
         self.copies_skipped += r.copies_skipped;
@@ -369,12 +373,13 @@ impl Totals {
             s,
             "host rolled back with its sidecar {}; data directory copied and the copy refused {} \
              (not tried {}: no state.json yet); walsync started with storage down {}; rounds on \
-             a filesystem with whole-second times {}",
+             a filesystem with whole-second times {}; walsync started with the clock ahead {}",
             self.rollbacks,
             self.copies_refused,
             self.copies_skipped,
             self.starts_storage_down,
-            self.coarse_rounds
+            self.coarse_rounds,
+            self.clock_ahead
         );
         let _ = writeln!(
             s,
@@ -1455,7 +1460,7 @@ impl<'a> Round<'a> {
     /// everything stopped again and the image put back in place (same inodes, the old
     /// modification times), while storage keeps what was uploaded meanwhile. The
     /// application reopens the rolled-back database (its state is recorded as a switch) and
-    /// walsync starts on it, in `p == 1` rounds under a stepped-back clock.
+    /// walsync starts on it with its clock ahead (`p == 0`) or behind (`p == 1`).
     ///
     /// Hunts: indexes cut again over the abandoned history (two histories in one
     /// generation, caught by the chain check), a new generation sorting before the
@@ -1485,11 +1490,27 @@ impl<'a> Round<'a> {
         totals.rollbacks += 1;
         drop(paused);
         self.checkpointer = Some(open_checkpointer(&self.db)?);
-        if !self.plan.clock_step_after_replacement {
+        if self.plan.clock_step_after_replacement {
+            self.start_next_with_clock_ahead(totals);
+        } else {
             self.start_next_under_stepped_clock(totals);
         }
         self.start_watch(totals)?;
         self.let_stepped_clock_start_generation(totals)
+    }
+
+    /// Make the next walsync start run with its wall clock ahead (libfaketime), as a host
+    /// whose clock runs fast. Its object times are later than its commits, which a
+    /// point-in-time restore tolerates (it lags), and the labels must come back to the
+    /// clock afterwards. The S3 server refuses requests signed more than 15 minutes off,
+    /// so walsync must sign with the server's time.
+    fn start_next_with_clock_ahead(&mut self, totals: &mut Totals) {
+        if self.faketime.is_none() {
+            totals.skip("clock ahead: libfaketime.so.1 not found (apt-get install faketime)");
+            return;
+        }
+        self.next_start_clock = Some(format!("+{}m", self.rng.range(20, 50)));
+        totals.clock_ahead += 1;
     }
 
     /// Copy the data directory as an operator would (`cp -a` of the database, its WAL and
@@ -1687,11 +1708,27 @@ impl<'a> Round<'a> {
             return;
         }
         // Objects of a walsync under the stepped clock are named just after the newest
-        // object staged so far (walsync keeps object times monotonic): from that time on,
-        // object times no longer bound commit times.
+        // object staged so far (walsync holds object times through a step back of up to an
+        // hour), or by the stepped clock itself after a larger step back (a clock that ran
+        // ahead before, see `Replica::next_time`): from then on, object times no longer
+        // bound commit times.
         let staged_until = self.staged_until().unwrap_or(UtcTime::from_millis(0));
-        if self.clock_stepped_at.is_none_or(|t| staged_until < t) {
-            self.clock_stepped_at = Some(staged_until);
+        let minutes: i64 = self
+            .plan
+            .clock_step
+            .trim_start_matches('-')
+            .trim_end_matches('m')
+            .parse()
+            .unwrap_or(0);
+        let stepped_now = UtcTime::from_millis(UtcTime::now().millis() - minutes * 60_000);
+        let labels_follow_the_clock = staged_until.millis() - stepped_now.millis() > 3_600_000;
+        let from = if labels_follow_the_clock {
+            stepped_now
+        } else {
+            staged_until
+        };
+        if self.clock_stepped_at.is_none_or(|t| from < t) {
+            self.clock_stepped_at = Some(from);
         }
         self.next_start_clock = Some(self.plan.clock_step.clone());
     }
