@@ -791,6 +791,36 @@ impl WatchCmd {
     }
 }
 
+/// Wait for SIGTERM or SIGINT, or until every database's thread has failed (see
+/// [`Replicator::all_failed`]): the signal, and whether it was the failure. A watcher thread
+/// looks twice a second and then sends walsync its own SIGTERM, since the main thread
+/// waits in sigwait for the blocked signals.
+fn wait_for_stop_or_failure(
+    signals: &supervise::Signals,
+    replicator: &Replicator,
+) -> (libc::c_int, bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stopped = AtomicBool::new(false);
+    let failed = AtomicBool::new(false);
+    let signal = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                if replicator.all_failed() {
+                    failed.store(true, Ordering::Relaxed);
+                    // SAFETY: kill(2) on our own process id.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    return;
+                }
+            }
+        });
+        let signal = signals.wait_for_stop();
+        stopped.store(true, Ordering::Relaxed);
+        signal
+    });
+    (signal, failed.load(Ordering::Relaxed))
+}
+
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
     let databases = cmd.database_specs()?;
@@ -853,13 +883,20 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         None => None,
     };
     let Some(command) = exec else {
-        let signal = signals.wait_for_stop();
+        let (signal, failed) = wait_for_stop_or_failure(&signals, &replicator);
+        drop(heartbeat);
+        if failed {
+            // Whatever is staged stays for the next start; the errors were logged.
+            let _ = replicator.stop(shutdown_timeout);
+            return Err(Error::invalid(
+                "no database is being replicated any more (see the errors above)",
+            ));
+        }
         log::info!(
             "{}: shipping what is left (up to {}s)",
             supervise::signal_name(signal),
             shutdown_timeout.as_secs_f64()
         );
-        drop(heartbeat);
         replicator.stop(shutdown_timeout)?;
         return Ok(0);
     };

@@ -236,6 +236,13 @@ impl Replicator {
         })
     }
 
+    /// Whether every database's thread has ended on its own, which happens only on an error
+    /// that retrying cannot mend (storage, reached late, says another database writes the
+    /// name): then nothing is being replicated and `walsync watch` should say so and exit.
+    pub fn all_failed(&self) -> bool {
+        !self.databases.is_empty() && self.databases.iter().all(|d| d.thread.is_finished())
+    }
+
     /// Names and paths of the replicated databases.
     pub fn databases(&self) -> Vec<(String, PathBuf)> {
         self.databases

@@ -323,6 +323,59 @@ fn a_copy_of_the_data_directory_does_not_take_the_name_over() {
     );
 }
 
+/// The same copy started while storage is down: the refusal comes once storage answers,
+///    and `watch`, with nothing left to replicate, must exit non-zero saying so rather
+///    than run on doing nothing.
+#[test]
+fn a_copy_started_while_storage_is_down_is_refused_once_storage_answers() {
+    let mut server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let prod = dir.path().join("prod");
+    std::fs::create_dir(&prod).unwrap();
+    let dest = s3_url(&server, "copied-late");
+    let mut app = AppDb::create(&prod, "app.db");
+    app.insert(10, 300);
+    let watch = WatchProcess::start(
+        &[path_str(&app.path), "-b", &dest],
+        &server.env(),
+        dir.path(),
+    );
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let staging = dir.path().join("staging");
+    let copied = Command::new("cp")
+        .args(["-a", path_str(&prod), path_str(&staging)])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    server.stop();
+    let copy = staging.join("app.db").display().to_string();
+    let (env, dest2) = (server.env(), dest.clone());
+    let run = std::thread::spawn(move || {
+        run_for_at_most(
+            &["watch", &copy, "-b", &dest2, "--s3-timeout", "1"],
+            &env,
+            Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    let out = run
+        .join()
+        .unwrap()
+        .expect("walsync watch ran on with nothing to replicate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another walsync writes that name"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no database is being replicated"),
+        "{stderr}"
+    );
+}
+
 /// 4. One forward clock glitch: walsync runs a moment with the clock 30 days ahead, then
 ///    with the right clock again. A point-in-time restore to now must hold every commit
 ///    (object times used to stay at the glitch forever after), and `status` must not call a
