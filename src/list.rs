@@ -97,10 +97,21 @@ pub fn list(storage: &dyn Storage) -> Result<Listing> {
     })
 }
 
+/// When a generation started: its base snapshot's time, if it is still stored. The id's
+/// own time is a sequence (it sorts after the generation before it even when the clock
+/// is behind, see [`Generation::after`]), which a clock that once ran ahead keeps ahead.
+fn started(generation: &Generation, objects: &GenerationObjects) -> crate::utc::UtcTime {
+    objects
+        .snapshots
+        .first()
+        .filter(|s| s.name.index == 0)
+        .map_or_else(|| generation.start_time(), |s| s.name.time)
+}
+
 fn summarize(generation: &Generation, objects: &GenerationObjects) -> GenerationSummary {
     GenerationSummary {
         generation: generation.to_string(),
-        started: generation.start_time().to_rfc3339(),
+        started: started(generation, objects).to_rfc3339(),
         snapshots: objects.snapshots.len(),
         segments: objects.segments.len(),
         last_index: objects.segments.last().map_or(0, |s| s.name.index),
@@ -219,7 +230,7 @@ pub fn status(storage: &dyn Storage, names: &[String], now: Option<UtcTime>) -> 
             age_seconds: u64::try_from(now.millis().saturating_sub(time.millis()) / 1000)
                 .unwrap_or(0),
             generation: generation.to_string(),
-            generation_started: generation.start_time().to_rfc3339(),
+            generation_started: started(generation, objects).to_rfc3339(),
             snapshots: objects.snapshots.len(),
             segments: objects.segments.len(),
             bytes: objects.bytes(),
