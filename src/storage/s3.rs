@@ -951,13 +951,28 @@ impl S3Storage {
                 };
                 let bucket_region = header("x-amz-bucket-region");
                 let date = header("date");
-                let body = response
+                let body = match response
                     .into_body()
                     .into_with_config()
                     .limit(ERROR_BODY_LIMIT)
                     .lossy_utf8(true)
                     .read_to_string()
-                    .unwrap_or_default();
+                {
+                    Ok(body) => body,
+                    // An error document cut short says nothing reliable (a 403 may be a
+                    // clock skew the client corrects, or keys it renews): the answer was
+                    // lost, as any cut transfer, and is asked for again.
+                    Err(ureq::Error::BodyExceedsLimit(_)) => String::new(),
+                    Err(err) => {
+                        let detail = format!("HTTP {status}, the answer cut short: {err}");
+                        return Err(Failed::Error(self.error(
+                            ErrorKind::Transient,
+                            req.op,
+                            req.key,
+                            detail,
+                        )));
+                    }
+                };
                 Err(Failed::Answer(Answer {
                     status,
                     body,
