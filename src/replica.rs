@@ -1533,6 +1533,49 @@ mod tests {
         assert_eq!(restored, source);
     }
 
+    /// Whose position it is: a copy elsewhere (another path) is foreign; another inode at
+    /// the same path is foreign only when another host saved the position (a copy put in
+    /// place there), not on this host (a file renamed over the database: a replacement,
+    /// whose old staged objects are still uploaded); the same file under a new host name
+    /// (a container restarted) is ours; positions saved before walsync recorded the path
+    /// and host are judged by nothing they lack.
+    #[test]
+    fn a_position_belongs_to_its_path_and_file_not_to_a_copy() {
+        let file = FileIdentity {
+            dev: 1,
+            ino: 10,
+            size: 4096,
+            mtime_ns: 0,
+        };
+        let other_inode = FileIdentity { ino: 11, ..file };
+        let position = |path: Option<&str>, host: Option<&str>| Position {
+            destination: "file:///b".into(),
+            name: "app".into(),
+            generation: "0123456789abcdef".into(),
+            index: 3,
+            page_size: 4096,
+            chain: [1, 2],
+            time_ms: 0,
+            seq: 4,
+            wal: None,
+            db: file,
+            path: path.map(str::to_string),
+            host: host.map(str::to_string),
+            proof: None,
+            leftovers: Vec::new(),
+        };
+        let here = hostname();
+        let ours = position(Some("/data/app.db"), Some(&here));
+        assert!(!ours.is_foreign(&file, "/data/app.db"));
+        assert!(ours.is_foreign(&file, "/staging/app.db"));
+        assert!(!ours.is_foreign(&other_inode, "/data/app.db"));
+        let other_host = position(Some("/data/app.db"), Some("another-host"));
+        assert!(other_host.is_foreign(&other_inode, "/data/app.db"));
+        assert!(!other_host.is_foreign(&file, "/data/app.db"));
+        let old = position(None, None);
+        assert!(!old.is_foreign(&other_inode, "/anywhere/app.db"));
+    }
+
     /// The control connection opens again only on the file the pin holds: with another file
     /// renamed into place it refuses, and the next step follows the new file (and closes
     /// nothing it should not: the application's write lock stays free).
