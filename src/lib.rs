@@ -51,6 +51,8 @@
 //! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
+//! - `directory`: watched directories: which files are databases, their names, and adding
+//!   and removing them as they come and go (`walsync watch --dir`).
 //! - `restore`: planning, downloading, verifying and applying a replica to a file.
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
 //! - `list`: what a destination holds, for people and scripts.
@@ -62,6 +64,8 @@
 pub mod backoff;
 #[doc(hidden)]
 pub mod database;
+#[doc(hidden)]
+pub mod directory;
 #[doc(hidden)]
 pub mod error;
 #[doc(hidden)]
@@ -105,6 +109,7 @@ pub mod wal;
 #[doc(hidden)]
 pub mod watcher;
 
+pub use directory::DirectorySpec;
 pub use error::{Error, ErrorKind, Result};
 pub use layout::Generation;
 pub use list::{list, status, Listing, Status};
