@@ -821,7 +821,7 @@ impl DbWorker {
             // Nothing more can be read from a path that is gone: what is staged (and saved)
             // is all there is to ship.
             log::info!(
-                "{}: {} is gone (deleted or moved away): uploading what is staged, then letting                  go of it",
+                "{}: {} is gone (deleted or moved away): uploading what is staged, then letting go of it",
                 self.replica.name(),
                 self.replica.path().display()
             );

@@ -779,7 +779,9 @@ mod tests {
         watcher.unwatch(id);
         fs::write(dir.path().join("later.db"), b"x").unwrap();
         assert!(rx.recv_timeout(QUIET).is_err());
-        assert!(watcher.watch_dir(&dir.path().join("missing"), Box::new(|_| {})).is_err());
+        assert!(watcher
+            .watch_dir(&dir.path().join("missing"), Box::new(|_| {}))
+            .is_err());
     }
 
     #[test]
