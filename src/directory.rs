@@ -481,21 +481,35 @@ impl Scanner {
             }
         };
         self.watch_dir(dir);
-        let mut names: Vec<OsString> = entries
-            .filter_map(|entry| entry.ok().map(|e| e.file_name()))
+        // With the file type from the directory itself: no stat per entry.
+        let mut listed: Vec<(OsString, bool)> = entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                Some((entry.file_name(), is_dir))
+            })
             .collect();
         // Sorted, so that of two files that would share a name the same one wins each time.
-        names.sort();
-        for name in &names {
-            self.check(&dir.join(name));
+        listed.sort();
+        for (name, is_dir) in &listed {
+            let path = dir.join(name);
+            let hidden = name.to_string_lossy().starts_with('.');
+            if *is_dir && self.spec.recursive && !hidden {
+                // Known or not: a scan looks at the whole tree.
+                self.scan_dir(&path);
+            } else if !is_dir {
+                self.check(&path);
+            }
         }
-        // Added from here, and no longer listed.
+        let names: HashSet<OsString> = listed.into_iter().map(|(name, _)| name).collect();
+        // Databases added from here, and directories watched under it, no longer listed
+        // (deleted or moved away: with polling, nothing else tells).
         let gone: Vec<PathBuf> = self
             .mine
             .keys()
+            .chain(self.dirs.keys())
             .filter(|p| {
-                p.parent() == Some(dir)
-                    && p.file_name().is_some_and(|n| !names.iter().any(|m| m == n))
+                p.parent() == Some(dir) && p.file_name().is_some_and(|n| !names.contains(n))
             })
             .cloned()
             .collect();

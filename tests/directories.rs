@@ -25,7 +25,11 @@ fn path_str(p: &Path) -> &str {
 /// `walsync watch ARGS`, once it has started (its logs in `logs`, outside any watched
 /// directory).
 fn watch(args: &[&str], server: &S3Server, logs: &Path) -> WatchProcess {
-    let process = WatchProcess::start(args, &server.env(), logs);
+    watch_with(args, &server.env(), logs)
+}
+
+fn watch_with(args: &[&str], env: &[(String, String)], logs: &Path) -> WatchProcess {
+    let process = WatchProcess::start(args, env, logs);
     wait_for(Duration::from_secs(20), "walsync watch to start", || {
         process.log().contains("replicating ")
     });
@@ -495,6 +499,58 @@ fn nested_directories_with_recursive_restore_under_the_names_listed() {
             "{name}"
         );
     }
+}
+
+/// With `--poll` the directory is scanned (no events), and the settings may come from
+/// WALSYNC_DIR, WALSYNC_PATTERN and WALSYNC_RECURSIVE: a new database is still picked up
+/// within 2 s, and one whose directory is deleted is let go.
+#[test]
+fn polling_scans_the_directory_with_settings_from_the_environment() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    std::fs::create_dir(&logs).unwrap();
+    let data = std::fs::canonicalize(&data).unwrap();
+    let mut existing = AppDb::create(&data.join("sub"), "a.sqlite");
+    let ignored = AppDb::create(&data, "x.db");
+    let mut env = server.env();
+    env.extend([
+        ("WALSYNC_DIR".to_string(), path_str(&data).to_string()),
+        ("WALSYNC_PATTERN".to_string(), "*.sqlite".to_string()),
+        ("WALSYNC_RECURSIVE".to_string(), "1".to_string()),
+    ]);
+    let dest = s3_url(&server, "poll");
+    let process = watch_with(
+        &["--poll", "-b", &dest, "--min-interval", "0.1"],
+        &env,
+        &logs,
+    );
+    let log = process.log();
+    assert!(log.contains("(poll events"), "{log}");
+    assert!(log.contains(&watching(&existing.path, "sub.a")), "{log}");
+    assert!(
+        !log.contains(&format!("{} as", ignored.path.display())),
+        "{log}"
+    );
+    let started = Instant::now();
+    let mut new = AppDb::create(&data, "new.sqlite");
+    new.insert(2, 100);
+    let took = wait_log(&process, &watching(&new.path, "new"), started, PICK_UP);
+    eprintln!("new.sqlite picked up by polling after {took:?}");
+    existing.insert(2, 100);
+    wait_replicated(&server, "poll", "sub.a", &logs, &existing.dump());
+    wait_replicated(&server, "poll", "new", &logs, &new.dump());
+    // Its whole directory removed (sidecar and all): with polling, only the scan can tell.
+    drop(existing.conn);
+    std::fs::remove_dir_all(data.join("sub")).unwrap();
+    wait_log(
+        &process,
+        "sub.a: no longer replicated",
+        Instant::now(),
+        Duration::from_secs(10),
+    );
+    assert!(process.terminate(Duration::from_secs(30)).success());
 }
 
 /// The library: `Replicator::add` replicates one more database while running, and
