@@ -106,6 +106,10 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
 /// start (see [`Replica::reconcile`]).
 const RECONCILE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
+/// After storage was found unreachable when a database was opened, databases opened
+/// within this time leave reconciling to their threads instead of trying again at once.
+const STORAGE_DOWN_SKIP: Duration = Duration::from_secs(10);
+
 /// After a local error (reading the WAL, taking a snapshot), wait this long, then retry.
 const ERROR_RETRY: Duration = Duration::from_secs(5);
 
@@ -164,9 +168,10 @@ pub(crate) struct Core {
     /// Where database threads ask for prunes (None: retention is off, or stopping).
     prune: Mutex<Option<Sender<PruneRequest>>>,
     databases: Mutex<Databases>,
-    /// The last try to reconcile a newly opened database could not reach storage: the
-    /// next ones leave it to their threads (with backoff) instead of each waiting for it.
-    storage_down: AtomicBool,
+    /// When a try to reconcile a newly opened database last found storage unreachable:
+    /// for a while the next ones leave it to their threads (with backoff) instead of each
+    /// waiting for it (see [`open_replica`]).
+    storage_down: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -190,7 +195,7 @@ impl Replicator {
         databases: &[(PathBuf, String)],
         options: Options,
     ) -> Result<Replicator> {
-        let storage_down = AtomicBool::new(false);
+        let storage_down = Mutex::new(None);
         let mut replicas = Vec::new();
         for (path, name) in databases {
             replicas.push(open_replica(&storage, &storage_down, &options, path, name)?);
@@ -238,7 +243,8 @@ impl Replicator {
     /// and release everything it holds (connections, descriptors, the sidecar lock).
     /// Returns once its thread is gone. The replica stays in storage; what could not be
     /// stored in time stays staged in the sidecar, for the next time the database is
-    /// replicated.
+    /// replicated. (A database found by [`Replicator::watch_directory`] is added again
+    /// by it only once its file has gone and come back.)
     pub fn remove(&self, name: &str) -> Result<()> {
         let deadline = Instant::now() + self.core.options.removal_timeout;
         let db = self.core.begin_remove(name, deadline)?;
@@ -353,25 +359,30 @@ impl Replicator {
 pub type MetricsSource = Arc<dyn Fn() -> Vec<Arc<DbMetrics>> + Send + Sync>;
 
 /// Open a database for replication, as [`Replicator::start`] and [`Replicator::add`] do:
-/// unreconciled, then reconciled with storage unless an earlier try found it unreachable.
+/// unreconciled, then reconciled with storage unless a try less than
+/// [`STORAGE_DOWN_SKIP`] ago found it unreachable (then the database's thread reconciles
+/// it, with backoff, so that a hundred databases do not each wait for a timeout).
 fn open_replica(
     storage: &Arc<dyn Storage>,
-    storage_down: &AtomicBool,
+    storage_down: &Mutex<Option<Instant>>,
     options: &Options,
     path: &Path,
     name: &str,
 ) -> Result<Replica> {
     let mut replica = Replica::open_unreconciled(path, Arc::clone(storage), name)?;
-    if !storage_down.load(Ordering::Relaxed) {
+    let down_since = *lock(storage_down);
+    if down_since.is_none_or(|t| t.elapsed() >= STORAGE_DOWN_SKIP) {
         match replica.reconcile() {
-            Ok(()) => {}
+            Ok(()) => *lock(storage_down) = None,
             Err(e) if e.is_transient() => {
-                log::warn!(
-                    "storage cannot be reached ({e}): replicating to local staging only; \
-                     nothing is uploaded until {} answers (retried with backoff)",
-                    storage.describe()
-                );
-                storage_down.store(true, Ordering::Relaxed);
+                if down_since.is_none() {
+                    log::warn!(
+                        "storage cannot be reached ({e}): replicating to local staging only; \
+                         nothing is uploaded until {} answers (retried with backoff)",
+                        storage.describe()
+                    );
+                }
+                *lock(storage_down) = Some(Instant::now());
             }
             Err(e) => return Err(e),
         }
