@@ -28,8 +28,9 @@
 //!   removed: its thread uploads what it staged and lets go of its files, without holding
 //!   up this thread (see [`crate::Replicator::remove`]). The replica stays in storage.
 //!
-//! Adding a database opens and reconciles it as at start ([`crate::replica`]); storage
-//! that cannot be reached does not stop it from being added.
+//! A database added here is reconciled with storage by its own thread before anything of it
+//! is uploaded ([`crate::replica`]), as one opened at start while storage was down is:
+//! this thread never waits for storage, so a slow or absent store delays no pick-up.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;

@@ -198,7 +198,13 @@ impl Replicator {
         let storage_down = Mutex::new(None);
         let mut replicas = Vec::new();
         for (path, name) in databases {
-            replicas.push(open_replica(&storage, &storage_down, &options, path, name)?);
+            replicas.push(open_replica(
+                &storage,
+                Some(&storage_down),
+                &options,
+                path,
+                name,
+            )?);
         }
         let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
         let pruner = if options.retention.is_zero() {
@@ -361,30 +367,33 @@ pub type MetricsSource = Arc<dyn Fn() -> Vec<Arc<DbMetrics>> + Send + Sync>;
 /// Open a database for replication, as [`Replicator::start`] and [`Replicator::add`] do:
 /// unreconciled, then reconciled with storage unless a try less than
 /// [`STORAGE_DOWN_SKIP`] ago found it unreachable (then the database's thread reconciles
-/// it, with backoff, so that a hundred databases do not each wait for a timeout).
+/// it, with backoff, so that a hundred databases do not each wait for a timeout). With no
+/// `storage_down` to consult, the thread reconciles it in any case.
 fn open_replica(
     storage: &Arc<dyn Storage>,
-    storage_down: &Mutex<Option<Instant>>,
+    storage_down: Option<&Mutex<Option<Instant>>>,
     options: &Options,
     path: &Path,
     name: &str,
 ) -> Result<Replica> {
     let mut replica = Replica::open_unreconciled(path, Arc::clone(storage), name)?;
-    let down_since = *lock(storage_down);
-    if down_since.is_none_or(|t| t.elapsed() >= STORAGE_DOWN_SKIP) {
-        match replica.reconcile() {
-            Ok(()) => *lock(storage_down) = None,
-            Err(e) if e.is_transient() => {
-                if down_since.is_none() {
-                    log::warn!(
-                        "storage cannot be reached ({e}): replicating to local staging only; \
-                         nothing is uploaded until {} answers (retried with backoff)",
-                        storage.describe()
-                    );
+    if let Some(storage_down) = storage_down {
+        let down_since = *lock(storage_down);
+        if down_since.is_none_or(|t| t.elapsed() >= STORAGE_DOWN_SKIP) {
+            match replica.reconcile() {
+                Ok(()) => *lock(storage_down) = None,
+                Err(e) if e.is_transient() => {
+                    if down_since.is_none() {
+                        log::warn!(
+                            "storage cannot be reached ({e}): replicating to local staging \
+                             only; nothing is uploaded until {} answers (retried with backoff)",
+                            storage.describe()
+                        );
+                    }
+                    *lock(storage_down) = Some(Instant::now());
                 }
-                *lock(storage_down) = Some(Instant::now());
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
     replica.set_staging_limit(options.staging_limit);
@@ -417,7 +426,12 @@ impl Core {
         let canonical = std::fs::canonicalize(path)
             .map_err(|e| Error::from(e).with_context(format!("adding {}", path.display())))?;
         self.check_free(name, &canonical)?;
-        let replica = open_replica(&self.storage, &self.storage_down, &self.options, path, name)?;
+        // A directory's thread must not wait for storage (a LIST retried for seconds, or
+        // timing out, while other databases wait to be picked up): its databases are
+        // reconciled by their own threads, first thing, as those opened while storage was
+        // down are.
+        let reconcile_now = (!from_directory).then_some(&self.storage_down);
+        let replica = open_replica(&self.storage, reconcile_now, &self.options, path, name)?;
         self.spawn(replica, from_directory)
     }
 

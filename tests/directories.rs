@@ -553,6 +553,46 @@ fn polling_scans_the_directory_with_settings_from_the_environment() {
     assert!(process.terminate(Duration::from_secs(30)).success());
 }
 
+/// A database that arrives while storage is down is picked up all the same (staged
+/// locally, nothing uploaded), and checked against storage and uploaded once it is back,
+/// as a database named at start would be.
+#[test]
+fn a_database_arriving_while_storage_is_down_is_replicated_once_it_is_back() {
+    let mut server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    for d in [&data, &logs] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let data = std::fs::canonicalize(&data).unwrap();
+    let dest = s3_url(&server, "down");
+    let process = watch(
+        &[
+            "--dir",
+            path_str(&data),
+            "-b",
+            &dest,
+            "--s3-timeout",
+            "2",
+            "--min-interval",
+            "0.1",
+        ],
+        &server,
+        &logs,
+    );
+    server.stop();
+    let started = Instant::now();
+    let mut late = AppDb::create(&data, "late.db");
+    late.insert(5, 300);
+    wait_log(&process, &watching(&late.path, "late"), started, PICK_UP);
+    late.insert(5, 300);
+    std::thread::sleep(Duration::from_secs(1));
+    server.restart();
+    late.insert(1, 10);
+    wait_replicated(&server, "down", "late", &logs, &late.dump());
+    assert!(process.terminate(Duration::from_secs(30)).success());
+}
+
 /// The library: `Replicator::add` replicates one more database while running, and
 /// `remove` ships it and releases it (the sidecar lock with it), leaving the replica.
 #[test]
