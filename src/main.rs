@@ -867,22 +867,26 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
-    // for a few hundred databases.
-    if let Some((soft, hard)) = walsync::files::raise_open_files_limit() {
-        let needed = 6 * databases.len() as u64 + 64;
+    // for a few hundred databases. Raised before any is opened; judged for the named
+    // databases, and again once the directories have been scanned.
+    let limits = walsync::files::raise_open_files_limit();
+    let judge_limit = |count: usize| {
+        let Some((soft, hard)) = limits else { return };
+        let needed = 6 * count as u64 + 64;
         if needed > soft {
             log::warn!(
-                "{} databases need about {needed} open files, but RLIMIT_NOFILE allows {soft} \
-                 (hard limit {hard}): raise it (ulimit -n, or LimitNOFILE= under systemd)",
-                databases.len()
+                "{count} databases need about {needed} open files, but RLIMIT_NOFILE allows \
+                 {soft} (hard limit {hard}): raise it (ulimit -n, or LimitNOFILE= under systemd)"
             );
         }
-    }
+    };
+    judge_limit(databases.len());
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         log::info!("watching {} as {name}", path.display());
     }
     // Named databases first: a file in a directory that would take one's name is refused.
+    let watching_dirs = !directories.is_empty();
     for spec in directories {
         if let Err(e) = replicator.watch_directory(spec) {
             if let Err(stop) = replicator.stop(shutdown_timeout) {
@@ -891,13 +895,16 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
             return Err(e);
         }
     }
+    let count = replicator.databases().len();
+    if watching_dirs && count > databases.len() {
+        judge_limit(count);
+    }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
         r => format!("retention {}", walsync::retention::format_duration(r)),
     };
     log::info!(
-        "replicating {} database(s) to {destination} ({} events, {retention})",
-        replicator.databases().len(),
+        "replicating {count} database(s) to {destination} ({} events, {retention})",
         replicator.watch_backend()
     );
     if let Some(listener) = monitoring.metrics {
