@@ -24,7 +24,8 @@
 //!
 //! The same snippet is in README.md (a test keeps the two equal). Everything an embedding
 //! application needs is re-exported here, at the crate root: [`Replicator`] and its
-//! [`Options`], [`Replica`] for one-shot use (`snapshot()`, `sync()`), [`restore()`] with
+//! [`Options`] (databases can be added and removed while it runs, and directories watched
+//! for them with a [`DirectorySpec`]), [`Replica`] for one-shot use (`snapshot()`, `sync()`), [`restore()`] with
 //! [`RestoreOptions`], [`list()`] and [`status()`], the storage client ([`Destination`],
 //! [`open_storage`], the [`Storage`] trait) and [`Error`], whose [`ErrorKind`], HTTP status
 //! and S3 code are data to match on.
