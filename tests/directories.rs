@@ -501,6 +501,77 @@ fn nested_directories_with_recursive_restore_under_the_names_listed() {
     }
 }
 
+/// Named databases and several `--dir`s mix: a file both named and in a directory is
+/// replicated once (under its given name), and a directory's file whose name a named
+/// database (or an earlier `--dir`) already has is refused with a warning.
+#[test]
+fn named_databases_and_several_directories_never_share_a_name() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (one, two, logs) = (
+        root.path().join("one"),
+        root.path().join("two"),
+        root.path().join("logs"),
+    );
+    for d in [&one, &two, &logs] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let (one, two) = (
+        std::fs::canonicalize(&one).unwrap(),
+        std::fs::canonicalize(&two).unwrap(),
+    );
+    let mut named = AppDb::create(&one, "app.db");
+    let mut shared = AppDb::create(&one, "shared.db");
+    let clash = AppDb::create(&two, "shared.db");
+    let taken = AppDb::create(&two, "given.db");
+    let dest = s3_url(&server, "mixed");
+    let named_spec = format!("{}:given", named.path.display());
+    let process = watch(
+        &[
+            &named_spec,
+            "--dir",
+            path_str(&one),
+            "--dir",
+            path_str(&two),
+            "-b",
+            &dest,
+        ],
+        &server,
+        &logs,
+    );
+    let log = process.log();
+    assert!(
+        log.contains(&format!("watching {} as given", named.path.display())),
+        "{log}"
+    );
+    assert!(log.contains(&watching(&shared.path, "shared")), "{log}");
+    let refused = |path: &Path, why: &str| {
+        log.lines().any(|l| {
+            l.contains(" WARN ")
+                && l.contains(&format!("{}: not replicated", path.display()))
+                && l.contains(why)
+        })
+    };
+    assert!(
+        refused(&named.path, "already replicated as \"given\""),
+        "{log}"
+    );
+    assert!(refused(&clash.path, "already the name of"), "{log}");
+    assert!(refused(&taken.path, "already the name of"), "{log}");
+    named.insert(2, 10);
+    shared.insert(3, 10);
+    assert!(process.terminate(Duration::from_secs(30)).success());
+    assert_eq!(
+        restore(&server, "mixed", "given", &logs).unwrap(),
+        named.dump()
+    );
+    assert_eq!(
+        restore(&server, "mixed", "shared", &logs).unwrap(),
+        shared.dump()
+    );
+    assert!(restore(&server, "mixed", "app", &logs).is_err());
+}
+
 /// With `--poll` the directory is scanned (no events), and the settings may come from
 /// WALSYNC_DIR, WALSYNC_PATTERN and WALSYNC_RECURSIVE: a new database is still picked up
 /// within 2 s, and one whose directory is deleted is let go.
