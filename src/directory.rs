@@ -335,6 +335,7 @@ impl DirectoryWatch {
             skipped: HashMap::new(),
             waiting: HashSet::new(),
             root_gone: false,
+            unwatched: 0,
         };
         log::info!(
             "watching directory {} for {}{}",
@@ -385,6 +386,8 @@ struct Scanner {
     waiting: HashSet<PathBuf>,
     /// The root directory was found gone, and that was said.
     root_gone: bool,
+    /// Directories the watcher refused (only the first is a warning).
+    unwatched: usize,
 }
 
 impl Scanner {
@@ -673,12 +676,19 @@ impl Scanner {
                 self.dirs.insert(dir.to_path_buf(), Some(id));
             }
             Err(e) => {
-                // Scanned every safety interval all the same.
-                log::warn!(
-                    "{e}: new databases in {} are found only every {}s",
-                    dir.display(),
-                    self.rescan.as_secs_f64()
-                );
+                // Scanned every safety interval all the same. Said once: a limit (inotify
+                // watches) refuses every directory after the first.
+                if self.unwatched == 0 {
+                    log::warn!(
+                        "{e}: new databases in {} (and any other directory that cannot be \
+                         watched) are found only every {}s",
+                        dir.display(),
+                        self.rescan.as_secs_f64()
+                    );
+                } else {
+                    log::debug!("{e}");
+                }
+                self.unwatched += 1;
                 self.dirs.insert(dir.to_path_buf(), None);
             }
         }
