@@ -330,7 +330,8 @@ impl Replicator {
             let active: Vec<DbThread> = databases.active.drain().map(|(_, d)| d).collect();
             (active, std::mem::take(&mut databases.leaving))
         };
-        for db in &active {
+        // Those still leaving too: they keep to this deadline, not their own.
+        for db in active.iter().chain(&leaving) {
             let _ = db.events.send(Event::Stop(deadline));
         }
         let mut failures = Vec::new();
@@ -811,7 +812,8 @@ impl DbWorker {
             }
             Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
             Event::Stop(deadline) => {
-                agenda.stop = Some(deadline);
+                // A removed database already leaving keeps the sooner of the two deadlines.
+                agenda.stop = Some(agenda.stop.map_or(deadline, |d| d.min(deadline)));
                 // A local error's retry delay must not skip the last read of the WAL.
                 agenda.retry_at = None;
                 agenda.dirty = true;
