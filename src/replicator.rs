@@ -887,7 +887,10 @@ impl DbWorker {
                 self.agenda.dirty = true;
                 Ok(())
             }
-            Err(e) if e.is_transient() => {
+            // Only a refused name ends this database's replication. Anything else (storage
+            // down, credentials refused, a local limit such as RLIMIT_NOFILE while listing a
+            // file:// destination) may pass: stage locally and try again.
+            Err(e) if e.kind() != crate::ErrorKind::Invalid => {
                 let wait = self.reconcile_backoff.next_jittered();
                 log::warn!(
                     "{name}: {e}; staging locally, trying storage again in {}s",
