@@ -56,6 +56,7 @@
 //!   and removing them as they come and go (`walsync watch --dir`).
 //! - `restore`: planning, downloading, verifying and applying a replica to a file.
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
+//! - `limits`: the host limits that bound how many databases fit, said at start.
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, served for Prometheus.
 //! - `heartbeat`: a GET to a monitoring URL while every database's lag is under a bound.
@@ -75,6 +76,8 @@ pub mod files;
 pub mod heartbeat;
 #[doc(hidden)]
 pub mod layout;
+#[doc(hidden)]
+pub mod limits;
 #[doc(hidden)]
 pub mod list;
 #[doc(hidden)]

@@ -867,20 +867,23 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
-    // for a few hundred databases. Raised before any is opened; judged for the named
-    // databases, and again once the directories have been scanned.
-    let limits = walsync::files::raise_open_files_limit();
-    let judge_limit = |count: usize| {
-        let Some((soft, hard)) = limits else { return };
-        let needed = 6 * count as u64 + 64;
-        if needed > soft {
-            log::warn!(
-                "{count} databases need about {needed} open files, but RLIMIT_NOFILE allows \
-                 {soft} (hard limit {hard}): raise it (ulimit -n, or LimitNOFILE= under systemd)"
-            );
+    // for a few hundred databases. Raised before any is opened. The host's limits are
+    // judged for the named databases, and again once the directories have been scanned.
+    let open_files = walsync::files::raise_open_files_limit();
+    let inotify = options.watch_mode == WatchMode::Auto && cfg!(target_os = "linux");
+    let limits = walsync::limits::host_limits(open_files, inotify);
+    let judge_limit = |paths: &mut dyn Iterator<Item = &Path>| {
+        let mut count = 0u64;
+        let mut dirs = std::collections::HashSet::new();
+        for path in paths {
+            count += 1;
+            dirs.insert(path.parent().map(Path::to_path_buf));
+        }
+        for warning in walsync::limits::warnings(&limits, count, dirs.len() as u64) {
+            log::warn!("{warning}");
         }
     };
-    judge_limit(databases.len());
+    judge_limit(&mut databases.iter().map(|(path, _)| path.as_path()));
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         log::info!("watching {} as {name}", path.display());
@@ -895,9 +898,10 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
             return Err(e);
         }
     }
-    let count = replicator.databases().len();
+    let replicated = replicator.databases();
+    let count = replicated.len();
     if watching_dirs && count > databases.len() {
-        judge_limit(count);
+        judge_limit(&mut replicated.iter().map(|(_, path)| path.as_path()));
     }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),

@@ -712,3 +712,66 @@ fn the_library_adds_and_removes_databases_while_running() {
         first.dump()
     );
 }
+
+/// Under a descriptor limit too low for the databases found, walsync says so at start:
+/// which limit, how many databases it allows, how to raise it. The databases that do not
+/// fit are skipped with a warning (and tried again later), not fatal to the others.
+#[test]
+fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    for d in [&data, &logs] {
+        std::fs::create_dir(d).unwrap();
+    }
+    for i in 0..30 {
+        drop(AppDb::create(&data, &format!("db{i:02}.db")));
+    }
+    let stderr = logs.join("limited.err");
+    let dest = s3_url(&server, "limited");
+    let mut command = std::process::Command::new("sh");
+    command
+        .args([
+            "-c",
+            "ulimit -n 150 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_walsync"),
+            "watch",
+            "--dir",
+            path_str(&data),
+            "-b",
+            &dest,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(server.env());
+    let mut child = command.spawn().unwrap();
+    let log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    wait_for(Duration::from_secs(20), "walsync watch to start", || {
+        log().contains("replicating ")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log();
+    assert!(running, "walsync watch stopped: {log}");
+    assert!(
+        log.lines().any(|l| l.contains(" WARN ")
+            && l.contains("RLIMIT_NOFILE is 150, which allows about 14 databases")
+            && l.contains("ulimit -n")),
+        "{log}"
+    );
+    let watched = log.lines().filter(|l| l.contains(" as db")).count();
+    assert!(
+        (1..30).contains(&watched),
+        "{watched} databases watched: {log}"
+    );
+    assert!(log.contains("too many open files"), "{log}");
+    // A database that could not list storage for the limit tries again; none gives up.
+    assert!(!log.contains("this database is no longer replicated"), "{log}");
+}
