@@ -773,5 +773,8 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
     );
     assert!(log.contains("too many open files"), "{log}");
     // A database that could not list storage for the limit tries again; none gives up.
-    assert!(!log.contains("this database is no longer replicated"), "{log}");
+    assert!(
+        !log.contains("this database is no longer replicated"),
+        "{log}"
+    );
 }
