@@ -724,7 +724,7 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
     for d in [&data, &logs] {
         std::fs::create_dir(d).unwrap();
     }
-    for i in 0..30 {
+    for i in 0..40 {
         drop(AppDb::create(&data, &format!("db{i:02}.db")));
     }
     let stderr = logs.join("limited.err");
@@ -766,12 +766,17 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
             && l.contains("ulimit -n")),
         "{log}"
     );
+    // Some fit (about five descriptors each once idle), the rest are skipped, each with a
+    // warning naming it.
     let watched = log.lines().filter(|l| l.contains(" as db")).count();
+    let skipped = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("not replicated"))
+        .count();
     assert!(
-        (1..30).contains(&watched),
-        "{watched} databases watched: {log}"
+        watched >= 1 && skipped >= 1 && watched + skipped == 40,
+        "{watched} watched, {skipped} skipped: {log}"
     );
-    assert!(log.contains("too many open files"), "{log}");
     // A database that could not list storage for the limit tries again; none gives up.
     assert!(
         !log.contains("this database is no longer replicated"),
