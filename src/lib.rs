@@ -53,7 +53,8 @@
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
 //! - `directory`: watched directories: which files are databases, their names, and adding
-//!   and removing them as they come and go (`walsync watch --dir`).
+//!   and removing them as they come and go (`walsync watch --dir`); `glob` matches their
+//!   file names.
 //! - `restore`: planning, downloading, verifying and applying a replica to a file.
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
 //! - `limits`: the host limits that bound how many databases fit, said at start.
@@ -72,6 +73,8 @@ pub mod directory;
 pub mod error;
 #[doc(hidden)]
 pub mod files;
+#[doc(hidden)]
+pub mod glob;
 #[doc(hidden)]
 pub mod heartbeat;
 #[doc(hidden)]
