@@ -179,7 +179,7 @@ pub fn raise_open_files_limit() -> Option<(u64, u64)> {
 
 /// `rlim_t` is u64 on Linux and i64 on the BSDs (where infinity is -1, read as u64::MAX).
 #[allow(clippy::unnecessary_cast)]
-fn rlim(value: libc::rlim_t) -> u64 {
+pub(crate) fn rlim(value: libc::rlim_t) -> u64 {
     value as u64
 }
 

@@ -14,7 +14,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::metrics::DbMetrics;
 
 /// The default bound on lag for a heartbeat: this many `--min-interval`s ...
 pub const MAX_LAG_INTERVALS: u32 = 5;
@@ -75,12 +74,12 @@ fn scrub(message: &str, url: &url::Url) -> String {
 
 impl Heartbeat {
     /// Start the thread: GET `url` at most once per `interval`, while the lag of every one
-    /// of `databases` is under `max_lag`.
+    /// of the databases `databases` returns (at each check) is under `max_lag`.
     pub fn start(
         url: url::Url,
         interval: Duration,
         max_lag: Duration,
-        databases: Vec<Arc<DbMetrics>>,
+        databases: crate::replicator::MetricsSource,
     ) -> Result<Heartbeat> {
         let max_lag = max_lag.as_secs_f64();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -97,7 +96,7 @@ impl Heartbeat {
                 let mut last: Option<Instant> = None;
                 loop {
                     let due = last.is_none_or(|t| t.elapsed() >= interval);
-                    if due && databases.iter().all(|d| d.lag_seconds() < max_lag) {
+                    if due && databases().iter().all(|d| d.lag_seconds() < max_lag) {
                         last = Some(Instant::now());
                         beat(&agent, &url);
                     }

@@ -98,7 +98,8 @@ const WATCH: &str = concat!(
     walsync watch - replicate SQLite databases continuously
 
 SYNOPSIS
-    walsync watch [DB[:NAME]...] -b DEST [--min-interval SECS] [--snapshot-interval SECS]
+    walsync watch [DB[:NAME]...] [--dir DIR...] [--pattern GLOB] [--recursive] -b DEST
+        [--min-interval SECS] [--snapshot-interval SECS]
         [--upload-workers N] [--poll] [--shutdown-timeout SECS] [--staging-limit MIB]
         [--retention DURATION] [--metrics-addr ADDR] [--heartbeat-url URL]
         [--heartbeat-interval SECS] [--heartbeat-max-lag SECS] [--exec CMD]
@@ -117,10 +118,35 @@ DESCRIPTION
     extension (characters other than letters, digits, '.', '_' and '-' become '_');
     PATH:NAME names it explicitly. \"watching PATH as NAME\" is logged for each database.
 
+    With --dir, every WAL database in DIR whose file name matches --pattern (and with
+    --recursive, in its subdirectories) is replicated too, as databases come and go:
+    new ones (created, restored into place, moved in) are picked up within 2 s of
+    becoming WAL databases; one deleted or moved out is let go of (what it staged is
+    uploaded first, within --shutdown-timeout) and its replica stays in storage. Its
+    name is its path relative to DIR without the extension, '/' written as '.' and a
+    '.' inside a name doubled: tenant-a/app.db is tenant-a.app, example.com/app.db is
+    example..com.app. Names starting with '.', ending in .tmp, and SQLite's -wal, -shm
+    and -journal files never match. A matching file that is not a WAL database is
+    skipped with one warning, and picked up once it becomes one. Two files that would
+    share a name (or one that a named database has): the second is refused with a
+    warning.
+
 OPTIONS
 ",
     storage_options!(),
     "
+    --dir DIR
+        Also replicate the WAL databases in DIR, as they come and go (repeatable).
+
+    --pattern GLOB
+        Which file names in a --dir are databases: * (any run of characters), ? (any
+        one), [...] (one of those listed, ranges such as [a-z]; [!...] none of them);
+        default *.db.
+
+    --recursive
+        Search the subdirectories of each --dir too (not those whose names start with
+        '.'; symbolic links to directories are not followed).
+
     --min-interval SECS
         Under steady writes, ship each database at most this often (default 1). The first
         commit after a quiet spell ships at once.
@@ -192,12 +218,18 @@ ENVIRONMENT
         separated by whitespace (for service files; a path with blanks must be an
         argument).
 
+    WALSYNC_DIR, WALSYNC_PATTERN, WALSYNC_RECURSIVE
+        --dir when none is given (directories separated by whitespace), --pattern, and
+        --recursive (1, or 0 for not).
+
 ",
     exit_status!(),
     "    With --exec: the command's exit status, unless shipping what is left fails.
 
 EXAMPLES
     walsync watch /srv/app/app.db /srv/blog/blog.db:blog -b s3://backups/host1
+
+    walsync watch --dir /var/lib/app --recursive -b s3://backups/tenants
 
     walsync watch app.db -b s3://backups/app --metrics-addr 127.0.0.1:9091 \\
         --heartbeat-url https://hc-ping.com/UUID --heartbeat-interval 300

@@ -24,7 +24,8 @@
 //!
 //! The same snippet is in README.md (a test keeps the two equal). Everything an embedding
 //! application needs is re-exported here, at the crate root: [`Replicator`] and its
-//! [`Options`], [`Replica`] for one-shot use (`snapshot()`, `sync()`), [`restore()`] with
+//! [`Options`] (databases can be added and removed while it runs, and directories watched
+//! for them with a [`DirectorySpec`]), [`Replica`] for one-shot use (`snapshot()`, `sync()`), [`restore()`] with
 //! [`RestoreOptions`], [`list()`] and [`status()`], the storage client ([`Destination`],
 //! [`open_storage`], the [`Storage`] trait) and [`Error`], whose [`ErrorKind`], HTTP status
 //! and S3 code are data to match on.
@@ -51,8 +52,12 @@
 //! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
+//! - `directory`: watched directories: which files are databases, their names, and adding
+//!   and removing them as they come and go (`walsync watch --dir`); `glob` matches their
+//!   file names.
 //! - `restore`: planning, downloading, verifying and applying a replica to a file.
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
+//! - `limits`: the host limits that bound how many databases fit, said at start.
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, served for Prometheus.
 //! - `heartbeat`: a GET to a monitoring URL while every database's lag is under a bound.
@@ -63,13 +68,19 @@ pub mod backoff;
 #[doc(hidden)]
 pub mod database;
 #[doc(hidden)]
+pub mod directory;
+#[doc(hidden)]
 pub mod error;
 #[doc(hidden)]
 pub mod files;
 #[doc(hidden)]
+pub mod glob;
+#[doc(hidden)]
 pub mod heartbeat;
 #[doc(hidden)]
 pub mod layout;
+#[doc(hidden)]
+pub mod limits;
 #[doc(hidden)]
 pub mod list;
 #[doc(hidden)]
@@ -105,6 +116,7 @@ pub mod wal;
 #[doc(hidden)]
 pub mod watcher;
 
+pub use directory::DirectorySpec;
 pub use error::{Error, ErrorKind, Result};
 pub use layout::Generation;
 pub use list::{list, status, Listing, Status};

@@ -167,6 +167,17 @@ with_destination! {
         /// WALSYNC_DATABASES, separated by whitespace)
         #[argh(positional)]
         databases: Vec<String>,
+        /// also replicate every WAL database in this directory, as it comes and goes, named
+        /// by its path relative to DIR (repeatable; or WALSYNC_DIR, separated by whitespace)
+        #[argh(option)]
+        dir: Vec<PathBuf>,
+        /// which files in a --dir are databases: a glob of *, ? and [...] over file names
+        /// (default *.db; or WALSYNC_PATTERN)
+        #[argh(option)]
+        pattern: Option<String>,
+        /// search the subdirectories of each --dir too (or WALSYNC_RECURSIVE=1)
+        #[argh(switch)]
+        recursive: bool,
         /// seconds between snapshots of a changing database (default 3600; or
         /// WALSYNC_SNAPSHOT_INTERVAL)
         #[argh(option)]
@@ -659,7 +670,7 @@ impl WatchCmd {
                 zero_ok,
             )
         };
-        let options = Options {
+        let mut options = Options {
             min_interval: seconds_of(
                 self.min_interval,
                 "--min-interval",
@@ -706,14 +717,17 @@ impl WatchCmd {
             SHUTDOWN_TIMEOUT,
             false,
         )?;
+        // A database leaving a watched directory ships what it staged as at a stop.
+        options.removal_timeout = shutdown_timeout;
         Ok((options, shutdown_timeout))
     }
 }
 
 impl WatchCmd {
     /// The databases to watch: the arguments, else WALSYNC_DATABASES (for service files:
-    /// PATH or PATH:NAME, separated by whitespace).
-    fn database_specs(&self) -> Result<Vec<String>> {
+    /// PATH or PATH:NAME, separated by whitespace). None at all is fine when directories
+    /// are watched (`with_dirs`).
+    fn database_specs(&self, with_dirs: bool) -> Result<Vec<String>> {
         if !self.databases.is_empty() {
             return Ok(self.databases.clone());
         }
@@ -725,12 +739,59 @@ impl WatchCmd {
         )?
         .map(|(list, _)| list.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
-        if specs.is_empty() {
+        if specs.is_empty() && !with_dirs {
             return Err(Error::invalid(
-                "watch needs at least one database: pass DB[:NAME]... or set WALSYNC_DATABASES",
+                "watch needs at least one database: pass DB[:NAME]... or --dir DIR, or set \
+                 WALSYNC_DATABASES or WALSYNC_DIR",
             ));
         }
         Ok(specs)
+    }
+
+    /// The directories to watch: `--dir`, else WALSYNC_DIR (separated by whitespace), with
+    /// `--pattern` (or WALSYNC_PATTERN) and `--recursive` (or WALSYNC_RECURSIVE).
+    fn directories(&self) -> Result<Vec<walsync::DirectorySpec>> {
+        let dirs: Vec<PathBuf> = if self.dir.is_empty() {
+            setting(
+                None::<String>,
+                "--dir",
+                "WALSYNC_DIR",
+                "a list of directories",
+            )?
+            .map(|(list, _)| list.split_whitespace().map(PathBuf::from).collect())
+            .unwrap_or_default()
+        } else {
+            self.dir.clone()
+        };
+        let pattern = setting(
+            self.pattern.clone(),
+            "--pattern",
+            "WALSYNC_PATTERN",
+            "a glob",
+        )?;
+        if pattern.is_some() && dirs.is_empty() {
+            return Err(Error::invalid(
+                "--pattern applies to --dir (or WALSYNC_DIR), and none is given",
+            ));
+        }
+        let recursive = self.recursive
+            || match setting(None::<String>, "--recursive", "WALSYNC_RECURSIVE", "1 or 0")? {
+                None => false,
+                Some((text, _)) => match text.as_str() {
+                    "1" | "true" | "yes" => true,
+                    "0" | "false" | "no" => false,
+                    _ => return Err(Error::invalid("WALSYNC_RECURSIVE must be 1 or 0")),
+                },
+            };
+        dirs.into_iter()
+            .map(|dir| {
+                let spec = walsync::DirectorySpec::new(dir).recursive(recursive);
+                match &pattern {
+                    Some((glob, _)) => spec.pattern(glob.trim()),
+                    None => Ok(spec),
+                }
+            })
+            .collect()
     }
 }
 
@@ -823,7 +884,8 @@ fn wait_for_stop_or_failure(
 
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
-    let databases = cmd.database_specs()?;
+    let directories = cmd.directories()?;
+    let databases = cmd.database_specs(!directories.is_empty())?;
     let exec = setting(cmd.exec.clone(), "--exec", "WALSYNC_EXEC", "a command")?
         .map(|(command, _)| command)
         .filter(|command| !command.trim().is_empty());
@@ -835,35 +897,55 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
-    // for a few hundred databases.
-    if let Some((soft, hard)) = walsync::files::raise_open_files_limit() {
-        let needed = 6 * databases.len() as u64 + 64;
-        if needed > soft {
-            log::warn!(
-                "{} databases need about {needed} open files, but RLIMIT_NOFILE allows {soft} \
-                 (hard limit {hard}): raise it (ulimit -n, or LimitNOFILE= under systemd)",
-                databases.len()
-            );
+    // for a few hundred databases. Raised before any is opened. The host's limits are
+    // judged for the named databases, and again once the directories have been scanned.
+    let open_files = walsync::files::raise_open_files_limit();
+    let inotify = options.watch_mode == WatchMode::Auto && cfg!(target_os = "linux");
+    let limits = walsync::limits::host_limits(open_files, inotify);
+    let judge_limit = |paths: &mut dyn Iterator<Item = &Path>| {
+        let mut count = 0u64;
+        let mut dirs = std::collections::HashSet::new();
+        for path in paths {
+            count += 1;
+            dirs.insert(path.parent().map(Path::to_path_buf));
         }
-    }
+        for warning in walsync::limits::warnings(&limits, count, dirs.len() as u64) {
+            log::warn!("{warning}");
+        }
+    };
+    judge_limit(&mut databases.iter().map(|(path, _)| path.as_path()));
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         log::info!("watching {} as {name}", path.display());
+    }
+    // Named databases first: a file in a directory that would take one's name is refused.
+    let watching_dirs = !directories.is_empty();
+    for spec in directories {
+        if let Err(e) = replicator.watch_directory(spec) {
+            if let Err(stop) = replicator.stop(shutdown_timeout) {
+                log::error!("{stop}");
+            }
+            return Err(e);
+        }
+    }
+    let replicated = replicator.databases();
+    let count = replicated.len();
+    if watching_dirs && count > databases.len() {
+        judge_limit(&mut replicated.iter().map(|(_, path)| path.as_path()));
     }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
         r => format!("retention {}", walsync::retention::format_duration(r)),
     };
     log::info!(
-        "replicating {} database(s) to {destination} ({} events, {retention})",
-        databases.len(),
+        "replicating {count} database(s) to {destination} ({} events, {retention})",
         replicator.watch_backend()
     );
     if let Some(listener) = monitoring.metrics {
         if let Ok(addr) = listener.local_addr() {
             log::info!("serving metrics on http://{addr}/metrics");
         }
-        walsync::metrics::serve(listener, replicator.metrics())?;
+        walsync::metrics::serve(listener, replicator.metrics_source())?;
     }
     let heartbeat = match monitoring.heartbeat {
         Some((url, interval, max_lag)) => {
@@ -877,7 +959,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
                 url,
                 interval,
                 max_lag,
-                replicator.metrics(),
+                replicator.metrics_source(),
             )?)
         }
         None => None,

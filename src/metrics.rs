@@ -239,8 +239,10 @@ pub fn bind(addr: &str) -> Result<TcpListener> {
         .map_err(|e| Error::from(e).with_context(format!("metrics address {addr}: cannot listen")))
 }
 
-/// Serve `GET /metrics` on `listener` from a new thread, for as long as the process runs.
-pub fn serve(listener: TcpListener, databases: Vec<Arc<DbMetrics>>) -> Result<()> {
+/// Serve `GET /metrics` on `listener` from a new thread, for as long as the process runs,
+/// for the databases `databases` returns at each request (they come and go under
+/// `watch --dir`).
+pub fn serve(listener: TcpListener, databases: crate::replicator::MetricsSource) -> Result<()> {
     std::thread::Builder::new()
         .name("walsync-metrics".into())
         .stack_size(128 * 1024)
@@ -248,7 +250,7 @@ pub fn serve(listener: TcpListener, databases: Vec<Arc<DbMetrics>>) -> Result<()
             for stream in listener.incoming() {
                 match stream {
                     Ok(stream) => {
-                        if let Err(e) = answer(stream, &databases) {
+                        if let Err(e) = answer(stream, &databases()) {
                             log::debug!("metrics request: {e}");
                         }
                     }

@@ -26,22 +26,24 @@
 //! any thread and calls its blocking methods through `spawn_blocking`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
+use crate::directory::{DirectorySpec, DirectoryWatch};
 use crate::error::{Error, Result};
+use crate::files::FileIdentity;
 use crate::metrics::DbMetrics;
 use crate::replica::{self, Checkpoint, Replica, SyncOutcome, Upload};
 use crate::retention;
 use crate::storage::Storage;
 use crate::uploader::UploadPool;
 use crate::utc::UtcTime;
-use crate::watcher::{WatchMode, Watcher};
+use crate::watcher::{WatchId, WatchMode, Watcher};
 
 /// How a [`Replicator`] behaves. `Default` gives walsync's defaults.
 #[derive(Clone, Debug)]
@@ -69,6 +71,10 @@ pub struct Options {
     /// Keep every point in time this far back restorable and delete older objects (see
     /// [`crate::retention`]); zero keeps everything.
     pub retention: Duration,
+    /// How long a removed database ([`Replicator::remove`], or its file gone from a
+    /// watched directory) keeps uploading what it staged before its thread lets go; what
+    /// is left then stays staged in its sidecar.
+    pub removal_timeout: Duration,
 }
 
 impl Default for Options {
@@ -84,6 +90,7 @@ impl Default for Options {
             wal_size_limit: replica::DEFAULT_WAL_SIZE_LIMIT,
             staging_limit: replica::DEFAULT_STAGING_LIMIT,
             retention: retention::DEFAULT_RETENTION,
+            removal_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -98,6 +105,10 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
 /// Waits between tries to reach storage for a database that could not be reconciled at
 /// start (see [`Replica::reconcile`]).
 const RECONCILE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// After storage was found unreachable when a database was opened, databases opened
+/// within this time leave reconciling to their threads instead of trying again at once.
+const STORAGE_DOWN_SKIP: Duration = Duration::from_secs(10);
 
 /// After a local error (reading the WAL, taking a snapshot), wait this long, then retry.
 const ERROR_RETRY: Duration = Duration::from_secs(5);
@@ -117,22 +128,58 @@ enum Event {
     Snapshot(Sender<Result<String>>),
     /// Ship what is left, wait for uploads until the deadline, write state.json, exit.
     Stop(Instant),
+    /// The database is no longer replicated ([`Replicator::remove`], or its file left a
+    /// watched directory): as `Stop`, but if its file is gone, read nothing more and only
+    /// upload what is staged.
+    Remove(Instant),
 }
 
 struct DbThread {
     name: String,
     path: PathBuf,
+    /// The path with symlinks resolved, so the same file named two ways is one database.
+    canonical: PathBuf,
+    /// Order of arrival: [`Replicator::databases`] lists in it.
+    seq: u64,
     events: Sender<Event>,
     thread: JoinHandle<Result<()>>,
     metrics: Arc<DbMetrics>,
+    watch: WatchId,
 }
 
 /// Continuous replication of a set of databases to one destination.
+///
+/// Databases can be added ([`Replicator::add`]) and removed ([`Replicator::remove`]) while
+/// it runs, and whole directories watched for databases that come and go
+/// ([`Replicator::watch_directory`]).
 pub struct Replicator {
-    databases: Vec<DbThread>,
+    core: Arc<Core>,
+    pruner: Option<Pruner>,
+    directories: Mutex<Vec<DirectoryWatch>>,
+}
+
+/// What the database threads share, and the directory threads reach to add and remove
+/// databases.
+pub(crate) struct Core {
+    storage: Arc<dyn Storage>,
+    options: Options,
     pool: Arc<UploadPool>,
     watcher: Watcher,
-    pruner: Option<Pruner>,
+    /// Where database threads ask for prunes (None: retention is off, or stopping).
+    prune: Mutex<Option<Sender<PruneRequest>>>,
+    databases: Mutex<Databases>,
+    /// When a try to reconcile a newly opened database last found storage unreachable:
+    /// for a while the next ones leave it to their threads (with backoff) instead of each
+    /// waiting for it (see [`open_replica`]).
+    storage_down: Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+struct Databases {
+    active: HashMap<String, DbThread>,
+    /// Removed, still shipping what they staged; joined by [`Core::reap`].
+    leaving: Vec<DbThread>,
+    next_seq: u64,
 }
 
 impl Replicator {
@@ -148,27 +195,16 @@ impl Replicator {
         databases: &[(PathBuf, String)],
         options: Options,
     ) -> Result<Replicator> {
+        let storage_down = Mutex::new(None);
         let mut replicas = Vec::new();
-        let mut reachable = true;
         for (path, name) in databases {
-            let mut replica = Replica::open_unreconciled(path, Arc::clone(&storage), name)?;
-            if reachable {
-                match replica.reconcile() {
-                    Ok(()) => {}
-                    Err(e) if e.is_transient() => {
-                        log::warn!(
-                            "storage cannot be reached ({e}): replicating to local staging \
-                             only; nothing is uploaded until {} answers (retried with backoff)",
-                            storage.describe()
-                        );
-                        reachable = false;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            replica.set_staging_limit(options.staging_limit);
-            replica.set_wal_size_limit(options.wal_size_limit);
-            replicas.push(replica);
+            replicas.push(open_replica(
+                &storage,
+                Some(&storage_down),
+                &options,
+                path,
+                name,
+            )?);
         }
         let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
         let pruner = if options.retention.is_zero() {
@@ -176,106 +212,110 @@ impl Replicator {
         } else {
             Some(Pruner::start(Arc::clone(&storage), options.retention)?)
         };
-        let pool = Arc::new(UploadPool::start(storage, options.upload_workers)?);
-        let mut threads = Vec::new();
-        for mut replica in replicas {
-            if pruner.is_none() {
-                // Kept only for the first prune: none will come.
-                drop(replica.take_opening_listing());
-            }
-            let (tx, rx) = mpsc::channel();
-            let notify = tx.clone();
-            watcher.watch(
-                replica.path(),
-                Box::new(move || {
-                    let _ = notify.send(Event::Changed);
-                }),
-            )?;
-            let name = replica.name().to_string();
-            let path = replica.path().to_path_buf();
-            let metrics = Arc::new(DbMetrics::new(&name));
-            // Not caught up until the thread has looked at the WAL.
-            let lag = LagTracker::started();
-            metrics.set_unstored_since(lag.since());
-            let worker = DbWorker {
-                metrics: Arc::clone(&metrics),
-                replica,
-                events: rx,
-                own_sender: tx.clone(),
-                pool: Arc::clone(&pool),
-                options: options.clone(),
-                prune: pruner.as_ref().map(Pruner::requests),
-                reconcile_backoff: RECONCILE_BACKOFF,
-                lag,
-                agenda: Agenda {
-                    dirty: true,
-                    last_snapshot: Some(Instant::now()),
-                    // Once at start: old backups go even if no snapshot is due for a while.
-                    prune_due: true,
-                    ..Agenda::default()
-                },
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("walsync-{name}"))
-                .stack_size(512 * 1024)
-                .spawn(move || worker.run())
-                .map_err(|e| Error::from(e).with_context("starting a database thread"))?;
-            threads.push(DbThread {
-                name,
-                path,
-                events: tx,
-                thread,
-                metrics,
-            });
-        }
-        Ok(Replicator {
-            databases: threads,
+        let pool = Arc::new(UploadPool::start(
+            Arc::clone(&storage),
+            options.upload_workers,
+        )?);
+        let core = Arc::new(Core {
+            storage,
+            options,
             pool,
             watcher,
+            prune: Mutex::new(pruner.as_ref().map(Pruner::requests)),
+            databases: Mutex::new(Databases::default()),
+            storage_down,
+        });
+        let replicator = Replicator {
+            core,
             pruner,
-        })
+            directories: Mutex::new(Vec::new()),
+        };
+        for replica in replicas {
+            replicator.core.spawn(replica, false)?;
+        }
+        Ok(replicator)
     }
 
-    /// Whether every database's thread has ended on its own, which happens only on an error
-    /// that retrying cannot mend (storage, reached late, says another database writes the
-    /// name): then nothing is being replicated and `walsync watch` should say so and exit.
+    /// Whether every database's thread has ended on its own, with no directory watched that
+    /// could bring more: a thread ends early only on an error retrying cannot mend (storage,
+    /// reached late, says another database writes the name). Then nothing is being
+    /// replicated and `walsync watch` should say so and exit.
     pub fn all_failed(&self) -> bool {
-        !self.databases.is_empty() && self.databases.iter().all(|d| d.thread.is_finished())
+        if !lock(&self.directories).is_empty() {
+            return false;
+        }
+        let databases = lock(&self.core.databases);
+        !databases.active.is_empty() && databases.active.values().all(|d| d.thread.is_finished())
     }
 
-    /// Names and paths of the replicated databases.
+    /// Start replicating one more database, `path` under `name`, as [`Replicator::start`]
+    /// would have: opened and checked here (an error if it cannot be, or if the name or
+    /// the file is replicated already), reconciled with storage here unless storage could
+    /// not be reached (then by its thread, with backoff, as at start).
+    pub fn add(&self, path: &Path, name: &str) -> Result<()> {
+        self.core.add(path, name, false)
+    }
+
+    /// Stop replicating `name`: ship what is committed and staged (if its file is gone,
+    /// only what is staged), within [`Options::removal_timeout`], write its `state.json`,
+    /// and release everything it holds (connections, descriptors, the sidecar lock).
+    /// Returns once its thread is gone. The replica stays in storage; what could not be
+    /// stored in time stays staged in the sidecar, for the next time the database is
+    /// replicated. (A database found by [`Replicator::watch_directory`] is added again
+    /// by it only once its file has gone and come back.)
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let deadline = Instant::now() + self.core.options.removal_timeout;
+        let db = self.core.begin_remove(name, deadline)?;
+        join_thread(db)
+    }
+
+    /// Watch a directory for databases, and replicate each one that is or becomes a WAL
+    /// database until its file goes (see [`crate::directory`]). Scans it once before
+    /// returning (so what is there is replicated, or warned about, by then); an error if
+    /// the directory cannot be read.
+    pub fn watch_directory(&self, spec: DirectorySpec) -> Result<()> {
+        let watch = DirectoryWatch::start(Arc::clone(&self.core), spec)?;
+        lock(&self.directories).push(watch);
+        Ok(())
+    }
+
+    /// Names and paths of the replicated databases, in the order they were added.
     pub fn databases(&self) -> Vec<(String, PathBuf)> {
-        self.databases
-            .iter()
-            .map(|d| (d.name.clone(), d.path.clone()))
-            .collect()
+        self.core.in_order(|d| (d.name.clone(), d.path.clone()))
     }
 
     /// Each database's metrics (see [`crate::metrics`]), in the order of
     /// [`Replicator::databases`].
     pub fn metrics(&self) -> Vec<Arc<DbMetrics>> {
-        self.databases
-            .iter()
-            .map(|d| Arc::clone(&d.metrics))
-            .collect()
+        self.core.in_order(|d| Arc::clone(&d.metrics))
+    }
+
+    /// A function giving [`Replicator::metrics`] as they are when called: for the metrics
+    /// listener and the heartbeat, which outlive any one set of databases.
+    pub fn metrics_source(&self) -> MetricsSource {
+        let core = Arc::downgrade(&self.core);
+        Arc::new(move || {
+            core.upgrade()
+                .map_or_else(Vec::new, |core| core.in_order(|d| Arc::clone(&d.metrics)))
+        })
     }
 
     /// How file changes are noticed: "inotify", "kqueue" or "poll".
     pub fn watch_backend(&self) -> &'static str {
-        self.watcher.backend()
+        self.core.watcher.backend()
     }
 
     /// Ship everything committed in `name` now and wait until it is stored.
     pub fn sync(&self, name: &str) -> Result<()> {
         let (tx, rx) = mpsc::channel();
-        self.send(name, Event::Sync(tx))?;
+        self.core.send(name, Event::Sync(tx))?;
         rx.recv().map_err(|_| thread_stopped(name))?
     }
 
     /// Ship everything committed in every database and wait until it is stored.
     pub fn sync_all(&self) -> Result<()> {
-        for db in &self.databases {
-            self.sync(&db.name)?;
+        for (name, _) in self.databases() {
+            self.sync(&name)?;
         }
         Ok(())
     }
@@ -283,7 +323,7 @@ impl Replicator {
     /// Take a snapshot of `name` now; returns its key once it is stored.
     pub fn snapshot(&self, name: &str) -> Result<String> {
         let (tx, rx) = mpsc::channel();
-        self.send(name, Event::Snapshot(tx))?;
+        self.core.send(name, Event::Snapshot(tx))?;
         rx.recv().map_err(|_| thread_stopped(name))?
     }
 
@@ -292,21 +332,36 @@ impl Replicator {
     /// objects could not be stored in time (their data is still in their WAL).
     pub fn stop(self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        self.pool.set_deadline(deadline);
-        for db in &self.databases {
+        // No database comes or goes from here on.
+        for watch in std::mem::take(&mut *lock(&self.directories)) {
+            watch.stop();
+        }
+        self.core.pool.set_deadline(deadline);
+        let (active, leaving) = {
+            let mut databases = lock(&self.core.databases);
+            let active: Vec<DbThread> = databases.active.drain().map(|(_, d)| d).collect();
+            (active, std::mem::take(&mut databases.leaving))
+        };
+        // Those still leaving too: they keep to this deadline, not their own.
+        for db in active.iter().chain(&leaving) {
             let _ = db.events.send(Event::Stop(deadline));
         }
         let mut failures = Vec::new();
-        for db in self.databases {
-            match db.thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failures.push(e.to_string()),
-                Err(_) => failures.push(format!("{}: replication thread panicked", db.name)),
+        for db in active.into_iter().chain(leaving) {
+            if let Err(e) = join_thread(db) {
+                failures.push(e.to_string());
             }
         }
-        drop(self.watcher);
-        if let Ok(pool) = Arc::try_unwrap(self.pool) {
-            pool.shutdown();
+        // The pruning thread ends once every sender is gone: the threads' went with them.
+        drop(lock(&self.core.prune).take());
+        match Arc::try_unwrap(self.core) {
+            Ok(core) => {
+                drop(core.watcher);
+                if let Ok(pool) = Arc::try_unwrap(core.pool) {
+                    pool.shutdown();
+                }
+            }
+            Err(_) => log::debug!("the replicator's core is still referenced at stop"),
         }
         if let Some(pruner) = self.pruner {
             pruner.stop(deadline);
@@ -317,12 +372,257 @@ impl Replicator {
             Err(Error::new(crate::ErrorKind::Transient, failures.join("; ")))
         }
     }
+}
+
+/// A function returning the current databases' metrics.
+pub type MetricsSource = Arc<dyn Fn() -> Vec<Arc<DbMetrics>> + Send + Sync>;
+
+/// Open a database for replication, as [`Replicator::start`] and [`Replicator::add`] do:
+/// unreconciled, then reconciled with storage unless a try less than
+/// [`STORAGE_DOWN_SKIP`] ago found it unreachable (then the database's thread reconciles
+/// it, with backoff, so that a hundred databases do not each wait for a timeout). With no
+/// `storage_down` to consult, the thread reconciles it in any case.
+fn open_replica(
+    storage: &Arc<dyn Storage>,
+    storage_down: Option<&Mutex<Option<Instant>>>,
+    options: &Options,
+    path: &Path,
+    name: &str,
+) -> Result<Replica> {
+    let mut replica = Replica::open_unreconciled(path, Arc::clone(storage), name)?;
+    if let Some(storage_down) = storage_down {
+        let down_since = *lock(storage_down);
+        if down_since.is_none_or(|t| t.elapsed() >= STORAGE_DOWN_SKIP) {
+            match replica.reconcile() {
+                Ok(()) => *lock(storage_down) = None,
+                Err(e) if e.is_transient() => {
+                    if down_since.is_none() {
+                        log::warn!(
+                            "storage cannot be reached ({e}): replicating to local staging \
+                             only; nothing is uploaded until {} answers (retried with backoff)",
+                            storage.describe()
+                        );
+                    }
+                    *lock(storage_down) = Some(Instant::now());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    replica.set_staging_limit(options.staging_limit);
+    replica.set_wal_size_limit(options.wal_size_limit);
+    Ok(replica)
+}
+
+/// Wait for a database thread to end; its error, if it ended on one.
+fn join_thread(db: DbThread) -> Result<()> {
+    match db.thread.join() {
+        Ok(result) => result,
+        Err(_) => Err(Error::new(
+            crate::ErrorKind::Other,
+            format!("{}: replication thread panicked", db.name),
+        )),
+    }
+}
+
+/// A lock that a panicking holder poisoned is still consistent here (every change is one
+/// insert or remove), so keep using it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Core {
+    /// [`Replicator::add`]; `from_directory` marks a database found by a directory watch,
+    /// whose file going away is expected rather than an error.
+    pub(crate) fn add(&self, path: &Path, name: &str, from_directory: bool) -> Result<()> {
+        crate::layout::validate_name(name)?;
+        let canonical = std::fs::canonicalize(path)
+            .map_err(|e| Error::from(e).with_context(format!("adding {}", path.display())))?;
+        self.check_free(name, &canonical)?;
+        // A directory's thread must not wait for storage (a LIST retried for seconds, or
+        // timing out, while other databases wait to be picked up): its databases are
+        // reconciled by their own threads, first thing, as those opened while storage was
+        // down are.
+        let reconcile_now = (!from_directory).then_some(&self.storage_down);
+        let replica = open_replica(&self.storage, reconcile_now, &self.options, path, name)?;
+        self.spawn(replica, from_directory)
+    }
+
+    /// Refuse a name or a file that is replicated already, or still leaving.
+    fn check_free(&self, name: &str, canonical: &Path) -> Result<()> {
+        let databases = lock(&self.databases);
+        if let Some(db) = databases.active.get(name) {
+            return Err(Error::invalid(format!(
+                "{name:?} is already the name of {}; two databases never share a replica",
+                db.path.display()
+            )));
+        }
+        if let Some(db) = databases.active.values().find(|d| d.canonical == canonical) {
+            return Err(Error::invalid(format!(
+                "{} is already replicated as {:?}",
+                canonical.display(),
+                db.name
+            )));
+        }
+        if let Some(db) = databases
+            .leaving
+            .iter()
+            .find(|d| d.name == name || d.canonical == canonical)
+        {
+            return Err(Error::new(
+                crate::ErrorKind::Transient,
+                format!(
+                    "{} ({:?}) is still being removed; try again once it is gone",
+                    db.path.display(),
+                    db.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Start the thread of an opened replica.
+    fn spawn(&self, mut replica: Replica, from_directory: bool) -> Result<()> {
+        let prune = lock(&self.prune).clone();
+        if prune.is_none() {
+            // Kept only for the first prune: none will come.
+            drop(replica.take_opening_listing());
+        }
+        let name = replica.name().to_string();
+        let path = replica.path().to_path_buf();
+        let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let (tx, rx) = mpsc::channel();
+        let notify = tx.clone();
+        let watch = self.watcher.watch(
+            &path,
+            Box::new(move || {
+                let _ = notify.send(Event::Changed);
+            }),
+        )?;
+        let metrics = Arc::new(DbMetrics::new(&name));
+        // Not caught up until the thread has looked at the WAL.
+        let lag = LagTracker::started();
+        metrics.set_unstored_since(lag.since());
+        let worker = DbWorker {
+            metrics: Arc::clone(&metrics),
+            replica,
+            events: rx,
+            own_sender: tx.clone(),
+            pool: Arc::clone(&self.pool),
+            options: self.options.clone(),
+            prune,
+            reconcile_backoff: RECONCILE_BACKOFF,
+            lag,
+            from_directory,
+            agenda: Agenda {
+                dirty: true,
+                last_snapshot: Some(Instant::now()),
+                // Once at start: old backups go even if no snapshot is due for a while.
+                prune_due: true,
+                ..Agenda::default()
+            },
+        };
+        let mut databases = lock(&self.databases);
+        if databases.active.contains_key(&name) {
+            // Added meanwhile by another caller: this one lost the race.
+            drop(databases);
+            self.watcher.unwatch(watch);
+            return Err(Error::invalid(format!(
+                "{name:?} is already the name of another replicated database"
+            )));
+        }
+        let thread = std::thread::Builder::new()
+            .name(format!("walsync-{name}"))
+            .stack_size(512 * 1024)
+            .spawn(move || worker.run());
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                drop(databases);
+                self.watcher.unwatch(watch);
+                return Err(Error::from(e).with_context("starting a database thread"));
+            }
+        };
+        let seq = databases.next_seq;
+        databases.next_seq += 1;
+        databases.active.insert(
+            name.clone(),
+            DbThread {
+                name,
+                path,
+                canonical,
+                seq,
+                events: tx,
+                thread,
+                metrics,
+                watch,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop watching `name`'s files and tell its thread to leave by `deadline`; returns
+    /// its thread, which the caller joins (or puts among the leaving).
+    fn begin_remove(&self, name: &str, deadline: Instant) -> Result<DbThread> {
+        let db = lock(&self.databases)
+            .active
+            .remove(name)
+            .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
+        self.watcher.unwatch(db.watch);
+        // A thread that ended on an error is not there to hear it; joining tells.
+        let _ = db.events.send(Event::Remove(deadline));
+        Ok(db)
+    }
+
+    /// Remove `name` without waiting: its thread finishes among the leaving, joined by
+    /// [`Core::reap`].
+    pub(crate) fn remove_later(&self, name: &str) -> Result<()> {
+        let deadline = Instant::now() + self.options.removal_timeout;
+        let db = self.begin_remove(name, deadline)?;
+        lock(&self.databases).leaving.push(db);
+        Ok(())
+    }
+
+    /// Join the leaving threads that have finished; returns how many are still leaving.
+    pub(crate) fn reap(&self) -> usize {
+        let done: Vec<DbThread> = {
+            let mut databases = lock(&self.databases);
+            let (done, still): (Vec<DbThread>, Vec<DbThread>) =
+                std::mem::take(&mut databases.leaving)
+                    .into_iter()
+                    .partition(|d| d.thread.is_finished());
+            databases.leaving = still;
+            done
+        };
+        for db in done {
+            if let Err(e) = join_thread(db) {
+                log::warn!("{e}");
+            }
+        }
+        lock(&self.databases).leaving.len()
+    }
+
+    pub(crate) fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// `f` of each active database, in the order they were added.
+    fn in_order<T>(&self, f: impl Fn(&DbThread) -> T) -> Vec<T> {
+        let databases = lock(&self.databases);
+        let mut all: Vec<&DbThread> = databases.active.values().collect();
+        all.sort_by_key(|d| d.seq);
+        all.into_iter().map(f).collect()
+    }
 
     fn send(&self, name: &str, event: Event) -> Result<()> {
-        let db = self
-            .databases
-            .iter()
-            .find(|d| d.name == name)
+        let databases = lock(&self.databases);
+        let db = databases
+            .active
+            .get(name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
         db.events.send(event).map_err(|_| thread_stopped(name))
     }
@@ -349,6 +649,9 @@ struct DbWorker {
     metrics: Arc<DbMetrics>,
     reconcile_backoff: Backoff,
     lag: LagTracker,
+    /// Found by a directory watch: a file that goes away is expected (the directory watch
+    /// removes the database), not an error worth a line every few seconds.
+    from_directory: bool,
 }
 
 /// Someone waiting for an object to be stored.
@@ -396,6 +699,10 @@ struct Agenda {
     settled: bool,
     /// Storage could not be reached to reconcile the replica: try again then.
     reconcile_at: Option<Instant>,
+    /// Removed (see [`Event::Remove`]): stopping, and not to be replicated again.
+    removing: bool,
+    /// Removed, and its file is gone: nothing more can be read, only staged objects go.
+    gone: bool,
 }
 
 impl DbWorker {
@@ -431,7 +738,12 @@ impl DbWorker {
                 } else {
                     ERROR_RETRY
                 };
-                log::error!("{name}: {e}; retrying in {}s", retry.as_secs());
+                if self.from_directory && self.file_gone() {
+                    // Its directory watch removes it in a moment.
+                    log::debug!("{name}: {e} (the file is gone)");
+                } else {
+                    log::error!("{name}: {e}; retrying in {}s", retry.as_secs());
+                }
                 self.agenda.retry_at = Some(Instant::now() + retry);
                 for waiter in self.agenda.sync_requests.drain(..) {
                     let _ = waiter.send(Err(e.clone()));
@@ -512,13 +824,27 @@ impl DbWorker {
             }
             Event::Snapshot(reply) => agenda.snapshot_requests.push(reply),
             Event::Stop(deadline) => {
-                agenda.stop = Some(deadline);
+                // A removed database already leaving keeps the sooner of the two deadlines.
+                agenda.stop = Some(agenda.stop.map_or(deadline, |d| d.min(deadline)));
                 // A local error's retry delay must not skip the last read of the WAL.
                 agenda.retry_at = None;
                 agenda.dirty = true;
                 agenda.force = true;
             }
+            Event::Remove(deadline) => {
+                agenda.stop = Some(deadline);
+                agenda.removing = true;
+                agenda.retry_at = None;
+                agenda.dirty = true;
+                agenda.force = true;
+            }
         }
+    }
+
+    /// Whether the database file is no longer at its path (deleted or moved away). Only a
+    /// removed database asks: while replicated, a missing file is an error to report.
+    fn file_gone(&self) -> bool {
+        FileIdentity::probe(self.replica.path()).is_none()
     }
 
     /// Do whatever is due, in this order: ask for a prune, ship, snapshot, checkpoint,
@@ -530,6 +856,22 @@ impl DbWorker {
             return Ok(());
         }
         self.agenda.retry_at = None;
+        if self.agenda.removing && !self.agenda.gone && self.file_gone() {
+            // Nothing more can be read from a path that is gone: what is staged (and saved)
+            // is all there is to ship.
+            log::info!(
+                "{}: {} is gone (deleted or moved away): uploading what is staged, then letting go of it",
+                self.replica.name(),
+                self.replica.path().display()
+            );
+            self.agenda.gone = true;
+            self.agenda.settled = true;
+        }
+        if self.agenda.gone {
+            self.upload_next()?;
+            self.answer_syncs();
+            return Ok(());
+        }
         self.ship()?;
         self.snapshot_if_due()?;
         self.checkpoint_if_due()?;
@@ -557,7 +899,10 @@ impl DbWorker {
                 self.agenda.dirty = true;
                 Ok(())
             }
-            Err(e) if e.is_transient() => {
+            // Only a refused name ends this database's replication. Anything else (storage
+            // down, credentials refused, a local limit such as RLIMIT_NOFILE while listing a
+            // file:// destination) may pass: stage locally and try again.
+            Err(e) if e.kind() != crate::ErrorKind::Invalid => {
                 let wait = self.reconcile_backoff.next_jittered();
                 // The error names the database already.
                 log::warn!(
@@ -784,12 +1129,27 @@ impl DbWorker {
             if written.recv_timeout(wait).is_err() {
                 log::warn!("{name}: state.json was not written before the shutdown deadline");
             }
-            log::info!("{name}: stopped; everything committed is stored");
+            match (self.agenda.removing, self.agenda.gone) {
+                (false, _) => log::info!("{name}: stopped; everything committed is stored"),
+                (true, false) => log::info!(
+                    "{name}: no longer replicated; everything committed is stored, and the \
+                     replica stays in storage"
+                ),
+                (true, true) => log::info!(
+                    "{name}: no longer replicated; everything staged is stored, and the \
+                     replica stays in storage"
+                ),
+            }
             Ok(())
         } else if settled {
+            let when = if self.agenda.removing {
+                "the next time this database is replicated"
+            } else {
+                "the next start"
+            };
             log::warn!(
                 "{name}: stopped with {} objects ({} KiB) staged but not yet stored; they are \
-                 safe in the sidecar and uploaded on the next start",
+                 safe in the sidecar and uploaded {when}",
                 self.replica.staged_count(),
                 self.replica.staged_bytes() >> 10
             );

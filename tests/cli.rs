@@ -134,6 +134,9 @@ fn version_and_help_name_the_version_exit_codes_and_variables() {
         "WALSYNC_METRICS_ADDR",
         "WALSYNC_HEARTBEAT_URL",
         "WALSYNC_HEARTBEAT_INTERVAL",
+        "WALSYNC_DIR",
+        "WALSYNC_PATTERN",
+        "WALSYNC_RECURSIVE",
     ];
     let prune_vars = ["WALSYNC_RETENTION"];
     for command in ["watch", "snapshot", "list", "status", "restore", "prune"] {

@@ -11,6 +11,7 @@ mod bad_input;
 mod cli;
 mod cli_rules;
 mod crash_recovery;
+mod directories;
 mod durability;
 mod example_app;
 mod ops;

@@ -5,7 +5,10 @@
 //! returns. The thread sleeps in poll(2) on the instance and on a wake pipe, reads what is
 //! queued as one batch, matches events to registrations by file name, and calls each
 //! affected registration once. Names other than `<db>` and `<db>-wal` (`-shm`, `-journal`,
-//! the `.<db>-walsync` sidecar, unrelated files) are ignored.
+//! the `.<db>-walsync` sidecar, unrelated files) are ignored, except by directory
+//! registrations, which are told every name the batch holds for their directory.
+//!
+//! A watch is removed from the kernel when the last registration using it is removed.
 //!
 //! Release: the instance's descriptor is shared by the thread and the `Handle`; when both
 //! are gone (the `Watcher` is dropped and has joined the thread) it closes, and the kernel
@@ -87,6 +90,19 @@ impl Backend for Handle {
     fn add(&self, reg: &mut Registration) -> Result<()> {
         reg.wd = Some(add_watch(&self.watches, &reg.dir)?);
         Ok(())
+    }
+
+    /// Removes the directory's watch once no registration shares it. The kernel may have
+    /// removed it already (the directory was deleted): that error means nothing.
+    fn removed(&self, reg: &Registration, rest: &[Registration]) {
+        let Some(wd) = &reg.wd else { return };
+        if rest.iter().any(|r| r.wd.as_ref() == Some(wd)) {
+            return;
+        }
+        let mut watches = self.watches.clone();
+        if let Err(err) = watches.remove(wd.clone()) {
+            log::debug!("removing the inotify watch of {}: {err}", reg.dir.display());
+        }
     }
 }
 
@@ -228,11 +244,19 @@ fn dispatch(shared: &Shared, batch: &Batch) {
     for reg in registry.iter() {
         let Some(wd) = &reg.wd else { continue };
         let wd = wd.get_watch_descriptor_id();
+        let gone = batch.dirs_gone.contains(&wd);
+        if reg.is_dir() {
+            if batch.overflow || gone {
+                reg.call_dir(None);
+            } else if let Some(names) = batch.names.get(&wd) {
+                reg.call_dir(Some(names));
+            }
+            continue;
+        }
         let named = batch
             .names
             .get(&wd)
             .is_some_and(|names| names.contains(&reg.db_name) || names.contains(&reg.wal_name));
-        let gone = batch.dirs_gone.contains(&wd);
         if gone {
             log::warn!(
                 "directory {} is no longer watched (deleted, moved or unmounted)",

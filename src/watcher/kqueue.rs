@@ -13,8 +13,13 @@
 //! database file is compared by `stat` instead, on every directory change and every poll
 //! interval, so in-place writes to it are seen at the next of those.
 //!
+//! Directory registrations share the directory descriptors; kqueue cannot name what
+//! changed, so their callbacks hear only that something in the directory did.
+//!
 //! Release: the queue and every descriptor in it belong to the thread, and close when it
-//! ends (the `Watcher`'s drop closes the wake pipe and joins it).
+//! ends (the `Watcher`'s drop closes the wake pipe and joins it). A directory no
+//! registration needs any more is closed at the next reconcile (`unwatch` wakes the
+//! thread for it).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, PipeReader, PipeWriter, Read, Write};
@@ -95,6 +100,11 @@ impl Backend for Handle {
         std::fs::File::open(&reg.dir)
             .context(|| format!("watching directory {}", reg.dir.display()))?;
         Ok(())
+    }
+
+    /// Tells the thread, so it closes the descriptors nobody needs.
+    fn removed(&self, _reg: &Registration, _rest: &[Registration]) {
+        self.added();
     }
 
     /// Tells the thread the registrations changed, so it opens the descriptors they need.
@@ -238,6 +248,12 @@ impl State {
             self.reconcile(&registry);
         }
         for reg in registry.iter_mut() {
+            if reg.is_dir() {
+                if batch.dirs.contains(&key(&reg.dir)) {
+                    reg.call_dir(None);
+                }
+                continue;
+            }
             let wal_event = batch.wals.contains(&key(&reg.wal_path()));
             if !(batch.full || wal_event || batch.dirs.contains(&key(&reg.dir))) {
                 continue;
@@ -251,14 +267,16 @@ impl State {
     }
 
     /// Opens descriptors for every registered directory and existing WAL, and replaces or
-    /// closes those whose WAL was replaced or deleted. Registrations are never removed, so
-    /// directory descriptors are only ever added; all of them close with the queue when
-    /// the thread ends.
+    /// closes those whose WAL was replaced or deleted, or whose directory no registration
+    /// needs any more.
     fn reconcile(&mut self, registry: &[Registration]) {
         let mut want_dirs = HashSet::new();
         let mut want_wals: HashMap<String, Option<(u64, u64)>> = HashMap::new();
         for reg in registry {
             want_dirs.insert(key(&reg.dir));
+            if reg.is_dir() {
+                continue;
+            }
             let wal = reg.wal_path();
             let identity = FileIdentity::probe(&wal).map(|s| (s.dev, s.ino));
             want_wals.insert(key(&wal), identity);
@@ -275,6 +293,19 @@ impl State {
             // Closing our descriptor on a WAL is safe: SQLite keeps no POSIX locks on it.
             if let Err(err) = self.kq.remove_filename(&wal, EventFilter::EVFILT_VNODE) {
                 log::debug!("kqueue: no longer watching {wal}: {err}");
+            }
+        }
+
+        let stale_dirs: Vec<String> = self
+            .dirs
+            .iter()
+            .filter(|dir| !want_dirs.contains(*dir))
+            .cloned()
+            .collect();
+        for dir in stale_dirs {
+            self.dirs.remove(&dir);
+            if let Err(err) = self.kq.remove_filename(&dir, EventFilter::EVFILT_VNODE) {
+                log::debug!("kqueue: no longer watching {dir}: {err}");
             }
         }
 

@@ -17,6 +17,12 @@
 //! machines or containers, and kqueue cannot see in-place writes to the database file. So the
 //! replication loop still re-checks each database on a slow timer.
 //!
+//! The same thread also watches whole directories for [`crate::directory`] (`watch --dir`):
+//! [`Watcher::watch_dir`] registers a callback that hears which names in a directory came,
+//! went or changed (inotify), or only that something did (kqueue). Registrations can be
+//! removed ([`Watcher::unwatch`]) when a database leaves, so a host whose databases come
+//! and go does not accumulate watches.
+//!
 //! One backend per file, chosen by operating system in `kernel_backends!` below and nowhere
 //! else: `inotify` (Linux), `kqueue` (macOS, BSD), and `poll` (`stat` every poll interval),
 //! used everywhere for [`WatchMode::Poll`] and wherever the kernel facility is missing or
@@ -33,11 +39,12 @@
 //!   (<https://www.sqlite.org/howtocorrupt.html>, 2.2): the locks of walsync's own SQLite
 //!   connections would silently go. This watcher never opens the database file.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -84,6 +91,10 @@ trait Backend: Send + Sync {
 
     /// Called by `watch` once `reg` is registered and the lock released.
     fn added(&self) {}
+
+    /// Called by `unwatch` with the registry locked, after `reg` left it (`rest` are the
+    /// registrations that remain): releases what the kernel kept for it alone.
+    fn removed(&self, _reg: &Registration, _rest: &[Registration]) {}
 }
 
 /// How long a backend thread waits after an unexpected error before trying again, so a
@@ -114,9 +125,10 @@ pub enum WatchMode {
 /// each database's callback when its WAL (`<db>-wal`) or database file is created, written,
 /// truncated, deleted, or replaced by a rename into place.
 ///
-/// A registration lasts as long as the `Watcher`. Callbacks run on the watcher thread while
-/// it holds its registration lock, so a callback must be cheap and must not block (an mpsc
-/// send is ideal), and it cannot call [`Watcher::watch`] or drop the `Watcher`.
+/// A registration lasts until [`Watcher::unwatch`] or the `Watcher`'s drop. Callbacks run on
+/// the watcher thread while it holds its registration lock, so a callback must be cheap and
+/// must not block (an mpsc send is ideal), and it cannot call [`Watcher::watch`] or drop
+/// the `Watcher`.
 pub struct Watcher {
     shared: Arc<Shared>,
     /// "inotify", "kqueue" or "poll".
@@ -126,18 +138,27 @@ pub struct Watcher {
     thread: Option<JoinHandle<()>>,
 }
 
+/// What a registration is, to remove it with [`Watcher::unwatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WatchId(u64);
+
+/// What a directory callback is told: the names in the directory that were created,
+/// deleted, renamed, written or changed attributes, or `None` when the backend cannot say
+/// (kqueue, a lost inotify queue, the directory itself gone): then look at all of it.
+pub type DirCallback = Box<dyn Fn(Option<&HashSet<OsString>>) + Send>;
+
 /// State shared between the `Watcher` handle and its thread.
 #[derive(Default)]
 struct Shared {
-    /// Only ever added to: a registration lasts as long as the `Watcher`.
     registry: Mutex<Vec<Registration>>,
+    next_id: AtomicU64,
     stop: AtomicBool,
 }
 
 impl Shared {
     /// The registrations. A panicking callback is caught before it can poison the lock, but
-    /// even a poisoned registry is still consistent (every change is a single push), so keep
-    /// using it rather than stopping all notifications.
+    /// even a poisoned registry is still consistent (every change is a single push or
+    /// remove), so keep using it rather than stopping all notifications.
     fn registry(&self) -> MutexGuard<'_, Vec<Registration>> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -147,14 +168,19 @@ impl Shared {
     }
 }
 
-/// One database being watched.
+/// One database (or, with `on_dir`, one directory) being watched.
 struct Registration {
+    id: WatchId,
     /// Canonical directory holding the database (symlinks resolved, as SQLite does, so the
     /// WAL is looked for where SQLite will put it).
     dir: PathBuf,
     db_name: OsString,
     wal_name: OsString,
     notify: Box<dyn Fn() + Send>,
+    /// Set for a directory registration ([`Watcher::watch_dir`]): it is told about any name
+    /// in `dir`, and has no database of its own (`db_name` and `wal_name` are empty, which
+    /// no event names).
+    on_dir: Option<DirCallback>,
     /// What the files looked like at the last check (poll and kqueue backends).
     seen: Seen,
     /// The directory's inotify watch, shared with every registration in the same directory
@@ -179,6 +205,19 @@ impl Registration {
         }
     }
 
+    fn is_dir(&self) -> bool {
+        self.on_dir.is_some()
+    }
+
+    /// What is watched, for log lines: the directory, or the database.
+    fn what(&self) -> PathBuf {
+        if self.is_dir() {
+            self.dir.clone()
+        } else {
+            self.db_path()
+        }
+    }
+
     /// Calls the callback. A panic is logged rather than allowed to kill the watcher thread,
     /// which would silently stop the notifications of every other database.
     fn call(&self) {
@@ -186,6 +225,17 @@ impl Registration {
             log::error!(
                 "the change callback for {} panicked",
                 self.db_path().display()
+            );
+        }
+    }
+
+    /// Calls a directory registration's callback with the names that changed (`None`: any).
+    fn call_dir(&self, names: Option<&HashSet<OsString>>) {
+        let Some(on_dir) = &self.on_dir else { return };
+        if catch_unwind(AssertUnwindSafe(|| on_dir(names))).is_err() {
+            log::error!(
+                "the change callback for directory {} panicked",
+                self.dir.display()
             );
         }
     }
@@ -245,42 +295,108 @@ impl Watcher {
     /// `notify` must be cheap and non-blocking (it will typically be an mpsc send). Changes
     /// made after `watch` returns are reported; with polling, relative to the state `watch`
     /// saw.
-    pub fn watch(&self, db_path: &Path, notify: Box<dyn Fn() + Send>) -> Result<()> {
-        if self.on_watcher_thread() {
-            return Err(Error::invalid(format!(
-                "watching {}: Watcher::watch cannot be called from a change callback",
-                db_path.display()
-            )));
-        }
+    pub fn watch(&self, db_path: &Path, notify: Box<dyn Fn() + Send>) -> Result<WatchId> {
+        self.refuse_on_watcher_thread(db_path)?;
         let (dir, db_name) = resolve(db_path)?;
         let mut wal_name = db_name.clone();
         wal_name.push("-wal");
         let mut reg = Registration {
+            id: self.next_id(),
             dir,
             db_name,
             wal_name,
             notify,
+            on_dir: None,
             seen: Seen::default(),
             #[cfg(target_os = "linux")]
             wd: None,
         };
         reg.seen = reg.stat();
+        self.register(reg)
+    }
 
+    /// Call `on_dir` whenever a name in directory `dir` is created, deleted, renamed into or
+    /// out of it, written, or changes attributes, with the names when the backend knows them
+    /// (inotify). The polling backend never calls it: whoever polls scans the directory
+    /// itself (see [`crate::directory`]). The directory must exist.
+    pub fn watch_dir(&self, dir: &Path, on_dir: DirCallback) -> Result<WatchId> {
+        self.refuse_on_watcher_thread(dir)?;
+        let dir = std::fs::canonicalize(dir)
+            .context(|| format!("watching directory {}", dir.display()))?;
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "watching {}: not a directory",
+                dir.display()
+            )));
+        }
+        let reg = Registration {
+            id: self.next_id(),
+            dir,
+            db_name: OsString::new(),
+            wal_name: OsString::new(),
+            notify: Box::new(|| {}),
+            on_dir: Some(on_dir),
+            seen: Seen::default(),
+            #[cfg(target_os = "linux")]
+            wd: None,
+        };
+        self.register(reg)
+    }
+
+    /// Remove a registration: its callback is not called again once this returns, and
+    /// what the kernel kept for it alone (an inotify watch, a kqueue descriptor) goes.
+    /// Unknown ids are ignored (removed already).
+    pub fn unwatch(&self, id: WatchId) {
+        let mut registry = self.shared.registry();
+        let Some(at) = registry.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let reg = registry.remove(at);
+        if let Some(backend) = self.backend.as_deref() {
+            backend.removed(&reg, &registry);
+        }
+        drop(registry);
+        log::debug!(
+            "no longer watching {} ({})",
+            reg.what().display(),
+            self.name
+        );
+        // The callback (and whatever it holds, such as a channel's sender) drops here,
+        // outside the lock.
+        drop(reg);
+    }
+
+    fn next_id(&self) -> WatchId {
+        WatchId(self.shared.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn refuse_on_watcher_thread(&self, path: &Path) -> Result<()> {
+        if self.on_watcher_thread() {
+            return Err(Error::invalid(format!(
+                "watching {}: the watcher cannot be changed from a change callback",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn register(&self, mut reg: Registration) -> Result<WatchId> {
         let backend = self
             .backend
             .as_deref()
             .expect("only drop takes the backend");
+        let id = reg.id;
         let mut registry = self.shared.registry();
         backend.add(&mut reg)?;
         log::debug!(
             "watching {} for changes ({})",
-            reg.db_path().display(),
+            reg.what().display(),
             self.name
         );
         registry.push(reg);
         drop(registry);
         backend.added();
-        Ok(())
+        Ok(id)
     }
 
     /// "inotify", "kqueue" or "poll".
@@ -615,6 +731,58 @@ mod tests {
         sqlite_commit,
         drop_is_prompt,
     );
+
+    /// After `unwatch` the callback is gone (dropped: its channel disconnects) and another
+    /// database in the same directory, sharing the inotify watch, still hears its changes.
+    #[test]
+    fn unwatch_stops_one_registration_only() {
+        for mode in [WatchMode::Auto, WatchMode::Poll] {
+            let (dir, a) = setup(true);
+            let b = dir.path().join("b.db");
+            fs::write(&b, b"").unwrap();
+            let watcher = start(mode);
+            let (notify, rxa) = channel();
+            let id = watcher.watch(&a, notify).unwrap();
+            let rxb = watch(&watcher, &b);
+            watcher.unwatch(id);
+            assert_eq!(
+                rxa.recv_timeout(QUIET),
+                Err(RecvTimeoutError::Disconnected),
+                "{mode:?}: the callback was not dropped"
+            );
+            append(&wal_of(&b), b"b");
+            expect_notified(&rxb, "writing b's WAL after a's unwatch");
+            watcher.unwatch(id); // twice: nothing
+        }
+    }
+
+    /// A directory registration hears which names changed (inotify) or that something did.
+    #[test]
+    fn directory_callbacks_name_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let watcher = start(WatchMode::Auto);
+        let (tx, rx) = mpsc::channel();
+        let id = watcher
+            .watch_dir(
+                dir.path(),
+                Box::new(move |names| {
+                    let _ = tx.send(names.map(|n| n.iter().cloned().collect::<Vec<_>>()));
+                }),
+            )
+            .unwrap();
+        fs::write(dir.path().join("new.db"), b"x").unwrap();
+        let names = rx.recv_timeout(EXPECT).expect("no directory callback");
+        if cfg!(target_os = "linux") {
+            assert_eq!(names, Some(vec![OsString::from("new.db")]));
+        }
+        while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
+        watcher.unwatch(id);
+        fs::write(dir.path().join("later.db"), b"x").unwrap();
+        assert!(rx.recv_timeout(QUIET).is_err());
+        assert!(watcher
+            .watch_dir(&dir.path().join("missing"), Box::new(|_| {}))
+            .is_err());
+    }
 
     #[test]
     fn watch_errors_name_the_path() {

@@ -3,15 +3,18 @@
 //! The thread `stat`s `<db>` and `<db>-wal` of every registration every poll interval; a
 //! change of existence, inode, size or modification time calls the callback. It sleeps on a
 //! channel rather than a plain sleep, so dropping the `Watcher` (which drops the sender)
-//! ends the wait at once. It holds no descriptors.
+//! ends the wait at once. It holds no descriptors. Directory registrations are left to
+//! their owner, which scans the directory on its own timer when the backend polls (see
+//! [`crate::directory`]): comparing whole directories here would only do that work twice.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::{Backend, Seen, Shared};
+use super::{Backend, Seen, Shared, WatchId};
 use crate::files::FileIdentity;
 
 /// What the `Watcher` keeps: the sender whose drop ends the thread's wait.
@@ -46,23 +49,29 @@ fn run(shared: &Shared, stop: &mpsc::Receiver<()>, interval: Duration) {
         }
         // stat outside the lock: on a slow network filesystem it must not hold up watch()
         // callers.
-        let targets: Vec<(PathBuf, PathBuf)> = shared
+        let targets: Vec<(WatchId, PathBuf, PathBuf)> = shared
             .registry()
             .iter()
-            .map(|reg| (reg.db_path(), reg.wal_path()))
+            .filter(|reg| !reg.is_dir())
+            .map(|reg| (reg.id, reg.db_path(), reg.wal_path()))
             .collect();
-        let now: Vec<Seen> = targets
+        let now: HashMap<WatchId, Seen> = targets
             .iter()
-            .map(|(db, wal)| Seen {
-                db: FileIdentity::probe(db),
-                wal: FileIdentity::probe(wal),
+            .map(|(id, db, wal)| {
+                let seen = Seen {
+                    db: FileIdentity::probe(db),
+                    wal: FileIdentity::probe(wal),
+                };
+                (*id, seen)
             })
             .collect();
-        // Registrations are only ever appended, so the first `now.len()` are the ones
-        // examined; any added since are compared on the next round.
-        for (reg, seen) in shared.registry().iter_mut().zip(now) {
-            if reg.seen != seen {
-                reg.seen = seen;
+        // Registrations added since are compared on the next round; removed ones are gone.
+        for reg in shared.registry().iter_mut() {
+            let Some(seen) = now.get(&reg.id) else {
+                continue;
+            };
+            if reg.seen != *seen {
+                reg.seen = *seen;
                 reg.call();
             }
         }

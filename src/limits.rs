@@ -1,0 +1,164 @@
+//! The host limits that bound how many databases one `walsync watch` can replicate, said at
+//! start, before one is hit (issue 18).
+//!
+//! Each database costs a thread, a few descriptors, a few memory maps, and a watch on its
+//! directory. A limit reached later shows up as an obscure error on one database ("unable to
+//! open database file", a thread that cannot start), so `watch` compares what the databases
+//! it found need with what the host allows, and says which limit, how many databases it
+//! allows, and how to raise it. The costs are the measured ones (README, Watching; the
+//! design notes: 1,000 idle databases held about 6,000 memory maps, and five or six
+//! descriptors each), rounded up; the reserves cover the process's own.
+
+/// Descriptors per database: two SQLite connections, their WAL files, the `-shm` file, the
+/// sidecar lock.
+pub const FILES_PER_DATABASE: u64 = 6;
+const FILES_RESERVED: u64 = 64;
+/// Memory maps per database: the `-shm` mapping and the allocator's maps of its heap.
+pub const MAPS_PER_DATABASE: u64 = 6;
+const MAPS_RESERVED: u64 = 256;
+const THREADS_RESERVED: u64 = 16;
+
+/// One limit and what it allows.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// How it is named where it is set.
+    pub what: &'static str,
+    pub value: u64,
+    /// How many databases fit under it.
+    pub allows: u64,
+    /// How to raise it.
+    pub raise: &'static str,
+}
+
+impl Limit {
+    fn new(what: &'static str, value: u64, per: u64, reserved: u64, raise: &'static str) -> Self {
+        Limit {
+            what,
+            value,
+            allows: value.saturating_sub(reserved) / per.max(1),
+            raise,
+        }
+    }
+}
+
+/// The host's limits, as far as they can be read: `open_files` is RLIMIT_NOFILE (soft,
+/// hard) once raised; `inotify` says whether directories are watched with inotify (one
+/// watch per distinct directory).
+pub fn host_limits(open_files: Option<(u64, u64)>, inotify: bool) -> Vec<Limit> {
+    let mut limits = Vec::new();
+    if let Some((soft, _)) = open_files {
+        limits.push(Limit::new(
+            "RLIMIT_NOFILE",
+            soft,
+            FILES_PER_DATABASE,
+            FILES_RESERVED,
+            "ulimit -n, or LimitNOFILE= under systemd",
+        ));
+    }
+    if let Some(maps) = read_number("/proc/sys/vm/max_map_count") {
+        limits.push(Limit::new(
+            "vm.max_map_count",
+            maps,
+            MAPS_PER_DATABASE,
+            MAPS_RESERVED,
+            "sysctl -w vm.max_map_count=N",
+        ));
+    }
+    if let Some(threads) = read_number("/proc/sys/kernel/threads-max") {
+        limits.push(Limit::new(
+            "kernel.threads-max",
+            threads,
+            1,
+            THREADS_RESERVED,
+            "sysctl -w kernel.threads-max=N",
+        ));
+    }
+    if let Some(threads) = processes_limit() {
+        limits.push(Limit::new(
+            "RLIMIT_NPROC",
+            threads,
+            1,
+            THREADS_RESERVED,
+            "ulimit -u, or LimitNPROC= under systemd; it counts every thread of the user",
+        ));
+    }
+    if inotify {
+        if let Some(watches) = read_number("/proc/sys/fs/inotify/max_user_watches") {
+            limits.push(Limit::new(
+                "fs.inotify.max_user_watches",
+                watches,
+                1,
+                0,
+                "sysctl -w fs.inotify.max_user_watches=N, or --poll",
+            ));
+        }
+    }
+    limits
+}
+
+/// One warning for each limit `databases` databases (in `directories` distinct
+/// directories) would pass.
+pub fn warnings(limits: &[Limit], databases: u64, directories: u64) -> Vec<String> {
+    limits
+        .iter()
+        .filter(|limit| {
+            let count = if limit.what == "fs.inotify.max_user_watches" {
+                directories
+            } else {
+                databases
+            };
+            count > limit.allows
+        })
+        .map(|limit| {
+            let unit = if limit.what == "fs.inotify.max_user_watches" {
+                "directories of databases"
+            } else {
+                "databases"
+            };
+            format!(
+                "{} is {}, which allows about {} {unit}, for {databases} databases in \
+                 {directories} directories: raise it ({})",
+                limit.what, limit.value, limit.allows, limit.raise
+            )
+        })
+        .collect()
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// RLIMIT_NPROC's soft limit, unless unlimited.
+fn processes_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(crate::files::rlim(limit.rlim_cur))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_says_how_many_databases_it_allows_and_how_to_raise_it() {
+        let limits = host_limits(Some((1024, 4096)), true);
+        let files = &limits[0];
+        assert_eq!(files.what, "RLIMIT_NOFILE");
+        assert_eq!(files.allows, (1024 - 64) / 6);
+        assert!(warnings(&limits[..1], 160, 160).is_empty());
+        let said = warnings(&limits[..1], 161, 10);
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains("RLIMIT_NOFILE is 1024, which allows about 160 databases"),
+            "{said:?}"
+        );
+        assert!(said[0].contains("ulimit -n"), "{said:?}");
+        let inotify = Limit::new("fs.inotify.max_user_watches", 100, 1, 0, "sysctl");
+        assert!(warnings(std::slice::from_ref(&inotify), 1000, 100).is_empty());
+        assert_eq!(warnings(&[inotify], 1000, 101).len(), 1);
+    }
+}
