@@ -50,6 +50,8 @@ struct Shared {
     /// How long every request is held before it is handled, in milliseconds.
     delay_ms: AtomicU64,
     stopping: AtomicBool,
+    /// Storage "down": every connection is reset at once, nothing reaches the server.
+    down: AtomicBool,
     resets: AtomicU64,
     stalls: AtomicU64,
     upstream_down: AtomicU64,
@@ -103,6 +105,7 @@ impl FaultProxy {
             stall,
             delay_ms: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             resets: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             upstream_down: AtomicU64::new(0),
@@ -151,6 +154,14 @@ impl FaultProxy {
         *self.shared.mix.lock().unwrap()
     }
 
+    /// Play storage down (`true`) or back (`false`): while down, every connection is reset
+    /// as soon as it is accepted. Unlike stopping the server, this keeps both ports bound,
+    /// so another process on the machine (a parallel torture run) cannot take the port
+    /// and answer in its place.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, Ordering::Relaxed);
+    }
+
     /// The TCP faults injected so far, and the connections dropped while the server was down.
     pub fn counts(&self) -> FaultCounts {
         let s = &self.shared;
@@ -179,6 +190,11 @@ impl Drop for FaultProxy {
 const IDLE: Duration = Duration::from_secs(30);
 
 fn handle(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
+    if shared.down.load(Ordering::Relaxed) {
+        shared.upstream_down.fetch_add(1, Ordering::Relaxed);
+        reset(client);
+        return Ok(());
+    }
     client.set_read_timeout(Some(IDLE))?;
     let Some((head, extra)) = read_head(&mut client)? else {
         return Ok(());

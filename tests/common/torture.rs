@@ -1141,12 +1141,11 @@ impl<'a> Round<'a> {
         Ok(())
     }
 
+    /// Storage up or down for walsync: the proxy resets every connection while down. (The
+    /// server itself keeps running: stopped, its port could be taken by another process,
+    /// such as a parallel torture run, which would then answer walsync in its place.)
     fn set_server(&mut self, up: bool) {
-        if up && !self.server_up {
-            self.server.restart();
-        } else if !up && self.server_up {
-            self.server.stop();
-        }
+        self.proxy.set_down(!up);
         self.server_up = up;
     }
 
