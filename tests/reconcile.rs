@@ -33,6 +33,16 @@ fn replicate_once(storage: &Arc<dyn Storage>, db: &Path) {
     replicator.stop(Duration::from_secs(30)).unwrap();
 }
 
+/// One `walsync watch ARGS` run: started, then stopped with SIGTERM, which must succeed.
+fn watch_once(args: &[&str], env: &[(String, String)], log_dir: &Path) {
+    let watch = WatchProcess::start(args, env, log_dir);
+    let status = watch.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "walsync watch {args:?} exited with {status}"
+    );
+}
+
 /// Every stored object of `name` as (generation, kind, index): a writer never cuts an index
 /// storage already holds, so none may appear twice.
 fn assert_no_index_cut_twice(storage: &dyn Storage, name: &str) {
@@ -281,8 +291,7 @@ fn a_copy_of_the_data_directory_does_not_take_the_name_over() {
     let mut app = AppDb::create(&prod, "app.db");
     app.insert(10, 300);
     let db = app.path.clone();
-    let watch = WatchProcess::start(&[path_str(&db), "-b", &dest], &server.env(), dir.path());
-    assert!(watch.terminate(Duration::from_secs(30)).success());
+    watch_once(&[path_str(&db), "-b", &dest], &server.env(), dir.path());
 
     let staging = dir.path().join("staging");
     let copied = Command::new("cp")
@@ -313,9 +322,7 @@ fn a_copy_of_the_data_directory_does_not_take_the_name_over() {
     // Production goes on, and owns the name.
     app.insert(5, 300);
     let expected = app.dump();
-    let watch = WatchProcess::start(&[path_str(&db), "-b", &dest], &server.env(), dir.path());
-    let status = watch.terminate(Duration::from_secs(30));
-    assert!(status.success(), "production was refused: {status}");
+    watch_once(&[path_str(&db), "-b", &dest], &server.env(), dir.path());
     assert_restored(
         restore_with_binary(&server, "copied", dir.path()),
         &expected,
@@ -335,12 +342,11 @@ fn a_copy_started_while_storage_is_down_is_refused_once_storage_answers() {
     let dest = s3_url(&server, "copied-late");
     let mut app = AppDb::create(&prod, "app.db");
     app.insert(10, 300);
-    let watch = WatchProcess::start(
+    watch_once(
         &[path_str(&app.path), "-b", &dest],
         &server.env(),
         dir.path(),
     );
-    assert!(watch.terminate(Duration::from_secs(30)).success());
     let staging = dir.path().join("staging");
     let copied = Command::new("cp")
         .args(["-a", path_str(&prod), path_str(&staging)])
@@ -451,8 +457,7 @@ fn an_emptied_prefix_or_a_new_endpoint_gets_a_new_base_snapshot() {
     let mut app = AppDb::create(dir.path(), "app.db");
     app.insert(10, 300);
     let db = path_str(&app.path).to_string();
-    let watch = WatchProcess::start(&[&db, "-b", &dest], &server.env(), dir.path());
-    assert!(watch.terminate(Duration::from_secs(30)).success());
+    watch_once(&[&db, "-b", &dest], &server.env(), dir.path());
 
     // Emptied while stopped.
     let storage = server.storage("moved");
@@ -461,8 +466,7 @@ fn an_emptied_prefix_or_a_new_endpoint_gets_a_new_base_snapshot() {
     }
     app.insert(3, 300);
     let expected = app.dump();
-    let watch = WatchProcess::start(&[&db, "-b", &dest], &server.env(), dir.path());
-    assert!(watch.terminate(Duration::from_secs(30)).success());
+    watch_once(&[&db, "-b", &dest], &server.env(), dir.path());
     assert_restored(
         restore_with_binary(&server, "moved", dir.path()),
         &expected,
@@ -473,8 +477,7 @@ fn an_emptied_prefix_or_a_new_endpoint_gets_a_new_base_snapshot() {
     let other = S3Server::start();
     app.insert(3, 300);
     let expected = app.dump();
-    let watch = WatchProcess::start(&[&db, "-b", &dest], &other.env(), dir.path());
-    assert!(watch.terminate(Duration::from_secs(30)).success());
+    watch_once(&[&db, "-b", &dest], &other.env(), dir.path());
     assert_restored(
         restore_with_binary(&other, "moved", dir.path()),
         &expected,
