@@ -67,9 +67,10 @@ impl Signals {
     #[cfg(target_os = "linux")]
     fn wait_with_origin(&self) -> (libc::c_int, bool) {
         loop {
-            // SAFETY: the set is initialised and its signals are blocked in every thread;
-            // `info` is written by the call.
+            // SAFETY: siginfo_t is a plain C struct, for which all zero bytes are valid.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: the set is initialised and its signals are blocked in every thread;
+            // `info` is ours and written by the call.
             let signal = unsafe { libc::sigwaitinfo(&self.0, &mut info) };
             if signal > 0 {
                 return (signal, info.si_code == libc::SI_KERNEL);
