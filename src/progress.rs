@@ -204,6 +204,16 @@ impl Storage for Counted {
         self.0.delete(key)
     }
 
+    // Forwarded, not left to the trait's defaults: those would turn one batched DeleteObjects
+    // into a DELETE per key, and skip the abort of crashed uploads.
+    fn delete_many(&self, keys: &[String]) -> Result<()> {
+        self.0.delete_many(keys)
+    }
+
+    fn abort_stale_uploads(&self, prefix: &str) -> Result<usize> {
+        self.0.abort_stale_uploads(prefix)
+    }
+
     fn describe(&self) -> String {
         self.0.describe()
     }
