@@ -2,7 +2,7 @@
 //! directory while the real binary runs against the real S3 server, and the library's
 //! `Replicator::add` and `remove` underneath. Restores are compared with the sources.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,16 @@ fn open_under(pid: i32, dir: &Path) -> Vec<String> {
     open
 }
 
+/// `data/` (the watched directory, canonical), `logs/` and `elsewhere/` (to move databases
+/// in from and out to), created under `root`.
+fn data_logs_and_elsewhere(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (data, logs, elsewhere) = (root.join("data"), root.join("logs"), root.join("elsewhere"));
+    for d in [&data, &logs, &elsewhere] {
+        std::fs::create_dir(d).unwrap();
+    }
+    (std::fs::canonicalize(&data).unwrap(), logs, elsewhere)
+}
+
 /// A database created by the application, one restored into place by `walsync restore`,
 /// and one moved in from elsewhere, each while watching: picked up within 2 s, replicated
 /// under its name, restored equal.
@@ -114,15 +124,7 @@ fn open_under(pid: i32, dir: &Path) -> Vec<String> {
 fn databases_created_restored_into_place_or_moved_in_are_picked_up() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs, elsewhere) = (
-        root.path().join("data"),
-        root.path().join("logs"),
-        root.path().join("elsewhere"),
-    );
-    for d in [&data, &logs, &elsewhere] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs, elsewhere) = data_logs_and_elsewhere(root.path());
     let mut first = AppDb::create(&data, "first.db");
     first.insert(3, 100);
     let dest = s3_url(&server, "dirs");
@@ -212,15 +214,7 @@ fn databases_created_restored_into_place_or_moved_in_are_picked_up() {
 fn deleted_or_moved_out_databases_are_let_go_and_their_replicas_stay() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs, elsewhere) = (
-        root.path().join("data"),
-        root.path().join("logs"),
-        root.path().join("elsewhere"),
-    );
-    for d in [&data, &logs, &elsewhere] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs, elsewhere) = data_logs_and_elsewhere(root.path());
     let mut doomed = AppDb::create(&data, "doomed.db");
     let mut leaving = AppDb::create(&data, "leaving.db");
     let mut staying = AppDb::create(&data, "staying.db");

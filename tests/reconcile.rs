@@ -277,6 +277,23 @@ fn run_for_at_most(
     Some(child.wait_with_output().unwrap())
 }
 
+/// Production in `dir/prod/app.db`, replicated once to `dest`, then its data directory
+/// copied with `cp -a` (sidecar included) to `dir/staging`: the application and the copy.
+fn replicated_then_copied(server: &S3Server, dest: &str, dir: &Path) -> (AppDb, PathBuf) {
+    let prod = dir.join("prod");
+    std::fs::create_dir(&prod).unwrap();
+    let mut app = AppDb::create(&prod, "app.db");
+    app.insert(10, 300);
+    watch_once(&[path_str(&app.path), "-b", dest], &server.env(), dir);
+    let staging = dir.join("staging");
+    let copied = Command::new("cp")
+        .args(["-a", path_str(&prod), path_str(&staging)])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    (app, staging.join("app.db"))
+}
+
 /// 3. `cp -a` of the data directory, sidecar included, and the copy watched under the same
 ///    destination: the copy's saved position belongs to another file, so it must not take
 ///    the name over (it used to skip the ownership check, start a newer generation, and get
@@ -285,21 +302,9 @@ fn run_for_at_most(
 fn a_copy_of_the_data_directory_does_not_take_the_name_over() {
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let prod = dir.path().join("prod");
-    std::fs::create_dir(&prod).unwrap();
     let dest = s3_url(&server, "copied");
-    let mut app = AppDb::create(&prod, "app.db");
-    app.insert(10, 300);
+    let (mut app, copy) = replicated_then_copied(&server, &dest, dir.path());
     let db = app.path.clone();
-    watch_once(&[path_str(&db), "-b", &dest], &server.env(), dir.path());
-
-    let staging = dir.path().join("staging");
-    let copied = Command::new("cp")
-        .args(["-a", path_str(&prod), path_str(&staging)])
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    let copy = staging.join("app.db");
     let staged_copy = rusqlite::Connection::open(&copy).unwrap();
     staged_copy
         .execute_batch("INSERT INTO items(id, label) VALUES (1000, 'staging only');")
@@ -337,25 +342,11 @@ fn a_copy_of_the_data_directory_does_not_take_the_name_over() {
 fn a_copy_started_while_storage_is_down_is_refused_once_storage_answers() {
     let mut server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let prod = dir.path().join("prod");
-    std::fs::create_dir(&prod).unwrap();
     let dest = s3_url(&server, "copied-late");
-    let mut app = AppDb::create(&prod, "app.db");
-    app.insert(10, 300);
-    watch_once(
-        &[path_str(&app.path), "-b", &dest],
-        &server.env(),
-        dir.path(),
-    );
-    let staging = dir.path().join("staging");
-    let copied = Command::new("cp")
-        .args(["-a", path_str(&prod), path_str(&staging)])
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let (_app, copy) = replicated_then_copied(&server, &dest, dir.path());
 
     server.stop();
-    let copy = staging.join("app.db").display().to_string();
+    let copy = copy.display().to_string();
     let (env, dest2) = (server.env(), dest.clone());
     let run = std::thread::spawn(move || {
         run_for_at_most(
