@@ -469,14 +469,6 @@ fn progress_only_on_a_terminal() {
     }
 
     // On a terminal (script(1) gives the command one), the line is there.
-    let has_script = std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_script {
-        eprintln!("script(1) not installed: skipping the terminal half");
-        return;
-    }
     let out2 = dir.path().join("restored2.db");
     let command = format!(
         "{} restore app -o {} -b {dest}",
@@ -486,7 +478,7 @@ fn progress_only_on_a_terminal() {
     let tty = std::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])
         .output()
-        .unwrap();
+        .expect("script(1) from util-linux gives the command a terminal");
     let text = String::from_utf8_lossy(&tty.stdout);
     assert!(tty.status.success(), "{text}");
     assert!(

@@ -65,18 +65,20 @@ fn run_script(shell: &str, script: &str, env: &[(String, String)]) -> Output {
         .unwrap()
 }
 
-fn have(tool: &str) -> bool {
-    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+/// A recipe runs with the real tool or fails: scripts/test.sh installs each one.
+fn need(tool: &str) {
+    let found = ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
         .iter()
-        .any(|d| Path::new(d).join(tool).exists())
+        .any(|d| Path::new(d).join(tool).exists());
+    assert!(
+        found,
+        "{tool} is not installed: scripts/test.sh installs it"
+    );
 }
 
 #[test]
 fn the_container_entrypoint_works_on_a_first_deployment_and_on_an_empty_volume() {
-    if !have("sqlite3") {
-        eprintln!("sqlite3 not installed: the entrypoint recipe needs it; skipped");
-        return;
-    }
+    need("sqlite3");
     let s3 = S3Server::start();
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
@@ -178,10 +180,7 @@ fn the_status_snippet_reports_cleanly_and_fails_cleanly() {
 
 #[test]
 fn the_restore_steps_keep_the_owner_and_mode() {
-    if !have("chpst") {
-        eprintln!("chpst (runit) not installed: skipped");
-        return;
-    }
+    need("chpst");
     let root = tempfile::tempdir().unwrap();
     let srv = root.path().join("srv/app");
     std::fs::create_dir_all(&srv).unwrap();
@@ -288,12 +287,8 @@ struct Flavour {
 /// changes nothing, that a stop exits 0 with everything stored, and that log lines carry
 /// one timestamp (the logger's).
 fn service_recipe(flavour: &Flavour) {
-    for tool in [flavour.supervisor, flavour.hup[0]] {
-        if !have(tool) {
-            eprintln!("{tool} not installed: skipped (scripts/test.sh installs it)");
-            return;
-        }
-    }
+    need(flavour.supervisor);
+    need(flavour.hup[0]);
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let replica = r.join("replica");

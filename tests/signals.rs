@@ -305,14 +305,6 @@ sys.exit(0)
 
 #[test]
 fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
-    let has_script = std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_script {
-        eprintln!("script(1) not installed: skipped");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let dest = format!("file://{}", dir.path().join("replica").display());
     let app = AppDb::create(dir.path(), "app.db");
@@ -320,21 +312,25 @@ fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
     std::fs::write(&script, COUNT_SIGINTS).unwrap();
     let (count, ready) = (dir.path().join("count"), dir.path().join("ready"));
     let command = format!(
-        "{} watch {} -b {dest} --exec 'python3 {} {} {}'",
+        "exec {} watch {} -b {dest} --exec 'python3 {} {} {}'",
         env!("CARGO_BIN_EXE_walsync"),
         app.path.display(),
         script.display(),
         count.display(),
         ready.display()
     );
-    // script(1) runs walsync on a terminal of its own; Ctrl-C typed there goes to the
-    // terminal's foreground process group: walsync and the application it executed.
+    // script(1) (util-linux, an essential package) runs walsync on a terminal of its own;
+    // Ctrl-C typed there goes to the terminal's foreground process group: walsync and the
+    // application it executed. `exec` makes walsync that group's leader, as an interactive
+    // shell's job control would: without it a non-interactive /bin/sh (script's default
+    // when SHELL is unset, as in CI) sits in the group, dies of the SIGINT and script
+    // reports that instead of walsync's status.
     let mut terminal = std::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .expect("script(1) from util-linux runs walsync on a terminal");
     wait_for(Duration::from_secs(20), "the application to start", || {
         ready.exists()
     });
@@ -352,7 +348,7 @@ fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
         terminal.wait_with_output().unwrap()
     };
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{text}");
+    assert!(output.status.success(), "{}: {text}", output.status);
     assert_eq!(
         std::fs::read_to_string(&count).unwrap(),
         "1",
