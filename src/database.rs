@@ -30,6 +30,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Database {
     path: PathBuf,
     conn: Connection,
+    /// Closed by [`Database::close_in_place`] and not opened again: `conn` is then an
+    /// empty in-memory connection that nothing may use.
+    closed: bool,
 }
 
 impl Database {
@@ -49,6 +52,7 @@ impl Database {
         let db = Database {
             path: path.to_path_buf(),
             conn,
+            closed: false,
         };
         let mode: String = db
             .conn
@@ -89,6 +93,46 @@ impl Database {
         Database::open(&self.path)
     }
 
+    /// Close this connection; [`Database::open_again`] opens a new one on the same path
+    /// with the same settings. Until then every use fails.
+    ///
+    /// What this is for: SQLite's unix VFS cannot close a descriptor of a file on which
+    /// another connection of this process holds a lock (closing it would drop that
+    /// connection's POSIX locks), so it keeps the descriptor open, unused, until the last
+    /// connection to the file lets go. Closing a second connection while the pin holds its
+    /// read lock therefore frees nothing; closing every connection and opening one again
+    /// does. Between the two this process holds no lock on the database: see
+    /// `Replica::rest` for why that is safe there.
+    pub fn close_in_place(&mut self) -> Result<()> {
+        let placeholder = Connection::open_in_memory()?;
+        drop(std::mem::replace(&mut self.conn, placeholder));
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Open the connection [`Database::close_in_place`] closed (nothing if it is open). If
+    /// that fails it stays closed, and this can be called again.
+    pub fn open_again(&mut self) -> Result<()> {
+        if self.closed {
+            self.conn = Database::open(&self.path)?.conn;
+            self.closed = false;
+        }
+        Ok(())
+    }
+
+    fn refuse_if_closed(&self) -> Result<()> {
+        if self.closed {
+            return Err(Error::new(
+                ErrorKind::Transient,
+                format!(
+                    "the connection to {} is closed: opening it again failed",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -110,6 +154,7 @@ impl Database {
     }
 
     pub fn page_size(&self) -> Result<u32> {
+        self.refuse_if_closed()?;
         Ok(self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?)
     }
 
@@ -138,6 +183,9 @@ impl Database {
     /// and exclusive locking mode keep it in heap memory, where `MADV_DONTNEED` would zero
     /// it), and where the system page size divides a region.
     pub fn forget_wal_index_pages(&self) {
+        if self.closed {
+            return;
+        }
         #[cfg(target_os = "linux")]
         // SAFETY: see forget_wal_index_pages_linux.
         unsafe {
@@ -145,12 +193,15 @@ impl Database {
         }
     }
 
-    pub fn connection(&self) -> &Connection {
-        &self.conn
+    /// The SQLite connection; an error if it is closed (see [`Database::close_in_place`]).
+    pub fn connection(&self) -> Result<&Connection> {
+        self.refuse_if_closed()?;
+        Ok(&self.conn)
     }
 
     /// Start a read transaction that pins the WAL (see the module docs).
     pub fn pin(&self) -> Result<()> {
+        self.refuse_if_closed()?;
         self.conn
             .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
             .context(|| format!("starting a read transaction on {}", self.path.display()))
@@ -158,6 +209,7 @@ impl Database {
 
     /// Take the write lock (the barrier), waiting up to the busy timeout for writers.
     pub fn lock_writes(&self) -> Result<()> {
+        self.refuse_if_closed()?;
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
             Error::new(
                 ErrorKind::Transient,

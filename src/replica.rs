@@ -189,6 +189,29 @@ struct WalMark {
     end: WalPosition,
 }
 
+/// How long a database must have had no commit to read before it rests on one connection
+/// (see [`Replica::rest`]).
+pub const ONE_CONNECTION_AFTER: Duration = Duration::from_secs(30);
+
+/// How long before [`Replica::rest`] closes its connections the database file must have been
+/// left unwritten: longer than the coarsest file-time granularity (2 s, FAT).
+const UNWRITTEN_FOR: Duration = Duration::from_secs(5);
+
+/// The file's identity and its inode change time in nanoseconds (which every write sets to
+/// the current time, and no program can set otherwise).
+fn written(path: &Path) -> Result<(FileIdentity, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
+    let ctime = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+    Ok((FileIdentity::of(path)?, ctime))
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
 /// What the pin guarantees (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pin {
@@ -258,6 +281,16 @@ pub struct Replica {
     /// Holds the read transaction that pins the WAL.
     pin: Database,
     pin_state: Pin,
+    /// When the last commit was read (or the replica opened): a database quiet for
+    /// [`ONE_CONNECTION_AFTER`] rests on the pin's connection alone (see [`Replica::rest`]).
+    last_read: Instant,
+    /// The pin's connection was opened afresh at rest and the control connection has not
+    /// been opened since: the database holds one connection's descriptors.
+    alone: bool,
+    one_connection_after: Duration,
+    /// Run between closing the connections and opening the new one (see `rest_alone`).
+    #[cfg(test)]
+    between_connections: Option<Box<dyn FnMut() + Send>>,
     storage: Arc<dyn Storage>,
     name: String,
     sidecar: Sidecar,
@@ -357,6 +390,11 @@ impl Replica {
         let mut replica = Replica {
             control: Some(db),
             pin,
+            last_read: Instant::now(),
+            alone: false,
+            one_connection_after: ONE_CONNECTION_AFTER,
+            #[cfg(test)]
+            between_connections: None,
             pin_state: Pin::Behind(None),
             storage,
             name: name.to_string(),
@@ -391,6 +429,12 @@ impl Replica {
     }
 
     /// Truncate a WAL file at least this large after a complete checkpoint.
+    /// How long a database must be quiet before it rests on one connection (default
+    /// [`ONE_CONNECTION_AFTER`]; see [`Replica::rest`]).
+    pub fn set_one_connection_after(&mut self, quiet: Duration) {
+        self.one_connection_after = quiet;
+    }
+
     pub fn set_wal_size_limit(&mut self, bytes: u64) {
         self.wal_size_limit = bytes;
     }
@@ -572,6 +616,7 @@ impl Replica {
             return Ok(Checkpoint::Skipped);
         }
         // The bulk of the copy, while the application goes on writing.
+        self.alone = false;
         let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
         run_checkpoint(&self.name, control)?;
         // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
@@ -724,6 +769,8 @@ impl Replica {
     /// Before any step: save a tip that an earlier step could not save, follow a database
     /// file replaced by rename, and make sure the pin is held.
     fn prepare(&mut self) -> Result<()> {
+        // Opening it again at rest may have failed (see `rest_alone`).
+        self.pin.open_again()?;
         self.persist()?;
         self.follow_replacement()?;
         if !self.pin.in_transaction() {
@@ -819,6 +866,7 @@ impl Replica {
             ..tip
         });
         self.note_reached(&header, end.offset);
+        self.last_read = Instant::now();
         self.unsynced.push(staged.clone());
         self.staged.push_back(staged);
         Ok(Cut::Staged {
@@ -1017,6 +1065,7 @@ impl Replica {
         );
         tip.seq = staged.seq;
         tip.time_ms = object.time.millis();
+        self.last_read = Instant::now();
         // Only now: a generation without its base snapshot must never get segments.
         self.tip = Some(tip);
         self.staged.push_back(staged);
@@ -1078,8 +1127,9 @@ impl Replica {
         if size < self.wal_size_limit {
             return Ok(());
         }
+        self.alone = false;
         let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
-        let conn = control.connection();
+        let conn = control.connection()?;
         conn.busy_timeout(Duration::ZERO)?;
         let result: rusqlite::Result<i64> =
             conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0));
@@ -1096,6 +1146,7 @@ impl Replica {
     /// Hold the barrier (the application's write lock) around `f`, and always release it.
     /// How long it was held is logged at debug level (`scripts/bench.sh` reads it).
     fn under_barrier<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.alone = false;
         open_control(&mut self.control, &self.pin, &self.opened, &self.name)?.lock_writes()?;
         let started = Instant::now();
         let result = f(self);
@@ -1124,6 +1175,7 @@ impl Replica {
         );
         let (control, pin, opened) = open_connections(self.pin.path())?;
         self.control = Some(control);
+        self.alone = false;
         self.pin = pin;
         self.opened = opened;
         self.pin_state = Pin::Behind(None);
@@ -1143,10 +1195,63 @@ impl Replica {
     /// (opened again for the next checkpoint), the pin's cached pages and this process's
     /// view of the wal-index (see [`Database::forget_wal_index_pages`]). Called when the
     /// database's thread goes to sleep. The pin stays: it is what keeps the WAL in place.
+    ///
+    /// Closing the control connection frees no descriptor while the pin holds its lock
+    /// (see [`Database::close_in_place`]), so a database quiet for
+    /// [`ONE_CONNECTION_AFTER`] also opens the pin's connection afresh (`rest_alone`):
+    /// from then on it holds three descriptors (database, WAL, `-shm`) and the sidecar lock,
+    /// instead of four and the lock.
     pub fn rest(&mut self) {
         self.control = None;
+        if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
+            if let Err(e) = self.rest_alone() {
+                log::debug!("{}: resting on one connection: {e}", self.name);
+            }
+        }
         self.release_memory();
         self.pin.forget_wal_index_pages();
+    }
+
+    /// Close every connection and pin the WAL again on one new connection, if everything
+    /// committed has been read.
+    ///
+    /// For the moment between the close and the new pin, nothing of this process holds the
+    /// database. A commit that lands then is found by the new pin unless, within that same
+    /// moment, it was also checkpointed and then either the WAL restarted over it (new
+    /// salts) or the application's last connection closed and deleted the WAL. So the new
+    /// pin guards as the old one did only if the WAL ends exactly where it ended before,
+    /// with the same salts, and the database file was not written meanwhile (its inode
+    /// change time, which no program can set back, is what it was; and it was old enough
+    /// beforehand that a coarse clock could not hide a write). Otherwise the moment is
+    /// judged as after any unguarded pin ([`Replica::pin_state_now`] and the continuity
+    /// check of the next step), which at worst starts a new generation: nothing is lost.
+    fn rest_alone(&mut self) -> Result<()> {
+        if self.tip.is_none() || self.lost.is_some() || !self.all_read()? {
+            return Ok(()); // something to read or decide first: the next step does it
+        }
+        let before = (self.committed_end()?, written(self.pin.path())?);
+        if before.1 .1 > now_ns() - UNWRITTEN_FOR.as_nanos() as i128 {
+            return Ok(()); // written too recently to tell a write in the gap apart
+        }
+        self.pin.close_in_place()?;
+        #[cfg(test)]
+        if let Some(gap) = self.between_connections.as_mut() {
+            gap();
+        }
+        self.pin.open_again()?;
+        self.pin.pin()?;
+        let after = (self.committed_end()?, written(self.pin.path())?);
+        self.pin_state = if after == before {
+            Pin::Guarding
+        } else {
+            log::debug!(
+                "{}: the database changed while resting on one connection",
+                self.name
+            );
+            self.pin_state_now()?
+        };
+        self.alone = true;
+        Ok(())
     }
 
     /// Move the pin to the present (call under the barrier, so nothing commits meanwhile).
@@ -1178,6 +1283,17 @@ impl Replica {
 
     /// Where the committed part of the WAL ends right now (under the barrier, or after
     /// pinning).
+    /// Whether every commit in the WAL has been read: there is no WAL, it holds no commit,
+    /// or its last commit is where the tip is.
+    fn all_read(&self) -> Result<bool> {
+        let tip = self.tip.as_ref().and_then(|t| t.wal);
+        Ok(match self.committed_end()? {
+            None => true,
+            Some(now) if now.end.offset == HEADER_SIZE => true,
+            Some(now) => tip.is_some_and(|tip| tip.salt == now.salt && tip.end == now.end),
+        })
+    }
+
     fn committed_end(&self) -> Result<Option<WalMark>> {
         self.committed_end_after(None)
     }
@@ -1347,7 +1463,7 @@ fn open_control<'a>(
 /// to checkpoint inside one). Returns whether every frame was copied.
 fn run_checkpoint(name: &str, conn: &Database) -> Result<bool> {
     let (busy, log_frames, copied): (i64, i64, i64) = conn
-        .connection()
+        .connection()?
         .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
@@ -1419,6 +1535,93 @@ mod tests {
     fn write_now(app: &Connection) -> rusqlite::Result<()> {
         app.busy_timeout(Duration::ZERO)?;
         app.execute_batch("INSERT INTO t VALUES (2);")
+    }
+
+    /// Descriptors this process has open on `path`.
+    #[cfg(target_os = "linux")]
+    fn descriptors_of(path: &Path) -> usize {
+        let path = std::fs::canonicalize(path).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| *target == path)
+            .count()
+    }
+
+    /// Rest on one connection once the database file is old enough (see `UNWRITTEN_FOR`).
+    fn rest_alone_when_allowed(replica: &mut Replica) {
+        replica.set_one_connection_after(Duration::ZERO);
+        let deadline = Instant::now() + UNWRITTEN_FOR + Duration::from_secs(5);
+        while !replica.alone {
+            assert!(Instant::now() < deadline, "never rested on one connection");
+            replica.rest();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A quiet database holds one connection's descriptors (closing the control connection
+    /// alone frees none: SQLite keeps its descriptor while the pin holds a lock), and the
+    /// next commit still ships.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_quiet_database_rests_on_one_connection_and_still_ships() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        drop(app);
+        let db = dir.path().join("app.db");
+        replica.checkpoint().unwrap(); // opens the control connection
+        replica.rest();
+        // The control connection's (and the application's, closed above) are kept by SQLite.
+        assert!(descriptors_of(&db) >= 2);
+        rest_alone_when_allowed(&mut replica);
+        assert_eq!(descriptors_of(&db), 1);
+        assert_eq!(descriptors_of(&dir.path().join("app.db-wal")), 1);
+        let app = Connection::open(&db).unwrap();
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (2, 2));
+    }
+
+    /// The worst moment to commit: while a resting database has no connection, the
+    /// application commits, checkpoints everything and closes, so the WAL is deleted and
+    /// looks as it did before (no commits). The change time of the database file tells,
+    /// and the commit reaches storage.
+    #[test]
+    fn a_commit_checkpointed_away_while_walsync_has_no_connection_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        drop(app);
+        let db = dir.path().join("app.db");
+        let wal = dir.path().join("app.db-wal");
+        // Nothing in the WAL to begin with, as after the application's last close: the
+        // WAL looks the same before and after the gap.
+        replica.settle().unwrap();
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        replica.set_one_connection_after(Duration::ZERO);
+        let gap_db = db.clone();
+        replica.between_connections = Some(Box::new(move || {
+            let app = Connection::open(&gap_db).unwrap();
+            app.execute_batch("INSERT INTO t VALUES (2); PRAGMA wal_checkpoint(TRUNCATE);")
+                .unwrap();
+            drop(app);
+        }));
+        std::thread::sleep(UNWRITTEN_FOR + Duration::from_millis(500));
+        replica.rest();
+        assert!(replica.alone);
+        assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
+        replica.between_connections = None;
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!(
+            (restored, source),
+            (2, 2),
+            "the commit made in the gap is stored"
+        );
     }
 
     /// Transactions larger than a cut holds in memory (1 MiB): one committed, one still

@@ -142,7 +142,7 @@ struct DbThread {
     /// Order of arrival: [`Replicator::databases`] lists in it.
     seq: u64,
     events: Sender<Event>,
-    thread: JoinHandle<Result<()>>,
+    thread: crate::stack::LeanThread<Result<()>>,
     metrics: Arc<DbMetrics>,
     watch: WatchId,
 }
@@ -531,10 +531,10 @@ impl Core {
                 "{name:?} is already the name of another replicated database"
             )));
         }
-        let thread = std::thread::Builder::new()
-            .name(format!("walsync-{name}"))
-            .stack_size(512 * 1024)
-            .spawn(move || worker.run());
+        // A lean thread (see `stack`): its stack and guard page are two of the three memory
+        // maps an idle database costs; the `-shm` mapping is the third.
+        let thread =
+            crate::stack::spawn(&format!("walsync-{name}"), 512 * 1024, move || worker.run());
         let thread = match thread {
             Ok(thread) => thread,
             Err(e) => {

@@ -29,9 +29,9 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
     let context = || format!("copying {} with the backup API", db.path().display());
     {
         let mut target = Connection::open(scratch.path()).context(context)?;
-        let backup = Backup::new(db.connection(), &mut target).context(context)?;
+        let backup = Backup::new(db.connection()?, &mut target).context(context)?;
         let page_size: i64 = db
-            .connection()
+            .connection()?
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .context(context)?;
         progress::phase("copying");
