@@ -353,7 +353,7 @@ impl Replica {
         name: &str,
     ) -> Result<Replica> {
         layout::validate_name(name)?;
-        let (db, pin, opened) = open_connections(db_path)?;
+        let (pin, opened) = open_pin(db_path)?;
         let destination = storage.describe();
         let sidecar = Sidecar::open(db_path, &destination, name)?;
         let path = absolute_path(db_path);
@@ -388,10 +388,10 @@ impl Replica {
             tip_changed = true;
         }
         let mut replica = Replica {
-            control: Some(db),
+            control: None,
             pin,
             last_read: Instant::now(),
-            alone: false,
+            alone: true, // no control connection yet
             one_connection_after: ONE_CONNECTION_AFTER,
             #[cfg(test)]
             between_connections: None,
@@ -1173,9 +1173,8 @@ impl Replica {
             self.name,
             self.pin.path().display()
         );
-        let (control, pin, opened) = open_connections(self.pin.path())?;
-        self.control = Some(control);
-        self.alone = false;
+        let (pin, opened) = open_pin(self.pin.path())?;
+        self.control = None;
         self.pin = pin;
         self.opened = opened;
         self.pin_state = Pin::Behind(None);
@@ -1410,19 +1409,21 @@ fn pick_up_staged(
     Ok((staged, seq_floor, leftovers))
 }
 
-/// Open the control and pin connections on the same file (retrying if the path is
-/// replaced meanwhile) and pin the WAL.
-fn open_connections(path: &Path) -> Result<(Database, Database, FileIdentity)> {
+/// Open the pin's connection (retrying if the path is replaced meanwhile) and pin the WAL.
+/// The control connection is opened when first needed ([`open_control`]): a database
+/// that needs neither a barrier nor a checkpoint, as on a restart with nothing new, never
+/// holds a second connection (whose descriptor SQLite would keep, see
+/// [`Database::close_in_place`]).
+fn open_pin(path: &Path) -> Result<(Database, FileIdentity)> {
     for _ in 0..3 {
         let before = FileIdentity::of(path);
         // Says clearly why a path is unusable (missing, not a database, not in WAL mode).
-        let db = Database::open(path)?;
+        let pin = Database::open(path)?;
         let before = before?;
-        let pin = db.reopen()?;
         pin.pin()?;
         let after = FileIdentity::of(path)?;
         if before.same_file(&after) {
-            return Ok((db, pin, after));
+            return Ok((pin, after));
         }
     }
     Err(Error::invalid(format!(
