@@ -1255,6 +1255,9 @@ type Listing =
 /// again, by itself, when the window will have passed its next snapshot (the plan's
 /// `next_due`), so that old backups of a database that went idle still go, and a database
 /// with nothing left to wait for costs no requests at all.
+/// How often a running `watch` aborts the multipart uploads a crash left in storage.
+const ABORT_STALE_UPLOADS_EVERY: Duration = Duration::from_secs(24 * 3600);
+
 struct Pruner {
     requests: Sender<PruneRequest>,
     thread: JoinHandle<()>,
@@ -1271,9 +1274,18 @@ impl Pruner {
             .stack_size(256 * 1024)
             .spawn(move || {
                 let mut due: HashMap<String, Instant> = HashMap::new();
+                // The whole destination's stale multipart uploads: one request now, then
+                // one a day, rather than one with every prune of every database.
+                let mut abort_uploads_at = Instant::now();
                 loop {
+                    if Instant::now() >= abort_uploads_at {
+                        retention::abort_stale_uploads(storage.as_ref(), "");
+                        abort_uploads_at = Instant::now() + ABORT_STALE_UPLOADS_EVERY;
+                    }
                     let wait = due
                         .values()
+                        .copied()
+                        .chain([abort_uploads_at])
                         .min()
                         .map(|at| at.saturating_duration_since(Instant::now()));
                     let mut work: Vec<PruneRequest> = match wait {

@@ -368,16 +368,27 @@ pub fn prune_listed(
     let plan = plan(name, generations, now, retention);
     if !dry_run {
         execute(storage, &plan)?;
-        abort_stale_uploads(storage, name);
     }
     Ok(plan)
 }
 
-/// Abort the incomplete multipart uploads of `name` that a crash left in storage (see
-/// [`Storage::abort_stale_uploads`]), which S3 would otherwise keep and bill. Best effort:
-/// a failure is a warning and fails no prune.
-fn abort_stale_uploads(storage: &dyn Storage, name: &str) {
-    match storage.abort_stale_uploads(&format!("{name}/")) {
+/// Abort the incomplete multipart uploads under `name/` (every name: `""`) that a crash left
+/// in storage (see [`Storage::abort_stale_uploads`]), which S3 would otherwise keep and
+/// bill. `walsync prune` does it for each database it prunes; `watch` once at start and
+/// then daily for its whole destination, one request rather than one a database. Best
+/// effort: a failure is a warning and fails nothing.
+pub fn abort_stale_uploads(storage: &dyn Storage, name: &str) {
+    let prefix = if name.is_empty() {
+        String::new()
+    } else {
+        format!("{name}/")
+    };
+    let name = if name.is_empty() {
+        "every database"
+    } else {
+        name
+    };
+    match storage.abort_stale_uploads(&prefix) {
         Ok(0) => {}
         Ok(n) => log::info!(
             "{name}: aborted {n} incomplete multipart upload(s) left by a crash in {}",

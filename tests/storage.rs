@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::common::faults::FaultMix;
+use crate::common::fixtures::{wait_for, AppDb, WatchProcess};
 use crate::common::logs::warnings;
 use crate::common::s3server::{Options, PrivateCa, S3Server};
 use walsync::storage::s3::{CaRoots, S3Config, S3Storage, STALE_UPLOAD_AGE};
@@ -878,6 +879,7 @@ fn an_https_store_with_a_private_ca_is_trusted_through_each_variable() {
 #[test]
 fn prune_aborts_the_stale_uploads_of_the_database_it_prunes() {
     let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
     let s3 = server.storage("prune");
     start_upload(&server, "prune/app/snapshots/crashed.db.gz");
     start_upload(&server, "prune/other/snapshots/crashed.db.gz");
@@ -885,11 +887,65 @@ fn prune_aborts_the_stale_uploads_of_the_database_it_prunes() {
     let now = walsync::utc::UtcTime::now();
     let hour = Duration::from_secs(3600);
 
-    // A dry run changes nothing.
-    walsync::retention::prune(&s3, "app", now, hour, true).unwrap();
+    // `walsync prune app` (one replica): a dry run changes nothing.
+    let mut db = AppDb::create(dir.path(), "app.db");
+    db.insert(1, 10);
+    let storage: std::sync::Arc<dyn walsync::storage::Storage> =
+        std::sync::Arc::new(server.storage("prune"));
+    walsync::replica::Replica::open(&db.path, storage, "app")
+        .unwrap()
+        .snapshot()
+        .unwrap();
+    let catalog = walsync::layout::Catalog::from_listing(s3.list("").unwrap());
+    let names = ["app".to_string()];
+    let prune = |dry_run| {
+        walsync::retention::prune_catalog(&s3, &catalog, &names, now, hour, dry_run, |_, _| {})
+            .unwrap()
+    };
+    prune(true);
     assert_eq!(server.uploads().len(), 2);
-    walsync::retention::prune(&s3, "app", now, hour, false).unwrap();
+    prune(false);
     assert_eq!(server.uploads(), ["prune/other/snapshots/crashed.db.gz"]);
+}
+
+/// `watch` aborts the stale uploads of its whole destination once as it starts (one request,
+/// not one a database), leaving the ones of other prefixes alone.
+#[test]
+fn watch_aborts_the_stale_uploads_of_its_destination_once_at_start() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    start_upload(&server, "w/app/snapshots/crashed.db.gz");
+    start_upload(&server, "w/other/snapshots/crashed.db.gz");
+    start_upload(&server, "elsewhere/app/snapshots/crashed.db.gz");
+    server.age_uploads(STALE_UPLOAD_AGE + Duration::from_secs(60));
+    let dbs: Vec<AppDb> = ["a.db", "b.db", "c.db"]
+        .iter()
+        .map(|name| {
+            let mut db = AppDb::create(dir.path(), name);
+            db.insert(1, 10);
+            db
+        })
+        .collect();
+    let dest = format!("s3://{}/w", server.bucket());
+    let mut args: Vec<&str> = Vec::new();
+    args.extend(dbs.iter().map(|db| db.path.to_str().unwrap()));
+    args.extend(["-b", dest.as_str()]);
+    let watch = WatchProcess::start(&args, &server.env(), dir.path());
+    wait_for(Duration::from_secs(30), "the stale uploads aborted", || {
+        server.uploads() == ["elsewhere/app/snapshots/crashed.db.gz"]
+    });
+    // Every database stored: each has had its start-up prune by then, or soon after.
+    wait_for(Duration::from_secs(30), "three snapshots stored", || {
+        server.storage("w").list("").unwrap().len() >= 3
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let listings = server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.has_param("uploads"))
+        .count();
+    assert_eq!(listings, 1, "ListMultipartUploads requests");
 }
 
 /// One request a [`Responder`] received.
