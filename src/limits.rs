@@ -5,16 +5,18 @@
 //! directory. A limit reached later shows up as an obscure error on one database ("unable to
 //! open database file", a thread that cannot start), so `watch` compares what the databases
 //! it found need with what the host allows, and says which limit, how many databases it
-//! allows, and how to raise it. The costs are the measured ones (README, Watching; the
-//! design notes: 1,000 idle databases held about 6,000 memory maps, and five or six
-//! descriptors each), rounded up; the reserves cover the process's own.
+//! allows, and how to raise it. The costs are the measured ones for an idle database
+//! (`scripts/bench.sh`, tenants phase), rounded up; the reserves cover the process's own.
 
-/// Descriptors per database: two SQLite connections, their WAL files, the `-shm` file, the
-/// sidecar lock.
-pub const FILES_PER_DATABASE: u64 = 6;
+/// Descriptors per idle database: SQLite's database, WAL and `-shm` files of the pin's
+/// connection, and the sidecar lock. A database that is writing or checkpointing holds a
+/// second connection for a while (two more); one quiet for half a minute lets it go (see
+/// `Replica::rest`).
+pub const FILES_PER_DATABASE: u64 = 4;
 const FILES_RESERVED: u64 = 64;
-/// Memory maps per database: the `-shm` mapping and the allocator's maps of its heap.
-pub const MAPS_PER_DATABASE: u64 = 6;
+/// Memory maps per database: its thread's stack and guard page, the `-shm` mapping, and
+/// (measured: about half a map a database) the allocator's maps of its heap.
+pub const MAPS_PER_DATABASE: u64 = 4;
 const MAPS_RESERVED: u64 = 256;
 const THREADS_RESERVED: u64 = 16;
 
@@ -148,12 +150,12 @@ mod tests {
         let limits = host_limits(Some((1024, 4096)), true);
         let files = &limits[0];
         assert_eq!(files.what, "RLIMIT_NOFILE");
-        assert_eq!(files.allows, (1024 - 64) / 6);
-        assert!(warnings(&limits[..1], 160, 160).is_empty());
-        let said = warnings(&limits[..1], 161, 10);
+        assert_eq!(files.allows, (1024 - 64) / 4);
+        assert!(warnings(&limits[..1], 240, 240).is_empty());
+        let said = warnings(&limits[..1], 241, 10);
         assert_eq!(said.len(), 1, "{said:?}");
         assert!(
-            said[0].contains("RLIMIT_NOFILE is 1024, which allows about 160 databases"),
+            said[0].contains("RLIMIT_NOFILE is 1024, which allows about 240 databases"),
             "{said:?}"
         );
         assert!(said[0].contains("ulimit -n"), "{said:?}");
