@@ -535,6 +535,28 @@ mod tests {
         }
     }
 
+    /// docs/FORMAT.md's `state.json` example has exactly the fields walsync writes, and its
+    /// chain examples are the code's: the document cannot silently fall behind.
+    #[test]
+    fn the_format_document_matches_the_code() {
+        let format = include_str!("../docs/FORMAT.md");
+        let section = &format[format.find("## 7. `state.json`").unwrap()..];
+        let json = section.split("```json\n").nth(1).unwrap();
+        let json = &json[..json.find("```").unwrap()];
+        let example: serde_json::Value = serde_json::from_str(json).unwrap();
+        let state: ReplicaState = serde_json::from_value(example.clone()).unwrap();
+        let written = serde_json::to_value(&state).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(keys(&example), keys(&written));
+        assert!(Generation::parse(&state.generation).is_some());
+        UtcTime::parse_rfc3339(&state.updated).unwrap();
+        let chain = ChainValue::of_generation(&Generation::parse("019ba7c71200beef").unwrap());
+        assert!(format.contains(&format!("gives `{chain}`")), "{chain}");
+        assert!(format.contains(&format!("the comment `{}", ChainValue::COMMENT_PREFIX)));
+    }
+
     fn names(specs: &[&str]) -> Result<Vec<String>> {
         let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
         Ok(assign_names(&specs)?.into_iter().map(|(_, n)| n).collect())
