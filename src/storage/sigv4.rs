@@ -216,10 +216,10 @@ impl Bucket {
             Some(port) => format!("{host}:{port}"),
             None => host.to_string(),
         };
-        let signed: Vec<(&str, &str)> = std::iter::once(("host", host.as_str()))
-            .chain(headers.iter().map(|(n, v)| (*n, v.as_str())))
-            .chain(added.iter().map(|(n, v)| (*n, v.as_str())))
-            .collect();
+        let mut signed = vec![("host", host.as_str())];
+        for (name, value) in headers.iter().chain(&added) {
+            signed.push((name, value));
+        }
         let request = Request {
             method,
             path: url.path(),
@@ -297,7 +297,9 @@ fn signature(
             None => canonical.push((name, value)),
         }
     }
-    canonical.sort_by(|a, b| a.0.cmp(&b.0));
+    // Names are unique now, so this sorts by name. (A plain `sort` shares its code with the
+    // query's; a `sort_by` of its own cost 5 KB of binary.)
+    canonical.sort();
     let signed_headers = canonical
         .iter()
         .map(|(name, _)| name.as_str())
