@@ -34,3 +34,6 @@ cargo clippy --locked --all-targets -- -D warnings
 # SQLite is not bundled here, so no C cross-compiler is needed to type-check for FreeBSD.
 cargo check --locked --target x86_64-unknown-freebsd --no-default-features
 cargo test --locked
+# The static binary users install stays within its size budget (installs musl-tools if
+# needed). A release build of its own: about 90 s from cold on the 2-core machine.
+scripts/build-static.sh --check
