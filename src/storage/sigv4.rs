@@ -724,6 +724,27 @@ mod tests {
         }
     }
 
+    /// The base64 crate as an oracle, over every length up to 100 bytes and a few sizes
+    /// beyond, of deterministic pseudo-random bytes.
+    #[test]
+    fn base64_as_the_base64_crate_writes_it() {
+        use base64::Engine as _;
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut byte = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        };
+        for len in (0..=100).chain([255, 256, 257, 1000, 4096]) {
+            for _ in 0..20 {
+                let bytes: Vec<u8> = (0..len).map(|_| byte()).collect();
+                let oracle = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                assert_eq!(base64(&bytes), oracle, "{bytes:?}");
+            }
+        }
+    }
+
     #[test]
     fn base64_of_md5_digests() {
         assert_eq!(base64(b""), "");
