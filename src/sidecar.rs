@@ -438,6 +438,22 @@ mod tests {
         assert_eq!(sidecar.staged().unwrap(), expected[1..]);
     }
 
+    /// The directory name is the one docs/FORMAT.md gives as its example.
+    #[test]
+    fn the_directory_is_named_as_the_format_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let sidecar = Sidecar::open(&db, "s3://backups/prefix", "app").unwrap();
+        let name = sidecar.dir().file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            sidecar.dir().parent().unwrap(),
+            dir.path().join(".app.db-walsync")
+        );
+        let format = include_str!("../docs/FORMAT.md");
+        let example = format!("`app` replicated to `s3://backups/prefix` lives in `{name}/`");
+        assert!(format.contains(&example), "{example}");
+    }
+
     #[test]
     fn a_second_sidecar_for_the_same_replica_is_refused() {
         let dir = tempfile::tempdir().unwrap();
