@@ -12,19 +12,16 @@
 # UNTIL        optional: a UTC time in the object names' spelling, e.g. 20260110T120000.000Z;
 #              the newest snapshot taken at or before it, and segments up to it, are used
 #
-# How it works (the replica layout is described in walsync's src/layout.rs and README):
-# object names sort as plain strings in replay order, a snapshot gunzips to a database file,
-# and a segment gunzips to a complete WAL file for the database as of the segment before it.
-# So: unpack the newest snapshot, then for each later segment of its generation, in order,
-# put it beside the database as its -wal file and let sqlite3 checkpoint it in.
-#
-# The chain: a snapshot's gzip header comment holds its chain value, walsync-chain=XXXXXXXX-XXXXXXXX.
-# Each segment's WAL salts (header bytes 16..24) must equal the chain value before it, and the
-# value after a segment is its last frame's checksum (bytes 16..24 of the last frame header).
-# A break stops the restore with an error. Where an index was cut more than once, the newest
-# cut that continues the chain is used; if none does but each continues a cut of the index
-# before that was set aside, the writer abandoned that branch: the restore ends before it,
-# with a warning. A snapshot without the comment is from before chains: nothing is checked.
+# How it works (the replica format is specified in walsync's docs/FORMAT.md, which this
+# script follows): object names sort as plain strings in replay order, a snapshot gunzips to
+# a database file, and a segment gunzips to a complete WAL file for the database as of the
+# object before it. So: unpack the newest snapshot, then for each later segment of its
+# generation, in order, put it beside the database as its -wal file and let sqlite3
+# checkpoint it in. On the way it checks the chain (FORMAT.md, "The chain": the snapshot's
+# gzip comment, each segment's WAL salts, the checksum of its last frame) and chooses among
+# duplicate cuts of an index as walsync restore does; a break stops it with an error. With
+# UNTIL it takes the time labels at face value, without walsync restore's allowances for a
+# clock that stepped (FORMAT.md, "Restoring").
 set -euo pipefail
 
 die() { echo "restore-by-hand: $*" >&2; exit 1; }

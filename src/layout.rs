@@ -1,24 +1,13 @@
-//! How a replica is laid out in storage. This is a public contract: people restore from it
-//! with shell scripts (see `scripts/restore-by-hand.sh`), so it changes only with care.
+//! Names in a replica: replica names (and how a database gets one), object keys, generation
+//! ids, chain values and `state.json`, and grouping a listing into a [`Catalog`].
 //!
-//! ```text
-//! <prefix>/<name>/snapshots/<generation>-<index>-<time>.db.gz   database as of the end of segment <index>
-//! <prefix>/<name>/wal/<generation>-<index>-<time>.wal.gz        one or more whole transactions
-//! <prefix>/<name>/state.json                                    last known position, for `list`
-//! ```
-//!
-//! - `<generation>`: 16 lowercase hex digits; the first 12 are the generation's start time in
-//!   milliseconds since the Unix epoch, the last 4 are random. Generations sort in start order.
-//! - `<index>`: 10 decimal digits. Segments of a generation are numbered 1, 2, 3, ... without
-//!   gaps. A snapshot's index is the last segment it contains: the base snapshot that starts
-//!   a generation has index 0, and a later snapshot with index N equals the base snapshot with
-//!   segments 1..=N applied.
-//! - `<time>`: UTC, `YYYYMMDDTHHMMSS.mmmZ`. For a segment, when walsync read its last commit
-//!   from the WAL; for a snapshot, when it was taken. A point-in-time restore uses these.
-//!
-//! So every name sorts, as a plain string, in replay order, and a restore is planned from one
-//! LIST without reading any object. A segment, gunzipped, is a complete WAL file (fresh header,
-//! checksums recomputed) ending in a commit frame; a snapshot, gunzipped, is a database file.
+//! The format itself (what the names mean, their order, the bytes of each object, the chain)
+//! is a public contract, described once in `docs/FORMAT.md`; people restore from it with
+//! shell scripts (`scripts/restore-by-hand.sh`), so it changes only as that document's
+//! versioning policy says. This module is its one spelling in code: every key walsync writes
+//! comes from [`ObjectName::key`] or [`state_key`], and every object key it lists goes
+//! through [`ObjectName::parse_key`], which refuses anything else (foreign keys are never
+//! listed, restored or pruned).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -322,14 +311,10 @@ impl ObjectName {
     }
 }
 
-/// The value that links a generation's objects into one chain (`notes/chain-spec.md`): two
-/// 32-bit words, spelled `xxxxxxxx-xxxxxxxx` (lowercase hex).
-///
-/// A base snapshot's chain value comes from its generation id; every snapshot carries its
-/// value in its gzip header comment ([`ChainValue::comment`]); a segment's WAL header salts
-/// equal the value after the index before it, and the value after a segment is the
-/// cumulative checksum of its last frame. A snapshot without the comment belongs to a
-/// generation written before chains existed, which restore does not check.
+/// The value that links a generation's objects into one chain: two 32-bit words, spelled
+/// `xxxxxxxx-xxxxxxxx` (lowercase hex). What it is for each object is in `docs/FORMAT.md`
+/// ("The chain"); here it is made from a generation id ([`ChainValue::of_generation`]) and
+/// written into and read from a snapshot's gzip comment ([`ChainValue::comment`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChainValue(pub [u32; 2]);
 
@@ -368,8 +353,9 @@ impl fmt::Display for ChainValue {
     }
 }
 
-/// `state.json`: the last position walsync knows of, for `list` and for people. A restore
-/// never needs it; the object names alone are the truth.
+/// `state.json` (`docs/FORMAT.md`): which database writes a name (`source`, checked before
+/// a database writes under a name it did not start) and the newest object stored, for
+/// people. A restore never reads it; the object names alone are the truth.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaState {
     pub name: String,
@@ -547,6 +533,28 @@ mod tests {
         ] {
             assert_eq!(ChainValue::parse_comment(bad), None, "{bad:?}");
         }
+    }
+
+    /// docs/FORMAT.md's `state.json` example has exactly the fields walsync writes, and its
+    /// chain examples are the code's: the document cannot silently fall behind.
+    #[test]
+    fn the_format_document_matches_the_code() {
+        let format = include_str!("../docs/FORMAT.md");
+        let section = &format[format.find("## 7. `state.json`").unwrap()..];
+        let json = section.split("```json\n").nth(1).unwrap();
+        let json = &json[..json.find("```").unwrap()];
+        let example: serde_json::Value = serde_json::from_str(json).unwrap();
+        let state: ReplicaState = serde_json::from_value(example.clone()).unwrap();
+        let written = serde_json::to_value(&state).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(keys(&example), keys(&written));
+        assert!(Generation::parse(&state.generation).is_some());
+        UtcTime::parse_rfc3339(&state.updated).unwrap();
+        let chain = ChainValue::of_generation(&Generation::parse("019ba7c71200beef").unwrap());
+        assert!(format.contains(&format!("gives `{chain}`")), "{chain}");
+        assert!(format.contains(&format!("the comment `{}", ChainValue::COMMENT_PREFIX)));
     }
 
     fn names(specs: &[&str]) -> Result<Vec<String>> {

@@ -40,7 +40,8 @@
 //!
 //! - `wal`: the SQLite WAL file format: read and validate frames, write standalone WALs.
 //! - `storage`: the storage client behind one narrow trait (S3 and `file://`).
-//! - `layout`: how objects are named in a replica (the public, scriptable contract).
+//! - `layout`: how objects are named in a replica (the public, scriptable contract,
+//!   specified in `docs/FORMAT.md`).
 //! - `database`: opening the SQLite database walsync replicates, and pinning its WAL.
 //! - `snapshot`: consistent compressed copies of a database through the backup API.
 //! - `segment`: cutting committed WAL frames into standalone compressed segments.

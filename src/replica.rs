@@ -124,7 +124,8 @@ pub const DEFAULT_WAL_SIZE_LIMIT: u64 = 64 * 1024 * 1024;
 const LABELS_FOLLOW_A_STEP_BACK_OF: Duration = Duration::from_secs(3600);
 
 /// How far the WAL has been read into staged objects: saved in the sidecar, and written
-/// before anything it covers is uploaded.
+/// before anything it covers is uploaded. Its fields are listed in `docs/FORMAT.md` ("The
+/// sidecar", `position.json`): change them there too.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Position {
     destination: String,

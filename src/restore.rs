@@ -4,7 +4,7 @@
 //!    newest one, or for a point in time the newest taken at or before it) and the segments
 //!    of its generation after it (all of them, or for a point in time those up to the last
 //!    one committed at or before it: times are labels from a clock that may have stepped,
-//!    indexes are the order).
+//!    indexes are the order), as `docs/FORMAT.md` ("Restoring") specifies ([`choose`]).
 //!    Their indexes must be contiguous: a missing segment is an error, never a silent
 //!    shorter restore.
 //! 2. **Download** with bounded parallelism, gunzipping as the bytes arrive (the gzip CRC is
@@ -12,12 +12,10 @@
 //!    segments go to unlinked spool files beside it, a bounded batch at a time.
 //! 3. **Verify** each segment as a WAL: valid header with the snapshot's page size, every
 //!    frame's salts and checksum chain, no trailing bytes, and a commit frame at the end.
-//!    If the snapshot carries a chain value (its gzip header comment, see
-//!    [`ChainValue`]), each segment's WAL salts must equal the chain value before it, so
-//!    a restore never mixes two histories. Where a writer cut one index more than once,
-//!    the chain chooses: the newest segment (within the point in time) that continues the
-//!    chain; if none does and each continues another, abandoned cut of the index before,
-//!    the restore ends there (that branch was given up) with a warning.
+//!    If the snapshot carries a chain value ([`ChainValue`]), the segments must continue
+//!    it, and where a writer cut one index more than once the chain chooses the cut, by
+//!    the rules of `docs/FORMAT.md` ("The chain", "Duplicate cuts"): a restore never
+//!    mixes two histories.
 //! 4. **Apply** each frame's page at its offset in `OUT.tmp`; a commit frame's database size
 //!    truncates or extends the file, as a checkpoint would.
 //! 5. **Check** with `fsync` and `PRAGMA integrity_check`, remove stale `OUT-wal`/`OUT-shm`,

@@ -1,4 +1,5 @@
-//! Cutting committed WAL frames into a segment: a standalone, gzipped WAL file.
+//! Cutting committed WAL frames into a segment: a standalone, gzipped WAL file (its bytes
+//! are specified in `docs/FORMAT.md`, "Segments").
 //!
 //! A segment holds what the frames between two commit boundaries of the live WAL did,
 //! rewritten under a fresh WAL header with the checksum chain recomputed (see
@@ -42,14 +43,11 @@ const SUPERSEDED_LIMIT: usize = 64 * 1024;
 ///
 /// # The chain
 ///
-/// Each segment names the exact state it applies to: its salts are the previous segment's
-/// last frame checksum (for the first segment of a generation, the generation's
-/// [`ChainValue::of_generation`](crate::layout::ChainValue::of_generation); a snapshot records the chain value
-/// it was taken at in its gzip header, see `snapshot.rs`). Since the checksum chain of a WAL
-/// starts from a header checksum that covers the salts, every segment's last checksum
-/// vouches for every segment before it, and a restore can prove that the segments it applies
-/// form one unbroken history rather than pieces of two. SQLite ignores salt values when it
-/// replays a WAL, so `gunzip` + `sqlite3` still restore by hand.
+/// The salts make each segment name the exact state it applies to (`docs/FORMAT.md`, "The
+/// chain"). Since the checksum chain of a WAL starts from a header checksum that covers the
+/// salts, the last checksum, which [`Segment::chain`] returns for the next segment's salts,
+/// vouches for every segment before it. SQLite ignores salt values when it replays a WAL,
+/// so `gunzip` + `sqlite3` still restore by hand.
 ///
 /// # Superseded pages
 ///

@@ -1,25 +1,23 @@
-//! The sidecar: walsync's own files beside a database, `.app.db-walsync/`.
+//! The sidecar: walsync's own files beside a database, `.app.db-walsync/`, one directory
+//! per replica (database, destination, name) inside it. What each file holds is listed in
+//! `docs/FORMAT.md` ("The sidecar"); this module creates, locks and reads them:
 //!
-//! Each replica (one database replicated to one destination under one name) gets a directory
-//! of its own inside it, `<name>-<hash of destination and name>/`, holding:
+//! - the directory `<name>-<hash of destination and name>/` (64-bit FNV-1a) and its
+//!   `lock`, held (flock) for as long as a walsync replicates this database to this
+//!   destination, so two of them can never interleave segments under one name;
+//! - `position.json`, whose content `replica.rs` defines; an unreadable one is ignored
+//!   (a new generation starts);
+//! - staged objects, `<seq>-<object file name>`, written here before they count as read,
+//!   then uploaded in `seq` order and removed, so a storage outage costs local disk, never
+//!   the data; scratch files (`.walsync-*`) left by a killed process are removed;
+//! - `restored.json`, written by `walsync restore`, which lets the restored file take the
+//!   name over from the host that wrote it (see `Replica::reconcile`).
 //!
-//! - `lock`: held (flock) for as long as a walsync replicates this database to this
-//!   destination, so two of them can never interleave segments under one name.
-//! - `position.json`: how far the WAL has been read into staged objects (see `replica.rs`).
-//! - Staged objects, `<seq>-<object file name>` (for example
-//!   `000000000042-019a8b2c3d4e5f60-0000000007-20261121T094423.123Z.wal.gz`): segments and
-//!   snapshots cut and written here before they count as read, then uploaded in `seq`
-//!   order and removed. They survive a crash or a restart, so a storage outage costs local
-//!   disk, never the data.
-//! - Scratch files (`.walsync-*`) while an object is being written.
-//! - `restored.json`, written by `walsync restore` into the sidecar of the file it restored:
-//!   the newest generation the replica had then. It lets that file take the name over from
-//!   the host that wrote it (see `Replica::reconcile`), as a container restarted with
-//!   a new host name does.
-//!
-//! Everything is written with [`crate::files::write_atomically`]: a temporary file, fsync, rename, then an
-//! fsync of the directory, so a power cut leaves either the old or the new file and never
-//! moves a position back after walsync relied on it.
+//! `position.json` and `restored.json` are written with [`crate::files::write_atomically`]: a
+//! temporary file, fsync, rename, then an fsync of the directory, so a power cut leaves
+//! either the old or the new file and never moves a position back after walsync relied on
+//! it. A staged object is a draft renamed into place, fsynced with its directory before the
+//! position that counts it is saved (see [`Sidecar::stage`]).
 //!
 //! Nobody reads through the sidecar what the database does not let them read: the
 //! directories and files get the database file's permission bits (never more, and always
@@ -438,6 +436,22 @@ mod tests {
         );
         sidecar.remove(&expected[0]).unwrap();
         assert_eq!(sidecar.staged().unwrap(), expected[1..]);
+    }
+
+    /// The directory name is the one docs/FORMAT.md gives as its example.
+    #[test]
+    fn the_directory_is_named_as_the_format_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let sidecar = Sidecar::open(&db, "s3://backups/prefix", "app").unwrap();
+        let name = sidecar.dir().file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            sidecar.dir().parent().unwrap(),
+            dir.path().join(".app.db-walsync")
+        );
+        let format = include_str!("../docs/FORMAT.md");
+        let example = format!("`app` replicated to `s3://backups/prefix` lives in `{name}/`");
+        assert!(format.contains(&example), "{example}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! the WAL are included and later commits are not. (A raw read of the database file would
 //! miss WAL pages; `VACUUM INTO` renumbers pages and could not be a base for WAL replay.)
 //! The copy lands in a scratch database in the sidecar and is then gzipped into the staged
-//! object; memory use does not depend on the database size.
+//! object, its chain value in the gzip header (the bytes are in `docs/FORMAT.md`,
+//! "Snapshots"); memory use does not depend on the database size.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -51,7 +52,8 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
         )));
     }
     // The chain value is the only optional gzip header field walsync writes, so the
-    // comment starts at byte 10 of the object, where a shell script can read it.
+    // comment starts at byte 10 of the object, where a shell script can read it
+    // (docs/FORMAT.md, "Snapshots").
     let mut gz = spool::gzip_into(out, Some(ChainValue(chain).comment()));
     progress::phase("compressing");
     let mut plain = progress::Reader(BufReader::new(plain));

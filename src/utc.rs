@@ -259,6 +259,245 @@ mod tests {
         assert_eq!(west, z);
     }
 
+    /// jiff, the date library walsync left for these few lines (see the module doc), as an
+    /// oracle: the same instants, spellings and parses, over many random and edge values.
+    mod oracle {
+        use super::*;
+        use jiff::Timestamp;
+
+        /// A small deterministic generator (SplitMix64): the same cases on every run.
+        struct Random(u64);
+
+        impl Random {
+            fn next(&mut self) -> u64 {
+                self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = self.0;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            }
+
+            /// Uniform in `low..=high`.
+            fn range(&mut self, low: i64, high: i64) -> i64 {
+                low + (self.next() % (high - low + 1) as u64) as i64
+            }
+        }
+
+        /// Milliseconds of 0000-01-01T00:00:00Z, the first instant whose year spells with
+        /// four digits, as object names need, and of 9999-12-30T22:00:00Z, the last one
+        /// jiff represents (so that any offset keeps it within year 9999).
+        const FIRST: i64 = -62_167_219_200_000;
+        const LAST: i64 = 253_402_207_200_000;
+
+        /// Instants worth checking one by one: the epoch, leap days and the century rules,
+        /// month and year ends, the ends of the four-digit years.
+        fn edges() -> Vec<i64> {
+            let mut edges = vec![FIRST, LAST, 0, -1, 1, 999, 1000, -999, -1000];
+            for date in [
+                "0000-02-29",
+                "0001-01-01",
+                "0400-02-29",
+                "1600-02-29",
+                "1899-12-31",
+                "1900-02-28",
+                "1900-03-01",
+                "1969-12-31",
+                "1970-01-01",
+                "1999-12-31",
+                "2000-02-29",
+                "2000-03-01",
+                "2024-02-29",
+                "2038-01-19",
+                "2100-02-28",
+                "2100-03-01",
+                "2400-02-29",
+                "9999-12-30",
+            ] {
+                let start = format!("{date}T00:00:00Z").parse::<Timestamp>().unwrap();
+                let ms = start.as_millisecond();
+                edges.extend([ms - 1, ms, ms + 1, ms + 86_399_999]);
+            }
+            edges.retain(|ms| (FIRST..=LAST).contains(ms));
+            edges
+        }
+
+        /// What jiff parses `text` to, in whole milliseconds (rounded down, as walsync
+        /// truncates the digits past milliseconds), or None if it refuses it.
+        fn jiff_millis(text: &str) -> Option<i64> {
+            let t = text.parse::<Timestamp>().ok()?;
+            Some(t.as_nanosecond().div_euclid(1_000_000) as i64)
+        }
+
+        #[test]
+        fn formats_as_jiff_does_and_parses_back() {
+            let mut random = Random(20);
+            let instants = edges()
+                .into_iter()
+                .chain((0..20_000).map(|_| random.range(FIRST, LAST)));
+            for ms in instants {
+                let t = UtcTime::from_millis(ms);
+                let oracle = Timestamp::from_millisecond(ms).unwrap();
+                let rfc3339 = oracle.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+                let compact = oracle.strftime("%Y%m%dT%H%M%S%.3fZ").to_string();
+                assert_eq!(t.to_rfc3339(), rfc3339, "{ms}");
+                assert_eq!(t.to_compact(), compact, "{ms}");
+                assert_eq!(UtcTime::parse_rfc3339(&rfc3339).ok(), Some(t), "{rfc3339}");
+                assert_eq!(UtcTime::parse_compact(&compact), Some(t), "{compact}");
+                assert_eq!(jiff_millis(&rfc3339), Some(ms), "{rfc3339}");
+            }
+        }
+
+        /// A random RFC 3339 time: any date and time of years 0001-9998, `T`, `t` or a
+        /// space, 0 to 9 fraction digits, `Z`, `z` or an offset up to ±23:59.
+        fn random_rfc3339(random: &mut Random) -> String {
+            let year = random.range(1, 9998);
+            let month = random.range(1, 12);
+            let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+            let days = match month {
+                2 if leap => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            let day = random.range(1, days);
+            let separator = ["T", "t", " "][random.range(0, 2) as usize];
+            let (h, m, s) = (
+                random.range(0, 23),
+                random.range(0, 59),
+                random.range(0, 59),
+            );
+            let digits = random.range(0, 9) as usize;
+            let fraction: String = (0..digits)
+                .map(|_| char::from(b'0' + random.range(0, 9) as u8))
+                .collect();
+            let fraction = if digits == 0 {
+                String::new()
+            } else {
+                format!(".{fraction}")
+            };
+            let offset = match random.range(0, 3) {
+                0 => "Z".to_string(),
+                1 => "z".to_string(),
+                _ => format!(
+                    "{}{:02}:{:02}",
+                    ["+", "-"][random.range(0, 1) as usize],
+                    random.range(0, 23),
+                    random.range(0, 59)
+                ),
+            };
+            format!(
+                "{year:04}-{month:02}-{day:02}{separator}{h:02}:{m:02}:{s:02}{fraction}{offset}"
+            )
+        }
+
+        #[test]
+        fn parses_rfc3339_as_jiff_does() {
+            let mut random = Random(3339);
+            let edges = [
+                "2016-12-31T23:59:60Z",
+                "2016-12-31T23:59:60.999+00:00",
+                "1970-01-01T00:00:00-00:00",
+                "1970-01-01T00:00:00.000000001+23:59",
+                "1969-12-31T23:59:59.999999999Z",
+                "0000-01-01T00:00:00+00:01",
+                "0000-01-01T00:00:00-23:59",
+                "9999-12-30T21:59:59.999999999Z",
+            ];
+            let randoms = (0..20_000).map(|_| random_rfc3339(&mut random));
+            for text in edges.into_iter().map(str::to_string).chain(randoms) {
+                let ours = UtcTime::parse_rfc3339(&text).map(UtcTime::millis).ok();
+                assert_eq!(ours, jiff_millis(&text), "{text}");
+            }
+        }
+
+        /// `text` with one or two characters changed, dropped or added.
+        fn mutate(random: &mut Random, text: &str) -> String {
+            const ALPHABET: &[u8] = b"0123456789:-+.TZtz 9";
+            let mut text = text.as_bytes().to_vec();
+            for _ in 0..random.range(1, 2) {
+                let at = random.range(0, text.len() as i64 - 1) as usize;
+                let c = ALPHABET[random.range(0, ALPHABET.len() as i64 - 1) as usize];
+                match random.range(0, 2) {
+                    0 => text[at] = c,
+                    1 => drop(text.remove(at)),
+                    _ => text.insert(at, c),
+                }
+            }
+            String::from_utf8(text).unwrap()
+        }
+
+        /// Strings near valid ones: whatever walsync accepts, jiff accepts too, as the same
+        /// instant. (jiff accepts more: ISO 8601 forms RFC 3339 does not have, such as
+        /// `+0200` or `T12`.)
+        #[test]
+        fn accepts_nothing_jiff_refuses() {
+            let mut random = Random(7);
+            let mut accepted = 0;
+            // Days and times that do not exist, one step past the last that does. (jiff takes
+            // offsets up to ±25:59, which RFC 3339 does not: its offset hours are 00-23.)
+            let edges = [
+                "1900-02-29T00:00:00Z",
+                "2100-02-29T00:00:00Z",
+                "2023-02-29T00:00:00Z",
+                "2024-02-30T00:00:00Z",
+                "2024-04-31T00:00:00Z",
+                "2024-13-01T00:00:00Z",
+                "2024-00-10T00:00:00Z",
+                "2024-01-00T00:00:00Z",
+                "2024-01-10T24:00:00Z",
+                "2024-01-10T23:60:00Z",
+                "2024-01-10T23:59:61Z",
+                "2024-01-10T23:59:59+23:60",
+            ];
+            for text in edges {
+                assert_eq!(jiff_millis(text), None, "jiff takes {text}");
+                assert!(UtcTime::parse_rfc3339(text).is_err(), "{text} accepted");
+            }
+            for _ in 0..50_000 {
+                let valid = random_rfc3339(&mut random);
+                let text = mutate(&mut random, &valid);
+                // RFC 3339 allows any number of fraction digits; jiff reads at most 9.
+                let fraction = text
+                    .split_once('.')
+                    .map_or(0, |(_, f)| f.bytes().take_while(u8::is_ascii_digit).count());
+                if let Ok(ours) = UtcTime::parse_rfc3339(&text) {
+                    accepted += 1;
+                    if fraction <= 9 {
+                        assert_eq!(Some(ours.millis()), jiff_millis(&text), "{text:?}");
+                    }
+                }
+            }
+            assert!(accepted > 1_000, "only {accepted} mutations parsed");
+        }
+
+        /// The same for the compact spelling of object names, spelled for jiff as RFC 3339.
+        #[test]
+        fn accepts_no_compact_time_jiff_refuses() {
+            let mut random = Random(8);
+            let mut accepted = 0;
+            for _ in 0..50_000 {
+                let name = UtcTime::from_millis(random.range(FIRST, LAST)).to_compact();
+                let text = mutate(&mut random, &name);
+                let Some(ours) = UtcTime::parse_compact(&text) else {
+                    continue;
+                };
+                accepted += 1;
+                let spelled = format!(
+                    "{}-{}-{}T{}:{}:{}{}",
+                    &text[..4],
+                    &text[4..6],
+                    &text[6..8],
+                    &text[9..11],
+                    &text[11..13],
+                    &text[13..15],
+                    &text[15..]
+                );
+                assert_eq!(Some(ours.millis()), jiff_millis(&spelled), "{text:?}");
+            }
+            assert!(accepted > 1_000, "only {accepted} mutations parsed");
+        }
+    }
+
     #[test]
     fn rejects_malformed_rfc3339() {
         for bad in [
