@@ -4,7 +4,7 @@
 #
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
 #                    [--dbs N] [--write-seconds S] [--db-mib N] [--barrier-seconds S]
-#                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many]...
+#                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many|tenants]...
 #
 # walsync runs as its static musl build (scripts/build-static.sh), the binary users install,
 # as Litestream runs as its release binary, which is static too; the glibc build
@@ -27,6 +27,14 @@
 #   - many databases: 1, 100 and 1000 small idle databases watched by one process: startup
 #     (until every database has an object stored and the tool is quiet for 5 s), then over
 #     60 s the S3 requests made and the resident size at the end (RSS once idle);
+#   - tenants: a host of 1,000 and 3,000 idle databases (DIR/tNNNNN/app.db; walsync with
+#     --dir --recursive, Litestream at 1,000 only, each database in its configuration): the
+#     first start, then 45 s later RSS, descriptors, memory maps and threads per database and
+#     the requests made, then a restart: until quiet, requests per database, snapshots stored.
+#     3,000 is the most this machine's descriptor hard limit (20,000) lets walsync start (a
+#     database holds six while it takes its first snapshot); 10,000's RSS is projected from
+#     the two. And directory pick-up: 100 databases created one by one while walsync watches
+#     their directory, the time from each one's first commit to its first object stored;
 #   - S3 requests made by one idle database over an idle window (600 s; both tools side by
 #     side, requests told apart by key prefix), after the initial replication settled;
 #   - peak RSS and time of `walsync snapshot` and `walsync restore` of a 200 MiB database
@@ -41,7 +49,7 @@
 #     us"; Litestream logs nothing comparable: n/a).
 # --quick: 10 databases, 10 s of writes, 20 s idle, a 20 MiB database, 15 s of barrier
 # writes, fewer lag commits, 10 MiB heavy and slowdown writes, 1/10/100 idle databases for
-# 10 s.
+# 10 s, 100 and 300 tenants, 20 picked up.
 #
 # Prints a table (walsync, litestream, ratio walsync/litestream) and writes everything to
 # target/bench/results.json. Work files are in target/bench/work (replaced on each run).

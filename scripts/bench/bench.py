@@ -927,6 +927,148 @@ def phase_many(tool, server, work, n_dbs, idle_seconds):
     return result
 
 
+def maps_of(pid):
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def footprint(pid):
+    return {"rss_kib": vm_rss_kib(pid), "open_files": open_files_of(pid),
+            "maps": maps_of(pid), "threads": threads_of(pid)}
+
+
+def make_tenants(ddir, n_dbs):
+    """`n_dbs` small WAL databases laid out as a host of tenants: DIR/tNNNNN/app.db."""
+    dbs = []
+    for i in range(n_dbs):
+        tenant = os.path.join(ddir, f"t{i:05d}")
+        os.makedirs(tenant, exist_ok=True)
+        dbs.append((make_db(os.path.join(tenant, "app.db"), rows=20, seed=i), f"t{i:05d}.app"))
+    return dbs
+
+
+def phase_tenants(tool, server, work, n_dbs, idle_seconds):
+    """A host of `n_dbs` idle tenant databases. walsync watches their directory
+    (`--dir --recursive`); Litestream is given each one in its configuration. Measures the
+    first start (until every database has an object stored and the tool is quiet for 5 s),
+    the footprint once idle (RSS, descriptors, memory maps, threads) and the requests made
+    meanwhile, then a restart of the replicated host: how long until quiet again, the
+    requests it cost (per database) and the snapshots it stored (none is needed)."""
+    tag = f"tenants{n_dbs}"
+    prefix = f"bench/{tag}/{tool.name}"
+    ddir = os.path.join(work, f"{tag}-{tool.name}")
+    os.makedirs(ddir, exist_ok=True)
+    log(f"{tool.name}: creating {n_dbs} tenant databases")
+    dbs = make_tenants(ddir, n_dbs)
+    dirs = [tool.replica_dir(prefix, n) for _, n in dbs]
+    result = {"dbs": n_dbs}
+
+    def start():
+        if tool.name == "walsync":
+            cmd = [tool.exe, "watch", "--dir", ddir, "--recursive",
+                   "-b", f"s3://{server.bucket}/{prefix}", "--endpoint", server.endpoint]
+            out = open(os.path.join(work, f"{tag}.walsync.log"), "a")
+            return tool.children.start(cmd, env=server.env(), stdout=out,
+                                       stderr=subprocess.STDOUT)
+        return tool.start(dbs, prefix, tag)
+
+    def snapshots_stored():
+        return sum(1 for d in dirs for o in server.objects(d)
+                   if "snapshot" in o or o.endswith(".db.gz"))
+
+    proc = start()
+    try:
+        started = time.monotonic()
+        first = wait_replicated(server, dirs, timeout=300 + n_dbs / 5, quiet=5, proc=proc)
+        if first is None:
+            raise RuntimeError("not every database was stored in time")
+        result["first_start_s"] = round(first, 1)
+        result["first_start_settled_s"] = round(time.monotonic() - started, 1)
+        result["first_start_peak_rss_kib"] = vm_hwm_kib(proc.pid)
+        offset = server.log_offset()
+        time.sleep(idle_seconds)
+        requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
+        result["idle_seconds"] = idle_seconds
+        result["idle_requests"] = len(requests)
+        result["idle"] = footprint(proc.pid)
+        tool.children.stop(proc, timeout=120)
+
+        snapshots_before = snapshots_stored()
+        offset = server.log_offset()
+        log(f"{tool.name}: restarting over {n_dbs} replicated databases")
+        restarted = time.monotonic()
+        proc = start()
+        # Quiet: no request for 10 s (or 120 s at most).
+        last_count, last_change = 0, time.monotonic()
+        while time.monotonic() - last_change < 10 and time.monotonic() - restarted < 120:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{tool.name} exited on restart with {proc.returncode}")
+            count = len(server.requests(offset))
+            if count != last_count:
+                last_count, last_change = count, time.monotonic()
+            time.sleep(0.2)
+        requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
+        result["restart_quiet_s"] = round(last_change - restarted, 1)
+        result["restart_requests"] = len(requests)
+        result["restart_requests_by_kind"] = classify(requests)
+        result["restart_snapshots"] = snapshots_stored() - snapshots_before
+        result["restart"] = footprint(proc.pid)
+        stats = tool.children.stop(proc, timeout=120)
+        result.update({"peak_rss_kib": stats["maxrss_kib"], "exit_code": stats["rc"]})
+    except RuntimeError as e:
+        result["error"] = str(e)
+        log(f"{tool.name}: {n_dbs} tenants: {e}")
+    finally:
+        if proc.returncode is None:
+            tool.children.stop(proc, timeout=5)
+    server.remove(prefix)
+    shutil.rmtree(ddir, ignore_errors=True)
+    log(f"{tool.name}: {result}")
+    return result
+
+
+def phase_pickup(tool, server, work, n_dbs):
+    """walsync watching an empty directory while `n_dbs` databases are created in it one by
+    one: for each, the time from its first commit in WAL mode to its first object stored."""
+    tag = f"pickup{n_dbs}"
+    prefix = f"bench/{tag}/{tool.name}"
+    ddir = os.path.join(work, f"{tag}-{tool.name}")
+    os.makedirs(ddir, exist_ok=True)
+    cmd = [tool.exe, "watch", "--dir", ddir, "-b", f"s3://{server.bucket}/{prefix}",
+           "--endpoint", server.endpoint]
+    out = open(os.path.join(work, f"{tag}.walsync.log"), "w")
+    proc = tool.children.start(cmd, env=server.env(), stdout=out, stderr=subprocess.STDOUT)
+    result = {"dbs": n_dbs}
+    try:
+        time.sleep(2)
+        created = {}
+        for i in range(n_dbs):
+            name = f"new{i:03d}"
+            make_db(os.path.join(ddir, f"{name}.db"), rows=5, seed=i)
+            created[name] = time.monotonic()
+            time.sleep(0.05)
+        seen = {}
+        deadline = time.monotonic() + 60
+        while len(seen) < n_dbs and time.monotonic() < deadline:
+            for name, at in created.items():
+                if name not in seen and server.objects(tool.replica_dir(prefix, name)):
+                    seen[name] = time.monotonic() - at
+            time.sleep(0.05)
+        latencies = sorted(seen.values())
+        result.update({"picked_up": len(seen), "p50_s": round(percentile(latencies, 50), 2),
+                       "p99_s": round(percentile(latencies, 99), 2),
+                       "max_s": round(latencies[-1], 2) if latencies else None})
+    finally:
+        tool.children.stop(proc, timeout=30)
+    server.remove(prefix)
+    shutil.rmtree(ddir, ignore_errors=True)
+    log(f"{tool.name}: pick-up {result}")
+    return result
+
+
 def phase_idle(tools, server, work, seconds):
     """All tools side by side, each on its own idle database; requests told apart by prefix."""
     tag = "idle"
@@ -1223,7 +1365,7 @@ def main(argv):
     p.add_argument("--barrier-seconds", type=float, help="length of the barrier run's writes")
     p.add_argument("--skip", action="append", default=[],
                    choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
-                            "slowdown", "many"],
+                            "slowdown", "many", "tenants"],
                    help="skip a phase")
     p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
     a = p.parse_args(argv)
@@ -1249,6 +1391,13 @@ def main(argv):
         "slowdown_rows_per_txn": 10,
         "many_dbs": [1, 10, 100] if quick else [1, 100, 1000],
         "many_idle_seconds": 10 if quick else 60,
+        # Idle databases on one host (walsync; Litestream at the first count only). The
+        # largest count that fits this machine's descriptor hard limit (20,000: a database
+        # holds up to six while it takes its first snapshot); 10,000 is projected from it.
+        "tenant_dbs": [100, 300] if quick else [1000, 3000],
+        # Longer than walsync's 30 s before a quiet database rests on one connection.
+        "tenant_idle_seconds": 45,
+        "pickup_dbs": 20 if quick else 100,
         "db_mib": a.db_mib or (20 if quick else 200),
         "barrier_seconds": a.barrier_seconds or (15 if quick else 60),
         "barrier_interval_s": 0.01,
@@ -1336,6 +1485,14 @@ def main(argv):
                 ph[f"many_{n}"] = {t.name: phase_many(t, server, work, n,
                                                       params["many_idle_seconds"])
                                    for t in watchers}
+        if "tenants" not in a.skip:
+            for i, n in enumerate(params["tenant_dbs"]):
+                ph[f"tenants_{n}"] = {
+                    t.name: phase_tenants(t, server, work, n, params["tenant_idle_seconds"])
+                    for t in watchers if t.name == "walsync" or i == 0}
+            if walsync in watchers:
+                ph["pickup"] = {"walsync": phase_pickup(walsync, server, work,
+                                                        params["pickup_dbs"])}
         if "snapshot" not in a.skip:
             ph["snapshot_restore"] = phase_snapshot_restore(walsync, litestream, server, work,
                                                             params["db_mib"])
@@ -1413,6 +1570,65 @@ def main(argv):
         for t, r in m.items():
             if "error" in r:
                 notes.append(f"WARNING: {t}, {what}: {r['error']}")
+    for n in params["tenant_dbs"]:
+        key = f"tenants_{n}"
+        if key not in ph:
+            continue
+        m = ph[key]
+        what = f"{n} idle tenant dbs"
+
+        def get(t, *path, m=m):
+            value = m.get(t, {})
+            for step in path:
+                value = value.get(step) if isinstance(value, dict) else None
+            return value
+
+        def per_db(t, *path, m=m, n=n):
+            value = get(t, *path, m=m)
+            return None if value is None else round(value / n, 2)
+
+        add(f"{key}_first_start_s", f"first start, {what} (each stored, then quiet)", "s",
+            lambda t, get=get: get(t, "first_start_s"))
+        add(f"{key}_idle_rss_kib", f"RSS once idle, {what}", "KiB",
+            lambda t, get=get: get(t, "idle", "rss_kib"))
+        add(f"{key}_fds_per_db", f"descriptors per db once idle, {what}", "",
+            lambda t, per_db=per_db: per_db(t, "idle", "open_files"))
+        add(f"{key}_maps_per_db", f"memory maps per db once idle, {what}", "",
+            lambda t, per_db=per_db: per_db(t, "idle", "maps"))
+        add(f"{key}_threads", f"threads once idle, {what}", "",
+            lambda t, get=get: get(t, "idle", "threads"))
+        add(f"{key}_idle_requests",
+            f"S3 requests, {what}, {params['tenant_idle_seconds']} s once stored", "",
+            lambda t, get=get: get(t, "idle_requests"))
+        add(f"{key}_restart_quiet_s", f"restart of {what}: until quiet", "s",
+            lambda t, get=get: get(t, "restart_quiet_s"))
+        add(f"{key}_restart_requests_per_db", f"restart of {what}: requests per db", "",
+            lambda t, per_db=per_db: per_db(t, "restart_requests"))
+        add(f"{key}_restart_snapshots", f"restart of {what}: snapshots stored", "",
+            lambda t, get=get: get(t, "restart_snapshots"))
+        for t, r in m.items():
+            if "error" in r:
+                notes.append(f"WARNING: {t}, {what}: {r['error']}")
+    counts = [n for n in params["tenant_dbs"] if f"tenants_{n}" in ph]
+    if len(counts) >= 2 and 10000 not in counts:
+        lo, hi = counts[0], counts[-1]
+
+        def projected(t, lo=lo, hi=hi):
+            if t != "walsync":
+                return None
+            a = ph[f"tenants_{lo}"]["walsync"]["idle"]["rss_kib"]
+            b = ph[f"tenants_{hi}"]["walsync"]["idle"]["rss_kib"]
+            return round(b + (b - a) / (hi - lo) * (10000 - hi))
+
+        add("tenants_10000_idle_rss_kib_projected",
+            f"RSS once idle, 10000 idle tenant dbs (PROJECTED from {lo} and {hi})", "KiB",
+            projected)
+    if "pickup" in ph:
+        pk = ph["pickup"]["walsync"]
+        add("pickup_p99_s", f"directory pick-up, {pk['dbs']} dbs created while watching, p99",
+            "s", lambda t: pk.get("p99_s") if t == "walsync" else None)
+        add("pickup_max_s", f"directory pick-up, {pk['dbs']} dbs created while watching, max",
+            "s", lambda t: pk.get("max_s") if t == "walsync" else None)
     if "idle" in ph:
         secs = params["idle_seconds"]
         add("idle_requests", f"S3 requests, 1 idle db over {secs:g} s", "",
