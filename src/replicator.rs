@@ -120,8 +120,9 @@ const STOP_RETRY: Duration = Duration::from_secs(1);
 enum Event {
     /// The WAL or database file changed.
     Changed,
-    /// An upload finished (stored, or handed back at shutdown).
-    Uploaded(Upload, Result<()>),
+    /// An upload finished (stored, or handed back at shutdown). Boxed: a channel keeps a
+    /// block of 31 slots of the largest event per database, 3 KiB unboxed.
+    Uploaded(Box<(Upload, Result<()>)>),
     /// Ship now, ignoring `min_interval`, and answer once everything is stored.
     Sync(Sender<Result<()>>),
     /// Snapshot now, and answer with its key once it is stored.
@@ -791,6 +792,23 @@ impl DbWorker {
             .max(Duration::from_millis(1))
     }
 
+    /// An object is stored: count it, and answer whoever waited for it.
+    fn uploaded(&mut self, upload: Upload) {
+        let key = upload.key.clone();
+        self.lag.stored(&key);
+        match self.replica.upload_done(&key) {
+            Ok(true) => {
+                drop(self.write_state());
+                self.agenda.prune_due = true;
+            }
+            Ok(false) => {}
+            Err(e) => log::error!("{}: {e}", self.replica.name()),
+        }
+        for waiter in self.agenda.waiters.remove(&key).unwrap_or_default() {
+            waiter.answer(Ok(&key));
+        }
+    }
+
     fn handle(&mut self, event: Event) {
         let agenda = &mut self.agenda;
         match event {
@@ -798,25 +816,13 @@ impl DbWorker {
                 agenda.dirty = true;
                 self.lag.changed();
             }
-            Event::Uploaded(upload, Ok(())) => {
-                let key = upload.key.clone();
-                self.lag.stored(&key);
-                match self.replica.upload_done(&key) {
-                    Ok(true) => {
-                        drop(self.write_state());
-                        self.agenda.prune_due = true;
-                    }
-                    Ok(false) => {}
-                    Err(e) => log::error!("{}: {e}", self.replica.name()),
+            Event::Uploaded(done) => match *done {
+                (upload, Ok(())) => self.uploaded(upload),
+                (upload, Err(e)) => {
+                    log::error!("{}: {e}", self.replica.name());
+                    self.replica.upload_returned(upload);
                 }
-                for waiter in self.agenda.waiters.remove(&key).unwrap_or_default() {
-                    waiter.answer(Ok(&key));
-                }
-            }
-            Event::Uploaded(upload, Err(e)) => {
-                log::error!("{}: {e}", self.replica.name());
-                self.replica.upload_returned(upload);
-            }
+            },
             Event::Sync(reply) => {
                 agenda.dirty = true;
                 agenda.force = true;
@@ -1071,7 +1077,7 @@ impl DbWorker {
                 self.replica.name(),
                 upload,
                 Box::new(move |upload, result| {
-                    let _ = events.send(Event::Uploaded(upload, result));
+                    let _ = events.send(Event::Uploaded(Box::new((upload, result))));
                 }),
                 Some(Arc::clone(&self.metrics)),
             );

@@ -777,3 +777,72 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
         "{log}"
     );
 }
+
+/// A host of a thousand replicated databases restarted: quiet again at once, one request
+/// per database (the LIST that reconciles it) and the destination's one
+/// ListMultipartUploads, and no snapshot: nothing changed, so nothing is stored again.
+#[test]
+fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snapshot() {
+    const DATABASES: usize = 1000;
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..DATABASES {
+        drop(AppDb::create(&data, &format!("db{i:04}.db")));
+    }
+    let args = ["--dir", path_str(&data), "-b", &s3_url(&server, "host")];
+    let storage = server.storage("host");
+    let snapshots = || {
+        storage
+            .list("")
+            .unwrap()
+            .iter()
+            .filter(|o| o.key.contains("/snapshots/"))
+            .count()
+    };
+    let first = watch(&args, &server, root.path());
+    wait_for(Duration::from_secs(120), "every database stored", || {
+        snapshots() >= DATABASES
+    });
+    assert!(first.terminate(Duration::from_secs(60)).success());
+    let stored = snapshots();
+
+    server.clear_requests();
+    let started = Instant::now();
+    let second = watch(&args, &server, root.path());
+    // Quiet: no new request for 5 s.
+    let (mut seen, mut changed) = (0, Instant::now());
+    while changed.elapsed() < Duration::from_secs(5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not quiet after 60 s"
+        );
+        let now = server.requests().len();
+        if now != seen {
+            (seen, changed) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let quiet_after = changed.duration_since(started);
+    let requests = server.requests();
+    let log = second.log();
+    assert!(second.terminate(Duration::from_secs(60)).success());
+    assert!(
+        quiet_after < Duration::from_secs(30),
+        "quiet after {quiet_after:?}"
+    );
+    let puts: Vec<_> = requests.iter().filter(|r| r.method == "PUT").collect();
+    assert!(
+        puts.is_empty(),
+        "{} uploads: {:?}",
+        puts.len(),
+        &puts[..puts.len().min(5)]
+    );
+    assert!(
+        requests.len() <= DATABASES + 1,
+        "{} requests for {DATABASES} databases",
+        requests.len()
+    );
+    assert_eq!(snapshots(), stored, "{log}");
+}
