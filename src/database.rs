@@ -199,6 +199,31 @@ impl Database {
         Ok(&self.conn)
     }
 
+    /// The SHA-256 of the database file's content, in lowercase hex: what proves that it did
+    /// not change while walsync was stopped (see `Replica::settle`), where its size and
+    /// modification time cannot: on a filesystem whose timestamps are whole seconds (ext4
+    /// with 128-byte inodes, ext3, HFS+, FAT, NFS on those) a write in the same second
+    /// leaves both as they were.
+    ///
+    /// Read through SQLite's own descriptor of the file (its `sqlite3_file`'s `xRead`), never
+    /// a descriptor of walsync's: closing one would drop this process's POSIX locks on the
+    /// file (see [`check_is_file`]), and the pin's shared lock with them.
+    pub fn content_digest(&self) -> Result<String> {
+        self.refuse_if_closed()?;
+        let what = || format!("reading {} to prove it unchanged", self.path.display());
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        // SAFETY: see read_main_file.
+        unsafe { read_main_file(&self.conn, &mut buf, |chunk| context.update(chunk)) }
+            .map_err(|e| e.with_context(what()))?;
+        Ok(context
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// Start a read transaction that pins the WAL (see the module docs).
     pub fn pin(&self) -> Result<()> {
         self.refuse_if_closed()?;
@@ -261,6 +286,65 @@ fn check_is_file(path: &Path) -> Result<()> {
         ))),
         Err(e) => Err(Error::from(e).with_context(format!("database {}", path.display()))),
     }
+}
+
+/// Hand the whole main database file of `conn` to `each`, a buffer at a time, read with
+/// the `xRead` of the `sqlite3_file` SQLite has open for it.
+///
+/// # Safety
+///
+/// `conn` must be used by the calling thread only (walsync's connections are).
+/// `SQLITE_FCNTL_FILE_POINTER` hands out the open `sqlite3_file` of the main database,
+/// valid while the connection is open; `xFileSize` and `xRead` are its public methods,
+/// given a buffer we own and a length that fits it.
+unsafe fn read_main_file(
+    conn: &Connection,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) -> Result<()> {
+    use rusqlite::ffi;
+    use std::ffi::{c_int, c_void};
+
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    let rc = ffi::sqlite3_file_control(
+        conn.handle(),
+        c"main".as_ptr(),
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        (&raw mut file).cast::<c_void>(),
+    );
+    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+        return Err(Error::new(
+            ErrorKind::Other,
+            format!("no open file (SQLite error {rc})"),
+        ));
+    }
+    let methods = &*(*file).pMethods;
+    let (Some(file_size), Some(read)) = (methods.xFileSize, methods.xRead) else {
+        return Err(Error::new(ErrorKind::Other, "the VFS cannot read the file"));
+    };
+    let mut size: ffi::sqlite3_int64 = 0;
+    let rc = file_size(file, &raw mut size);
+    if rc != ffi::SQLITE_OK {
+        return Err(Error::new(
+            ErrorKind::Other,
+            format!("file size: SQLite error {rc}"),
+        ));
+    }
+    let mut offset: i64 = 0;
+    while offset < size {
+        let n = usize::try_from(size - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        let rc = read(file, buf.as_mut_ptr().cast(), n as c_int, offset);
+        if rc != ffi::SQLITE_OK {
+            // Including SQLITE_IOERR_SHORT_READ: the file shrank while it was read.
+            return Err(Error::new(
+                ErrorKind::Other,
+                format!("read: SQLite error {rc}"),
+            ));
+        }
+        each(&buf[..n]);
+        offset += n as i64;
+    }
+    Ok(())
 }
 
 /// Size of a wal-index region as SQLite maps it (`WALINDEX_PGSZ` in SQLite's wal.c).
@@ -326,6 +410,44 @@ unsafe fn forget_wal_index_pages_linux(conn: &Connection) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The digest is SHA-256 of the file, sees a same-size rewrite, and is read without a
+    /// descriptor of walsync's own: the pin's shared lock on the database file holds
+    /// afterwards, as another process trying to lock that range finds.
+    #[test]
+    fn the_content_digest_is_the_files_and_keeps_the_pins_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        drop(app);
+        // Read before the pin: a read of our own after it would drop its lock.
+        let bytes = std::fs::read(&path).unwrap();
+        let db = Database::open(&path).unwrap();
+        db.pin().unwrap();
+        let expected: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(db.content_digest().unwrap(), expected);
+        // SQLite's shared lock: a read lock on 510 bytes after the pending and reserved bytes.
+        let exclusive = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import fcntl, os, sys\n\
+                 fd = os.open(sys.argv[1], os.O_RDWR)\n\
+                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002, 0)",
+            )
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            !exclusive.status.success(),
+            "another process took the shared range exclusively: the pin's lock was dropped"
+        );
+    }
 
     #[test]
     fn refuses_missing_non_sqlite_and_rollback_journal_databases() {

@@ -466,6 +466,15 @@ impl Scanner {
             Ok(name) => name,
             Err(e) => return self.skip(path, e.to_string()),
         };
+        // A file this process already replicates (named on the command line, or the same
+        // file by another path) must not be opened here: closing any descriptor of it would
+        // drop the POSIX locks its SQLite connections hold (see `database::check_is_file`).
+        let free = std::fs::canonicalize(path)
+            .map_err(Error::from)
+            .and_then(|canonical| self.core.check_free(&name, &canonical));
+        if let Err(e) = free {
+            return self.not_added(path, e);
+        }
         match content(path) {
             Content::Wal => {}
             Content::Empty => {
@@ -490,16 +499,21 @@ impl Scanner {
                 }
                 self.mine.insert(path.to_path_buf(), name);
             }
-            // A database still leaving may hold what this one needs (its sidecar, when
-            // the same file came back or moved within the tree): try again once it left.
-            Err(e) if e.is_transient() || self.core.reap() > 0 => {
-                log::debug!(
-                    "{}: {e}; trying again once removed databases left",
-                    path.display()
-                );
-                self.waiting.insert(path.to_path_buf());
-            }
-            Err(e) => self.skip(path, format!("not replicated: {e}")),
+            Err(e) => self.not_added(path, e),
+        }
+    }
+
+    fn not_added(&mut self, path: &Path, e: Error) {
+        // A database still leaving may hold what this one needs (its sidecar, when the
+        // same file came back or moved within the tree): try again once it left.
+        if e.is_transient() || self.core.reap() > 0 {
+            log::debug!(
+                "{}: {e}; trying again once removed databases left",
+                path.display()
+            );
+            self.waiting.insert(path.to_path_buf());
+        } else {
+            self.skip(path, format!("not replicated: {e}"));
         }
     }
 

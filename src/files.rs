@@ -52,35 +52,6 @@ impl FileIdentity {
     }
 }
 
-/// The SHA-256 of `path`'s content, in lowercase hex.
-///
-/// What proves that a database did not change while walsync was stopped (see
-/// `replica.rs`): a file's size and modification time cannot, on a filesystem whose
-/// timestamps are whole seconds (ext4 with 128-byte inodes, ext3, HFS+, FAT, NFS on those),
-/// where a write in the same second leaves both as they were.
-pub fn content_digest(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let what = || format!("reading {} to prove it unchanged", path.display());
-    let mut file = File::open(path).context(what)?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::from(e).with_context(what())),
-        };
-        context.update(&buf[..n]);
-    }
-    Ok(context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// `path` with `suffix` appended to its last component: `app.db` + `-wal` → `app.db-wal`.
 pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
@@ -231,23 +202,5 @@ mod tests {
         assert!(!FileIdentity::of(&path).unwrap().same_file(&first));
         assert_eq!(FileIdentity::probe(&dir.path().join("missing")), None);
         assert_eq!(with_suffix(&path, "-wal"), dir.path().join("app.db-wal"));
-    }
-
-    #[test]
-    fn the_content_digest_is_sha256_and_sees_a_same_size_rewrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("app.db");
-        std::fs::write(&path, b"abc").unwrap();
-        // FIPS 180-2's example "abc".
-        assert_eq!(
-            content_digest(&path).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        std::fs::write(&path, b"abd").unwrap();
-        assert_ne!(
-            content_digest(&path).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert!(content_digest(&dir.path().join("missing")).is_err());
     }
 }

@@ -583,7 +583,9 @@ impl Replica {
     /// stops every checkpoint from copying later frames into it while it is read. Record
     /// its digest.
     fn prove(&mut self) -> Result<()> {
-        let sha256 = crate::files::content_digest(self.pin.path())
+        let sha256 = self
+            .pin
+            .content_digest()
             .map_err(|e| e.with_context(self.name.clone()))?;
         if !FileIdentity::of(self.pin.path())?.same_file(&self.opened) {
             return Ok(()); // replaced meanwhile: what was read proves nothing
@@ -963,7 +965,9 @@ impl Replica {
         let Some(proof) = tip.proof.as_ref().filter(|p| p.index == tip.index) else {
             return Ok(false);
         };
-        let sha256 = crate::files::content_digest(self.pin.path())
+        let sha256 = self
+            .pin
+            .content_digest()
             .map_err(|e| e.with_context(self.name.clone()))?;
         let same = sha256 == proof.sha256;
         log::debug!(

@@ -450,7 +450,7 @@ impl Core {
     }
 
     /// Refuse a name or a file that is replicated already, or still leaving.
-    fn check_free(&self, name: &str, canonical: &Path) -> Result<()> {
+    pub(crate) fn check_free(&self, name: &str, canonical: &Path) -> Result<()> {
         let databases = lock(&self.databases);
         if let Some(db) = databases.active.get(name) {
             return Err(Error::invalid(format!(

@@ -846,3 +846,50 @@ fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snap
     );
     assert_eq!(snapshots(), stored, "{log}");
 }
+
+/// A database named on the command line inside a watched directory is refused by the
+/// directory without being opened: closing a descriptor of it would drop the locks the
+/// named replica's SQLite connection holds, and another process could then take the
+/// database exclusively (the application's last connection would checkpoint and delete the
+/// WAL under walsync's pin). The shared lock is still there once the directory is scanned.
+#[test]
+fn scanning_a_directory_keeps_the_locks_of_a_database_already_replicated() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&logs).unwrap();
+    let data = std::fs::canonicalize(&data).unwrap();
+    let path = {
+        let mut db = AppDb::create(&data, "app.db");
+        db.insert(1, 10);
+        db.path.clone()
+    };
+    let named = format!("{}:named", path.display());
+    let dest = s3_url(&server, "locks");
+    let process = watch(
+        &[&named, "--dir", path_str(&data), "-b", &dest],
+        &server,
+        &logs,
+    );
+    wait_for(Duration::from_secs(10), "the directory's refusal", || {
+        process.log().contains("already replicated as \"named\"")
+    });
+    // SQLite's shared lock: a read lock on 510 bytes after the pending and reserved bytes.
+    let exclusive = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import fcntl, os, sys\n\
+             fd = os.open(sys.argv[1], os.O_RDWR)\n\
+             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002, 0)",
+        )
+        .arg(&path)
+        .output()
+        .unwrap();
+    let log = process.log();
+    assert!(process.terminate(Duration::from_secs(30)).success());
+    assert!(
+        !exclusive.status.success(),
+        "another process took the database exclusively while walsync replicates it: {log}"
+    );
+}
