@@ -75,6 +75,8 @@ pub mod error;
 #[doc(hidden)]
 pub mod files;
 #[doc(hidden)]
+pub mod gate;
+#[doc(hidden)]
 pub mod glob;
 #[doc(hidden)]
 pub mod heartbeat;

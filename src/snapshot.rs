@@ -20,6 +20,9 @@ use crate::layout::ChainValue;
 use crate::progress;
 use crate::spool::{self, NamedSpool};
 
+/// How many snapshots are taken at once in this process (see [`crate::gate`]).
+static SNAPSHOTTING: crate::gate::Gate = crate::gate::Gate::new(4);
+
 /// Pages copied per backup step; bounds how long each step holds SQLite's mutexes.
 const PAGES_PER_STEP: std::os::raw::c_int = 4096;
 
@@ -27,6 +30,9 @@ const PAGES_PER_STEP: std::os::raw::c_int = 4096;
 /// gzipped, with `chain` (the chain value of the segment it is aligned to) in the gzip
 /// header. `scratch` is where the uncompressed copy is made. Returns the database size.
 pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> Result<u64> {
+    // A host of databases starting for the first time snapshots them all at once: a few at
+    // a time, each with its compressor's few hundred KiB, is as fast and holds far less.
+    let _pass = SNAPSHOTTING.enter();
     let context = || format!("copying {} with the backup API", db.path().display());
     {
         let mut target = Connection::open(scratch.path()).context(context)?;

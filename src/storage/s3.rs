@@ -562,6 +562,12 @@ impl S3Storage {
             .timeout_per_write(Some(config.timeout))
             .tls_config(tls.build())
             .user_agent(concat!("walsync/", env!("CARGO_PKG_VERSION")))
+            // 32 KiB each way, not ureq's 128: S3's response headers are a few hundred
+            // bytes, bodies stream through, and a host of databases starting at once holds
+            // a connection per thread (256 KiB each at ureq's sizes).
+            .input_buffer_size(32 * 1024)
+            .output_buffer_size(32 * 1024)
+            .max_response_header_size(32 * 1024)
             .build()
             .into();
         Ok(S3Storage {

@@ -1,0 +1,86 @@
+//! A gate that lets a few threads through at a time.
+//!
+//! A host of ten thousand databases starts ten thousand threads at once, and each one's
+//! first act is a request to storage (reconciling its replica). Unbounded, that is ten
+//! thousand connections at once, each with its buffers: hundreds of MiB of peak memory for
+//! work that a few connections finish as fast, and a burst a real S3 would throttle. The
+//! gate bounds how many threads do such work at the same moment; the others wait their
+//! turn, which comes within milliseconds.
+
+use std::sync::{Condvar, Mutex, PoisonError};
+
+pub struct Gate {
+    inside: Mutex<usize>,
+    turn: Condvar,
+    limit: usize,
+}
+
+/// A place inside the gate, given back when dropped.
+pub struct Pass<'a> {
+    gate: &'a Gate,
+}
+
+impl Gate {
+    pub const fn new(limit: usize) -> Gate {
+        Gate {
+            inside: Mutex::new(0),
+            turn: Condvar::new(),
+            limit,
+        }
+    }
+
+    /// Wait for a place, and hold it until the [`Pass`] is dropped.
+    pub fn enter(&self) -> Pass<'_> {
+        let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
+        while *inside >= self.limit.max(1) {
+            inside = self
+                .turn
+                .wait(inside)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *inside += 1;
+        Pass { gate: self }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        let mut inside = self
+            .gate
+            .inside
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *inside -= 1;
+        drop(inside);
+        self.gate.turn.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gate;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn no_more_than_the_limit_are_inside_at_once() {
+        let gate = Arc::new(Gate::new(3));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (gate, inside, most) = (gate.clone(), inside.clone(), most.clone());
+                std::thread::spawn(move || {
+                    let _pass = gate.enter();
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
+}
