@@ -896,11 +896,7 @@ impl DbWorker {
             return Ok(());
         }
         let name = self.replica.name().to_string();
-        let reconciled = {
-            let _pass = RECONCILING.enter();
-            self.replica.reconcile()
-        };
-        match reconciled {
+        match self.replica.reconcile() {
             Ok(()) => {
                 if self.agenda.reconcile_at.take().is_some() {
                     log::info!("{name}: storage answers again: uploading what was staged");
@@ -1265,9 +1261,6 @@ type Listing =
 /// again, by itself, when the window will have passed its next snapshot (the plan's
 /// `next_due`), so that old backups of a database that went idle still go, and a database
 /// with nothing left to wait for costs no requests at all.
-/// How many database threads reconcile with storage at once (see [`crate::gate`]).
-static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(16);
-
 /// How often a running `watch` aborts the multipart uploads a crash left in storage.
 const ABORT_STALE_UPLOADS_EVERY: Duration = Duration::from_secs(24 * 3600);
 

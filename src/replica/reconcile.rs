@@ -9,6 +9,9 @@ use crate::error::{Context, Error, Result};
 use crate::layout::{self, Generation, GenerationObjects, ObjectKind, ReplicaState};
 use crate::sidecar::Staged;
 
+/// How many replicas list storage to reconcile at once (see [`crate::gate`]): a host of
+/// databases starting together would otherwise open a connection (and its buffers) each.
+static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(64);
 impl Replica {
     /// Whether the tip has been checked against storage (see [`Replica::reconcile`]).
     pub fn is_reconciled(&self) -> bool {
@@ -21,10 +24,13 @@ impl Replica {
     /// tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
     /// again.
     pub fn reconcile(&mut self) -> Result<()> {
-        let listing = self
-            .storage
-            .list(&format!("{}/", self.name))
-            .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
+        let listing = {
+            // The request only: what follows may fsync the sidecar, which a thousand
+            // threads at once do in a few journal commits, and 64 at a time in many.
+            let _pass = RECONCILING.enter();
+            self.storage.list(&format!("{}/", self.name))
+        }
+        .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
         let mut catalog = layout::Catalog::from_listing(listing);
         let generations = catalog.databases.remove(&self.name).unwrap_or_default();
         let newest = generations.keys().next_back().cloned();
