@@ -8,6 +8,7 @@
 //! turn, which comes within milliseconds.
 
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 pub struct Gate {
     inside: Mutex<usize>,
@@ -27,6 +28,26 @@ impl Gate {
             turn: Condvar::new(),
             limit,
         }
+    }
+
+    /// Wait up to `wait` for a place; `None` if none came. A thread that must stay
+    /// responsive (to a stop) waits a little at a time.
+    pub fn enter_within(&self, wait: Duration) -> Option<Pass<'_>> {
+        let deadline = Instant::now() + wait;
+        let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
+        while *inside >= self.limit.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            inside = self
+                .turn
+                .wait_timeout(inside, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *inside += 1;
+        Some(Pass { gate: self })
     }
 
     /// Wait for a place, and hold it until the [`Pass`] is dropped.
@@ -82,5 +103,18 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_full_gate_turns_away_after_the_wait() {
+        let gate = Gate::new(1);
+        let pass = gate.enter();
+        assert!(gate
+            .enter_within(std::time::Duration::from_millis(20))
+            .is_none());
+        drop(pass);
+        assert!(gate
+            .enter_within(std::time::Duration::from_millis(20))
+            .is_some());
     }
 }

@@ -700,6 +700,8 @@ struct Agenda {
     settled: bool,
     /// Storage could not be reached to reconcile the replica: try again then.
     reconcile_at: Option<Instant>,
+    /// The reconciling gate was full: try again at once (see [`RECONCILING`]).
+    gate_full: bool,
     /// Removed (see [`Event::Remove`]): stopping, and not to be replicated again.
     removing: bool,
     /// Removed, and its file is gone: nothing more can be read, only staged objects go.
@@ -781,6 +783,9 @@ impl DbWorker {
         }
         if let Some(reconcile) = agenda.reconcile_at {
             wake = wake.min(reconcile);
+        }
+        if agenda.gate_full {
+            wake = now;
         }
         if let Some(prune) = self.next_prune() {
             wake = wake.min(prune);
@@ -896,7 +901,16 @@ impl DbWorker {
             return Ok(());
         }
         let name = self.replica.name().to_string();
-        match self.replica.reconcile() {
+        // A place at the gate, or try again right after handling what arrived meanwhile
+        // (a stop must not wait for a thousand other databases' LISTs).
+        let Some(pass) = RECONCILING.enter_within(Duration::from_secs(1)) else {
+            self.agenda.gate_full = true;
+            return Ok(());
+        };
+        self.agenda.gate_full = false;
+        let listing = self.replica.list_own();
+        drop(pass);
+        match listing.and_then(|listing| self.replica.reconcile_listed(listing)) {
             Ok(()) => {
                 if self.agenda.reconcile_at.take().is_some() {
                     log::info!("{name}: storage answers again: uploading what was staged");
@@ -1261,6 +1275,13 @@ type Listing =
 /// again, by itself, when the window will have passed its next snapshot (the plan's
 /// `next_due`), so that old backups of a database that went idle still go, and a database
 /// with nothing left to wait for costs no requests at all.
+/// How many replicas list storage to reconcile at once (see [`crate::gate`]): a host of
+/// databases starting together would otherwise open a connection (and its 64 KiB of
+/// buffers) each. A LIST is mostly waiting for storage, so the gate stays wide: at 16 or
+/// 64, a restart of 1,000 databases against the test server took a minute (it lists a
+/// prefix in about a second), against 3 s with every one at once.
+static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(256);
+
 /// How often a running `watch` aborts the multipart uploads a crash left in storage.
 const ABORT_STALE_UPLOADS_EVERY: Duration = Duration::from_secs(24 * 3600);
 

@@ -748,6 +748,18 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
     wait_for(Duration::from_secs(20), "walsync watch to start", || {
         log().contains("replicating ")
     });
+    // Every file considered: watched, or skipped with a warning (on a loaded machine the
+    // scan takes a while).
+    let considered = |log: &str| {
+        log.lines().filter(|l| l.contains(" as db")).count()
+            + log
+                .lines()
+                .filter(|l| l.contains(" WARN ") && l.contains("not replicated"))
+                .count()
+    };
+    wait_for(Duration::from_secs(30), "every file considered", || {
+        considered(&log()) >= 40
+    });
     std::thread::sleep(Duration::from_millis(500));
     let running = child.try_wait().unwrap().is_none();
     let _ = child.kill();

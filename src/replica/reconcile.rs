@@ -9,12 +9,6 @@ use crate::error::{Context, Error, Result};
 use crate::layout::{self, Generation, GenerationObjects, ObjectKind, ReplicaState};
 use crate::sidecar::Staged;
 
-/// How many replicas list storage to reconcile at once (see [`crate::gate`]): a host of
-/// databases starting together would otherwise open a connection (and its 64 KiB of
-/// buffers) each. A LIST is mostly waiting for storage, so the gate stays wide: at 16 or
-/// 64, a restart of 1,000 databases against the test server took a minute (it lists a
-/// prefix in about a second), against 3 s with every one at once.
-static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(256);
 impl Replica {
     /// Whether the tip has been checked against storage (see [`Replica::reconcile`]).
     pub fn is_reconciled(&self) -> bool {
@@ -27,13 +21,19 @@ impl Replica {
     /// tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
     /// again.
     pub fn reconcile(&mut self) -> Result<()> {
-        let listing = {
-            // The request only: what follows may fsync the sidecar, which a thousand
-            // threads at once do in a few journal commits, and a few at a time in many.
-            let _pass = RECONCILING.enter();
-            self.storage.list(&format!("{}/", self.name))
-        }
-        .context(|| format!("{}: listing {}", self.name, self.storage.describe()))?;
+        let listing = self.list_own()?;
+        self.reconcile_listed(listing)
+    }
+
+    /// The LIST of [`Replica::reconcile`], for a caller that bounds how many run at once.
+    pub fn list_own(&self) -> Result<Vec<crate::storage::ObjectInfo>> {
+        self.storage
+            .list(&format!("{}/", self.name))
+            .context(|| format!("{}: listing {}", self.name, self.storage.describe()))
+    }
+
+    /// [`Replica::reconcile`] from the listing [`Replica::list_own`] took.
+    pub fn reconcile_listed(&mut self, listing: Vec<crate::storage::ObjectInfo>) -> Result<()> {
         let mut catalog = layout::Catalog::from_listing(listing);
         let generations = catalog.databases.remove(&self.name).unwrap_or_default();
         let newest = generations.keys().next_back().cloned();
