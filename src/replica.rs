@@ -116,11 +116,12 @@ mod reconcile;
 /// up (the WAL then stays pinned and grows instead).
 pub const DEFAULT_STAGING_LIMIT: u64 = 1024 * 1024 * 1024;
 
-/// Cuts outside the barrier go on (up to [`OUTSIDE_ROUNDS`] of them) until one finds at
-/// most this many frames, so that the barrier's cut after them is small.
+/// Cuts (and a checkpoint's copies) outside the barrier go on, up to [`OUTSIDE_ROUNDS`]
+/// of them, until one finds at most this many frames, so that what the barrier reads and
+/// copies after them is small.
 const SMALL_CUT_FRAMES: u64 = 256;
 
-/// At most this many rounds of reading (and copying) before a barrier.
+/// At most this many rounds of cutting, and of copying, before a barrier.
 const OUTSIDE_ROUNDS: usize = 4;
 
 /// A WAL file at least this large is truncated after walsync's next complete checkpoint.
@@ -578,38 +579,40 @@ impl Replica {
         if self.tip.is_none() {
             return Ok(Checkpoint::Skipped);
         }
-        // The bulk of the work while the application goes on writing, in rounds: read what
-        // committed, move the pin to the present (handed off, no barrier needed: see
-        // `hand_off_pin`), copy up to it. Each round reads what committed during the one
-        // before, so the barrier below covers only the last round's commits, not everything
-        // committed while the bulk was read and copied (measured: with one round, a writer
-        // producing 100 MB of WAL a second left 6,500 frames for the barrier's cut, and the
-        // write lock was held 107 ms).
-        for _ in 0..OUTSIDE_ROUNDS {
-            let frames = match self.cut()? {
-                Cut::Broken(_) | Cut::Held => {
-                    self.persist()?;
-                    return Ok(Checkpoint::Skipped);
-                }
-                Cut::Staged { frames, .. } => frames,
-                Cut::Idle => 0,
-            };
-            self.persist()?;
-            if self.pin_state == Pin::Guarding {
-                self.hand_off_pin()?;
-            } else {
-                // Unread commits may predate the pin: only the barrier can move it.
-                let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
-                self.persist()?;
-                if matches!(cut, Cut::Broken(_) | Cut::Held) {
-                    return Ok(Checkpoint::Skipped);
-                }
+        if self.pin_state != Pin::Guarding {
+            // Unread commits may predate the pin: read them, and only the barrier can move
+            // it so that it guards.
+            let outside = self.cut_until_small()?;
+            if matches!(outside, Cut::Broken(_) | Cut::Held) {
+                return Ok(Checkpoint::Skipped);
             }
+            let cut = self.under_barrier(|r| r.cut_rest_and_repin())?;
+            self.persist()?;
+            if matches!(cut, Cut::Broken(_) | Cut::Held) {
+                return Ok(Checkpoint::Skipped);
+            }
+        }
+        // The bulk of the copy while the application goes on writing, in rounds: move the
+        // pin to the present (handed off, no barrier needed: see `hand_off_pin`) and copy
+        // up to it, until a round finds little to copy. Then read what committed meanwhile,
+        // also in rounds, so that the barrier below covers only the commits of a moment,
+        // not of the whole time the bulk took (measured: with one round of each, a writer
+        // producing 100 MB of WAL a second left 6,500 frames for the barrier to read, and
+        // the write lock was held 107 ms).
+        let mut copied_before = None;
+        for _ in 0..OUTSIDE_ROUNDS {
+            self.hand_off_pin()?;
             let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
-            run_checkpoint(&self.name, control)?;
-            if frames <= SMALL_CUT_FRAMES {
+            let (_, copied) = run_checkpoint(&self.name, control)?;
+            let fresh = copied_before.map_or(copied, |before| copied.saturating_sub(before));
+            copied_before = Some(copied);
+            if fresh <= SMALL_CUT_FRAMES {
                 break;
             }
+        }
+        let outside = self.cut_until_small()?;
+        if matches!(outside, Cut::Broken(_) | Cut::Held) {
+            return Ok(Checkpoint::Skipped);
         }
         // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
         let (cut, complete) = self.under_barrier(|r| {
@@ -622,7 +625,7 @@ impl Replica {
             r.pin.pin()?;
             r.pin_state = Pin::Guarding;
             r.pinned_at = Some(r.wal_look()?);
-            let complete = copied?;
+            let (complete, _) = copied?;
             if complete {
                 r.note_backfilled()?;
             }
@@ -1459,7 +1462,7 @@ fn open_control<'a>(
     pin: &Database,
     opened: &FileIdentity,
     name: &str,
-) -> Result<&'a Database> {
+) -> Result<&'a mut Database> {
     let control = match slot.take() {
         Some(control) => control,
         None => {
@@ -1480,8 +1483,9 @@ fn open_control<'a>(
 }
 
 /// Run a PASSIVE checkpoint on `conn` (which must not be in a transaction: SQLite refuses
-/// to checkpoint inside one). Returns whether every frame was copied.
-fn run_checkpoint(name: &str, conn: &Database) -> Result<bool> {
+/// to checkpoint inside one). Returns whether every frame was copied, and how many frames
+/// of the WAL are in the database file now.
+fn run_checkpoint(name: &str, conn: &Database) -> Result<(bool, u64)> {
     let (busy, log_frames, copied): (i64, i64, i64) = conn
         .connection()
         .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -1489,7 +1493,10 @@ fn run_checkpoint(name: &str, conn: &Database) -> Result<bool> {
         })
         .context(|| format!("{name}: checkpoint"))?;
     log::debug!("{name}: checkpoint: busy={busy} log={log_frames} copied={copied}");
-    Ok(busy == 0 && log_frames == copied)
+    Ok((
+        busy == 0 && log_frames == copied,
+        u64::try_from(copied).unwrap_or(0),
+    ))
 }
 
 fn mark(header: &WalHeader, end: WalPosition) -> WalMark {
