@@ -5,6 +5,7 @@
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
 #                    [--dbs N] [--write-seconds S] [--db-mib N] [--barrier-seconds S]
 #                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many|tenants]...
+#                    [--phase PHASE]...   (run only these phases; same names as --skip)
 #
 # walsync runs as its static musl build (scripts/build-static.sh), the binary users install,
 # as Litestream runs as its release binary, which is static too; the glibc build
@@ -21,9 +22,12 @@
 #     directory is polled every 5 ms and each new object searched, gunzipped for walsync);
 #   - heavy writes: 100 MiB written as fast as possible in 100-row transactions (1000-byte
 #     rows that compress about 2:1): the tool's CPU time (user+sys) and CPU per MiB, the
-#     bytes it stored, its peak RSS, and how long it took to catch up;
+#     bytes it stored, its peak RSS, how long it took to catch up, and the writing
+#     application's wall time;
 #   - application slowdown: the wall time of writing 60 MiB in 10-row transactions under
-#     each tool, over the same with no replication;
+#     each tool, over the same with no replication, on disk, once with the application's
+#     default checkpointing (wal_autocheckpoint 1000) and once with wal_autocheckpoint=0;
+#     none, walsync and Litestream interleaved, 3 times (--quick: once), medians;
 #   - many databases: 1, 100 and 1000 small idle databases watched by one process: startup
 #     (until every database has an object stored and the tool is quiet for 5 s), then over
 #     60 s the S3 requests made and the resident size at the end (RSS once idle);
@@ -73,6 +77,8 @@ while [ $# -gt 0 ]; do
       args+=("$1" "${2:?$1 needs a value}"); shift ;;
     --skip)
       skips+=("${2:?--skip needs a phase}"); args+=("$1" "$2"); shift ;;
+    --phase)
+      args+=("$1" "${2:?--phase needs a phase}"); shift ;;
     *) echo "bench: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
   shift

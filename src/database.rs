@@ -26,6 +26,24 @@ use crate::error::{Context, Error, ErrorKind, Result};
 /// How long walsync waits for the application's locks before giving up on an operation.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often walsync asks for the write lock while the application holds it. SQLite's own
+/// busy handler sleeps 1, 2, 5, 10, then up to 100 ms between tries: against an application
+/// that commits back to back the lock is free only for moments between its transactions,
+/// and walsync waited 1.6 s for it (measured, 60 MiB in 10-row transactions on disk), while
+/// 9,225 frames were committed that it then had to read under the lock (held 266 ms).
+const BARRIER_RETRY: Duration = Duration::from_micros(250);
+
+/// The busy handler of [`Database::lock_writes`]: try again after [`BARRIER_RETRY`], for
+/// about [`BUSY_TIMEOUT`] in all.
+fn barrier_busy(tries: i32) -> bool {
+    let most = (BUSY_TIMEOUT.as_micros() / BARRIER_RETRY.as_micros()) as i32;
+    if tries >= most {
+        return false;
+    }
+    std::thread::sleep(BARRIER_RETRY);
+    true
+}
+
 /// An open connection to a replicated database.
 pub struct Database {
     path: PathBuf,
@@ -232,10 +250,14 @@ impl Database {
             .context(|| format!("starting a read transaction on {}", self.path.display()))
     }
 
-    /// Take the write lock (the barrier), waiting up to the busy timeout for writers.
-    pub fn lock_writes(&self) -> Result<()> {
+    /// Take the write lock (the barrier), waiting about the busy timeout for writers,
+    /// asking every [`BARRIER_RETRY`] (see there).
+    pub fn lock_writes(&mut self) -> Result<()> {
         self.refuse_if_closed()?;
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
+        self.conn.busy_handler(Some(barrier_busy))?;
+        let locked = self.conn.execute_batch("BEGIN IMMEDIATE");
+        self.restore_busy_timeout()?;
+        locked.map_err(|e| {
             Error::new(
                 ErrorKind::Transient,
                 format!(

@@ -883,6 +883,10 @@ impl DbWorker {
             self.answer_syncs();
             return Ok(());
         }
+        if self.agenda.stop.is_none() {
+            // Not once stopping: settling leaves the pin on read mark 0 on purpose.
+            self.replica.follow_restart()?;
+        }
         self.ship()?;
         self.snapshot_if_due()?;
         self.checkpoint_if_due()?;

@@ -23,6 +23,7 @@ import select
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -474,13 +475,17 @@ def bulk_writer_main(argv):
     """`bench.py bulk-writer --mib M --rows-per-txn R DB`: an application writing M MiB as
     fast as it can, in transactions of R rows of 1000 bytes each (half random bytes, half
     repeated text, so the data compresses about 2:1), with SQLite's defaults (synchronous
-    FULL, wal_autocheckpoint 1000). Prints a JSON summary with its wall time."""
+    FULL, wal_autocheckpoint 1000), or with `--autocheckpoint N` (0: checkpoints left to the
+    replicator). Prints a JSON summary with its wall time."""
     p = argparse.ArgumentParser(prog="bench.py bulk-writer")
     p.add_argument("--mib", type=float, required=True)
     p.add_argument("--rows-per-txn", type=int, required=True)
+    p.add_argument("--autocheckpoint", type=int)
     p.add_argument("db")
     a = p.parse_args(argv)
     conn = connect(a.db)
+    if a.autocheckpoint is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint={a.autocheckpoint:d}")
     conn.execute("CREATE TABLE IF NOT EXISTS bulk(id INTEGER PRIMARY KEY, body BLOB)")
     conn.commit()
     rng = random.Random(5)
@@ -841,12 +846,13 @@ def phase_lag(tool, server, work, rates, writer_py):
     return results
 
 
-def phase_heavy(tool, server, work, mib, rows_per_txn, writer_py, tag):
+def phase_heavy(tool, server, work, mib, rows_per_txn, writer_py, tag, autocheckpoint=None):
     """An application writing `mib` MiB as fast as it can in transactions of `rows_per_txn`
     rows (`bulk-writer`), under `tool` with its defaults (None: no replication). Measures the
     application's wall time, and for a tool its CPU time (user + sys, from wait4, start and
     stop included), peak RSS, the bytes it stored, and how long it took to catch up after
-    the last commit."""
+    the last commit. `autocheckpoint`: the application's `wal_autocheckpoint` (None: SQLite's
+    default, 1000)."""
     name = tool.name if tool else "none"
     prefix = f"bench/{tag}/{name}"
     db = make_db(os.path.join(work, f"{tag}-{name}.db"), rows=10)
@@ -858,8 +864,9 @@ def phase_heavy(tool, server, work, mib, rows_per_txn, writer_py, tag):
                                proc=proc) is None:
                 raise RuntimeError(f"{tool.name} did not replicate the {tag} database in 60 s")
         log(f"{name}: writing {mib:g} MiB in {rows_per_txn}-row transactions")
+        ac = [] if autocheckpoint is None else ["--autocheckpoint", str(autocheckpoint)]
         writer = subprocess.run([sys.executable, writer_py, "bulk-writer", "--mib", str(mib),
-                                 "--rows-per-txn", str(rows_per_txn), db],
+                                 "--rows-per-txn", str(rows_per_txn), *ac, db],
                                 capture_output=True, text=True, check=True)
         result = json.loads(writer.stdout)
         result["mib"] = mib
@@ -882,6 +889,32 @@ def phase_heavy(tool, server, work, mib, rows_per_txn, writer_py, tag):
     shutil.rmtree(os.path.join(work, f".{tag}-{name}.db-walsync"), ignore_errors=True)
     log(f"{name}: {result}")
     return result
+
+
+def phase_slowdown(watchers, server, work, mib, rows_per_txn, writer_py, reps):
+    """The application's slowdown: `phase_heavy`'s writer with no replication and under each
+    tool, with the application's default checkpointing and with `wal_autocheckpoint=0`
+    (checkpoints left to the replicator), interleaved (none, walsync, Litestream, then again)
+    `reps` times, so that other load on the machine falls on every column alike. Each
+    setting's ratio is the median wall time under the tool over the median with none."""
+    settings = {"default": None, "autocheckpoint_0": 0}
+    runs = {s: {} for s in settings}
+    for rep in range(reps):
+        for setting, ac in settings.items():
+            for tool in [None, *watchers]:
+                name = tool.name if tool else "none"
+                log(f"slowdown {setting}, run {rep + 1} of {reps}: {name}")
+                r = phase_heavy(tool, server, work, mib, rows_per_txn, writer_py,
+                                f"slowdown-{setting}", autocheckpoint=ac)
+                runs[setting].setdefault(name, []).append(r)
+    out = {}
+    for setting, by_tool in runs.items():
+        out[setting] = {}
+        for name, rs in by_tool.items():
+            walls = [r["wall_s"] for r in rs]
+            out[setting][name] = {"wall_s": statistics.median(walls), "walls_s": walls,
+                                  "runs": rs}
+    return out
 
 
 def phase_many(tool, server, work, n_dbs, idle_seconds):
@@ -1367,8 +1400,15 @@ def main(argv):
                    choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
                             "slowdown", "many", "tenants"],
                    help="skip a phase")
+    p.add_argument("--phase", action="append", default=[],
+                   choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
+                            "slowdown", "many", "tenants"],
+                   help="run only this phase (repeatable); the others are skipped")
     p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
     a = p.parse_args(argv)
+    if a.phase:
+        a.skip = sorted({"size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
+                         "slowdown", "many", "tenants"} - set(a.phase) | set(a.skip))
 
     quick = a.quick
     if a.idle_seconds is not None and float(a.idle_seconds).is_integer():
@@ -1389,6 +1429,7 @@ def main(argv):
         "heavy_rows_per_txn": 100,
         "slowdown_mib": 10 if quick else 60,
         "slowdown_rows_per_txn": 10,
+        "slowdown_reps": 1 if quick else 3,
         "many_dbs": [1, 10, 100] if quick else [1, 100, 1000],
         "many_idle_seconds": 10 if quick else 60,
         # Idle databases on one host (walsync; Litestream at the first count only). The
@@ -1477,9 +1518,9 @@ def main(argv):
                                                params["heavy_rows_per_txn"], writer_py, "heavy")
                            for t in watchers}
         if "slowdown" not in a.skip:
-            ph["slowdown"] = {(t.name if t else "none"): phase_heavy(
-                t, server, work, params["slowdown_mib"], params["slowdown_rows_per_txn"],
-                writer_py, "slowdown") for t in [None, *watchers]}
+            ph["slowdown"] = phase_slowdown(watchers, server, work, params["slowdown_mib"],
+                                            params["slowdown_rows_per_txn"], writer_py,
+                                            params["slowdown_reps"])
         if "many" not in a.skip:
             for n in params["many_dbs"]:
                 ph[f"many_{n}"] = {t.name: phase_many(t, server, work, n,
@@ -1548,12 +1589,16 @@ def main(argv):
         add("heavy_peak_rss_kib", f"peak RSS, {what}", "KiB", lambda t: h[t]["peak_rss_kib"])
         add("heavy_catch_up_s", "caught up after the last commit", "s",
             lambda t: h[t]["catch_up_s"])
+        add("heavy_writer_wall_s", f"app wall time, {what}", "s", lambda t: h[t]["wall_s"])
     if "slowdown" in ph:
-        sd = ph["slowdown"]
-        base = sd["none"]["wall_s"]
         what = f"{params['slowdown_mib']} MiB in {params['slowdown_rows_per_txn']}-row txns"
-        add("slowdown", f"app slowdown, {what} (no replication: {base:.1f} s = 1.0)", "x",
-            lambda t: round(sd[t]["wall_s"] / base, 3))
+        for setting, label in (("default", "app defaults"),
+                               ("autocheckpoint_0", "app wal_autocheckpoint=0")):
+            sd = ph["slowdown"][setting]
+            base = sd["none"]["wall_s"]
+            add(f"slowdown_{setting}",
+                f"app slowdown, {what}, {label} (no replication: {base:.2f} s = 1.0)", "x",
+                lambda t, sd=sd, base=base: round(sd[t]["wall_s"] / base, 3))
     for n in params["many_dbs"]:
         key = f"many_{n}"
         if key not in ph:
