@@ -692,6 +692,8 @@ struct Agenda {
     waiters: HashMap<String, Vec<Waiter>>,
     /// A prune is wanted (at start, and after a snapshot is stored).
     prune_due: bool,
+    /// Snapshots stored since this thread started.
+    snapshots_stored: u32,
     last_prune: Option<Instant>,
     /// Stopping: walsync must be gone by then.
     stop: Option<Instant>,
@@ -804,7 +806,12 @@ impl DbWorker {
         match self.replica.upload_done(&key) {
             Ok(true) => {
                 drop(self.write_state());
-                self.agenda.prune_due = true;
+                // A snapshot can make older objects prunable, unless it is the first this
+                // name ever had: a new database's first start costs no LIST for a prune.
+                self.agenda.snapshots_stored += 1;
+                if self.replica.had_history() || self.agenda.snapshots_stored > 1 {
+                    self.agenda.prune_due = true;
+                }
             }
             Ok(false) => {}
             Err(e) => log::error!("{}: {e}", self.replica.name()),
@@ -943,7 +950,12 @@ impl DbWorker {
     /// When the next prune may be asked for, if one is wanted.
     fn next_prune(&self) -> Option<Instant> {
         let agenda = &self.agenda;
-        if self.prune.is_none() || !agenda.prune_due || agenda.stop.is_some() {
+        // Not before the replica is reconciled: its listing is what the first prune uses.
+        if self.prune.is_none()
+            || !agenda.prune_due
+            || agenda.stop.is_some()
+            || !self.replica.is_reconciled()
+        {
             return None;
         }
         let interval = PRUNE_INTERVAL.min(self.options.retention);

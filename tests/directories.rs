@@ -905,3 +905,50 @@ fn scanning_a_directory_keeps_the_locks_of_a_database_already_replicated() {
         "another process took the database exclusively while walsync replicates it: {log}"
     );
 }
+
+/// A new database's first start lists its name once (to reconcile) and no more: the prune
+/// after its first snapshot has nothing older to delete, so it costs no LIST of its own.
+#[test]
+fn a_new_databases_first_start_lists_storage_once() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&logs).unwrap();
+    for name in ["a.db", "b.db", "c.db"] {
+        AppDb::create(&data, name).insert(1, 10);
+    }
+    let storage = server.storage("first");
+    // A short retention makes a database prunable again 4 s after its start-up prune (which
+    // uses the reconciling LIST): a prune after the first snapshot would list by then.
+    let process = watch(
+        &[
+            "--dir",
+            path_str(&data),
+            "-b",
+            &s3_url(&server, "first"),
+            "--retention",
+            "4s",
+        ],
+        &server,
+        &logs,
+    );
+    wait_for(Duration::from_secs(30), "three state.json stored", || {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.ends_with("/state.json"))
+            .count()
+            >= 3
+    });
+    // Time for a prune that should not happen.
+    std::thread::sleep(Duration::from_secs(6));
+    let requests = server.requests();
+    assert!(process.terminate(Duration::from_secs(30)).success());
+    let lists = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.has_param("list-type"))
+        .count();
+    assert_eq!(lists, 3, "{requests:#?}");
+    assert!(storage.list("").unwrap().len() >= 6);
+}

@@ -25,6 +25,11 @@ impl Replica {
         self.reconcile_listed(listing)
     }
 
+    /// Whether storage held a generation of this name when the replica was reconciled.
+    pub fn had_history(&self) -> bool {
+        self.newest_stored.is_some()
+    }
+
     /// The LIST of [`Replica::reconcile`], for a caller that bounds how many run at once.
     pub fn list_own(&self) -> Result<Vec<crate::storage::ObjectInfo>> {
         self.storage
