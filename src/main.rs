@@ -406,7 +406,7 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
     Cli::from_args(&["walsync"], &args).map_err(|exit| match exit.status {
         Ok(()) => {
             let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
-            print!(
+            println!(
                 "{}",
                 settings::render_help(&exit.output)
                     .replace(VERSION_PLACEHOLDER, &version)
