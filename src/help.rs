@@ -1,6 +1,7 @@
 //! `walsync help [COMMAND]`: a manual page per command, kept in this one place. The
-//! README says the same at more length; `tests/help.rs` checks that each page names every
-//! flag the command's `--help` lists, so the two cannot drift apart.
+//! README says the same at more length. The flags, variables and defaults are those of the
+//! table in `settings.rs`, whose tests check every page against it (and `tests/ops.rs`
+//! that each page names every flag the command's `--help` lists).
 //!
 //! argh treats a `help` argument as `--help`, so `main` intercepts `walsync help ...`
 //! before argh sees it.
@@ -13,7 +14,8 @@ macro_rules! storage_options {
 
     --endpoint URL
         S3 endpoint URL, with path-style addressing (or WALSYNC_ENDPOINT, else
-        AWS_ENDPOINT_URL_S3; without one, AWS with virtual-hosted-style URLs).
+        AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL; without one, AWS with
+        virtual-hosted-style URLs).
 
     --s3-timeout SECS
         How long one S3 read or write may wait before that request fails and is
@@ -41,7 +43,9 @@ macro_rules! prune_rule {
     need, and older generations, snapshots first, then segments, oldest first, so an
     interrupted prune leaves every kept point restorable. Never state.json, nor keys
     walsync did not write. One LIST, then batched deletes (S3 DeleteObjects, 1000 keys a
-    request). Safe beside a running walsync watch, which only adds newer objects."
+    request); then, for each database pruned, one listing of the multipart uploads a
+    crash left unfinished, aborting those over a day old. Safe beside a running walsync
+    watch, which only adds newer objects."
     };
 }
 
@@ -56,8 +60,9 @@ macro_rules! storage_environment {
         counts as unset; a value that does not parse is an error naming the variable.
 
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
-    AWS_ENDPOINT_URL_S3
-        Credentials (never logged), region (default us-east-1) and endpoint.
+    AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL
+        Credentials (never logged), region (AWS_REGION, else AWS_DEFAULT_REGION, else
+        the profile's, else us-east-1) and endpoint.
         Without keys, the AWS SDKs' chain: AWS_PROFILE and ~/.aws (keys,
         credential_process), web identity, container credentials, the EC2
         instance role (IMDSv2).
@@ -139,9 +144,9 @@ OPTIONS
         Also replicate the WAL databases in DIR, as they come and go (repeatable).
 
     --pattern GLOB
-        Which file names in a --dir are databases: * (any run of characters), ? (any
-        one), [...] (one of those listed, ranges such as [a-z]; [!...] none of them);
-        default *.db.
+        Which file names in a --dir are databases (default *.db): * (any run of
+        characters), ? (any one), [...] (one of those listed, ranges such as [a-z];
+        [!...] none of them).
 
     --recursive
         Search the subdirectories of each --dir too (not those whose names start with

@@ -16,34 +16,15 @@
 
 use std::io::Write as _;
 
-use walsync::error::{Error, Result};
+use walsync::error::Result;
 use walsync::progress;
 use walsync::utc::UtcTime;
 
-/// The environment variable that turns timestamps off (`0`) or on (`1`).
-pub const TIMESTAMPS_VAR: &str = "WALSYNC_LOG_TIMESTAMPS";
-
 /// Whether log lines carry timestamps: not with `--no-log-timestamps`, else as
-/// [`TIMESTAMPS_VAR`] says (`0`, `false`, `no`, `off` or `1`, `true`, `yes`, `on`; empty
-/// or unset: yes).
+/// WALSYNC_LOG_TIMESTAMPS says (read as every switch's variable is: see
+/// [`crate::settings::Setting::switch`]).
 pub fn timestamps(no_flag: bool) -> Result<bool> {
-    if no_flag {
-        return Ok(false);
-    }
-    let Some(value) = std::env::var_os(TIMESTAMPS_VAR) else {
-        return Ok(true);
-    };
-    match value
-        .to_str()
-        .map(|v| v.trim().to_ascii_lowercase())
-        .as_deref()
-    {
-        Some("" | "1" | "true" | "yes" | "on") => Ok(true),
-        Some("0" | "false" | "no" | "off") => Ok(false),
-        _ => Err(Error::invalid(format!(
-            "{TIMESTAMPS_VAR} must be 0 (no timestamps) or 1"
-        ))),
-    }
+    Ok(!crate::settings::NO_LOG_TIMESTAMPS.switch(no_flag)?)
 }
 
 /// Install the logger: info level for walsync (debug with `verbose`), warnings from the

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use argh::FromArgs;
 
 mod help;
 mod logging;
+mod settings;
 mod supervise;
 
 use walsync::error::{Error, ErrorKind, Result};
@@ -64,14 +64,13 @@ const USAGE: u8 = 2;
     )
 )]
 struct Cli {
-    /// log more (debug level); RUST_LOG overrides
+    /// setting:verbose
     #[argh(switch, short = 'v')]
     verbose: bool,
-    /// log lines without their leading UTC time, for loggers that add their own (or
-    /// WALSYNC_LOG_TIMESTAMPS=0)
+    /// setting:no-log-timestamps
     #[argh(switch)]
     no_log_timestamps: bool,
-    /// print the version (walsync VERSION) and exit
+    /// setting:version
     #[argh(switch)]
     version: bool,
     #[argh(subcommand)]
@@ -120,21 +119,19 @@ macro_rules! with_destination {
             // As raw tokens: argh reads each field's type by its spelling (`bool` makes a
             // switch), which a `ty` fragment would hide.
             $($fields)*
-            /// destination: s3://bucket/prefix or file:///dir (or WALSYNC_BUCKET)
+            /// setting:bucket
             #[argh(option, short = 'b')]
             bucket: Option<String>,
-            /// S3 endpoint URL (or WALSYNC_ENDPOINT, else AWS_ENDPOINT_URL_S3, else AWS)
+            /// setting:endpoint
             #[argh(option)]
             endpoint: Option<String>,
-            /// seconds one S3 read or write may wait before the request fails and is
-            /// retried (default 60; or WALSYNC_S3_TIMEOUT)
+            /// setting:s3-timeout
             #[argh(option)]
             s3_timeout: Option<f64>,
-            /// log more (debug level); RUST_LOG overrides
+            /// setting:verbose
             #[argh(switch, short = 'v')]
             verbose: bool,
-            /// log lines without their leading UTC time, for loggers that add their own (or
-            /// WALSYNC_LOG_TIMESTAMPS=0)
+            /// setting:no-log-timestamps
             #[argh(switch)]
             no_log_timestamps: bool,
         }
@@ -145,14 +142,10 @@ macro_rules! with_destination {
                 (self.verbose, self.no_log_timestamps)
             }
 
-            /// Where this command's replica is, as given.
-            fn destination(&self) -> StorageArgs<'_> {
-                StorageArgs {
-                    bucket: self.bucket.as_deref(),
-                    endpoint: self.endpoint.as_deref(),
-                    s3_timeout: self.s3_timeout,
-                    must_exist: false,
-                }
+            /// Where this command's replica is and how to reach it, from the flags or the
+            /// WALSYNC_* variables.
+            fn destination(&self) -> Result<StorageArgs> {
+                StorageArgs::lower(self.bucket.clone(), self.endpoint.clone(), self.s3_timeout)
             }
         }
     };
@@ -163,69 +156,52 @@ with_destination! {
     #[derive(FromArgs)]
     #[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
     struct WatchCmd {
-        /// databases to replicate, as PATH or PATH:NAME (each must be in WAL mode; or
-        /// WALSYNC_DATABASES, separated by whitespace)
+        /// setting:databases
         #[argh(positional)]
         databases: Vec<String>,
-        /// also replicate every WAL database in this directory, as it comes and goes, named
-        /// by its path relative to DIR (repeatable; or WALSYNC_DIR, separated by whitespace)
+        /// setting:dir
         #[argh(option)]
         dir: Vec<PathBuf>,
-        /// which files in a --dir are databases: a glob of *, ? and [...] over file names
-        /// (default *.db; or WALSYNC_PATTERN)
+        /// setting:pattern
         #[argh(option)]
         pattern: Option<String>,
-        /// search the subdirectories of each --dir too (or WALSYNC_RECURSIVE=1)
+        /// setting:recursive
         #[argh(switch)]
         recursive: bool,
-        /// seconds between snapshots of a changing database (default 3600; or
-        /// WALSYNC_SNAPSHOT_INTERVAL)
+        /// setting:snapshot-interval
         #[argh(option)]
         snapshot_interval: Option<f64>,
-        /// under steady writes, ship each database at most this often, in seconds (default 1;
-        /// or WALSYNC_MIN_INTERVAL)
+        /// setting:min-interval
         #[argh(option)]
         min_interval: Option<f64>,
-        /// upload workers shared by all databases (default 2; or WALSYNC_UPLOAD_WORKERS)
+        /// setting:upload-workers
         #[argh(option)]
         upload_workers: Option<usize>,
-        /// poll files for changes instead of using inotify/kqueue
+        /// setting:poll
         #[argh(switch)]
         poll: bool,
-        /// seconds to keep uploading after SIGTERM/SIGINT before giving up (default 30; or
-        /// WALSYNC_SHUTDOWN_TIMEOUT)
+        /// setting:shutdown-timeout
         #[argh(option)]
         shutdown_timeout: Option<f64>,
-        /// local disk each database may fill with staged segments while storage is slow or down,
-        /// in MiB (default 1024; or WALSYNC_STAGING_LIMIT); past it the WAL stays pinned and
-        /// grows instead
+        /// setting:staging-limit
         #[argh(option)]
         staging_limit: Option<u64>,
-        /// keep every point in time this far back restorable and delete older backups while
-        /// running: 24h, 90m, 7d, 3600s, or 0 to keep everything (default 24h; or
-        /// WALSYNC_RETENTION). Pruned at start, after stored snapshots (at most hourly), and
-        /// when the window passes the next snapshot
+        /// setting:retention
         #[argh(option)]
         retention: Option<String>,
-        /// once replication has started, run this command (directly, or through /bin/sh -c if
-        /// it has shell syntax), forward SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1/2 to it,
-        /// and when it exits, ship what is left and exit with its status (or WALSYNC_EXEC)
+        /// setting:exec
         #[argh(option)]
         exec: Option<String>,
-        /// serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9091 (or
-        /// WALSYNC_METRICS_ADDR)
+        /// setting:metrics-addr
         #[argh(option)]
         metrics_addr: Option<String>,
-        /// GET this URL at most once per --heartbeat-interval while every database's lag is
-        /// under --heartbeat-max-lag, for a dead man's switch monitor (or
-        /// WALSYNC_HEARTBEAT_URL)
+        /// setting:heartbeat-url
         #[argh(option)]
         heartbeat_url: Option<String>,
-        /// seconds between heartbeats (default 60; or WALSYNC_HEARTBEAT_INTERVAL)
+        /// setting:heartbeat-interval
         #[argh(option)]
         heartbeat_interval: Option<f64>,
-        /// heartbeats stop while a database's oldest commit not yet stored is this many
-        /// seconds old (default 5 --min-intervals, at least 5; or WALSYNC_HEARTBEAT_MAX_LAG)
+        /// setting:heartbeat-max-lag
         #[argh(option)]
         heartbeat_max_lag: Option<f64>,
     }
@@ -240,10 +216,10 @@ with_destination! {
         note = "Exit codes: see walsync --help."
     )]
     struct SnapshotCmd {
-        /// the database file (must be in WAL mode)
+        /// setting:database
         #[argh(positional)]
         database: PathBuf,
-        /// replica name (default: the file name without extension)
+        /// setting:name
         #[argh(option)]
         name: Option<String>,
     }
@@ -254,7 +230,7 @@ with_destination! {
     #[derive(FromArgs)]
     #[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
     struct ListCmd {
-        /// print JSON (a stable format for scripts)
+        /// setting:json
         #[argh(switch)]
         json: bool,
     }
@@ -269,10 +245,10 @@ with_destination! {
         note = "One LIST, no GETs. Exit codes: see walsync --help (3 if a NAME has no replica)."
     )]
     struct StatusCmd {
-        /// replica names, as shown by `walsync list` (default: every database)
+        /// setting:names
         #[argh(positional)]
         names: Vec<String>,
-        /// print JSON (a stable format for scripts)
+        /// setting:json
         #[argh(switch)]
         json: bool,
     }
@@ -283,35 +259,34 @@ with_destination! {
     #[derive(FromArgs)]
     #[argh(subcommand, name = "restore", note = "Exit codes: see walsync --help.")]
     struct RestoreCmd {
-        /// replica name, as shown by `walsync list`
+        /// setting:restore-name
         #[argh(positional)]
         name: String,
-        /// output database file
+        /// setting:output
         #[argh(option, short = 'o')]
         output: PathBuf,
-        /// restore the state as of this RFC 3339 time, e.g. 2026-01-10T12:00:00Z
+        /// setting:point-in-time
         #[argh(option)]
         point_in_time: Option<String>,
-        /// restore from this generation (as `walsync list` shows it) instead of the newest
+        /// setting:generation
         #[argh(option)]
         generation: Option<String>,
-        /// replace the output file if it exists
+        /// setting:force
         #[argh(switch)]
         force: bool,
-        /// do nothing (exit 0) if the output file already exists
+        /// setting:if-db-not-exists
         #[argh(switch)]
         if_db_not_exists: bool,
-        /// do nothing (exit 0) if the destination holds no replica of NAME
+        /// setting:if-replica-exists
         #[argh(switch)]
         if_replica_exists: bool,
-        /// print what would be downloaded (keys, sizes, the time restored to) and exit without
-        /// downloading or writing anything
+        /// setting:restore-dry-run
         #[argh(switch)]
         dry_run: bool,
-        /// downloads in flight at once (default 4)
+        /// setting:parallel
         #[argh(option, default = "4")]
         parallel: usize,
-        /// permission bits of the restored file, in octal, less the umask (default 0600)
+        /// setting:mode
         #[argh(option)]
         mode: Option<String>,
     }
@@ -327,14 +302,13 @@ with_destination! {
                 Exit codes: see walsync --help (3 if a NAME has no replica)."
     )]
     struct PruneCmd {
-        /// replica names, as shown by `walsync list` (default: every database)
+        /// setting:names
         #[argh(positional)]
         names: Vec<String>,
-        /// how far back every point in time stays restorable: 24h, 90m, 7d, 3600s, or 0 to
-        /// keep everything (required; or WALSYNC_RETENTION)
+        /// setting:prune-retention
         #[argh(option)]
         retention: Option<String>,
-        /// print what would be deleted (keys, sizes, bytes freed) and delete nothing
+        /// setting:prune-dry-run
         #[argh(switch)]
         dry_run: bool,
     }
@@ -434,7 +408,7 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
             let version = format!("walsync {}", env!("CARGO_PKG_VERSION"));
             println!(
                 "{}",
-                exit.output
+                settings::render_help(&exit.output)
                     .replace(VERSION_PLACEHOLDER, &version)
                     .replace(PRUNE_RULE_PLACEHOLDER, help::PRUNE_RULE)
             );
@@ -477,75 +451,48 @@ fn help_command(args: &[&str]) -> ExitCode {
     }
 }
 
-/// A setting from its flag, else from its environment variable (empty counts as unset),
-/// with where it came from (the flag's or the variable's name) for messages. A flag always
-/// wins; a variable that does not parse is an error naming it (never quoting its value).
-fn setting<T: FromStr>(
-    flag: Option<T>,
-    flag_name: &'static str,
-    var: &'static str,
-    expected: &str,
-) -> Result<Option<(T, &'static str)>> {
-    if let Some(value) = flag {
-        return Ok(Some((value, flag_name)));
-    }
-    match std::env::var(var) {
-        Ok(text) if text.trim().is_empty() => Ok(None),
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map(|value| Some((value, var)))
-            .map_err(|_| Error::invalid(format!("{var} must be {expected}"))),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            Err(Error::invalid(format!("{var} is not valid UTF-8")))
-        }
-    }
-}
-
-/// Where a replica is and how to reach it: the options every command shares, from flags or
-/// from WALSYNC_BUCKET, WALSYNC_ENDPOINT and WALSYNC_S3_TIMEOUT.
-struct StorageArgs<'a> {
-    bucket: Option<&'a str>,
-    endpoint: Option<&'a str>,
-    s3_timeout: Option<f64>,
+/// Where a replica is and how to reach it: the settings every command shares, from flags
+/// or from WALSYNC_BUCKET, WALSYNC_ENDPOINT and WALSYNC_S3_TIMEOUT.
+struct StorageArgs {
+    bucket: String,
+    endpoint: Option<String>,
+    s3_timeout: Duration,
     /// A `file://` directory must exist (see [`StorageArgs::existing`]).
     must_exist: bool,
 }
 
-impl StorageArgs<'_> {
+impl StorageArgs {
+    /// The settings from the flags given, else from their variables.
+    fn lower(
+        bucket: Option<String>,
+        endpoint: Option<String>,
+        s3_timeout: Option<f64>,
+    ) -> Result<StorageArgs> {
+        let bucket = settings::BUCKET
+            .read(bucket)?
+            .map(|(bucket, _)| bucket)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "no destination: pass -b s3://bucket/prefix (or file:///dir), \
+                     or set WALSYNC_BUCKET",
+                )
+            })?;
+        let endpoint = settings::ENDPOINT
+            .read(endpoint)?
+            .map(|(endpoint, _)| endpoint);
+        let s3_timeout =
+            settings::S3_TIMEOUT.seconds(s3_timeout, storage::s3::DEFAULT_TIMEOUT, false)?;
+        Ok(StorageArgs {
+            bucket,
+            endpoint,
+            s3_timeout,
+            must_exist: false,
+        })
+    }
+
     /// The destination (as given) and its storage.
     fn open(self) -> Result<(String, Arc<dyn Storage>)> {
-        let bucket = setting(
-            self.bucket.map(str::to_string),
-            "-b",
-            "WALSYNC_BUCKET",
-            "a destination URL",
-        )?
-        .map(|(bucket, _)| bucket)
-        .ok_or_else(|| {
-            Error::invalid(
-                "no destination: pass -b s3://bucket/prefix (or file:///dir), \
-                 or set WALSYNC_BUCKET",
-            )
-        })?;
-        let endpoint = setting(
-            self.endpoint.map(str::to_string),
-            "--endpoint",
-            "WALSYNC_ENDPOINT",
-            "a URL",
-        )?
-        .map(|(endpoint, _)| endpoint);
-        let s3_timeout = seconds(
-            setting(
-                self.s3_timeout,
-                "--s3-timeout",
-                "WALSYNC_S3_TIMEOUT",
-                "a number of seconds",
-            )?,
-            storage::s3::DEFAULT_TIMEOUT,
-            false,
-        )?;
+        let bucket = self.bucket;
         let dest = Destination::parse(&bucket)?;
         if let (Destination::File { root }, true) = (&dest, self.must_exist) {
             if !root.is_dir() {
@@ -556,7 +503,7 @@ impl StorageArgs<'_> {
                 )));
             }
         }
-        let storage = storage::open_with_timeout(&dest, endpoint.as_deref(), s3_timeout)?;
+        let storage = storage::open_with_timeout(&dest, self.endpoint.as_deref(), self.s3_timeout)?;
         Ok((bucket, Arc::from(storage)))
     }
 
@@ -569,28 +516,18 @@ impl StorageArgs<'_> {
     }
 }
 
-/// A number of seconds from [`setting`] as a Duration (`default` if not given), refusing
-/// nonsense.
-fn seconds(setting: Option<(f64, &str)>, default: Duration, zero_ok: bool) -> Result<Duration> {
-    let Some((value, from)) = setting else {
-        return Ok(default);
-    };
-    Duration::try_from_secs_f64(value)
-        .ok()
-        .filter(|d| zero_ok || !d.is_zero())
-        .ok_or_else(|| Error::invalid(format!("{from} must be a positive number of seconds")))
-}
-
 /// The retention from `--retention` or WALSYNC_RETENTION (None if neither is given). A
 /// variable that does not parse is named, never quoted.
-fn retention_setting(flag: Option<String>) -> Result<Option<Duration>> {
-    let Some((text, from)) = setting(flag, "--retention", "WALSYNC_RETENTION", "a duration")?
-    else {
+fn retention_setting(
+    setting: &settings::Setting,
+    flag: Option<String>,
+) -> Result<Option<Duration>> {
+    let Some((text, from)) = setting.read(flag)? else {
         return Ok(None);
     };
     match walsync::retention::parse_duration(&text) {
         Ok(duration) => Ok(Some(duration)),
-        Err(e) if from == "--retention" => Err(e.with_context("--retention")),
+        Err(e) if Some(from) != setting.var => Err(e.with_context(from)),
         Err(_) => Err(Error::invalid(format!(
             "{from} must be a duration such as 24h, 90m, 7d or 3600s (0 keeps everything)"
         ))),
@@ -599,16 +536,17 @@ fn retention_setting(flag: Option<String>) -> Result<Option<Duration>> {
 
 /// `walsync prune`.
 fn prune_command(cmd: PruneCmd) -> Result<()> {
-    let retention = retention_setting(cmd.retention.clone())?.ok_or_else(|| {
-        Error::invalid(
-            "no retention: pass --retention DURATION (such as 24h or 7d; 0 keeps everything), \
+    let retention = retention_setting(&settings::PRUNE_RETENTION, cmd.retention.clone())?
+        .ok_or_else(|| {
+            Error::invalid(
+                "no retention: pass --retention DURATION (such as 24h or 7d; 0 keeps everything), \
              or set WALSYNC_RETENTION",
-        )
-    })?;
+            )
+        })?;
     for name in &cmd.names {
         layout::validate_name(name)?;
     }
-    let (_, storage) = cmd.destination().existing().open()?;
+    let (_, storage) = cmd.destination()?.existing().open()?;
     let catalog = walsync::list::catalog(storage.as_ref())?;
     let now = UtcTime::now();
     if cmd.dry_run {
@@ -656,53 +594,74 @@ fn parse_mode(text: &str) -> Result<u32> {
         })
 }
 
-/// Shutdown timeout unless `--shutdown-timeout` or WALSYNC_SHUTDOWN_TIMEOUT says otherwise.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `walsync watch`'s settings, lowered from its flags and WALSYNC_* variables before
+/// anything starts: a bad value is a usage error with nothing done yet.
+struct WatchSettings {
+    directories: Vec<walsync::DirectorySpec>,
+    databases: Vec<String>,
+    /// The `--exec` command, if any (blank counts as none).
+    exec: Option<String>,
+    options: Options,
+    shutdown_timeout: Duration,
+    /// `--metrics-addr`, bound once the rest is known to be good.
+    metrics_addr: Option<String>,
+    /// The heartbeat's URL, interval and lag bound.
+    heartbeat: Option<(url::Url, Duration, Duration)>,
+    storage: StorageArgs,
+}
 
 impl WatchCmd {
-    /// The replicator's options and the shutdown timeout, from flags or WALSYNC_* variables.
+    /// The settings, in the order their errors were always reported.
+    fn lower(&self) -> Result<WatchSettings> {
+        let directories = self.directories()?;
+        let databases = self.database_specs(!directories.is_empty())?;
+        let exec = settings::EXEC
+            .read(self.exec.clone())?
+            .map(|(command, _)| command)
+            .filter(|command| !command.trim().is_empty());
+        let (options, shutdown_timeout) = self.options()?;
+        let metrics_addr = settings::METRICS_ADDR
+            .read(self.metrics_addr.clone())?
+            .map(|(addr, _)| addr.trim().to_string());
+        let heartbeat = self.heartbeat(options.min_interval)?;
+        let storage = self.destination()?;
+        Ok(WatchSettings {
+            directories,
+            databases,
+            exec,
+            options,
+            shutdown_timeout,
+            metrics_addr,
+            heartbeat,
+            storage,
+        })
+    }
+
+    /// The replicator's options and the shutdown timeout.
     fn options(&self) -> Result<(Options, Duration)> {
         let defaults = Options::default();
-        let seconds_of = |flag, flag_name, var, default, zero_ok| {
-            seconds(
-                setting(flag, flag_name, var, "a number of seconds")?,
-                default,
-                zero_ok,
-            )
-        };
         let mut options = Options {
-            min_interval: seconds_of(
+            min_interval: settings::MIN_INTERVAL.seconds(
                 self.min_interval,
-                "--min-interval",
-                "WALSYNC_MIN_INTERVAL",
                 defaults.min_interval,
                 true,
             )?,
-            snapshot_interval: seconds_of(
+            snapshot_interval: settings::SNAPSHOT_INTERVAL.seconds(
                 self.snapshot_interval,
-                "--snapshot-interval",
-                "WALSYNC_SNAPSHOT_INTERVAL",
                 defaults.snapshot_interval,
                 false,
             )?,
-            upload_workers: setting(
-                self.upload_workers,
-                "--upload-workers",
-                "WALSYNC_UPLOAD_WORKERS",
-                "a whole number",
-            )?
-            .map_or(defaults.upload_workers, |(n, _)| n)
-            .max(1),
-            staging_limit: setting(
-                self.staging_limit,
-                "--staging-limit",
-                "WALSYNC_STAGING_LIMIT",
-                "a whole number of MiB",
-            )?
-            .map_or(defaults.staging_limit, |(mib, _)| {
-                mib.saturating_mul(1024 * 1024)
-            }),
-            retention: retention_setting(self.retention.clone())?.unwrap_or(defaults.retention),
+            upload_workers: settings::UPLOAD_WORKERS
+                .read(self.upload_workers)?
+                .map_or(defaults.upload_workers, |(n, _)| n)
+                .max(1),
+            staging_limit: settings::STAGING_LIMIT
+                .read(self.staging_limit)?
+                .map_or(defaults.staging_limit, |(mib, _): (u64, _)| {
+                    mib.saturating_mul(1024 * 1024)
+                }),
+            retention: retention_setting(&settings::RETENTION, self.retention.clone())?
+                .unwrap_or(defaults.retention),
             watch_mode: if self.poll {
                 WatchMode::Poll
             } else {
@@ -710,35 +669,18 @@ impl WatchCmd {
             },
             ..defaults
         };
-        let shutdown_timeout = seconds_of(
-            self.shutdown_timeout,
-            "--shutdown-timeout",
-            "WALSYNC_SHUTDOWN_TIMEOUT",
-            SHUTDOWN_TIMEOUT,
-            false,
-        )?;
+        let shutdown_timeout =
+            settings::SHUTDOWN_TIMEOUT.seconds(self.shutdown_timeout, SHUTDOWN_TIMEOUT, false)?;
         // A database leaving a watched directory ships what it staged as at a stop.
         options.removal_timeout = shutdown_timeout;
         Ok((options, shutdown_timeout))
     }
-}
 
-impl WatchCmd {
     /// The databases to watch: the arguments, else WALSYNC_DATABASES (for service files:
     /// PATH or PATH:NAME, separated by whitespace). None at all is fine when directories
     /// are watched (`with_dirs`).
     fn database_specs(&self, with_dirs: bool) -> Result<Vec<String>> {
-        if !self.databases.is_empty() {
-            return Ok(self.databases.clone());
-        }
-        let specs: Vec<String> = setting(
-            None::<String>,
-            "DB",
-            "WALSYNC_DATABASES",
-            "a list of databases",
-        )?
-        .map(|(list, _)| list.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default();
+        let specs = settings::DATABASES.list(&self.databases)?;
         if specs.is_empty() && !with_dirs {
             return Err(Error::invalid(
                 "watch needs at least one database: pass DB[:NAME]... or --dir DIR, or set \
@@ -752,37 +694,21 @@ impl WatchCmd {
     /// `--pattern` (or WALSYNC_PATTERN) and `--recursive` (or WALSYNC_RECURSIVE).
     fn directories(&self) -> Result<Vec<walsync::DirectorySpec>> {
         let dirs: Vec<PathBuf> = if self.dir.is_empty() {
-            setting(
-                None::<String>,
-                "--dir",
-                "WALSYNC_DIR",
-                "a list of directories",
-            )?
-            .map(|(list, _)| list.split_whitespace().map(PathBuf::from).collect())
-            .unwrap_or_default()
+            settings::DIR
+                .list(&[])?
+                .into_iter()
+                .map(PathBuf::from)
+                .collect()
         } else {
             self.dir.clone()
         };
-        let pattern = setting(
-            self.pattern.clone(),
-            "--pattern",
-            "WALSYNC_PATTERN",
-            "a glob",
-        )?;
+        let pattern = settings::PATTERN.read(self.pattern.clone())?;
         if pattern.is_some() && dirs.is_empty() {
             return Err(Error::invalid(
                 "--pattern applies to --dir (or WALSYNC_DIR), and none is given",
             ));
         }
-        let recursive = self.recursive
-            || match setting(None::<String>, "--recursive", "WALSYNC_RECURSIVE", "1 or 0")? {
-                None => false,
-                Some((text, _)) => match text.as_str() {
-                    "1" | "true" | "yes" => true,
-                    "0" | "false" | "no" => false,
-                    _ => return Err(Error::invalid("WALSYNC_RECURSIVE must be 1 or 0")),
-                },
-            };
+        let recursive = settings::RECURSIVE.switch(self.recursive)?;
         dirs.into_iter()
             .map(|dir| {
                 let spec = walsync::DirectorySpec::new(dir).recursive(recursive);
@@ -793,64 +719,33 @@ impl WatchCmd {
             })
             .collect()
     }
+
+    /// The heartbeat's URL, interval and lag bound, if it has a URL.
+    fn heartbeat(&self, min_interval: Duration) -> Result<Option<(url::Url, Duration, Duration)>> {
+        let Some((text, from)) = settings::HEARTBEAT_URL.read(self.heartbeat_url.clone())? else {
+            return Ok(None);
+        };
+        let url = walsync::heartbeat::parse_url(text.trim(), from)?;
+        let interval = settings::HEARTBEAT_INTERVAL.seconds(
+            self.heartbeat_interval,
+            HEARTBEAT_INTERVAL,
+            false,
+        )?;
+        let max_lag = settings::HEARTBEAT_MAX_LAG.seconds(
+            self.heartbeat_max_lag,
+            walsync::heartbeat::default_max_lag(min_interval),
+            false,
+        )?;
+        Ok(Some((url, interval, max_lag)))
+    }
 }
+
+/// Shutdown timeout unless `--shutdown-timeout` or WALSYNC_SHUTDOWN_TIMEOUT says otherwise.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Heartbeat interval unless `--heartbeat-interval` or WALSYNC_HEARTBEAT_INTERVAL says
 /// otherwise.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
-
-/// `watch`'s monitoring: the metrics listener (bound before replication starts, so a bad
-/// address is a startup error) and the heartbeat URL, interval and lag bound.
-struct Monitoring {
-    metrics: Option<std::net::TcpListener>,
-    heartbeat: Option<(url::Url, Duration, Duration)>,
-}
-
-impl WatchCmd {
-    fn monitoring(&self, min_interval: Duration) -> Result<Monitoring> {
-        let metrics = setting(
-            self.metrics_addr.clone(),
-            "--metrics-addr",
-            "WALSYNC_METRICS_ADDR",
-            "an address such as 127.0.0.1:9091",
-        )?
-        .map(|(addr, _)| walsync::metrics::bind(addr.trim()))
-        .transpose()?;
-        let heartbeat = match setting(
-            self.heartbeat_url.clone(),
-            "--heartbeat-url",
-            "WALSYNC_HEARTBEAT_URL",
-            "a URL",
-        )? {
-            None => None,
-            Some((text, from)) => {
-                let url = walsync::heartbeat::parse_url(text.trim(), from)?;
-                let interval = seconds(
-                    setting(
-                        self.heartbeat_interval,
-                        "--heartbeat-interval",
-                        "WALSYNC_HEARTBEAT_INTERVAL",
-                        "a number of seconds",
-                    )?,
-                    HEARTBEAT_INTERVAL,
-                    false,
-                )?;
-                let max_lag = seconds(
-                    setting(
-                        self.heartbeat_max_lag,
-                        "--heartbeat-max-lag",
-                        "WALSYNC_HEARTBEAT_MAX_LAG",
-                        "a number of seconds",
-                    )?,
-                    walsync::heartbeat::default_max_lag(min_interval),
-                    false,
-                )?;
-                Some((url, interval, max_lag))
-            }
-        };
-        Ok(Monitoring { metrics, heartbeat })
-    }
-}
 
 /// Wait for SIGTERM or SIGINT, or until every database's thread has failed (see
 /// [`Replicator::all_failed`]): the signal, and whether it was the failure. A watcher thread
@@ -884,15 +779,21 @@ fn wait_for_stop_or_failure(
 
 /// `walsync watch`; returns the exit status (0, or the `--exec` command's).
 fn watch(cmd: WatchCmd) -> Result<u8> {
-    let directories = cmd.directories()?;
-    let databases = cmd.database_specs(!directories.is_empty())?;
-    let exec = setting(cmd.exec.clone(), "--exec", "WALSYNC_EXEC", "a command")?
-        .map(|(command, _)| command)
-        .filter(|command| !command.trim().is_empty());
+    let WatchSettings {
+        directories,
+        databases,
+        exec,
+        options,
+        shutdown_timeout,
+        metrics_addr,
+        heartbeat,
+        storage,
+    } = cmd.lower()?;
     let signals = supervise::block_signals(exec.is_some());
-    let (options, shutdown_timeout) = cmd.options()?;
-    let monitoring = cmd.monitoring(options.min_interval)?;
-    let (destination, storage) = cmd.destination().open()?;
+    let metrics = metrics_addr
+        .map(|addr| walsync::metrics::bind(&addr))
+        .transpose()?;
+    let (destination, storage) = storage.open()?;
     let databases = layout::assign_names(&databases)?;
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
@@ -941,13 +842,13 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         "replicating {count} database(s) to {destination} ({} events, {retention})",
         replicator.watch_backend()
     );
-    if let Some(listener) = monitoring.metrics {
+    if let Some(listener) = metrics {
         if let Ok(addr) = listener.local_addr() {
             log::info!("serving metrics on http://{addr}/metrics");
         }
         walsync::metrics::serve(listener, replicator.metrics_source())?;
     }
-    let heartbeat = match monitoring.heartbeat {
+    let heartbeat = match heartbeat {
         Some((url, interval, max_lag)) => {
             log::info!(
                 "heartbeat to {} every {}s while every database's lag is under {}s",
@@ -1039,7 +940,7 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         mode: cmd.mode.as_deref().map(parse_mode).transpose()?,
         generation,
     };
-    let storage = match cmd.destination().existing().open() {
+    let storage = match cmd.destination().and_then(|dest| dest.existing().open()) {
         Ok((_, storage)) => storage,
         // A file:// directory that does not exist holds no replica either.
         Err(e) if cmd.if_replica_exists && e.kind() == ErrorKind::NotFound => {
@@ -1150,7 +1051,7 @@ fn describe_plan(plan: &RestorePlan, storage: &dyn Storage, output: &Path) -> St
 
 /// `walsync snapshot`.
 fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().open()?;
+    let (_, storage) = cmd.destination()?.open()?;
     let name = match cmd.name {
         Some(name) => name,
         None => layout::default_name(&cmd.database)?,
@@ -1165,7 +1066,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
 
 /// `walsync list`.
 fn list_command(cmd: ListCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().existing().open()?;
+    let (_, storage) = cmd.destination()?.existing().open()?;
     let listing = walsync::list::list(storage.as_ref())?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
@@ -1177,7 +1078,7 @@ fn list_command(cmd: ListCmd) -> Result<()> {
 
 /// `walsync status`.
 fn status_command(cmd: StatusCmd) -> Result<()> {
-    let (_, storage) = cmd.destination().existing().open()?;
+    let (_, storage) = cmd.destination()?.existing().open()?;
     let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
