@@ -817,7 +817,9 @@ fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snap
     wait_for(Duration::from_secs(120), "every database stored", || {
         snapshots() >= DATABASES
     });
-    assert!(first.terminate(Duration::from_secs(60)).success());
+    // Stopping settles a thousand databases (a checkpoint, a digest and fsyncs each): on a
+    // loaded 2-core machine that took over a minute.
+    assert!(first.terminate(Duration::from_secs(180)).success());
     let stored = snapshots();
 
     server.clear_requests();
@@ -839,7 +841,7 @@ fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snap
     let quiet_after = changed.duration_since(started);
     let requests = server.requests();
     let log = second.log();
-    assert!(second.terminate(Duration::from_secs(60)).success());
+    assert!(second.terminate(Duration::from_secs(180)).success());
     assert!(
         quiet_after < Duration::from_secs(30),
         "quiet after {quiet_after:?}"
