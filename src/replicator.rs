@@ -348,7 +348,23 @@ impl Replicator {
             let _ = db.events.send(Event::Stop(deadline));
         }
         let mut failures = Vec::new();
+        // A thread blocked in a storage request (a LIST to a storage that stopped answering)
+        // cannot see the deadline; past it, and a grace, it is left to the process's exit,
+        // which is a crash as far as its database is concerned: what it staged is safe.
+        let give_up = deadline + STOP_GRACE;
         for db in active.into_iter().chain(leaving) {
+            while !db.thread.is_finished() && Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !db.thread.is_finished() {
+                failures.push(format!(
+                    "{}: still busy {}s after the shutdown deadline (a storage request in \
+                     flight?); left behind",
+                    db.name,
+                    STOP_GRACE.as_secs()
+                ));
+                continue; // dropping the handle detaches the thread
+            }
             if let Err(e) = join_thread(db) {
                 failures.push(e.to_string());
             }
@@ -1297,6 +1313,9 @@ type Listing =
 /// 64, a restart of 1,000 databases against the test server took a minute (it lists a
 /// prefix in about a second), against 3 s with every one at once.
 static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(256);
+
+/// How long past the shutdown deadline [`Replicator::stop`] waits for a database thread.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a running `watch` aborts the multipart uploads a crash left in storage.
 const ABORT_STALE_UPLOADS_EVERY: Duration = Duration::from_secs(24 * 3600);
