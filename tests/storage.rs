@@ -1392,8 +1392,6 @@ fn a_custom_endpoint_addressed_virtual_hosted_style() {
 
 #[test]
 fn a_host_clock_far_off_signs_with_the_stores_time() {
-    let faketime = which_faketime()
-        .expect("faketime (Debian package faketime, installed by scripts/test.sh) not found");
     let server = S3Server::start();
     server
         .storage("skew")
@@ -1402,15 +1400,8 @@ fn a_host_clock_far_off_signs_with_the_stores_time() {
     let dest = format!("s3://{}/skew", server.bucket());
     // 40 minutes either way: far past the 15 minutes a signature may be off.
     for (step, said) in [("-40m", "behind"), ("+40m", "ahead of")] {
-        let mut cmd = Command::new(&faketime);
-        cmd.args([
-            "-f",
-            step,
-            env!("CARGO_BIN_EXE_walsync"),
-            "list",
-            "-b",
-            &dest,
-        ]);
+        let mut cmd = with_clock_off(step);
+        cmd.args(["list", "-b", &dest]);
         for (key, _) in std::env::vars() {
             if key.starts_with("AWS_") {
                 cmd.env_remove(key);
@@ -1437,8 +1428,6 @@ fn a_host_clock_far_off_signs_with_the_stores_time() {
 /// store's time.
 #[test]
 fn a_clock_skew_answer_cut_short_is_asked_for_again() {
-    let faketime = which_faketime()
-        .expect("faketime (Debian package faketime, installed by scripts/test.sh) not found");
     let server = S3Server::start();
     server
         .storage("cut")
@@ -1449,15 +1438,8 @@ fn a_clock_skew_answer_cut_short_is_asked_for_again() {
         truncate: 1.0,
         ..FaultMix::none()
     });
-    let mut cmd = Command::new(&faketime);
-    cmd.args([
-        "-f",
-        "-40m",
-        env!("CARGO_BIN_EXE_walsync"),
-        "list",
-        "-b",
-        &dest,
-    ]);
+    let mut cmd = with_clock_off("-40m");
+    cmd.args(["list", "-b", &dest]);
     for (key, _) in std::env::vars() {
         if key.starts_with("AWS_") {
             cmd.env_remove(key);
@@ -1483,17 +1465,15 @@ fn a_clock_skew_answer_cut_short_is_asked_for_again() {
     );
 }
 
-fn which_faketime() -> Result<String, ()> {
-    let found = Command::new("sh")
-        .args(["-c", "command -v faketime"])
-        .output()
-        .map_err(|_| ())?;
-    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
-    if path.is_empty() {
-        Err(())
-    } else {
-        Ok(path)
-    }
+/// walsync with its wall clock `offset` off (libfaketime, preloaded: the `faketime`
+/// wrapper names a semaphore after its pid, and a stale one left in /dev/shm by a killed
+/// run makes it fail with "sem_open: File exists").
+fn with_clock_off(offset: &str) -> Command {
+    let lib = crate::common::torture::find_libfaketime()
+        .expect("libfaketime (Debian package faketime, installed by scripts/test.sh) not found");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+    cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset);
+    cmd
 }
 
 /// s3rver (npm), installed under the test target directory on first use; `None` where npm
