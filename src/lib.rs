@@ -110,6 +110,8 @@ pub mod spool;
 pub mod stack;
 #[doc(hidden)]
 pub mod storage;
+#[cfg(test)]
+mod test_random;
 #[doc(hidden)]
 pub mod uploader;
 #[doc(hidden)]

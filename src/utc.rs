@@ -265,23 +265,7 @@ mod tests {
         use super::*;
         use jiff::Timestamp;
 
-        /// A small deterministic generator (SplitMix64): the same cases on every run.
-        struct Random(u64);
-
-        impl Random {
-            fn next(&mut self) -> u64 {
-                self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = self.0;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^ (z >> 31)
-            }
-
-            /// Uniform in `low..=high`.
-            fn range(&mut self, low: i64, high: i64) -> i64 {
-                low + (self.next() % (high - low + 1) as u64) as i64
-            }
-        }
+        use crate::test_random::Random;
 
         /// Milliseconds of 0000-01-01T00:00:00Z, the first instant whose year spells with
         /// four digits, as object names need, and of 9999-12-30T22:00:00Z, the last one

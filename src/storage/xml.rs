@@ -454,26 +454,7 @@ mod tests {
             }
         }
 
-        /// SplitMix64: the same documents on every run.
-        struct Random(u64);
-
-        impl Random {
-            fn next(&mut self) -> u64 {
-                self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = self.0;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^ (z >> 31)
-            }
-
-            fn below(&mut self, n: usize) -> usize {
-                (self.next() % n as u64) as usize
-            }
-
-            fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-                items[self.below(items.len())]
-            }
-        }
+        use crate::test_random::Random;
 
         /// A value as S3 might hold it: object keys may hold any character.
         fn value(random: &mut Random) -> String {
