@@ -24,12 +24,16 @@ pub struct FileIdentity {
 impl FileIdentity {
     pub fn of(path: &Path) -> Result<FileIdentity> {
         let m = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
-        Ok(FileIdentity {
+        Ok(FileIdentity::from_metadata(&m))
+    }
+
+    pub fn from_metadata(m: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        })
+        }
     }
 
     /// `None` when the file does not exist or cannot be examined, which for noticing
