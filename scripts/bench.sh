@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # walsync against Litestream, both measured in this run on this machine, against one local S3
-# server (examples/s3-server.rs: s3s-fs with SigV4, on 127.0.0.1, logging every request).
+# server (the test kit's, testkit/src/bin/s3-server.rs: s3s-fs with SigV4, on 127.0.0.1,
+# logging every request).
 #
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
 #                    [--dbs N] [--write-seconds S] [--db-mib N] [--barrier-seconds S]
@@ -97,9 +98,9 @@ fi
 
 say "building walsync and the S3 server (release)"
 cargo build --release --quiet
-cargo build --release --quiet --example s3-server
+cargo build --release --quiet -p walsync-testkit --bin s3-server
 walsync=$repo/target/release/walsync
-s3server=$repo/target/release/examples/s3-server
+s3server=$repo/target/release/s3-server
 walsync_static=
 # The static build is the binary users install and the one every walsync row runs; the
 # glibc build above is measured for its size row only (or runs, if the static build fails).

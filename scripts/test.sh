@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs, and what they need on a fresh machine: format, lints, the FreeBSD
 # (kqueue) build, then all the tests. The tests start their own S3 server (s3s-fs, in
-# process, SigV4 checked) on a loopback port: nothing else needs to be running.
+# process, SigV4 checked: the test kit's, testkit/) on a loopback port: nothing else needs to
+# be running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,13 +31,14 @@ for script in contrib/runit/walsync/run contrib/runit/walsync/log/run contrib/s6
   contrib/s6/*/log/run; do
   sh -n "$script"
 done
-cargo clippy --locked --all-targets -- -D warnings
+# --workspace: the test kit (testkit/) too, whose programs no test builds.
+cargo clippy --locked --workspace --all-targets -- -D warnings
 # SQLite is not bundled here, so no C cross-compiler is needed to type-check for FreeBSD.
 cargo check --locked --target x86_64-unknown-freebsd --no-default-features --features cli
 # An embedding application compiles the library without the binary's dependencies
 # (`default-features = false`): it must build without them.
 cargo check --locked --lib --no-default-features
-cargo test --locked
+cargo test --locked --workspace
 # The static binary users install stays within its size budget (installs musl-tools if
 # needed). A release build of its own, sharing nothing with the test build: 90 s on the
 # 2-core machine with every target crate cold (the host's build scripts and proc macros

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
-use crate::common::s3server::S3Server;
 use walsync::storage::Storage;
 use walsync::Replica;
+use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::fixtures::{dump, files_in, walsync, AppDb, WatchProcess};
-use crate::common::s3server::S3Server;
 use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
 use walsync::Replica;
+use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

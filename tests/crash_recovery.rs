@@ -140,7 +140,7 @@ fn a_generation_stored_but_not_noted_still_belongs_to_its_database() {
 /// workers retry at once when asked to stop instead of sleeping out their backoff.
 #[test]
 fn sigterm_after_an_outage_ships_at_once_and_exits_zero() {
-    let mut server = crate::common::s3server::S3Server::start();
+    let mut server = walsync_testkit::s3server::S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let mut app = AppDb::create(dir.path(), "app.db");
     let dest = format!("s3://{}/outage", server.bucket());

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::fixtures::{dump, integrity, wait_for, walsync, AppDb, WatchProcess};
-use crate::common::s3server::S3Server;
 use walsync::storage::Storage;
 use walsync::{Options, Replica, Replicator};
+use walsync_testkit::s3server::S3Server;
 
 /// How soon a new WAL database must be picked up (issue 18).
 const PICK_UP: Duration = Duration::from_secs(2);

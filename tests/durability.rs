@@ -9,11 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::faultproxy::FaultProxy;
 use crate::common::fixtures::{
     dump, dump_of, integrity, replica_sidecar, wait_for, walsync, AppDb, Immutable, WatchProcess,
 };
-use crate::common::s3server::S3Server;
 use rusqlite::{params, Connection};
 use walsync::format::{Catalog, ObjectKind, ObjectName};
 use walsync::storage::file::FileStorage;
@@ -23,6 +21,8 @@ use walsync::RestoreOptions;
 use walsync::UtcTime;
 use walsync::{Options, Replicator};
 use walsync::{Replica, SyncOutcome};
+use walsync_testkit::faultproxy::FaultProxy;
+use walsync_testkit::s3server::S3Server;
 
 pub(crate) fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())

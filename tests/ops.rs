@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::common::fixtures::{
     replica_sidecar, wait_for, walsync, walsync_err, AppDb, WatchProcess,
 };
-use crate::common::s3server::S3Server;
+use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::common::fixtures::{dump, wait_for, walsync, AppDb};
-use crate::common::s3server::S3Server;
+use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

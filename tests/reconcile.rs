@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::common::fixtures::{dump, integrity, wait_for, walsync, AppDb, WatchProcess};
-use crate::common::s3server::S3Server;
 use crate::durability::{
     assert_restored, catalog, generations, replicate_until_walsync_checkpointed, restore_dump,
     restore_with_binary, s3_url, start,
@@ -21,6 +20,7 @@ use crate::durability::{
 use walsync::storage::Storage;
 use walsync::Options;
 use walsync::UtcTime;
+use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -380,7 +380,7 @@ fn a_copy_started_while_storage_is_down_is_refused_once_storage_answers() {
 ///    signed 30 days ahead, which only delays their upload.)
 #[test]
 fn a_forward_clock_glitch_does_not_hold_later_times() {
-    let Some(faketime) = crate::common::torture::find_libfaketime() else {
+    let Some(faketime) = walsync_testkit::torture::find_libfaketime() else {
         panic!("libfaketime.so.1 not found: scripts/test.sh installs the faketime package");
     };
     let dir = tempfile::tempdir().unwrap();

@@ -9,15 +9,15 @@ use std::time::Duration;
 use crate::common::fixtures::{
     dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess,
 };
-use crate::common::s3server::S3Server;
 use walsync::format::{Generation, ObjectKind, ObjectName};
+use walsync::prune;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
-use walsync::prune;
 use walsync::ErrorKind;
 use walsync::RestoreOptions;
 use walsync::UtcTime;
 use walsync::{Replica, SyncOutcome};
+use walsync_testkit::s3server::S3Server;
 
 /// One stored object, and the content of the database as of its time.
 #[derive(Clone, Debug)]

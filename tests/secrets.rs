@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::common::fixtures::{AppDb, WatchProcess};
-use crate::common::s3server::{Options, S3Server};
+use walsync_testkit::s3server::{Options, S3Server};
 
 const ACCESS_KEY: &str = "AKIDLEAKCHECK0000001";
 const SECRET: &str = "SeCrEt-walsync-must-never-print-this-7f3a9c";

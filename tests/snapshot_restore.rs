@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::fixtures::{dump, files_in, integrity, walsync_err, walsync_ok, AppDb};
-use crate::common::s3server::S3Server;
 use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
 use walsync::UtcTime;
 use walsync::{Replica, SyncOutcome};
+use walsync_testkit::s3server::S3Server;
 
 fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())

@@ -6,13 +6,13 @@ use std::io::Write;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::common::faults::FaultMix;
 use crate::common::fixtures::{wait_for, AppDb, WatchProcess};
 use crate::common::logs::warnings;
-use crate::common::s3server::{Options, PrivateCa, S3Server};
 use walsync::storage::s3::{CaRoots, S3Config, S3Storage, STALE_UPLOAD_AGE};
 use walsync::storage::{Destination, ObjectInfo, Storage};
 use walsync::ErrorKind;
+use walsync_testkit::faults::FaultMix;
+use walsync_testkit::s3server::{Options, PrivateCa, S3Server};
 
 const MIB: usize = 1024 * 1024;
 
@@ -1467,7 +1467,7 @@ fn a_clock_skew_answer_cut_short_is_asked_for_again() {
 /// wrapper names a semaphore after its pid, and a stale one left in /dev/shm by a killed
 /// run makes it fail with "sem_open: File exists").
 fn with_clock_off(offset: &str) -> Command {
-    let lib = crate::common::torture::find_libfaketime()
+    let lib = walsync_testkit::torture::find_libfaketime()
         .expect("libfaketime (Debian package faketime, installed by scripts/test.sh) not found");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
     cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset);

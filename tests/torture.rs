@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::common::torture::{self, Config};
+use walsync_testkit::torture::{self, Config};
 
 #[test]
 fn two_short_torture_rounds_lose_nothing() {

@@ -10,10 +10,10 @@ use crate::common::fixtures::{
     digest, digest_connection, dump, integrity, wait_for, walsync, walsync_err, walsync_ok, AppDb,
     WatchProcess,
 };
-use crate::common::s3server::S3Server;
 use walsync::format::Catalog;
 use walsync::storage::Storage;
 use walsync::UtcTime;
+use walsync_testkit::s3server::S3Server;
 
 fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())

@@ -2,8 +2,8 @@
 """walsync vs Litestream, measured in the same run on this machine. Run through scripts/bench.sh,
 which builds what this needs and passes the paths.
 
-Everything talks to one S3 server on 127.0.0.1 (examples/s3-server.rs: s3s-fs with SigV4, and
-a log line per request). Phases run one tool at a time, except the idle window, where both
+Everything talks to one S3 server on 127.0.0.1 (testkit/src/bin/s3-server.rs: s3s-fs with SigV4,
+and a log line per request). Phases run one tool at a time, except the idle window, where both
 tools sit idle side by side and requests are told apart by their key prefix. After each phase
 its objects are removed from the server's directory: s3s-fs walks the whole bucket on every
 LIST, so leftovers would slow the next phase.
@@ -164,8 +164,8 @@ def run_timed(cmd, env, out_path):
 
 class Server:
     """One s3-server process. With `latency_ms`, its endpoint is a proxy in front of it that
-    holds every request that long (see examples/s3-server.rs); `name` keeps a second server's
-    files apart from the first one's."""
+    holds every request that long (see testkit/src/bin/s3-server.rs); `name` keeps a second
+    server's files apart from the first one's."""
 
     def __init__(self, children, exe, work, name="s3", latency_ms=0):
         self.children = children

@@ -8,28 +8,11 @@
 //! names). Exits 1 if any invariant was violated; the failing round's directory (database,
 //! walsync's log, a copy of the bucket) is kept and printed.
 
-// The harness lives with the test helpers, so the test suite runs the same code. It refers
-// to its siblings as `super::faultproxy`, `super::faults` and `super::s3server`, as in
-// `tests/common/`. The harness uses only part of those helpers; the rest serves the test
-// suite.
-#[allow(dead_code)]
-#[path = "../tests/common/faultproxy.rs"]
-mod faultproxy;
-#[allow(dead_code)]
-#[path = "../tests/common/faults.rs"]
-mod faults;
-#[allow(dead_code)]
-#[path = "../tests/common/s3server.rs"]
-mod s3server;
-#[allow(dead_code)]
-#[path = "../tests/common/torture.rs"]
-mod torture;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use torture::Config;
+use walsync_testkit::torture::{self, Config};
 
 fn main() -> ExitCode {
     match parse(std::env::args().skip(1).collect()) {

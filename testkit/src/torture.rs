@@ -1,5 +1,6 @@
-//! The crash-and-fault torture harness (issue 4), shared by `examples/torture.rs` (long runs,
-//! `scripts/torture.sh`) and `tests/torture.rs` (a short run in the test suite).
+//! The crash-and-fault torture harness (issue 4), shared by the `torture` program
+//! (`src/bin/torture.rs`: long runs, `scripts/torture.sh`) and `tests/torture.rs` (a short
+//! run in the test suite).
 //!
 //! Each round, against the SigV4 S3 test server behind a [`FaultProxy`] (the server plays
 //! the HTTP faults, the proxy the TCP ones), with the real
@@ -69,9 +70,9 @@ use walsync::format::{Catalog, ChainValue, Generation, GenerationObjects};
 use walsync::storage::Storage;
 use walsync::UtcTime;
 
-use super::faultproxy::FaultProxy;
-use super::faults::{splitmix64, FaultCounts, FaultMix};
-use super::s3server::{self, S3Server};
+use crate::faultproxy::FaultProxy;
+use crate::faults::{splitmix64, FaultCounts, FaultMix};
+use crate::s3server::{self, S3Server};
 
 /// How to run the harness.
 #[derive(Debug, Clone)]

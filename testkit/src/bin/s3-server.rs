@@ -2,8 +2,8 @@
 //! SigV4 checked) as a program, on 127.0.0.1 only.
 //!
 //! ```text
-//! cargo run --release --example s3-server -- [--port N] [--root DIR] [--request-log FILE]
-//!                                             [--latency-ms N]
+//! cargo run --release -p walsync-testkit --bin s3-server -- [--port N] [--root DIR]
+//!                                                      [--request-log FILE] [--latency-ms N]
 //! ```
 //!
 //! Prints one line on stdout when it is ready,
@@ -15,28 +15,17 @@
 //! Without `--root` the data goes to a temporary directory that is left behind on kill.
 //!
 //! With `--latency-ms N` the printed endpoint is a proxy on another loopback port (the
-//! tests' fault proxy, `tests/common/faultproxy.rs`, with no faults) that holds every request
+//! tests' fault proxy, `testkit/src/faultproxy.rs`, with no faults) that holds every request
 //! for N ms before forwarding it: a distant S3. The proxy sends each request on its own
 //! connection (`Connection: close`), so a client's keep-alive does not skip the delay.
 //! `--port` is then the server's port behind the proxy.
-
-// The test suite's server and proxy, of which this program uses only part.
-#[allow(dead_code)]
-#[path = "../tests/common/faultproxy.rs"]
-mod faultproxy;
-#[allow(dead_code)]
-#[path = "../tests/common/faults.rs"]
-mod faults;
-#[allow(dead_code)]
-#[path = "../tests/common/s3server.rs"]
-mod s3server;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use faultproxy::FaultProxy;
-use s3server::{Options, S3Server};
+use walsync_testkit::faultproxy::FaultProxy;
+use walsync_testkit::s3server::{Options, S3Server};
 
 const USAGE: &str =
     "usage: s3-server [--port N] [--root DIR] [--request-log FILE] [--latency-ms N]";

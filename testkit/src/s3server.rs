@@ -45,7 +45,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use walsync::storage::s3::{S3Config, S3Storage};
 
-use super::faults::{Fault, FaultCounts, FaultMix, SharedRng};
+use crate::faults::{Fault, FaultCounts, FaultMix, SharedRng};
 
 const BUCKET: &str = "walsync-test";
 const ACCESS_KEY: &str = "walsync-test-key";
@@ -77,7 +77,7 @@ impl Request {
 }
 
 /// What [`S3Server::start_with`] may change from [`S3Server::start`]'s defaults (the
-/// benchmark server, `examples/s3-server.rs`, uses them).
+/// benchmark server, `src/bin/s3-server.rs`, uses them).
 #[derive(Debug, Default, Clone)]
 pub struct Options {
     /// Serve this directory (created if missing) instead of a new temporary one, which is
@@ -126,6 +126,9 @@ impl std::fmt::Debug for PrivateCa {
 }
 
 impl PrivateCa {
+    /// A new CA (a new key each time: no `Default`, which would hide that), and a
+    /// certificate for `127.0.0.1` and `localhost`.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> PrivateCa {
         PrivateCa::for_names(&["127.0.0.1", "localhost"])
     }

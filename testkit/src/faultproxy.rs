@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::faults::{Fault, FaultCounts, FaultMix, SharedRng};
+use crate::faults::{Fault, FaultCounts, FaultMix, SharedRng};
 
 /// What the proxy does with one request.
 #[derive(Clone, Copy, Debug)]
