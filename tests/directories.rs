@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::fixtures::{dump, integrity, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::fixtures::{
+    dump, integrity, wait_for, walsync, walsync_after, AppDb, WatchProcess,
+};
 use walsync::storage::Storage;
 use walsync::{Options, Replica, Replicator};
 use walsync_testkit::s3server::S3Server;
@@ -723,25 +725,11 @@ fn a_descriptor_limit_too_low_is_said_at_start_and_is_not_fatal() {
     }
     let stderr = logs.join("limited.err");
     let dest = s3_url(&server, "limited");
-    let mut command = std::process::Command::new("sh");
+    let mut command = walsync_after("ulimit -n 150");
     command
-        .args([
-            "-c",
-            "ulimit -n 150 && exec \"$0\" \"$@\"",
-            env!("CARGO_BIN_EXE_walsync"),
-            "watch",
-            "--dir",
-            path_str(&data),
-            "-b",
-            &dest,
-        ])
+        .args(["watch", "--dir", path_str(&data), "-b", &dest])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&stderr).unwrap());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-            command.env_remove(key);
-        }
-    }
     command.envs(server.env());
     let mut child = command.spawn().unwrap();
     let log = || std::fs::read_to_string(&stderr).unwrap_or_default();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::common::fixtures::{
-    replica_sidecar, wait_for, walsync, walsync_err, AppDb, WatchProcess,
+    replica_sidecar, wait_for, walsync, walsync_err, walsync_on_a_terminal, AppDb, WatchProcess,
 };
 use walsync_testkit::s3server::S3Server;
 
@@ -470,13 +470,7 @@ fn progress_only_on_a_terminal() {
 
     // On a terminal (script(1) gives the command one), the line is there.
     let out2 = dir.path().join("restored2.db");
-    let command = format!(
-        "{} restore app -o {} -b {dest}",
-        env!("CARGO_BIN_EXE_walsync"),
-        out2.display()
-    );
-    let tty = std::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
+    let tty = walsync_on_a_terminal(&format!("restore app -o {} -b {dest}", out2.display()))
         .output()
         .expect("script(1) from util-linux gives the command a terminal");
     let text = String::from_utf8_lossy(&tty.stdout);

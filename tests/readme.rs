@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::common::fixtures::{dump, wait_for, walsync, AppDb};
+use crate::common::fixtures::{dump, wait_for, walsync, AppDb, WALSYNC};
 use walsync_testkit::s3server::S3Server;
+use walsync_testkit::without_callers_settings;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -39,7 +40,7 @@ fn snippet(marker: &str) -> String {
 fn bin_dir(root: &Path) -> PathBuf {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_walsync"), bin.join("walsync")).unwrap();
+    std::os::unix::fs::symlink(WALSYNC, bin.join("walsync")).unwrap();
     bin
 }
 
@@ -49,16 +50,12 @@ fn write_executable(path: &Path, text: &str) {
 }
 
 /// `sh -c`-style run of `script` with `shell`, in the repository (recipes copy from
-/// contrib/), with `env` and none of the caller's AWS_* or WALSYNC_* variables.
+/// contrib/), with `env` and none of the caller's settings (as `walsync_command` has it).
 fn run_script(shell: &str, script: &str, env: &[(String, String)]) -> Output {
     let mut cmd = Command::new(shell);
     cmd.arg("-c").arg(script);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+    without_callers_settings(&mut cmd)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .output()
@@ -246,7 +243,7 @@ impl Drop for Supervisor {
 
 /// The pid of the walsync whose environment names `envdir`, if one runs.
 fn walsync_pid(envdir: &Path) -> Option<i32> {
-    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_walsync")).unwrap();
+    let exe = std::fs::canonicalize(WALSYNC).unwrap();
     let marker = format!("WALSYNC_ENVDIR={}", envdir.display());
     std::fs::read_dir("/proc")
         .ok()?
@@ -329,13 +326,7 @@ fn service_recipe(flavour: &Flavour) {
             .replace("/run/service", &format!("{}/run/service", r.display()))
     };
     let start = || {
-        let mut cmd = Command::new(flavour.supervisor);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
+        let child = without_callers_settings(&mut Command::new(flavour.supervisor))
             .arg(&scan)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::common::fixtures::{dump, integrity, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::fixtures::{
+    dump, integrity, wait_for, walsync, walsync_command, AppDb, WatchProcess,
+};
 use crate::durability::{
     assert_restored, catalog, generations, replicate_until_walsync_checkpointed, restore_dump,
     restore_with_binary, s3_url, start,
@@ -252,14 +254,8 @@ fn run_for_at_most(
     env: &[(String, String)],
     timeout: Duration,
 ) -> Option<std::process::Output> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-            cmd.env_remove(key);
-        }
-    }
-    let mut child = cmd
+    let mut child = walsync_command()
+        .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

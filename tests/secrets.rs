@@ -4,10 +4,10 @@
 //! the restore's directory, the objects in the bucket).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use crate::common::fixtures::{AppDb, WatchProcess};
+use crate::common::fixtures::{walsync_command, AppDb, WatchProcess};
 use walsync_testkit::s3server::{Options, S3Server};
 
 const ACCESS_KEY: &str = "AKIDLEAKCHECK0000001";
@@ -17,15 +17,13 @@ const WRONG_SECRET: &str = "WrOnG-SeCrEt-walsync-must-never-print-this-c0de";
 
 /// Run walsync with trace logging and the given secret; its output.
 fn run(args: &[&str], server: &S3Server, secret: &str) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.arg("-v").args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(env(server, secret)).env("RUST_LOG", "trace");
-    cmd.output().expect("running walsync")
+    walsync_command()
+        .arg("-v")
+        .args(args)
+        .envs(env(server, secret))
+        .env("RUST_LOG", "trace")
+        .output()
+        .expect("running walsync")
 }
 
 fn env(server: &S3Server, secret: &str) -> Vec<(String, String)> {

@@ -7,12 +7,13 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::fixtures::{dump, files_in, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::fixtures::{dump, files_in, wait_for, walsync, AppDb, WatchProcess, WALSYNC};
 use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
 use walsync::Replica;
 use walsync_testkit::s3server::S3Server;
+use walsync_testkit::without_callers_settings;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -317,7 +318,7 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
 
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_walsync"), bin.join("walsync")).unwrap();
+    std::os::unix::fs::symlink(WALSYNC, bin.join("walsync")).unwrap();
     let envdir = dir.path().join("env");
     std::fs::create_dir(&envdir).unwrap();
     let files = [
@@ -340,13 +341,7 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
 
     let log = dir.path().join("service.log");
     let script_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
-    let mut cmd = Command::new(&script_path);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-            cmd.env_remove(key);
-        }
-    }
-    let mut child = cmd
+    let mut child = without_callers_settings(&mut Command::new(&script_path))
         .current_dir(script_path.parent().unwrap())
         .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
         .env("WALSYNC_ENVDIR", &envdir)
@@ -394,10 +389,7 @@ fn run_script_replicates_and_stops_on_sigterm(script: &str) {
     }
     // The run script's process is walsync now: SIGTERM it, as `sv down` would.
     let exe = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
-    assert_eq!(
-        exe,
-        std::fs::canonicalize(env!("CARGO_BIN_EXE_walsync")).unwrap()
-    );
+    assert_eq!(exe, std::fs::canonicalize(WALSYNC).unwrap());
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

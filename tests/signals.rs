@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::fixtures::{dump, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::fixtures::{
+    dump, wait_for, walsync, walsync_on_a_terminal, AppDb, WatchProcess,
+};
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -311,22 +313,16 @@ fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
     let script = dir.path().join("count.py");
     std::fs::write(&script, COUNT_SIGINTS).unwrap();
     let (count, ready) = (dir.path().join("count"), dir.path().join("ready"));
-    let command = format!(
-        "exec {} watch {} -b {dest} --exec 'python3 {} {} {}'",
-        env!("CARGO_BIN_EXE_walsync"),
+    let args = format!(
+        "watch {} -b {dest} --exec 'python3 {} {} {}'",
         app.path.display(),
         script.display(),
         count.display(),
         ready.display()
     );
-    // script(1) (util-linux, an essential package) runs walsync on a terminal of its own;
-    // Ctrl-C typed there goes to the terminal's foreground process group: walsync and the
-    // application it executed. `exec` makes walsync that group's leader, as an interactive
-    // shell's job control would: without it a non-interactive /bin/sh (script's default
-    // when SHELL is unset, as in CI) sits in the group, dies of the SIGINT and script
-    // reports that instead of walsync's status.
-    let mut terminal = std::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
+    // walsync on a terminal of its own, as the group leader there: Ctrl-C typed there goes
+    // to the terminal's foreground process group, walsync and the application it executed.
+    let mut terminal = walsync_on_a_terminal(&args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

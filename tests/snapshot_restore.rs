@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::fixtures::{dump, files_in, integrity, walsync_err, walsync_ok, AppDb};
+use crate::common::fixtures::{
+    dump, files_in, integrity, walsync_after, walsync_err, walsync_ok, AppDb,
+};
 use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
@@ -398,13 +400,7 @@ fn mode_of(path: &Path) -> u32 {
 
 /// Run the walsync binary under umask 022 (the usual one), insisting that it succeeds.
 fn walsync_umask_022(args: &[&str]) -> std::process::Output {
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("umask 022 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_walsync"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = walsync_after("umask 022").args(args).output().unwrap();
     assert!(
         out.status.success(),
         "walsync {args:?} failed: {}",

@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::fixtures::{wait_for, AppDb, WatchProcess};
+use crate::common::fixtures::{wait_for, walsync, walsync_command, AppDb, WatchProcess};
 use crate::common::logs::warnings;
 use walsync::storage::s3::{CaRoots, S3Config, S3Storage, STALE_UPLOAD_AGE};
 use walsync::storage::{Destination, ObjectInfo, Storage};
@@ -596,19 +596,6 @@ fn start_upload(server: &S3Server, object: &str) {
     ureq::post(url.as_str())
         .send_empty()
         .expect("CreateMultipartUpload");
-}
-
-/// walsync itself, with `env` and none of the test's own AWS or TLS settings.
-fn walsync(args: &[&str], env: &[(String, String)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("SSL_CERT") || key.starts_with("WALSYNC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    cmd.output().expect("running walsync")
 }
 
 #[test]
@@ -1400,11 +1387,6 @@ fn a_host_clock_far_off_signs_with_the_stores_time() {
     for (step, said) in [("-40m", "behind"), ("+40m", "ahead of")] {
         let mut cmd = with_clock_off(step);
         cmd.args(["list", "-b", &dest]);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") {
-                cmd.env_remove(key);
-            }
-        }
         let out = cmd.envs(server.env()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{step}: {stderr}");
@@ -1438,11 +1420,6 @@ fn a_clock_skew_answer_cut_short_is_asked_for_again() {
     });
     let mut cmd = with_clock_off("-40m");
     cmd.args(["list", "-b", &dest]);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") {
-            cmd.env_remove(key);
-        }
-    }
     let child = cmd
         .envs(server.env())
         .stdout(std::process::Stdio::piped())
@@ -1469,7 +1446,7 @@ fn a_clock_skew_answer_cut_short_is_asked_for_again() {
 fn with_clock_off(offset: &str) -> Command {
     let lib = walsync_testkit::torture::find_libfaketime()
         .expect("libfaketime (Debian package faketime, installed by scripts/test.sh) not found");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+    let mut cmd = walsync_command();
     cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset);
     cmd
 }

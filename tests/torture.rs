@@ -10,11 +10,12 @@
 
 use std::time::Duration;
 
+use crate::common::fixtures::WALSYNC;
 use walsync_testkit::torture::{self, Config};
 
 #[test]
 fn two_short_torture_rounds_lose_nothing() {
-    let mut config = Config::new(env!("CARGO_BIN_EXE_walsync").into(), 20_240_601, 2);
+    let mut config = Config::new(WALSYNC.into(), 20_240_601, 2);
     config.round_time = Duration::from_secs(5);
     let totals = torture::run(&config);
     assert!(

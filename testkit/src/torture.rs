@@ -1033,14 +1033,8 @@ impl<'a> Round<'a> {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.config.walsync);
-        cmd.args(args);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.envs(self.env());
+        let mut cmd = crate::walsync_command(&self.config.walsync);
+        cmd.args(args).envs(self.env());
         cmd
     }
 

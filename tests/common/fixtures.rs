@@ -1,9 +1,51 @@
 //! Real SQLite databases to replicate, and the real `walsync` binary to run against them.
+//!
+//! Every test runs walsync through [`walsync_command`] (or its wrapped forms,
+//! [`walsync_after`] and [`walsync_on_a_terminal`]; [`walsync`] and [`WatchProcess`] are
+//! built on it): the binary Cargo built with these tests, without the test process's own AWS,
+//! walsync and TLS settings. The torture harness gets the same from the test kit, given
+//! [`WALSYNC`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use rusqlite::{params, Connection};
+use walsync_testkit::without_callers_settings;
+
+/// The `walsync` binary Cargo built for these tests.
+pub const WALSYNC: &str = env!("CARGO_BIN_EXE_walsync");
+
+/// `walsync`, ready for its arguments, with none of the test process's `AWS_*`, `WALSYNC_*`
+/// and `SSL_CERT_*` variables (see [`walsync_testkit::walsync_command`]): what it is told is
+/// the test's to add (`.envs(server.env())`).
+pub fn walsync_command() -> Command {
+    walsync_testkit::walsync_command(Path::new(WALSYNC))
+}
+
+/// `sh -c 'SETUP && exec walsync ...'`, ready for walsync's arguments, with the environment
+/// [`walsync_command`] gives: walsync under a `umask` or a `ulimit` of the test's choosing.
+pub fn walsync_after(setup: &str) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("{setup} && exec \"$0\" \"$@\""))
+        .arg(WALSYNC);
+    without_callers_settings(&mut command);
+    command
+}
+
+/// `walsync ARGS` on a terminal of its own: script(1) (util-linux, an essential package)
+/// runs `exec walsync ARGS` (`args` is shell text) with a new pseudo-terminal as its
+/// controlling terminal, stdin and stdout, the environment as [`walsync_command`] gives it.
+/// `exec` makes walsync the terminal's foreground process group leader, as an interactive
+/// shell's job control would: without it a non-interactive /bin/sh (script's default when
+/// SHELL is unset, as in CI) sits in the group, and dies of a Ctrl-C meant for walsync.
+pub fn walsync_on_a_terminal(args: &str) -> Command {
+    let mut command = Command::new("script");
+    command.args(["-qec", &format!("exec {WALSYNC} {args}"), "/dev/null"]);
+    without_callers_settings(&mut command);
+    command
+}
 
 /// An application database in WAL mode with one table, written through a connection that
 /// stays open (as an application's would), so its WAL survives between writes.
@@ -135,17 +177,14 @@ pub fn integrity(path: &Path) -> String {
         .unwrap()
 }
 
-/// Run the real `walsync` binary with `env` (and no other AWS_* or WALSYNC_* variables).
+/// Run the real `walsync` binary with `env` (and no other AWS_*, WALSYNC_* or SSL_CERT_*
+/// variables) to its end.
 pub fn walsync(args: &[&str], env: &[(String, String)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(env.iter().map(|(k, v)| (k, v)));
-    cmd.output().expect("running walsync")
+    walsync_command()
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running walsync")
 }
 
 /// Run walsync and insist that it succeeded; returns stdout.
@@ -231,13 +270,8 @@ impl WatchProcess {
         let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stdout = log_dir.join(format!("watch-{n}.out"));
         let stderr = log_dir.join(format!("watch-{n}.err"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_walsync"));
+        let mut cmd = walsync_command();
         cmd.arg("watch").args(args);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("AWS_") || key.starts_with("WALSYNC_") {
-                cmd.env_remove(key);
-            }
-        }
         // Debug logging unless `env` says otherwise.
         cmd.env("RUST_LOG", "walsync=debug")
             .envs(env.iter().map(|(k, v)| (k, v)))
