@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
+use crate::common::root::needs_root;
 use walsync::storage::Storage;
 use walsync::Replica;
 use walsync_testkit::s3server::S3Server;
@@ -274,6 +275,7 @@ fn a_segment_with_a_bad_wal_checksum_inside_valid_gzip_is_refused() {
 
 #[test]
 fn a_database_in_a_read_only_directory_is_refused_cleanly() {
+    needs_root!("chattr +i on the database's directory");
     // Under the target directory: the same filesystem as the checkout, which supports chattr.
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dbdir = base.path().join("db");

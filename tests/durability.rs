@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::common::fixtures::{
     dump, dump_of, integrity, replica_sidecar, wait_for, walsync, AppDb, Immutable, WatchProcess,
 };
+use crate::common::root::needs_root;
 use rusqlite::{params, Connection};
 use walsync::format::{Catalog, ObjectKind, ObjectName};
 use walsync::storage::file::FileStorage;
@@ -472,6 +473,7 @@ fn commit_and_record(app: &mut AppDb, states: &mut Vec<(UtcTime, String)>) {
 ///    segments of the two runs.
 #[test]
 fn a_position_that_falls_behind_never_mixes_two_histories_in_a_restore() {
+    needs_root!("chattr +i on the sidecar");
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr(), 1, Duration::from_secs(1));
     // Under the target directory: the same filesystem as the checkout, which supports chattr.
@@ -717,6 +719,7 @@ fn a_repin_after_a_full_application_checkpoint_keeps_one_generation() {
 /// stored" and exit 0 with the last commits missing from the replica.
 #[test]
 fn a_sigterm_during_a_local_error_still_ships_the_last_commits() {
+    needs_root!("chattr +i on the sidecar");
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let mut app = AppDb::create(dir.path(), "app.db");
@@ -753,6 +756,7 @@ fn a_sigterm_during_a_local_error_still_ships_the_last_commits() {
 /// for now, must neither stop walsync from starting nor ever be uploaded.
 #[test]
 fn an_uncounted_file_that_cannot_be_removed_is_never_uploaded() {
+    needs_root!("chattr +i on the sidecar");
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let mut app = AppDb::create(dir.path(), "app.db");
@@ -823,6 +827,7 @@ fn an_uncounted_file_that_cannot_be_removed_is_never_uploaded() {
 /// failed `PRAGMA integrity_check`.
 #[test]
 fn a_new_generation_that_could_not_be_staged_is_started_again_not_skipped() {
+    needs_root!("chattr +i on the sidecar");
     let dir = tempfile::tempdir().unwrap();
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(dir.path().join("bucket")));
     let mut app = AppDb::create(dir.path(), "app.db");

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::common::fixtures::{
     replica_sidecar, wait_for, walsync, walsync_err, walsync_on_a_terminal, AppDb, WatchProcess,
 };
+use crate::common::root::needs_root;
 use walsync_testkit::s3server::S3Server;
 
 fn path_str(p: &Path) -> &str {
@@ -617,6 +618,7 @@ fn heartbeat_keeps_pinging_a_busy_database_that_keeps_up() {
 
 #[test]
 fn lag_counts_while_the_sidecar_cannot_be_written_and_the_heartbeat_stops() {
+    needs_root!("chattr +i on the sidecar");
     let s3 = S3Server::start();
     let monitor = Monitor::start();
     // Under the target directory: the same filesystem as the checkout, which supports chattr.

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::common::fixtures::{dump, wait_for, walsync, AppDb, WALSYNC};
+use crate::common::root::needs_root;
 use walsync_testkit::s3server::S3Server;
 use walsync_testkit::without_callers_settings;
 
@@ -177,6 +178,7 @@ fn the_status_snippet_reports_cleanly_and_fails_cleanly() {
 
 #[test]
 fn the_restore_steps_keep_the_owner_and_mode() {
+    needs_root!("chown of the database to another user");
     need("chpst");
     let root = tempfile::tempdir().unwrap();
     let srv = root.path().join("srv/app");

@@ -371,7 +371,8 @@ pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) 
 }
 
 /// Makes a directory immutable (`chattr +i`: not even root may create or remove files in
-/// it) for the life of the guard; undone on drop, also when the test panics.
+/// it) for the life of the guard; undone on drop, also when the test panics. Only root may
+/// (CAP_LINUX_IMMUTABLE): a test using it starts with `needs_root!`.
 pub struct Immutable(PathBuf);
 
 impl Immutable {
