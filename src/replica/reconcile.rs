@@ -16,9 +16,9 @@ impl Replica {
     }
 
     /// Check the tip against what storage holds for this name (one LIST, and a GET of its
-    /// `state.json` when ownership is in question), as the module docs say: refuse a name
-    /// another database writes, and start a new generation where storage contradicts the
-    /// tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
+    /// `state.json` when ownership is in question), as the parent module's docs say: refuse
+    /// a name another database writes, and start a new generation where storage contradicts
+    /// the tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
     /// again.
     pub fn reconcile(&mut self) -> Result<()> {
         let listing = self.list_own()?;
