@@ -96,7 +96,7 @@ impl DbMetrics {
 
     /// The unix time in milliseconds of the oldest commit not yet stored, or None when
     /// every commit is stored. The database thread works it out (see
-    /// `replicator::LagTracker`) from what it has read, staged and seen stored, so that
+    /// `replicator::lag::LagTracker`) from what it has read, staged and seen stored, so that
     /// lag counts whatever holds a commit back: storage, the sidecar's disk, a pinned WAL.
     pub fn set_unstored_since(&self, since_ms: Option<u64>) {
         // 0 means "nothing unstored"; a real time is never 0.
