@@ -351,7 +351,7 @@ impl Replica {
     /// The generation and last segment index read so far, if any.
     pub fn generation(&self) -> Option<(Generation, u64)> {
         let p = self.tip.as_ref()?;
-        Some((Generation::parse(&p.generation)?, p.index))
+        Some((p.generation.clone(), p.index))
     }
 
     /// True when every object cut so far is stored.

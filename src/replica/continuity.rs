@@ -189,16 +189,16 @@ impl Replica {
         })?;
         let previous = self.tip.as_ref();
         let newest = previous
-            .and_then(|t| Generation::parse(&t.generation))
+            .map(|t| t.generation.clone())
             .max(self.newest_stored.clone());
         let generation = Generation::after(newest.as_ref());
         let base = Position {
             destination: self.storage.describe(),
             name: self.name.clone(),
-            generation: generation.as_str().to_string(),
+            generation: generation.clone(),
             index: 0,
             page_size: self.pin.page_size()?,
-            chain: ChainValue::of_generation(&generation).0,
+            chain: ChainValue::of_generation(&generation),
             time_ms: previous.map_or(0, |t| t.time_ms),
             seq: self.next_seq() - 1,
             wal: end,

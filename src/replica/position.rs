@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::Replica;
 use crate::files::FileIdentity;
+use crate::layout::{ChainValue, Generation};
 use crate::wal::{WalHeader, WalPosition};
 
 /// How far the WAL has been read into staged objects: saved in the sidecar, and written
@@ -21,12 +22,12 @@ use crate::wal::{WalHeader, WalPosition};
 pub(super) struct Position {
     pub(super) destination: String,
     pub(super) name: String,
-    pub(super) generation: String,
+    pub(super) generation: Generation,
     /// Last segment in this generation (0: only the base snapshot).
     pub(super) index: u64,
     pub(super) page_size: u32,
     /// Chain value after `index` (see [`crate::segment`]).
-    pub(super) chain: [u32; 2],
+    pub(super) chain: ChainValue,
     /// Time of the newest object, in milliseconds (a label: see [`Replica::next_time`]).
     pub(super) time_ms: i64,
     /// Staging sequence number of the newest object this position counts.
@@ -124,6 +125,41 @@ pub(super) fn hostname() -> String {
 mod tests {
     use super::*;
 
+    /// `position.json` keeps the shape `docs/FORMAT.md` gives it: the generation as its id,
+    /// the chain as two numbers. One with a malformed generation id is unreadable (and so
+    /// ignored by the sidecar: a new generation starts).
+    #[test]
+    fn a_position_is_saved_with_plain_ids() {
+        let position = Position {
+            destination: "file:///b".into(),
+            name: "app".into(),
+            generation: Generation::parse("0123456789abcdef").unwrap(),
+            index: 3,
+            page_size: 4096,
+            chain: ChainValue([1, 2]),
+            time_ms: 0,
+            seq: 4,
+            wal: None,
+            db: FileIdentity {
+                dev: 1,
+                ino: 10,
+                size: 4096,
+                mtime_ns: 0,
+            },
+            path: None,
+            host: None,
+            proof: None,
+            leftovers: Vec::new(),
+        };
+        let mut saved = serde_json::to_value(&position).unwrap();
+        assert_eq!(saved["generation"], serde_json::json!("0123456789abcdef"));
+        assert_eq!(saved["chain"], serde_json::json!([1, 2]));
+        let back: Position = serde_json::from_value(saved.clone()).unwrap();
+        assert_eq!(back, position);
+        saved["generation"] = serde_json::json!("not-a-generation");
+        assert!(serde_json::from_value::<Position>(saved).is_err());
+    }
+
     /// Whose position it is: a copy elsewhere (another path) is foreign; another inode at
     /// the same path is foreign only when another host saved the position (a copy put in
     /// place there), not on this host (a file renamed over the database: a replacement,
@@ -142,10 +178,10 @@ mod tests {
         let position = |path: Option<&str>, host: Option<&str>| Position {
             destination: "file:///b".into(),
             name: "app".into(),
-            generation: "0123456789abcdef".into(),
+            generation: Generation::parse("0123456789abcdef").unwrap(),
             index: 3,
             page_size: 4096,
-            chain: [1, 2],
+            chain: ChainValue([1, 2]),
             time_ms: 0,
             seq: 4,
             wal: None,

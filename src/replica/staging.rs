@@ -14,9 +14,9 @@ use std::time::Instant;
 use super::continuity::Continuity;
 use super::position::{mark, Position};
 use super::Replica;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::files::FileIdentity;
-use crate::layout::{Generation, ObjectKind, ObjectName};
+use crate::layout::{ChainValue, ObjectKind, ObjectName};
 use crate::segment;
 use crate::sidecar::{Sidecar, Staged};
 use crate::snapshot;
@@ -87,10 +87,8 @@ impl Replica {
             self.note_reached(&header, start.offset);
             return Ok(Cut::Idle);
         }
-        let generation = Generation::parse(&tip.generation)
-            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
         let draft = self.sidecar.draft()?;
-        let segment = match segment::cut(reader, tip.chain, &draft.file) {
+        let segment = match segment::cut(reader, tip.chain.0, &draft.file) {
             Ok(Some(segment)) => segment,
             Ok(None) => {
                 // Frames of a transaction not committed yet; the draft is removed on drop.
@@ -110,7 +108,7 @@ impl Replica {
         // transaction. (The cut reads as far as the WAL has commits, so not before.)
         let object = ObjectName {
             kind: ObjectKind::Segment,
-            generation,
+            generation: tip.generation.clone(),
             index: tip.index + 1,
             time: self.next_time(&tip),
         };
@@ -119,7 +117,7 @@ impl Replica {
         log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
         self.tip = Some(Position {
             index: object.index,
-            chain: segment.chain,
+            chain: ChainValue(segment.chain),
             time_ms: object.time.millis(),
             seq: staged.seq,
             wal: Some(mark(&header, end)),
@@ -162,16 +160,14 @@ impl Replica {
     /// Copy the pinned database into a staged snapshot at `tip` (the position the pin sees:
     /// the current tip, or a new generation's base), and count it.
     pub(super) fn stage_snapshot(&mut self, mut tip: Position) -> Result<String> {
-        let generation = Generation::parse(&tip.generation)
-            .ok_or_else(|| Error::corrupt("saved generation id is malformed"))?;
         let draft = self.sidecar.draft()?;
         let scratch = self.sidecar.scratch_database();
-        let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file)
+        let db_size = snapshot::take(&self.pin, scratch, tip.chain.0, &draft.file)
             .context(|| format!("{}: taking a snapshot", self.name))?;
         self.release_memory();
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
-            generation,
+            generation: tip.generation.clone(),
             index: tip.index,
             time: self.next_time(&tip),
         };
