@@ -50,24 +50,22 @@ impl DbMetrics {
         &self.name
     }
 
-    /// An upload of `key`, `bytes` long, succeeded.
-    pub fn stored(&self, key: &str, bytes: u64) {
+    /// An upload of `object`, `bytes` long, succeeded.
+    pub fn stored(&self, object: &ObjectName, bytes: u64) {
         self.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
         self.objects_stored.fetch_add(1, Ordering::Relaxed);
-        if let Some((_, object)) = ObjectName::parse_key(key) {
-            let millis = object.time.millis().max(0) as u64;
-            // Like `walsync status`: the newest segment's time, a snapshot's only until a
-            // segment is stored (a later snapshot holds no later commit).
-            if object.kind == ObjectKind::Segment {
-                self.newest_stored_ms.fetch_max(millis, Ordering::Relaxed);
-            } else {
-                let _ = self.newest_stored_ms.compare_exchange(
-                    0,
-                    millis,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
+        let millis = object.time.millis().max(0) as u64;
+        // Like `walsync status`: the newest segment's time, a snapshot's only until a
+        // segment is stored (a later snapshot holds no later commit).
+        if object.kind == ObjectKind::Segment {
+            self.newest_stored_ms.fetch_max(millis, Ordering::Relaxed);
+        } else {
+            let _ = self.newest_stored_ms.compare_exchange(
+                0,
+                millis,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -233,10 +231,10 @@ mod tests {
         assert!((3.0..4.0).contains(&lag), "{lag}");
         m.staged(1, 100);
         m.upload_failed(true);
-        m.stored(
-            "a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz",
-            10,
-        );
+        let (_, object) =
+            ObjectName::parse_key("a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz")
+                .unwrap();
+        m.stored(&object, 10);
         m.set_unstored_since(None);
         assert_eq!(m.lag_seconds(), 0.0);
         assert_eq!(

@@ -138,7 +138,10 @@ mod upload;
 
 pub use checkpoint::Checkpoint;
 pub use rest::ONE_CONNECTION_AFTER;
-pub use upload::Upload;
+pub use upload::StateObject;
+
+/// Handed out by [`Replica::next_upload`]; defined beside the upload step it feeds.
+pub use crate::uploader::Upload;
 
 use pin::{open_pin, Pin, WalLook};
 use position::{absolute_path, hostname, Position};

@@ -2,21 +2,40 @@
 //! and only once the tip is reconciled with storage; and `state.json`, which says what the
 //! newest stored object is, for `list` and for people.
 //!
-//! `walsync watch` hands each object to its upload pool ([`crate::uploader`]) and reports
-//! back with [`Replica::upload_done`]; one-shot use ([`Replica::sync`],
-//! [`Replica::snapshot`]) uploads from the caller's thread with [`Replica::flush`].
+//! There are two ways to upload, with one step in common ([`uploader::store`]):
+//! `walsync watch` hands each object to its upload pool ([`crate::uploader`]), which
+//! retries until it is stored, and reports back with [`Replica::upload_done`]; one-shot
+//! use ([`Replica::sync`], [`Replica::snapshot`]) uploads from the caller's thread with
+//! [`Replica::flush`], which tries each object once and returns the error. Both write
+//! `state.json` through [`StateObject::write`].
 
 use std::fs::File;
 
 use super::Replica;
 use crate::error::{Context, Error, Result};
-use crate::layout::{self, Generation, ObjectKind, ReplicaState};
+use crate::layout::{self, Generation, ObjectKind, ObjectName, ReplicaState};
+use crate::storage::Storage;
+use crate::uploader::{self, Attempts, Upload};
 use crate::utc::UtcTime;
 
-/// An upload for a worker: store `file` under `key`, then call [`Replica::upload_done`].
-pub struct Upload {
-    pub key: String,
-    pub file: File,
+/// `state.json` as of the newest stored object, ready to write (see
+/// [`Replica::state_object`]).
+pub struct StateObject {
+    key: String,
+    body: Vec<u8>,
+}
+
+impl StateObject {
+    /// Write it: the one writer of `state.json`, from the uploading thread in one-shot use
+    /// ([`Replica::write_state`]) and on an upload worker in `walsync watch` (so that many
+    /// databases stopping or snapshotting at once make at most `upload_workers` requests at
+    /// a time). Callers take a failure as a warning: only `list` reads `state.json`, and
+    /// the objects themselves are stored.
+    pub fn write(&self, storage: &dyn Storage) -> Result<()> {
+        storage
+            .put_bytes(&self.key, &self.body)
+            .context(|| format!("writing {}", self.key))
+    }
 }
 
 impl Replica {
@@ -37,21 +56,27 @@ impl Replica {
             .context(|| format!("{}: opening staged {}", self.name, front.path.display()))?;
         self.uploading = true;
         Ok(Some(Upload {
+            object: front.object.clone(),
             key: front.object.key(&self.name),
             file,
         }))
     }
 
-    /// An upload handed out by [`Replica::next_upload`] succeeded. Returns true when it was a
-    /// snapshot, after which `state.json` is worth rewriting ([`Replica::state_object`]); the
-    /// caller does that, so that a hundred databases do not all write at once.
-    pub fn upload_done(&mut self, key: &str) -> Result<bool> {
+    /// The upload of `object` handed out by [`Replica::next_upload`] succeeded. Returns true
+    /// when it was a snapshot, after which `state.json` is worth rewriting
+    /// ([`Replica::state_object`]); the caller does that, so that a hundred databases do
+    /// not all write at once.
+    pub fn upload_done(&mut self, object: &ObjectName) -> Result<bool> {
         let front = match self.staged.front() {
-            Some(s) if self.uploading && s.object.key(&self.name) == key => s.clone(),
+            Some(s) if self.uploading && s.object == *object => s.clone(),
             _ => {
                 return Err(Error::new(
                     crate::ErrorKind::Other,
-                    format!("{}: upload of {key} finished out of order", self.name),
+                    format!(
+                        "{}: upload of {} finished out of order",
+                        self.name,
+                        object.key(&self.name)
+                    ),
                 ))
             }
         };
@@ -73,7 +98,9 @@ impl Replica {
     }
 
     /// Upload everything staged, in order, from this thread (after reconciling with
-    /// storage, if that is still to do: then a new generation may start first).
+    /// storage, if that is still to do: then a new generation may start first). Each object
+    /// is tried once ([`Attempts::Once`]): the first failure is returned, and the object
+    /// stays staged for the next call.
     pub fn flush(&mut self) -> Result<()> {
         if !self.reconciled {
             self.reconcile()?;
@@ -82,17 +109,18 @@ impl Replica {
             }
         }
         while let Some(upload) = self.next_upload()? {
-            let stored = self
-                .storage
-                .put_file(&upload.key, &upload.file)
-                .context(|| format!("{}: uploading {}", self.name, upload.key));
-            let key = upload.key.clone();
+            let stored = uploader::store(
+                self.storage.as_ref(),
+                &self.name,
+                &upload,
+                None,
+                Attempts::Once,
+            );
             if let Err(e) = stored {
                 self.upload_returned(upload);
                 return Err(e);
             }
-            log::info!("{}: stored {key}", self.name);
-            if self.upload_done(&key)? {
+            if self.upload_done(&upload.object)? {
                 if let Err(e) = self.write_state() {
                     // Only `list` reads state.json; the snapshot itself is stored.
                     log::warn!("{}: {e}", self.name);
@@ -110,18 +138,18 @@ impl Replica {
         self.opening_listing.take()
     }
 
-    /// Write `state.json` for `list` and for people; restores never need it.
+    /// Write `state.json` for `list` and for people, from this thread; restores never need
+    /// it.
     pub fn write_state(&self) -> Result<()> {
-        let Some((key, body)) = self.state_object()? else {
-            return Ok(());
-        };
-        self.storage
-            .put_bytes(&key, &body)
-            .context(|| format!("writing {key}"))
+        match self.state_object()? {
+            Some(state) => state.write(self.storage.as_ref()),
+            None => Ok(()),
+        }
     }
 
-    /// The key and content of `state.json` as of the newest stored object (None before any).
-    pub fn state_object(&self) -> Result<Option<(String, Vec<u8>)>> {
+    /// `state.json` as of the newest stored object (None before any), to write with
+    /// [`StateObject::write`].
+    pub fn state_object(&self) -> Result<Option<StateObject>> {
         let (Some((generation, index)), Some(tip)) = (&self.stored, &self.tip) else {
             return Ok(None);
         };
@@ -135,6 +163,9 @@ impl Replica {
             walsync_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let body = serde_json::to_vec_pretty(&state)?;
-        Ok(Some((layout::state_key(&self.name), body)))
+        Ok(Some(StateObject {
+            key: layout::state_key(&self.name),
+            body,
+        }))
     }
 }

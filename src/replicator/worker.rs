@@ -259,9 +259,9 @@ impl DbWorker {
 
     /// An object is stored: count it, and answer whoever waited for it.
     fn uploaded(&mut self, upload: Upload) {
-        let key = upload.key.clone();
+        let key = upload.key;
         self.lag.stored(&key);
-        match self.replica.upload_done(&key) {
+        match self.replica.upload_done(&upload.object) {
             Ok(true) => {
                 drop(self.write_state());
                 // A snapshot can make older objects prunable, unless it is the first this
@@ -593,10 +593,10 @@ impl DbWorker {
         let (done, finished) = mpsc::channel();
         let name = self.replica.name().to_string();
         match self.replica.state_object() {
-            Ok(Some((key, body))) => self.pool.run(Box::new(move |storage: &dyn Storage| {
-                if let Err(e) = storage.put_bytes(&key, &body) {
+            Ok(Some(state)) => self.pool.run(Box::new(move |storage: &dyn Storage| {
+                if let Err(e) = state.write(storage) {
                     // Only `list` reads state.json; the objects themselves are stored.
-                    log::warn!("{name}: writing {key}: {e}");
+                    log::warn!("{name}: {e}");
                 }
                 let _ = done.send(());
             })),
