@@ -136,12 +136,10 @@ mod staging;
 mod testing;
 mod upload;
 
-pub use checkpoint::Checkpoint;
-pub use rest::ONE_CONNECTION_AFTER;
-pub use upload::StateObject;
-
 /// Handed out by [`Replica::next_upload`]; defined beside the upload step it feeds.
 pub use crate::uploader::Upload;
+pub use checkpoint::Checkpoint;
+pub use rest::ONE_CONNECTION_AFTER;
 
 use pin::{open_pin, Pin, WalLook};
 use position::{absolute_path, hostname, Position};
