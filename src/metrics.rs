@@ -51,7 +51,7 @@ impl DbMetrics {
     }
 
     /// An upload of `object`, `bytes` long, succeeded.
-    pub fn stored(&self, object: &ObjectName, bytes: u64) {
+    pub(crate) fn stored(&self, object: &ObjectName, bytes: u64) {
         self.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
         self.objects_stored.fetch_add(1, Ordering::Relaxed);
         let millis = object.time.millis().max(0) as u64;
@@ -70,7 +70,7 @@ impl DbMetrics {
     }
 
     /// An upload attempt failed; `retrying` if another attempt follows.
-    pub fn upload_failed(&self, retrying: bool) {
+    pub(crate) fn upload_failed(&self, retrying: bool) {
         self.upload_errors.fetch_add(1, Ordering::Relaxed);
         if retrying {
             self.upload_retries.fetch_add(1, Ordering::Relaxed);
@@ -78,7 +78,7 @@ impl DbMetrics {
     }
 
     /// A checkpoint ran (skipped ones are not counted).
-    pub fn checkpointed(&self, result: Checkpoint) {
+    pub(crate) fn checkpointed(&self, result: Checkpoint) {
         match result {
             Checkpoint::Complete => self.checkpoints_complete.fetch_add(1, Ordering::Relaxed),
             Checkpoint::Partial => self.checkpoints_partial.fetch_add(1, Ordering::Relaxed),
@@ -87,7 +87,7 @@ impl DbMetrics {
     }
 
     /// What is staged in the sidecar and not yet stored.
-    pub fn staged(&self, objects: usize, bytes: u64) {
+    pub(crate) fn staged(&self, objects: usize, bytes: u64) {
         self.staged_objects.store(objects as u64, Ordering::Relaxed);
         self.staged_bytes.store(bytes, Ordering::Relaxed);
     }
@@ -96,7 +96,7 @@ impl DbMetrics {
     /// every commit is stored. The database thread works it out (see
     /// `replicator::lag::LagTracker`) from what it has read, staged and seen stored, so that
     /// lag counts whatever holds a commit back: storage, the sidecar's disk, a pinned WAL.
-    pub fn set_unstored_since(&self, since_ms: Option<u64>) {
+    pub(crate) fn set_unstored_since(&self, since_ms: Option<u64>) {
         // 0 means "nothing unstored"; a real time is never 0.
         let value = since_ms.map_or(0, |ms| ms.max(1));
         self.unstored_since_ms.store(value, Ordering::Relaxed);

@@ -236,7 +236,7 @@ pub struct Replica {
 
 impl Replica {
     /// Open `db_path` for replication to `storage` under `name`, pin its WAL, pick up what a
-    /// previous run staged, and reconcile all that with storage ([`Replica::reconcile`]),
+    /// previous run staged, and reconcile all that with storage (the replica's position against the objects stored),
     /// which refuses a name another database is written under.
     pub fn open(db_path: &Path, storage: Arc<dyn Storage>, name: &str) -> Result<Replica> {
         let mut replica = Replica::open_unreconciled(db_path, storage, name)?;
@@ -247,7 +247,7 @@ impl Replica {
     /// [`Replica::open`] without asking storage anything: nothing is uploaded until
     /// [`Replica::reconcile`] succeeds, but the WAL is read and staged meanwhile (for
     /// `walsync watch` when storage cannot be reached at start).
-    pub fn open_unreconciled(
+    pub(crate) fn open_unreconciled(
         db_path: &Path,
         storage: Arc<dyn Storage>,
         name: &str,
@@ -326,18 +326,19 @@ impl Replica {
     }
 
     /// Stop reading the WAL while this many bytes are staged and not yet stored.
-    pub fn set_staging_limit(&mut self, bytes: u64) {
+    pub(crate) fn set_staging_limit(&mut self, bytes: u64) {
         self.staging_limit = bytes;
     }
 
     /// How long a database must be quiet before it rests on one connection (default
-    /// [`ONE_CONNECTION_AFTER`]; see [`Replica::rest`]).
-    pub fn set_one_connection_after(&mut self, quiet: Duration) {
+    /// [`ONE_CONNECTION_AFTER`]; see [`Replica::rest`]). Tests shorten it.
+    #[cfg(test)]
+    pub(crate) fn set_one_connection_after(&mut self, quiet: Duration) {
         self.one_connection_after = quiet;
     }
 
     /// Truncate a WAL file at least this large after a complete checkpoint.
-    pub fn set_wal_size_limit(&mut self, bytes: u64) {
+    pub(crate) fn set_wal_size_limit(&mut self, bytes: u64) {
         self.wal_size_limit = bytes;
     }
 
@@ -356,29 +357,29 @@ impl Replica {
     }
 
     /// True when every object cut so far is stored.
-    pub fn is_flushed(&self) -> bool {
+    pub(crate) fn is_flushed(&self) -> bool {
         self.staged.is_empty()
     }
 
     /// True when the tip and every object it counts are saved in the sidecar.
-    pub fn is_saved(&self) -> bool {
+    pub(crate) fn is_saved(&self) -> bool {
         self.tip.as_ref().is_none_or(|t| t.seq == self.saved_seq)
             && self.unsynced.is_empty()
             && !self.tip_changed
     }
 
     /// Objects staged and not yet stored.
-    pub fn staged_count(&self) -> usize {
+    pub(crate) fn staged_count(&self) -> usize {
         self.staged.len()
     }
 
     /// Bytes staged and not yet stored.
-    pub fn staged_bytes(&self) -> u64 {
+    pub(crate) fn staged_bytes(&self) -> u64 {
         self.staged.iter().map(|s| s.bytes).sum()
     }
 
     /// The key of the last object staged and not yet stored.
-    pub fn last_queued_key(&self) -> Option<String> {
+    pub(crate) fn last_queued_key(&self) -> Option<String> {
         self.staged.back().map(|s| s.object.key(&self.name))
     }
 
@@ -401,6 +402,7 @@ impl Replica {
 
     /// Stage what was committed since the tip as a segment, or a new generation's snapshot
     /// when there is no generation or continuity is lost.
+    #[doc(hidden)] // for tests that stage without uploading (not API)
     pub fn poll(&mut self) -> Result<SyncOutcome> {
         self.prepare()?;
         let outcome = match self.cut()? {
@@ -417,7 +419,7 @@ impl Replica {
 
     /// Stage a snapshot aligned to a segment boundary (after the segment of whatever was
     /// committed but not yet cut). Returns the snapshot's key.
-    pub fn queue_snapshot(&mut self) -> Result<String> {
+    pub(crate) fn queue_snapshot(&mut self) -> Result<String> {
         self.prepare()?;
         // Cut what is there outside the barrier, so the barrier only covers a small rest.
         let outside = self.cut_until_small()?;

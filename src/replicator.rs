@@ -80,8 +80,8 @@ pub struct Options {
     /// Per database: stop reading the WAL while this many bytes are staged on local disk
     /// and not yet stored (storage is down or slow); the WAL then stays pinned.
     pub staging_limit: u64,
-    /// Keep every point in time this far back restorable and delete older objects (see
-    /// [`crate::retention`]); zero keeps everything.
+    /// Keep every point in time this far back restorable and delete older objects (as
+    /// [`crate::prune`] does); zero keeps everything.
     pub retention: Duration,
     /// How long a removed database ([`Replicator::remove`], or its file gone from a
     /// watched directory) keeps uploading what it staged before its thread lets go; what
@@ -172,7 +172,7 @@ impl Replicator {
     /// Every database is opened and checked before any thread starts, so a bad path, a
     /// database not in WAL mode or a name another database writes is an error here, not a
     /// log line later. Storage that cannot be reached is not: the databases stage locally
-    /// and their threads reconcile with storage (see [`Replica::reconcile`]) once it can be
+    /// and their threads reconcile with storage (as [`Replica::open`] does) once it can be
     /// reached, so that an application started with walsync never waits for the network.
     pub fn start(
         storage: Arc<dyn Storage>,
@@ -254,7 +254,7 @@ impl Replicator {
     }
 
     /// Watch a directory for databases, and replicate each one that is or becomes a WAL
-    /// database until its file goes (see [`crate::directory`]). Scans it once before
+    /// database until its file goes (which files count is [`DirectorySpec`]'s). Scans it once before
     /// returning (so what is there is replicated, or warned about, by then); an error if
     /// the directory cannot be read.
     pub fn watch_directory(&self, spec: DirectorySpec) -> Result<()> {

@@ -28,7 +28,7 @@ impl Replica {
     /// Whether a checkpoint is worth its barrier: at least `frames` frames read since
     /// walsync's last complete checkpoint, or a WAL file of at least the size limit with
     /// frames to copy or (once it has restarted) a dead tail to cut.
-    pub fn checkpoint_due(&self, frames: u64) -> bool {
+    pub(crate) fn checkpoint_due(&self, frames: u64) -> bool {
         let Some((tip, mark)) = self.tip.as_ref().and_then(|t| Some((t, t.wal?))) else {
             return false;
         };
@@ -45,7 +45,7 @@ impl Replica {
     }
 
     /// Checkpoint the WAL over what is staged (see this module's docs).
-    pub fn checkpoint(&mut self) -> Result<Checkpoint> {
+    pub(crate) fn checkpoint(&mut self) -> Result<Checkpoint> {
         self.prepare()?;
         if self.tip.is_none() {
             return Ok(Checkpoint::Skipped);

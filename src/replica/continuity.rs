@@ -27,7 +27,7 @@ impl Replica {
     /// meanwhile. Call before stopping, after the last [`Replica::poll`]. Without a complete
     /// checkpoint (a reader holds old frames) there is no proof, and the next start relies
     /// on the WAL alone.
-    pub fn settle(&mut self) -> Result<()> {
+    pub(crate) fn settle(&mut self) -> Result<()> {
         self.prepare()?;
         if self.tip.is_none() {
             // No generation yet (its snapshot failed so far): try once more, so that a stop

@@ -79,7 +79,7 @@ impl Replica {
     /// application's checkpoints copy up to it and then have nothing to do, and the WAL
     /// still cannot restart before walsync has read it. Call on every wake-up: it reads the
     /// WAL header only until the first hand-off after a pin. Returns whether it handed off.
-    pub fn follow_restart(&mut self) -> Result<bool> {
+    pub(crate) fn follow_restart(&mut self) -> Result<bool> {
         let Some(then) = self.pinned_at else {
             return Ok(false);
         };

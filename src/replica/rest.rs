@@ -55,7 +55,7 @@ impl Replica {
     /// [`ONE_CONNECTION_AFTER`] also opens the pin's connection afresh (`rest_alone`):
     /// from then on it holds three descriptors (database, WAL, `-shm`) and the sidecar lock,
     /// instead of four and the lock.
-    pub fn rest(&mut self) {
+    pub(crate) fn rest(&mut self) {
         self.control = None;
         if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
             if let Err(e) = self.rest_alone() {

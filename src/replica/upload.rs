@@ -42,6 +42,7 @@ impl Replica {
     /// The next object to upload, if none is out for upload now. Uploads go one at a time,
     /// in order, only up to the saved tip, and only once the tip is reconciled with
     /// storage; report each with [`Replica::upload_done`].
+    #[doc(hidden)] // for tests that stage without uploading (not API)
     pub fn next_upload(&mut self) -> Result<Option<Upload>> {
         if self.uploading || !self.reconciled {
             return Ok(None);
@@ -66,7 +67,7 @@ impl Replica {
     /// when it was a snapshot, after which `state.json` is worth rewriting
     /// ([`Replica::state_object`]); the caller does that, so that a hundred databases do
     /// not all write at once.
-    pub fn upload_done(&mut self, object: &ObjectName) -> Result<bool> {
+    pub(crate) fn upload_done(&mut self, object: &ObjectName) -> Result<bool> {
         let front = match self.staged.front() {
             Some(s) if self.uploading && s.object == *object => s.clone(),
             _ => {
@@ -93,7 +94,7 @@ impl Replica {
 
     /// An upload handed out by [`Replica::next_upload`] could not be completed (walsync is
     /// stopping): a later call hands it out again.
-    pub fn upload_returned(&mut self, _upload: Upload) {
+    pub(crate) fn upload_returned(&mut self, _upload: Upload) {
         self.uploading = false;
     }
 
@@ -101,7 +102,7 @@ impl Replica {
     /// storage, if that is still to do: then a new generation may start first). Each object
     /// is tried once ([`Attempts::Once`]): the first failure is returned, and the object
     /// stays staged for the next call.
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         if !self.reconciled {
             self.reconcile()?;
             if self.lost.is_some() {
@@ -132,7 +133,7 @@ impl Replica {
 
     /// The listing of this name taken when the replica was opened (once; see
     /// [`crate::retention`] on why an older listing is safe to prune from).
-    pub fn take_opening_listing(
+    pub(crate) fn take_opening_listing(
         &mut self,
     ) -> Option<std::collections::BTreeMap<Generation, layout::GenerationObjects>> {
         self.opening_listing.take()
@@ -140,7 +141,7 @@ impl Replica {
 
     /// Write `state.json` for `list` and for people, from this thread; restores never need
     /// it.
-    pub fn write_state(&self) -> Result<()> {
+    pub(crate) fn write_state(&self) -> Result<()> {
         match self.state_object()? {
             Some(state) => state.write(self.storage.as_ref()),
             None => Ok(()),
@@ -149,7 +150,7 @@ impl Replica {
 
     /// `state.json` as of the newest stored object (None before any), to write with
     /// [`StateObject::write`].
-    pub fn state_object(&self) -> Result<Option<StateObject>> {
+    pub(crate) fn state_object(&self) -> Result<Option<StateObject>> {
         let (Some((generation, index)), Some(tip)) = (&self.stored, &self.tip) else {
             return Ok(None);
         };
