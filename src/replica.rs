@@ -121,6 +121,7 @@ use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::files::FileIdentity;
 use crate::layout::{self, Generation};
+use crate::progress::{Progress, Unwatched};
 use crate::sidecar::{Sidecar, Staged};
 use crate::storage::Storage;
 use crate::utc::UtcTime;
@@ -185,6 +186,8 @@ pub struct Replica {
     /// been opened since: the database holds one connection's descriptors.
     alone: bool,
     one_connection_after: Duration,
+    /// Hears how a snapshot is going (nobody, unless [`Replica::set_progress`]).
+    progress: Arc<dyn Progress>,
     /// Run between closing the connections and opening the new one (see `rest_alone`).
     #[cfg(test)]
     between_connections: Option<Box<dyn FnMut() + Send>>,
@@ -293,6 +296,7 @@ impl Replica {
             last_read: Instant::now(),
             alone: true, // no control connection yet
             one_connection_after: ONE_CONNECTION_AFTER,
+            progress: Arc::new(Unwatched),
             #[cfg(test)]
             between_connections: None,
             pin_state: Pin::Behind(None),
@@ -323,6 +327,12 @@ impl Replica {
         replica.pinned_at = Some(replica.wal_look()?);
         replica.release_memory();
         Ok(replica)
+    }
+
+    /// Tell `progress` how each snapshot this replica takes is going (its copy and its
+    /// compression), for a progress display.
+    pub fn set_progress(&mut self, progress: Arc<dyn Progress>) {
+        self.progress = progress;
     }
 
     /// Stop reading the WAL while this many bytes are staged and not yet stored.

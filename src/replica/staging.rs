@@ -162,8 +162,14 @@ impl Replica {
     pub(super) fn stage_snapshot(&mut self, mut tip: Position) -> Result<String> {
         let draft = self.sidecar.draft()?;
         let scratch = self.sidecar.scratch_database();
-        let db_size = snapshot::take(&self.pin, scratch, tip.chain.0, &draft.file)
-            .context(|| format!("{}: taking a snapshot", self.name))?;
+        let db_size = snapshot::take(
+            &self.pin,
+            scratch,
+            tip.chain.0,
+            &draft.file,
+            &*self.progress,
+        )
+        .context(|| format!("{}: taking a snapshot", self.name))?;
         self.release_memory();
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
