@@ -44,6 +44,17 @@ fn barrier_busy(tries: i32) -> bool {
     true
 }
 
+/// What a checkpoint did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Not attempted: no generation yet, continuity lost, or staging full.
+    Skipped,
+    /// Some frames are still needed by a reader of an older snapshot; try again later.
+    Partial,
+    /// Every frame is in the database file; the next writer restarts the WAL.
+    Complete,
+}
+
 /// An open connection to a replicated database.
 pub struct Database {
     path: PathBuf,

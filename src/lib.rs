@@ -107,7 +107,7 @@ pub use list::{
 };
 pub use metrics::DbMetrics;
 pub use progress::Progress;
-pub use replica::{Checkpoint, Replica, SyncOutcome};
+pub use replica::{Replica, SyncOutcome};
 pub use replicator::{MetricsSource, Options, Replicator};
 pub use restore::{plan as plan_restore, restore, RestoreOptions, RestorePlan};
 pub use retention::{prune, PrunePlan};

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::database::Checkpoint;
 use crate::layout::{ObjectKind, ObjectName};
-use crate::replica::Checkpoint;
 
 /// What one database's replication has done, since walsync started.
 #[derive(Debug, Default)]

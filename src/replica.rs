@@ -139,7 +139,6 @@ mod upload;
 
 /// Handed out by [`Replica::next_upload`]; defined beside the upload step it feeds.
 pub use crate::uploader::Upload;
-pub use checkpoint::Checkpoint;
 pub use rest::ONE_CONNECTION_AFTER;
 
 use pin::{open_pin, Pin, WalLook};

@@ -8,21 +8,11 @@ use std::time::Duration;
 use super::pin::{open_control, Pin};
 use super::staging::{Cut, OUTSIDE_ROUNDS, SMALL_CUT_FRAMES};
 use super::Replica;
+use crate::database::Checkpoint;
 use crate::database::Database;
 use crate::error::{Context, Result};
 use crate::files::FileIdentity;
 use crate::wal::{FRAME_HEADER_SIZE, HEADER_SIZE};
-
-/// What a checkpoint did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Checkpoint {
-    /// Not attempted: no generation yet, continuity lost, or staging full.
-    Skipped,
-    /// Some frames are still needed by a reader of an older snapshot; try again later.
-    Partial,
-    /// Every frame is in the database file; the next writer restarts the WAL.
-    Complete,
-}
 
 impl Replica {
     /// Whether a checkpoint is worth its barrier: at least `frames` frames read since

@@ -3,10 +3,10 @@
 //! a stop that lets the next start go on whatever the application did with the WAL; and
 //! the new generation that starts when continuity is lost.
 
-use super::checkpoint::Checkpoint;
 use super::pin::Pin;
 use super::position::{hostname, Position, Proof};
 use super::Replica;
+use crate::database::Checkpoint;
 use crate::error::{Error, Result};
 use crate::files::FileIdentity;
 use crate::layout::{ChainValue, Generation};

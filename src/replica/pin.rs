@@ -295,8 +295,9 @@ mod tests {
     use rusqlite::Connection;
 
     use super::*;
+    use crate::database::Checkpoint;
     use crate::replica::testing::{restored_and_source_rows, setup, write_now};
-    use crate::replica::{Checkpoint, SyncOutcome};
+    use crate::replica::SyncOutcome;
     use crate::storage::file::FileStorage;
     use crate::storage::Storage;
     use std::sync::Arc;

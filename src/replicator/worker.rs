@@ -14,10 +14,11 @@ use super::lag::LagTracker;
 use super::pruner::PruneRequest;
 use super::{Core, Options, PRUNE_INTERVAL};
 use crate::backoff::Backoff;
+use crate::database::Checkpoint;
 use crate::error::{Error, Result};
 use crate::files::FileIdentity;
 use crate::metrics::DbMetrics;
-use crate::replica::{Checkpoint, Replica, SyncOutcome, Upload};
+use crate::replica::{Replica, SyncOutcome, Upload};
 use crate::storage::Storage;
 use crate::uploader::UploadPool;
 
