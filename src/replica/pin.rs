@@ -12,7 +12,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::position::{mark, WalMark};
-use super::staging::Cut;
 use super::Replica;
 use crate::database::Database;
 use crate::error::{Context, Error, ErrorKind, Result};
@@ -96,20 +95,6 @@ impl Replica {
             self.name
         );
         Ok(true)
-    }
-
-    /// Under the barrier: cut the last commits and move the pin to the present, so that it
-    /// guards. (Nothing commits meanwhile.)
-    pub(super) fn cut_rest_and_repin(&mut self) -> Result<Cut> {
-        if !FileIdentity::of(self.pin.path())?.same_file(&self.opened) {
-            return Ok(Cut::Broken("the database file was replaced".into()));
-        }
-        let cut = self.cut()?;
-        if matches!(cut, Cut::Idle | Cut::Staged { .. }) {
-            self.repin()?;
-            self.pin_state = Pin::Guarding;
-        }
-        Ok(cut)
     }
 
     /// Hold the barrier (the application's write lock) around `f`, and always release it.

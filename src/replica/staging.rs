@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::continuity::Continuity;
+use super::pin::Pin;
 use super::position::{mark, Position};
 use super::Replica;
 use crate::error::{Context, Result};
@@ -43,6 +44,20 @@ pub(super) enum Cut {
 }
 
 impl Replica {
+    /// Under the barrier: cut the last commits and move the pin to the present, so that it
+    /// guards. (Nothing commits meanwhile.)
+    pub(super) fn cut_rest_and_repin(&mut self) -> Result<Cut> {
+        if !FileIdentity::of(self.pin.path())?.same_file(&self.opened) {
+            return Ok(Cut::Broken("the database file was replaced".into()));
+        }
+        let cut = self.cut()?;
+        if matches!(cut, Cut::Idle | Cut::Staged { .. }) {
+            self.repin()?;
+            self.pin_state = Pin::Guarding;
+        }
+        Ok(cut)
+    }
+
     /// Cut the committed frames after the tip into a staged segment.
     pub(super) fn cut(&mut self) -> Result<Cut> {
         let Some(tip) = self.tip.clone() else {
