@@ -206,7 +206,7 @@ pub(super) fn xml_text(body: &str, tag: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::s3::shorten;
+    use crate::storage::s3::errors::shorten;
     use crate::storage::sigv4;
     use md5::Digest as _;
 
