@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::sigv4::Bucket;
 use crate::error::{Error, Result};
 use crate::storage::credentials;
+use crate::storage::sigv4::Bucket;
 
 /// How long one read or one write on an S3 connection may block before the request fails
 /// (and is retried): the default of `--s3-timeout`.

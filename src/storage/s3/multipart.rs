@@ -16,7 +16,8 @@ use std::fs::File;
 use std::time::Duration;
 
 use super::documents::{complete_multipart_body, parse_uploads_page};
-use super::{bump, drain, Method, Payload, Req, S3Storage};
+use super::request::{drain, Method, Payload, Req};
+use super::{bump, S3Storage};
 use crate::error::{ErrorKind, Result};
 use crate::storage::{xml, Storage as _};
 use crate::utc::UtcTime;
