@@ -669,6 +669,9 @@ impl Storage for S3Storage {
 mod tests {
     use super::*;
 
+    // Shared with the tests of the rooms: a configuration from given variables, and the
+    // URL a key is sent to.
+
     pub(super) fn vars(list: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let list: Vec<(String, String)> = list
             .iter()

@@ -92,7 +92,7 @@ pub(super) fn parse_list_page(text: &str, prefix: &str) -> std::result::Result<L
 
 /// One incomplete multipart upload of a ListMultipartUploads page.
 pub(super) struct ListedUpload {
-    /// The object key (decoded as [`super::S3Storage::list`] decodes keys).
+    /// The object key (decoded as the keys of a listing are, see [`parse_list_page`]).
     pub(super) key: String,
     pub(super) upload_id: String,
     /// When it was started (RFC 3339).
