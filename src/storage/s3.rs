@@ -1,6 +1,6 @@
 //! [`S3Storage`]: any S3-compatible service, over plain blocking HTTP.
 //!
-//! Every request is signed with SigV4 in its `Authorization` header ([`super::sigv4`]), as the
+//! Every request is signed with SigV4 in its `Authorization` header (`sigv4`), as the
 //! AWS SDKs sign them, and sent with ureq. Request bodies are streamed from files with
 //! positional reads and an explicit `Content-Length` (S3 rejects chunked uploads); every
 //! upload (a PUT, each part of a multipart upload) carries its `Content-MD5`, which buckets

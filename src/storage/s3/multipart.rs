@@ -186,10 +186,11 @@ impl S3Storage {
     }
 
     /// Abort the incomplete multipart uploads under `prefix` (relative to the destination's
-    /// prefix, like a [`Storage::list`] prefix) that were started more than `older_than`
-    /// ago, except those this process is running: what a crash in the middle of an upload
-    /// left behind, which S3 keeps (and bills) until aborted. Uploads with a start time
-    /// that cannot be read are left alone. Returns the relative keys of the uploads aborted.
+    /// prefix, like a [`Storage::list`](crate::storage::Storage::list) prefix) that were
+    /// started more than `older_than` ago, except those this process is running: what a
+    /// crash in the middle of an upload left behind, which S3 keeps (and bills) until
+    /// aborted. Uploads with a start time that cannot be read are left alone. Returns the
+    /// relative keys of the uploads aborted.
     pub fn abort_stale_uploads(&self, prefix: &str, older_than: Duration) -> Result<Vec<String>> {
         let op = "ListMultipartUploads";
         let full_prefix = self.prefixed(prefix);
