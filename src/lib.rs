@@ -79,6 +79,8 @@ pub mod gate;
 #[doc(hidden)]
 pub mod glob;
 #[doc(hidden)]
+pub mod gzip;
+#[doc(hidden)]
 pub mod heartbeat;
 #[doc(hidden)]
 pub mod layout;
