@@ -800,7 +800,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
     // for a few hundred databases. Raised before any is opened. The host's limits are
     // judged for the named databases, and again once the directories have been scanned.
-    let open_files = walsync::files::raise_open_files_limit();
+    let open_files = walsync::limits::raise_open_files_limit();
     let inotify = options.watch_mode == WatchMode::Auto && cfg!(target_os = "linux");
     let limits = walsync::limits::host_limits(open_files, inotify);
     let judge_limit = |paths: &mut dyn Iterator<Item = &Path>| {

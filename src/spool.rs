@@ -9,8 +9,7 @@
 //! named ones too before SQLite opens them: SQLite would create a missing file 0644 (and
 //! gives its journal the database file's mode).
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,27 +29,7 @@ pub fn unique_path(dir: &Path, what: &str) -> PathBuf {
 /// Create `path` afresh, read-write and owner-only (0600, less the umask). A leftover (of a
 /// crashed process that had the same pid) is replaced, never reused with whatever mode it had.
 pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
-    create_fresh(path, MODE)
-}
-
-/// Create `path` afresh, read-write, with `mode` (less the umask); a leftover is replaced,
-/// as in [`create_private`].
-pub(crate) fn create_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
-    let create = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-    };
-    match create() {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(path)?;
-            create()
-        }
-        other => other,
-    }
+    crate::files::create_fresh(path, MODE)
 }
 
 /// An anonymous read-write scratch file in `dir`: created, then unlinked at once.
