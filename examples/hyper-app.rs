@@ -29,8 +29,8 @@ use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rusqlite::Connection;
-use walsync::replicator::{Options, Replicator};
 use walsync::storage::{self, Destination};
+use walsync::{Options, Replicator};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

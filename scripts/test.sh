@@ -32,7 +32,10 @@ for script in contrib/runit/walsync/run contrib/runit/walsync/log/run contrib/s6
 done
 cargo clippy --locked --all-targets -- -D warnings
 # SQLite is not bundled here, so no C cross-compiler is needed to type-check for FreeBSD.
-cargo check --locked --target x86_64-unknown-freebsd --no-default-features
+cargo check --locked --target x86_64-unknown-freebsd --no-default-features --features cli
+# An embedding application compiles the library without the binary's dependencies
+# (`default-features = false`): it must build without them.
+cargo check --locked --lib --no-default-features
 cargo test --locked
 # The static binary users install stays within its size budget (installs musl-tools if
 # needed). A release build of its own, sharing nothing with the test build: 90 s on the

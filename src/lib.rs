@@ -30,9 +30,12 @@
 //! [`open_storage`], the [`Storage`] trait) and [`Error`], whose [`ErrorKind`], HTTP status
 //! and S3 code are data to match on.
 //!
-//! The modules themselves are public only so that the `walsync` binary and the integration
-//! tests can reach the internals they drive; they are hidden from these docs and are not a
-//! stable API.
+//! Beyond the root, three modules are public: [`storage`] (the client and its trait, for a
+//! destination of the application's own), [`format`](mod@format) (the names and records of the replica
+//! format, specified in `docs/FORMAT.md`) and [`metrics`] (per-database counters and their
+//! Prometheus text). Everything else is private. A `#[doc(hidden)]` module named `unstable`
+//! lends a few internals to the `walsync` binary, the tests and the benchmark tools; it is
+//! not part of the API and changes without notice.
 //!
 //! ## Inside
 //!
@@ -60,79 +63,78 @@
 //! - `retention`: which old objects a prune deletes, keeping every point in the window restorable.
 //! - `limits`: the host limits that bound how many databases fit, said at start.
 //! - `list`: what a destination holds, for people and scripts.
-//! - `metrics`: replication counters per database, served for Prometheus.
-//! - `heartbeat`: a GET to a monitoring URL while every database's lag is under a bound.
+//! - `metrics`: replication counters per database, and their Prometheus text.
 //! - `progress`: a progress line on a terminal for one-shot commands.
+//!
+//! The binary's own modules (arguments, settings, help pages, the heartbeat, the metrics
+//! listener, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
 
-#[doc(hidden)]
-pub mod backoff;
-#[doc(hidden)]
-pub mod database;
-#[doc(hidden)]
-pub mod directory;
-#[doc(hidden)]
-pub mod error;
-#[doc(hidden)]
-pub mod files;
-#[doc(hidden)]
-pub mod gate;
-#[doc(hidden)]
-pub mod glob;
-#[doc(hidden)]
-pub mod gzip;
-#[doc(hidden)]
-pub mod heartbeat;
-#[doc(hidden)]
-pub mod layout;
-#[doc(hidden)]
-pub mod limits;
-#[doc(hidden)]
-pub mod list;
-#[doc(hidden)]
+mod backoff;
+mod database;
+mod directory;
+mod error;
+mod files;
+mod gate;
+mod glob;
+mod gzip;
+mod layout;
+mod limits;
+mod list;
 pub mod metrics;
 #[doc(hidden)]
 pub mod progress;
-#[doc(hidden)]
-pub mod replica;
-#[doc(hidden)]
-pub mod replicator;
-#[doc(hidden)]
-pub mod restore;
-#[doc(hidden)]
-pub mod retention;
-#[doc(hidden)]
-pub mod segment;
-#[doc(hidden)]
-pub mod sidecar;
-#[doc(hidden)]
-pub mod snapshot;
-#[doc(hidden)]
-pub mod spool;
-#[doc(hidden)]
-pub mod stack;
-#[doc(hidden)]
+mod replica;
+mod replicator;
+mod restore;
+mod retention;
+mod segment;
+mod sidecar;
+mod snapshot;
+mod spool;
+mod stack;
 pub mod storage;
 #[cfg(test)]
 mod test_random;
-#[doc(hidden)]
-pub mod uploader;
-#[doc(hidden)]
-pub mod utc;
-#[doc(hidden)]
-pub mod wal;
-#[doc(hidden)]
-pub mod watcher;
+mod uploader;
+mod utc;
+mod wal;
+mod watcher;
 
-pub use directory::DirectorySpec;
+pub use directory::{DirectorySpec, Pattern};
 pub use error::{Error, ErrorKind, Result};
 pub use layout::Generation;
-pub use list::{list, status, Listing, Status};
+pub use list::{
+    list, status, DatabaseStatus, DatabaseSummary, GenerationSummary, Listing, ObjectSummary,
+    Status,
+};
 pub use metrics::DbMetrics;
-pub use replica::{Replica, SyncOutcome};
-pub use replicator::{Options, Replicator};
-pub use restore::{restore, RestoreOptions, RestorePlan};
+pub use replica::{Checkpoint, Replica, SyncOutcome};
+pub use replicator::{MetricsSource, Options, Replicator};
+pub use restore::{plan as plan_restore, restore, RestoreOptions, RestorePlan};
+pub use retention::{prune, PrunePlan};
 pub use storage::{open as open_storage, Destination, Storage};
 pub use utc::UtcTime;
+pub use watcher::WatchMode;
+
+/// The replica format's names and records, as `docs/FORMAT.md` specifies them: what an
+/// object is called, what a generation is, the chain value that links a snapshot to the
+/// segments after it, and a destination's objects sorted into databases and generations.
+pub mod format {
+    pub use crate::layout::{
+        Catalog, ChainValue, Generation, GenerationObjects, ObjectKind, ObjectName, StoredObject,
+    };
+}
+
+/// Internals lent to the `walsync` binary, the integration tests and the benchmark tools.
+/// Not part of the API: anything here may change or go in any release.
+#[doc(hidden)]
+pub mod unstable {
+    pub use crate::layout::{assign_names, default_name, validate_name};
+    pub use crate::limits::{host_limits, raise_open_files_limit, warnings as limit_warnings};
+    pub use crate::list::catalog;
+    pub use crate::restore::{check_output, plan_in, replica_exists, DEFAULT_MODE};
+    pub use crate::retention::{format_duration, parse_duration, prune_catalog};
+}
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,10 @@ use crate::storage::Storage;
 use crate::utc::UtcTime;
 
 pub use check::check_output;
-pub use plan::{choose, plan, plan_in, replica_exists, snapshot_times, RestorePlan};
+pub use plan::{plan, plan_in, replica_exists, snapshot_times, RestorePlan};
+// Outside this module only retention's tests call it, holding prune plans to it.
+#[cfg_attr(not(test), allow(unused_imports))]
+pub use plan::choose;
 
 use apply::Apply;
 use check::{check_integrity, TempOutput};

@@ -20,8 +20,6 @@ use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE
 pub struct Segment {
     /// Frames in the segment.
     pub frames: u64,
-    /// Size of the database in pages after the segment's last commit.
-    pub commit_size: u32,
     /// Where in the live WAL the segment ends (just after its last commit frame).
     pub end: WalPosition,
     /// The chain value after this segment: its last frame's checksum, which the next
@@ -88,10 +86,10 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
             pages = Vec::new();
         }
         if header.is_commit() {
-            committed = Some((reader.position(), header.commit_size, count));
+            committed = Some((reader.position(), count));
         }
     }
-    let Some((end, commit_size, count)) = committed else {
+    let Some((end, count)) = committed else {
         return Ok(None);
     };
     let keep = remember.then(|| last_versions(&pages[..count]));
@@ -123,12 +121,7 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     let frames = writer.frames();
     let chain = writer.checksum();
     gzip::finish(writer.finish()?, "segment")?;
-    Ok(Some(Segment {
-        frames,
-        commit_size,
-        end,
-        chain,
-    }))
+    Ok(Some(Segment { frames, end, chain }))
 }
 
 /// Which of the frames writing `pages` (in WAL order) hold the last version of their page.
@@ -207,14 +200,18 @@ mod tests {
 
         let wal = File::open(dir.path().join("app.db-wal")).unwrap();
         let mut reader = WalReader::open(&wal).unwrap().unwrap();
-        let (live_frames, live_end) = {
+        let (live_frames, live_end, last_commit_size) = {
             let mut probe = WalReader::open(&wal).unwrap().unwrap();
             let mut n = 0;
+            let mut last_commit_size = 0;
             let mut page = Vec::new();
-            while probe.next_frame(&mut page).unwrap().is_some() {
+            while let Some(frame) = probe.next_frame(&mut page).unwrap() {
                 n += 1;
+                if frame.is_commit() {
+                    last_commit_size = frame.commit_size;
+                }
             }
-            (n, probe.position().offset)
+            (n, probe.position().offset, last_commit_size)
         };
         let out = tempfile::tempfile().unwrap();
         let segment = cut(&mut reader, [1, 2], &out).unwrap().unwrap();
@@ -253,7 +250,7 @@ mod tests {
             }
         }
         assert_eq!(seen.len() as u64, segment.frames);
-        assert_eq!(commit_frames, [segment.commit_size]);
+        assert_eq!(commit_frames, [last_commit_size]);
 
         std::fs::write(dir.path().join("base.db-wal"), &plain).unwrap();
         app.execute_batch("ROLLBACK;").unwrap();

@@ -82,13 +82,8 @@ impl UploadPool {
     }
 
     /// Queue `upload`; `done` is called from a worker thread when it is stored (or, after a
-    /// shutdown deadline, given up on).
-    pub fn submit(&self, label: &str, upload: Upload, done: Done) {
-        self.submit_counted(label, upload, done, None);
-    }
-
-    /// [`UploadPool::submit`], counting stored bytes and objects, failed attempts and
-    /// retries in `metrics`.
+    /// shutdown deadline, given up on). Stored bytes and objects, failed attempts and
+    /// retries are counted in `metrics`.
     pub fn submit_counted(
         &self,
         label: &str,

@@ -178,7 +178,7 @@ impl WalHeader {
     }
 
     /// The header as stored in a WAL file, with `checksum` as it is (not recomputed).
-    pub fn to_bytes(&self) -> [u8; 32] {
+    pub fn to_bytes(self) -> [u8; 32] {
         let magic = if self.big_endian {
             MAGIC_BIG_ENDIAN
         } else {

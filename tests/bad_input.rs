@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::common::fixtures::{files_in, walsync, walsync_err, walsync_ok, AppDb, Immutable};
 use crate::common::s3server::S3Server;
-use walsync::replica::Replica;
 use walsync::storage::Storage;
+use walsync::Replica;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

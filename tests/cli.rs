@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crate::common::fixtures::{dump, files_in, walsync, AppDb, WatchProcess};
 use crate::common::s3server::S3Server;
-use walsync::layout::ObjectName;
-use walsync::replica::Replica;
+use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
+use walsync::Replica;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -422,7 +422,7 @@ fn dry_run_says_duplicates_are_resolved_at_download_time() {
     let wal = r.root.join("app/wal");
     let second = files_in(&wal)[1].clone();
     let (_, mut name) = ObjectName::parse_key(&format!("app/wal/{second}")).unwrap();
-    name.time = walsync::utc::UtcTime::from_millis(name.time.millis() + 1);
+    name.time = walsync::UtcTime::from_millis(name.time.millis() + 1);
     let copy = name.key("app");
     std::fs::copy(wal.join(&second), r.root.join(&copy)).unwrap();
     let (stdout, _) = succeeds(

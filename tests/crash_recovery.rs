@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::fixtures::{dump, integrity, wait_for, AppDb, WatchProcess};
-use walsync::layout::ObjectName;
-use walsync::replica::{Replica, SyncOutcome};
-use walsync::restore::{self, RestoreOptions};
+use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
+use walsync::RestoreOptions;
+use walsync::{Replica, SyncOutcome};
 
 /// Store the next queued object the way an upload worker would, then "crash": drop the
 /// replica without telling it the upload succeeded. Returns the stored key.
@@ -29,7 +29,7 @@ fn restore_dump(storage: &dyn Storage, dir: &std::path::Path, n: u32, key: Optio
         point_in_time: key.map(|k| ObjectName::parse_key(k).unwrap().1.time),
         ..RestoreOptions::default()
     };
-    restore::restore(storage, "app", &out, &options).unwrap();
+    walsync::restore(storage, "app", &out, &options).unwrap();
     assert_eq!(integrity(&out), "ok");
     dump(&out)
 }
@@ -169,6 +169,6 @@ fn sigterm_after_an_outage_ships_at_once_and_exits_zero() {
     assert!(status.success(), "exit status {status}");
     let storage = server.storage("outage");
     let out = dir.path().join("restored.db");
-    restore::restore(&storage, "app", &out, &RestoreOptions::default()).unwrap();
+    walsync::restore(&storage, "app", &out, &RestoreOptions::default()).unwrap();
     assert_eq!(dump(&out), app.dump());
 }

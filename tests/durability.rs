@@ -15,14 +15,14 @@ use crate::common::fixtures::{
 };
 use crate::common::s3server::S3Server;
 use rusqlite::{params, Connection};
-use walsync::layout::{Catalog, ObjectKind, ObjectName};
-use walsync::replica::{Replica, SyncOutcome};
-use walsync::replicator::{Options, Replicator};
-use walsync::restore::{self, RestoreOptions};
+use walsync::format::{Catalog, ObjectKind, ObjectName};
 use walsync::storage::file::FileStorage;
 use walsync::storage::s3::{S3Config, S3Storage};
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::RestoreOptions;
+use walsync::UtcTime;
+use walsync::{Options, Replicator};
+use walsync::{Replica, SyncOutcome};
 
 pub(crate) fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())
@@ -99,7 +99,7 @@ pub(crate) fn restore_dump(
         point_in_time: at,
         ..RestoreOptions::default()
     };
-    restore::restore(storage, name, &out, &options).map_err(|e| format!("restore: {e}"))?;
+    walsync::restore(storage, name, &out, &options).map_err(|e| format!("restore: {e}"))?;
     let check = integrity(&out);
     if check != "ok" {
         return Err(format!("integrity_check: {check}"));

@@ -745,7 +745,7 @@ fn every_log_line_has_a_utc_timestamp_unless_turned_off() {
     for line in log.lines() {
         assert!(starts_with_timestamp(line), "no timestamp: {line:?}");
     }
-    let today = walsync::utc::UtcTime::now().to_rfc3339();
+    let today = walsync::UtcTime::now().to_rfc3339();
     assert!(log.starts_with(&today[..10]), "{log}");
     // "watching X as Y" is a log line; watch prints no data on stdout.
     assert!(log.contains(" watching "), "{log}");

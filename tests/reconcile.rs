@@ -18,9 +18,9 @@ use crate::durability::{
     assert_restored, catalog, generations, replicate_until_walsync_checkpointed, restore_dump,
     restore_with_binary, s3_url, start,
 };
-use walsync::replicator::Options;
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::Options;
+use walsync::UtcTime;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

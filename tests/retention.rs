@@ -10,14 +10,14 @@ use crate::common::fixtures::{
     dump, integrity, wait_for, walsync, walsync_ok, AppDb, WatchProcess,
 };
 use crate::common::s3server::S3Server;
-use walsync::layout::{Generation, ObjectKind, ObjectName};
-use walsync::replica::{Replica, SyncOutcome};
-use walsync::restore::{self, RestoreOptions};
-use walsync::retention;
+use walsync::format::{Generation, ObjectKind, ObjectName};
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::prune;
 use walsync::ErrorKind;
+use walsync::RestoreOptions;
+use walsync::UtcTime;
+use walsync::{Replica, SyncOutcome};
 
 /// One stored object, and the content of the database as of its time.
 #[derive(Clone, Debug)]
@@ -133,7 +133,7 @@ fn restore_to(
         force: true,
         ..RestoreOptions::default()
     };
-    restore::restore(storage, "app", out, &options)?;
+    walsync::restore(storage, "app", out, &options)?;
     assert_eq!(integrity(out), "ok");
     Ok(dump(out))
 }
@@ -241,7 +241,7 @@ fn pruning_keeps_every_point_in_the_window_restorable_on_s3() {
 
     let retention = Duration::from_secs(3600);
     let now = UtcTime::from_millis(window.millis() + 3_600_000);
-    let dry = retention::prune(storage.as_ref(), "app", now, retention, true).unwrap();
+    let dry = prune(storage.as_ref(), "app", now, retention, true).unwrap();
     assert_eq!(dry.keys(), expected);
     assert_eq!(dry.base.as_ref().unwrap().key, points[x].key);
     assert_eq!(keys(storage.as_ref()), before, "a dry run deletes nothing");
@@ -259,11 +259,11 @@ fn pruning_keeps_every_point_in_the_window_restorable_on_s3() {
     let snapshots = dry.snapshots();
     storage.delete_many(&expected[..snapshots]).unwrap();
     assert_window_restores(storage.as_ref(), &points, window, dir.path());
-    let listing = walsync::list::list(storage.as_ref()).unwrap();
+    let listing = walsync::list(storage.as_ref()).unwrap();
     let a = &listing.databases[0].generations[0];
     assert_eq!((a.snapshots, a.segments), (0, 4), "{a:?}");
     assert!(listing.to_text().contains(generation_a.as_str()));
-    let status = walsync::list::status(storage.as_ref(), &[], None).unwrap();
+    let status = walsync::status(storage.as_ref(), &[], None).unwrap();
     assert_eq!(status.databases[0].generation, generation_b.to_string());
     let out = dir.path().join("segments-only.db");
     let err = restore_to(storage.as_ref(), &out, None, Some(generation_a)).unwrap_err();
@@ -274,7 +274,7 @@ fn pruning_keeps_every_point_in_the_window_restorable_on_s3() {
     );
 
     // The rest of the prune.
-    let plan = retention::prune(storage.as_ref(), "app", now, retention, false).unwrap();
+    let plan = prune(storage.as_ref(), "app", now, retention, false).unwrap();
     assert_eq!(plan.keys(), expected[snapshots..]);
     let after = keys(storage.as_ref());
     let mut wanted = before.clone();
@@ -283,7 +283,7 @@ fn pruning_keeps_every_point_in_the_window_restorable_on_s3() {
     assert!(after.contains(&"app/state.json".to_string()));
     assert_window_restores(storage.as_ref(), &points, window, dir.path());
     // Pruning again finds nothing more.
-    let again = retention::prune(storage.as_ref(), "app", now, retention, false).unwrap();
+    let again = prune(storage.as_ref(), "app", now, retention, false).unwrap();
     assert!(again.delete.is_empty(), "{:?}", again.keys());
 
     // Before the window there is no backup any more, and restore says so.

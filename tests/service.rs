@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::fixtures::{dump, files_in, wait_for, walsync, AppDb, WatchProcess};
 use crate::common::s3server::S3Server;
-use walsync::layout::ObjectName;
-use walsync::replica::Replica;
+use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
+use walsync::Replica;
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use crate::common::fixtures::{dump, files_in, integrity, walsync_err, walsync_ok, AppDb};
 use crate::common::s3server::S3Server;
-use walsync::layout::ObjectName;
-use walsync::replica::{Replica, SyncOutcome};
+use walsync::format::ObjectName;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::UtcTime;
+use walsync::{Replica, SyncOutcome};
 
 fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())
@@ -29,14 +29,8 @@ fn shipped_key(outcome: SyncOutcome) -> String {
 }
 
 /// Restore the latest state of `name` into `out` with the library, insisting it works.
-fn restore_latest(storage: &dyn Storage, name: &str, out: &Path) -> walsync::restore::RestorePlan {
-    walsync::restore::restore(
-        storage,
-        name,
-        out,
-        &walsync::restore::RestoreOptions::default(),
-    )
-    .unwrap()
+fn restore_latest(storage: &dyn Storage, name: &str, out: &Path) -> walsync::RestorePlan {
+    walsync::restore(storage, name, out, &walsync::RestoreOptions::default()).unwrap()
 }
 
 fn path_str(p: &Path) -> &str {
@@ -482,20 +476,20 @@ struct WatchTmp {
 }
 
 impl Storage for WatchTmp {
-    fn put_bytes(&self, key: &str, data: &[u8]) -> walsync::error::Result<()> {
+    fn put_bytes(&self, key: &str, data: &[u8]) -> walsync::Result<()> {
         self.inner.put_bytes(key, data)
     }
-    fn put_file(&self, key: &str, file: &std::fs::File) -> walsync::error::Result<()> {
+    fn put_file(&self, key: &str, file: &std::fs::File) -> walsync::Result<()> {
         self.inner.put_file(key, file)
     }
-    fn get(&self, key: &str, out: &mut dyn std::io::Write) -> walsync::error::Result<u64> {
+    fn get(&self, key: &str, out: &mut dyn std::io::Write) -> walsync::Result<u64> {
         self.modes.lock().unwrap().push(mode_of(&self.tmp));
         self.inner.get(key, out)
     }
-    fn list(&self, prefix: &str) -> walsync::error::Result<Vec<walsync::storage::ObjectInfo>> {
+    fn list(&self, prefix: &str) -> walsync::Result<Vec<walsync::storage::ObjectInfo>> {
         self.inner.list(prefix)
     }
-    fn delete(&self, key: &str) -> walsync::error::Result<()> {
+    fn delete(&self, key: &str) -> walsync::Result<()> {
         self.inner.delete(key)
     }
     fn describe(&self) -> String {
@@ -527,12 +521,12 @@ fn the_restore_temporary_file_is_never_wider_than_the_output() {
             tmp: tmp.clone(),
             modes: Default::default(),
         };
-        let options = walsync::restore::RestoreOptions {
+        let options = walsync::RestoreOptions {
             mode,
             force: true,
             ..Default::default()
         };
-        walsync::restore::restore(&watch, "app", &out, &options).unwrap();
+        walsync::restore(&watch, "app", &out, &options).unwrap();
         let allowed = mode.unwrap_or(0o600);
         let modes = watch.modes.into_inner().unwrap();
         assert_eq!(modes.len(), 3, "snapshot and two segments");

@@ -884,7 +884,7 @@ fn prune_aborts_the_stale_uploads_of_the_database_it_prunes() {
     start_upload(&server, "prune/app/snapshots/crashed.db.gz");
     start_upload(&server, "prune/other/snapshots/crashed.db.gz");
     server.age_uploads(STALE_UPLOAD_AGE + Duration::from_secs(60));
-    let now = walsync::utc::UtcTime::now();
+    let now = walsync::UtcTime::now();
     let hour = Duration::from_secs(3600);
 
     // `walsync prune app` (one replica): a dry run changes nothing.
@@ -892,14 +892,14 @@ fn prune_aborts_the_stale_uploads_of_the_database_it_prunes() {
     db.insert(1, 10);
     let storage: std::sync::Arc<dyn walsync::storage::Storage> =
         std::sync::Arc::new(server.storage("prune"));
-    walsync::replica::Replica::open(&db.path, storage, "app")
+    walsync::Replica::open(&db.path, storage, "app")
         .unwrap()
         .snapshot()
         .unwrap();
-    let catalog = walsync::layout::Catalog::from_listing(s3.list("").unwrap());
+    let catalog = walsync::format::Catalog::from_listing(s3.list("").unwrap());
     let names = ["app".to_string()];
     let prune = |dry_run| {
-        walsync::retention::prune_catalog(&s3, &catalog, &names, now, hour, dry_run, |_, _| {})
+        walsync::unstable::prune_catalog(&s3, &catalog, &names, now, hour, dry_run, |_, _| {})
             .unwrap()
     };
     prune(true);
@@ -1039,8 +1039,7 @@ impl Responder {
 /// The test server's keys as a credentials endpoint answers them (JSON), expiring `in_secs`
 /// from now.
 fn keys_json(server: &S3Server, token_name: &str, in_secs: i64) -> String {
-    let expires =
-        walsync::utc::UtcTime::from_millis(walsync::utc::UtcTime::now().millis() + in_secs * 1000);
+    let expires = walsync::UtcTime::from_millis(walsync::UtcTime::now().millis() + in_secs * 1000);
     format!(
         "{{\"Version\": 1, \"AccessKeyId\": \"{}\", \"SecretAccessKey\": \"{}\", \
          \"{token_name}\": \"session-token-from-the-source\", \"Expiration\": \"{}\"}}",
@@ -1282,8 +1281,7 @@ fn keys_from_web_identity_through_sts() {
         .storage("irsa")
         .put_bytes("app/state.json", b"{}")
         .unwrap();
-    let expires =
-        walsync::utc::UtcTime::from_millis(walsync::utc::UtcTime::now().millis() + 3_600_000);
+    let expires = walsync::UtcTime::from_millis(walsync::UtcTime::now().millis() + 3_600_000);
     let xml = format!(
         "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
          <AssumeRoleWithWebIdentityResult><Credentials><AccessKeyId>{}</AccessKeyId>\

@@ -11,9 +11,9 @@ use crate::common::fixtures::{
     WatchProcess,
 };
 use crate::common::s3server::S3Server;
-use walsync::layout::Catalog;
+use walsync::format::Catalog;
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::UtcTime;
 
 fn s3_url(server: &S3Server, prefix: &str) -> String {
     format!("s3://{}/{prefix}", server.bucket())
@@ -471,7 +471,7 @@ fn a_300_mib_transaction_streams_through_with_flat_memory() {
 
 #[test]
 fn library_replicator_checkpoints_keep_the_wal_small_without_breaking_the_generation() {
-    use walsync::replicator::{Options, Replicator};
+    use walsync::{Options, Replicator};
     crate::common::logs::init();
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
@@ -652,7 +652,7 @@ fn a_restored_database_takes_the_name_over_from_the_host_it_came_from() {
 
 #[test]
 fn an_idle_database_makes_no_storage_requests() {
-    use walsync::replicator::{Options, Replicator};
+    use walsync::{Options, Replicator};
     let server = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let mut app = AppDb::create(dir.path(), "app.db");

@@ -831,7 +831,7 @@ fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis();
-        let initiated = walsync::utc::UtcTime::from_millis(millis as i64).to_rfc3339();
+        let initiated = walsync::UtcTime::from_millis(millis as i64).to_rfc3339();
         body.push_str(&format!(
             "<Upload><Key>{}</Key><UploadId>{}</UploadId><Initiated>{initiated}</Initiated></Upload>",
             escape(&upload.key),

@@ -65,9 +65,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
-use walsync::layout::{Catalog, ChainValue, Generation, GenerationObjects};
+use walsync::format::{Catalog, ChainValue, Generation, GenerationObjects};
 use walsync::storage::Storage;
-use walsync::utc::UtcTime;
+use walsync::UtcTime;
 
 use super::faultproxy::FaultProxy;
 use super::faults::{splitmix64, FaultCounts, FaultMix};

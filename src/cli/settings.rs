@@ -7,14 +7,14 @@
 //! - The values are read through here ([`Setting::read`], [`Setting::switch`] and the
 //!   typed helpers), so a flag's name, its variable and what it must be are not written again
 //!   where it is read; `main.rs` lowers them into typed settings before any work starts.
-//! - The tests (`settings/tests.rs`) check the manual pages (`src/help.rs`) and README's table of settings
+//! - The tests (`settings/tests.rs`) check the manual pages (`src/cli/help.rs`) and README's table of settings
 //!   against this table: a flag, variable or default they name that it lacks, or one it has
 //!   that they miss, fails them.
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use walsync::error::{Error, Result};
+use walsync::{Error, Result};
 
 /// The commands a setting belongs to, as a set of bits.
 pub type Commands = u8;

@@ -1,5 +1,5 @@
 //! The table's tests: its defaults against the code's, and argh's flags, the manual pages
-//! (src/help.rs) and README's table of settings against it.
+//! (src/cli/help.rs) and README's table of settings against it.
 
 use super::*;
 use argh::FromArgs;
@@ -80,14 +80,14 @@ fn ids_are_unique_and_every_row_says_something() {
 fn the_defaults_are_the_ones_the_code_uses() {
     let seconds = |s: &Setting| Duration::from_secs_f64(s.default.unwrap().parse().unwrap());
     let number = |s: &Setting| s.default.unwrap().parse::<u64>().unwrap();
-    let options = walsync::replicator::Options::default();
+    let options = walsync::Options::default();
     assert_eq!(seconds(&S3_TIMEOUT), walsync::storage::s3::DEFAULT_TIMEOUT);
     assert_eq!(seconds(&MIN_INTERVAL), options.min_interval);
     assert_eq!(seconds(&SNAPSHOT_INTERVAL), options.snapshot_interval);
     assert_eq!(number(&UPLOAD_WORKERS), options.upload_workers as u64);
     assert_eq!(number(&STAGING_LIMIT) * 1024 * 1024, options.staging_limit);
     assert_eq!(
-        walsync::retention::parse_duration(RETENTION.default.unwrap()).unwrap(),
+        walsync::unstable::parse_duration(RETENTION.default.unwrap()).unwrap(),
         options.retention
     );
     assert_eq!(seconds(&SHUTDOWN_TIMEOUT), crate::SHUTDOWN_TIMEOUT);
@@ -96,13 +96,13 @@ fn the_defaults_are_the_ones_the_code_uses() {
         HEARTBEAT_MAX_LAG.default.unwrap(),
         format!(
             "{} --min-intervals, at least {}",
-            walsync::heartbeat::MAX_LAG_INTERVALS,
-            walsync::heartbeat::MIN_MAX_LAG.as_secs()
+            crate::heartbeat::MAX_LAG_INTERVALS,
+            crate::heartbeat::MIN_MAX_LAG.as_secs()
         )
     );
     assert_eq!(
         crate::parse_mode(MODE.default.unwrap()).unwrap(),
-        walsync::restore::DEFAULT_MODE
+        walsync::unstable::DEFAULT_MODE
     );
     let restore = ["restore", "app", "-o", "out.db"];
     let Some(crate::Command::Restore(cmd)) = crate::Cli::from_args(&["walsync"], &restore)
@@ -113,7 +113,7 @@ fn the_defaults_are_the_ones_the_code_uses() {
     };
     assert_eq!(cmd.parallel as u64, number(&PARALLEL));
     assert_eq!(
-        walsync::layout::default_name(std::path::Path::new("/srv/app.db")).unwrap(),
+        walsync::unstable::default_name(std::path::Path::new("/srv/app.db")).unwrap(),
         "app",
         "{:?}",
         NAME.default

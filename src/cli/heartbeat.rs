@@ -10,10 +10,9 @@
 //! messages name only the scheme and host.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use walsync::{Error, MetricsSource, Result};
 
 /// The default bound on lag for a heartbeat: this many `--min-interval`s ...
 pub const MAX_LAG_INTERVALS: u32 = 5;
@@ -33,12 +32,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the thread looks whether every database is caught up.
 const CHECK: Duration = Duration::from_millis(250);
 
-/// A running heartbeat thread. [`Heartbeat::stop`] ends it and waits for a request in
-/// flight; dropping it only tells it to end (it does, within [`TIMEOUT`]), so that a
-/// shutdown never waits for a slow monitoring server.
+/// A running heartbeat thread. Dropping it tells the thread to end (it does, within
+/// [`TIMEOUT`]) without waiting for it, so that a shutdown never waits for a slow
+/// monitoring server.
 pub struct Heartbeat {
     stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
 }
 
 /// A URL as it may be logged: scheme and host only.
@@ -79,7 +77,7 @@ impl Heartbeat {
         url: url::Url,
         interval: Duration,
         max_lag: Duration,
-        databases: crate::replicator::MetricsSource,
+        databases: MetricsSource,
     ) -> Result<Heartbeat> {
         let max_lag = max_lag.as_secs_f64();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
@@ -89,7 +87,7 @@ impl Heartbeat {
             .user_agent(concat!("walsync/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("walsync-heartbeat".into())
             .stack_size(256 * 1024)
             .spawn(move || {
@@ -111,18 +109,7 @@ impl Heartbeat {
                 }
             })
             .map_err(|e| Error::from(e).with_context("starting the heartbeat thread"))?;
-        Ok(Heartbeat {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stop the thread (waiting for a request in flight, at most [`TIMEOUT`]).
-    pub fn stop(mut self) {
-        self.tell_to_stop();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        Ok(Heartbeat { stop })
     }
 
     fn tell_to_stop(&self) {

@@ -7,21 +7,19 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
+mod heartbeat;
 mod help;
 mod logging;
+mod metrics_server;
 mod settings;
 mod supervise;
 
-use walsync::error::{Error, ErrorKind, Result};
-use walsync::heartbeat::Heartbeat;
-use walsync::layout::{self, Generation};
+use heartbeat::Heartbeat;
 use walsync::progress;
-use walsync::replica::Replica;
-use walsync::replicator::{Options, Replicator};
-use walsync::restore::{self, RestoreOptions, RestorePlan};
 use walsync::storage::{self, Destination, Storage};
-use walsync::utc::UtcTime;
-use walsync::watcher::WatchMode;
+use walsync::unstable as internals;
+use walsync::{Error, ErrorKind, Generation, Options, Replica, Replicator, Result, UtcTime};
+use walsync::{RestoreOptions, RestorePlan, WatchMode};
 
 /// The placeholder for the version in the top-level help (argh takes only literals there).
 const VERSION_PLACEHOLDER: &str = "walsync VERSION";
@@ -525,7 +523,7 @@ fn retention_setting(
     let Some((text, from)) = setting.read(flag)? else {
         return Ok(None);
     };
-    match walsync::retention::parse_duration(&text) {
+    match internals::parse_duration(&text) {
         Ok(duration) => Ok(Some(duration)),
         Err(e) if Some(from) != setting.var => Err(e.with_context(from)),
         Err(_) => Err(Error::invalid(format!(
@@ -544,19 +542,19 @@ fn prune_command(cmd: PruneCmd) -> Result<()> {
             )
         })?;
     for name in &cmd.names {
-        layout::validate_name(name)?;
+        internals::validate_name(name)?;
     }
     let (_, storage) = cmd.destination()?.existing().open()?;
-    let catalog = walsync::list::catalog(storage.as_ref())?;
+    let catalog = internals::catalog(storage.as_ref())?;
     let now = UtcTime::now();
     if cmd.dry_run {
         println!(
             "dry run: nothing is deleted from {} (retention {}, now {now})",
             storage.describe(),
-            walsync::retention::format_duration(retention)
+            internals::format_duration(retention)
         );
     }
-    let plans = walsync::retention::prune_catalog(
+    let plans = internals::prune_catalog(
         storage.as_ref(),
         &catalog,
         &cmd.names,
@@ -725,7 +723,7 @@ impl WatchCmd {
         let Some((text, from)) = settings::HEARTBEAT_URL.read(self.heartbeat_url.clone())? else {
             return Ok(None);
         };
-        let url = walsync::heartbeat::parse_url(text.trim(), from)?;
+        let url = heartbeat::parse_url(text.trim(), from)?;
         let interval = settings::HEARTBEAT_INTERVAL.seconds(
             self.heartbeat_interval,
             HEARTBEAT_INTERVAL,
@@ -733,7 +731,7 @@ impl WatchCmd {
         )?;
         let max_lag = settings::HEARTBEAT_MAX_LAG.seconds(
             self.heartbeat_max_lag,
-            walsync::heartbeat::default_max_lag(min_interval),
+            heartbeat::default_max_lag(min_interval),
             false,
         )?;
         Ok(Some((url, interval, max_lag)))
@@ -791,18 +789,18 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     } = cmd.lower()?;
     let signals = supervise::block_signals(exec.is_some());
     let metrics = metrics_addr
-        .map(|addr| walsync::metrics::bind(&addr))
+        .map(|addr| metrics_server::bind(&addr))
         .transpose()?;
     let (destination, storage) = storage.open()?;
-    let databases = layout::assign_names(&databases)?;
+    let databases = internals::assign_names(&databases)?;
     let retention = options.retention;
     // Each database keeps about six files open (two SQLite connections with their WAL
     // files, the shared-memory file, the sidecar lock); 1024, a common default, is too few
     // for a few hundred databases. Raised before any is opened. The host's limits are
     // judged for the named databases, and again once the directories have been scanned.
-    let open_files = walsync::limits::raise_open_files_limit();
+    let open_files = internals::raise_open_files_limit();
     let inotify = options.watch_mode == WatchMode::Auto && cfg!(target_os = "linux");
-    let limits = walsync::limits::host_limits(open_files, inotify);
+    let limits = internals::host_limits(open_files, inotify);
     let judge_limit = |paths: &mut dyn Iterator<Item = &Path>| {
         let mut count = 0u64;
         let mut dirs = std::collections::HashSet::new();
@@ -810,7 +808,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
             count += 1;
             dirs.insert(path.parent().map(Path::to_path_buf));
         }
-        for warning in walsync::limits::warnings(&limits, count, dirs.len() as u64) {
+        for warning in internals::limit_warnings(&limits, count, dirs.len() as u64) {
             log::warn!("{warning}");
         }
     };
@@ -836,7 +834,7 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
     }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
-        r => format!("retention {}", walsync::retention::format_duration(r)),
+        r => format!("retention {}", internals::format_duration(r)),
     };
     log::info!(
         "replicating {count} database(s) to {destination} ({} events, {retention})",
@@ -846,13 +844,13 @@ fn watch(cmd: WatchCmd) -> Result<u8> {
         if let Ok(addr) = listener.local_addr() {
             log::info!("serving metrics on http://{addr}/metrics");
         }
-        walsync::metrics::serve(listener, replicator.metrics_source())?;
+        metrics_server::serve(listener, replicator.metrics_source())?;
     }
     let heartbeat = match heartbeat {
         Some((url, interval, max_lag)) => {
             log::info!(
                 "heartbeat to {} every {}s while every database's lag is under {}s",
-                walsync::heartbeat::redacted(&url),
+                heartbeat::redacted(&url),
                 interval.as_secs_f64(),
                 max_lag.as_secs_f64()
             );
@@ -952,12 +950,12 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         }
         Err(e) => {
             // A usage error (OUT exists) comes first, as when the destination is usable.
-            restore::check_output(&cmd.output, cmd.force)?;
+            internals::check_output(&cmd.output, cmd.force)?;
             return Err(e);
         }
     };
     let storage = with_progress(storage, "restore", !cmd.dry_run);
-    if cmd.if_replica_exists && !restore::replica_exists(storage.as_ref(), &cmd.name)? {
+    if cmd.if_replica_exists && !internals::replica_exists(storage.as_ref(), &cmd.name)? {
         log::info!(
             "no replica of {:?} in {}; not restoring (--if-replica-exists)",
             cmd.name,
@@ -966,8 +964,8 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         return Ok(());
     }
     if cmd.dry_run {
-        restore::check_output(&cmd.output, cmd.force)?;
-        let plan = restore::plan_in(
+        internals::check_output(&cmd.output, cmd.force)?;
+        let plan = internals::plan_in(
             storage.as_ref(),
             &cmd.name,
             options.point_in_time,
@@ -976,7 +974,7 @@ fn restore_command(cmd: RestoreCmd) -> Result<()> {
         print!("{}", describe_plan(&plan, storage.as_ref(), &cmd.output));
         return Ok(());
     }
-    let plan = restore::restore(storage.as_ref(), &cmd.name, &cmd.output, &options);
+    let plan = walsync::restore(storage.as_ref(), &cmd.name, &cmd.output, &options);
     progress::finish();
     let plan = plan?;
     log::info!(
@@ -1005,7 +1003,7 @@ fn with_progress(
     Arc::new(progress::Counted(storage))
 }
 
-/// `restore --dry-run`'s report: what a restore would download, from [`restore::plan_in`].
+/// `restore --dry-run`'s report: what a restore would download, from [`internals::plan_in`].
 fn describe_plan(plan: &RestorePlan, storage: &dyn Storage, output: &Path) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -1054,7 +1052,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
     let (_, storage) = cmd.destination()?.open()?;
     let name = match cmd.name {
         Some(name) => name,
-        None => layout::default_name(&cmd.database)?,
+        None => internals::default_name(&cmd.database)?,
     };
     let storage = with_progress(storage, "snapshot", true);
     let mut replica = Replica::open(&cmd.database, storage, &name)?;
@@ -1067,7 +1065,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
 /// `walsync list`.
 fn list_command(cmd: ListCmd) -> Result<()> {
     let (_, storage) = cmd.destination()?.existing().open()?;
-    let listing = walsync::list::list(storage.as_ref())?;
+    let listing = walsync::list(storage.as_ref())?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
     } else {
@@ -1079,7 +1077,7 @@ fn list_command(cmd: ListCmd) -> Result<()> {
 /// `walsync status`.
 fn status_command(cmd: StatusCmd) -> Result<()> {
     let (_, storage) = cmd.destination()?.existing().open()?;
-    let status = walsync::list::status(storage.as_ref(), &cmd.names, None)?;
+    let status = walsync::status(storage.as_ref(), &cmd.names, None)?;
     if cmd.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

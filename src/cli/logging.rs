@@ -8,7 +8,7 @@
 //! by docker, nohup or a plain file can be correlated with other logs. Loggers that stamp
 //! lines themselves (svlogd -tt, s6-log T, journald) get `WALSYNC_LOG_TIMESTAMPS=0` or
 //! `--no-log-timestamps`, as contrib/'s run scripts set. The time comes from
-//! [`walsync::utc`], not from env_logger's `humantime` feature, which would add its own
+//! walsync's own UTC formatting, not from env_logger's `humantime` feature, which would add its own
 //! calendar code to a binary whose size is counted.
 //!
 //! Messages go to stderr; what a command prints as its result (list, status, a snapshot's
@@ -16,9 +16,9 @@
 
 use std::io::Write as _;
 
-use walsync::error::Result;
 use walsync::progress;
-use walsync::utc::UtcTime;
+use walsync::Result;
+use walsync::UtcTime;
 
 /// Whether log lines carry timestamps: not with `--no-log-timestamps`, else as
 /// WALSYNC_LOG_TIMESTAMPS says (read as every switch's variable is: see

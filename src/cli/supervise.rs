@@ -23,7 +23,7 @@
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, ExitStatus};
 
-use walsync::error::{Error, Result};
+use walsync::{Error, Result};
 
 /// The signals walsync takes itself: every thread blocks them (see [`block_signals`]).
 pub struct Signals(libc::sigset_t);
