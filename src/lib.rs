@@ -64,10 +64,10 @@
 //! - `limits`: the host limits that bound how many databases fit, said at start.
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, and their Prometheus text.
-//! - `progress`: a progress line on a terminal for one-shot commands.
+//! - `progress`: what a snapshot reports as it goes, for whoever draws a progress display.
 //!
 //! The binary's own modules (arguments, settings, help pages, the heartbeat, the metrics
-//! listener, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
+//! listener, the progress line, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
 
 mod backoff;
 mod database;
@@ -81,8 +81,7 @@ mod layout;
 mod limits;
 mod list;
 pub mod metrics;
-#[doc(hidden)]
-pub mod progress;
+mod progress;
 mod replica;
 mod replicator;
 mod restore;
@@ -108,6 +107,7 @@ pub use list::{
     Status,
 };
 pub use metrics::DbMetrics;
+pub use progress::Progress;
 pub use replica::{Checkpoint, Replica, SyncOutcome};
 pub use replicator::{MetricsSource, Options, Replicator};
 pub use restore::{plan as plan_restore, restore, RestoreOptions, RestorePlan};

@@ -11,9 +11,9 @@ use crate::common::fixtures::{
 };
 use crate::common::s3server::S3Server;
 use walsync::format::{Generation, ObjectKind, ObjectName};
+use walsync::prune;
 use walsync::storage::file::FileStorage;
 use walsync::storage::Storage;
-use walsync::prune;
 use walsync::ErrorKind;
 use walsync::RestoreOptions;
 use walsync::UtcTime;
