@@ -72,8 +72,8 @@ impl Database {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            let limit = crate::files::open_files_limit()
-                .filter(|_| crate::files::near_open_files_limit())
+            let limit = crate::limits::open_files_limit()
+                .filter(|_| crate::limits::near_open_files_limit())
                 .map(|n| format!(" (too many open files: RLIMIT_NOFILE soft limit {n})"))
                 .unwrap_or_default();
             Error::from(e).with_context(format!("opening database {}{limit}", path.display()))

@@ -76,6 +76,7 @@ mod error;
 mod files;
 mod gate;
 mod glob;
+mod gzip;
 mod layout;
 mod limits;
 mod list;
@@ -128,9 +129,8 @@ pub mod format {
 /// Not part of the API: anything here may change or go in any release.
 #[doc(hidden)]
 pub mod unstable {
-    pub use crate::files::raise_open_files_limit;
     pub use crate::layout::{assign_names, default_name, validate_name};
-    pub use crate::limits::{host_limits, warnings as limit_warnings};
+    pub use crate::limits::{host_limits, raise_open_files_limit, warnings as limit_warnings};
     pub use crate::list::catalog;
     pub use crate::restore::{check_output, plan_in, replica_exists, DEFAULT_MODE};
     pub use crate::retention::{format_duration, parse_duration, prune_catalog};

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::fs::File;
 
 use crate::error::Result;
-use crate::spool;
+use crate::gzip;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE};
 
 /// A segment cut into a file.
@@ -96,7 +96,7 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
 
     let header = *reader.header();
     let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
-    let mut writer = WalWriter::new(spool::gzip_into(out, None), fresh)?;
+    let mut writer = WalWriter::new(gzip::encoder(out, None), fresh)?;
     let frame_size = frame_len as u64;
     for i in 0..count {
         if keep.as_ref().is_some_and(|keep| !keep[i]) {
@@ -120,7 +120,7 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     reader.seek(end);
     let frames = writer.frames();
     let chain = writer.checksum();
-    spool::finish_gzip(writer.finish()?, "segment")?;
+    gzip::finish(writer.finish()?, "segment")?;
     Ok(Some(Segment { frames, end, chain }))
 }
 

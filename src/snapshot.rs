@@ -16,9 +16,10 @@ use rusqlite::Connection;
 
 use crate::database::Database;
 use crate::error::{Context, Error, Result};
+use crate::gzip;
 use crate::layout::ChainValue;
 use crate::progress::{self, Progress};
-use crate::spool::{self, NamedSpool};
+use crate::spool::NamedSpool;
 
 /// How many snapshots are taken at once in this process (see [`crate::gate`]).
 static SNAPSHOTTING: crate::gate::Gate = crate::gate::Gate::new(4);
@@ -67,7 +68,7 @@ pub fn take(
     // The chain value is the only optional gzip header field walsync writes, so the
     // comment starts at byte 10 of the object, where a shell script can read it
     // (docs/FORMAT.md, "Snapshots").
-    let mut gz = spool::gzip_into(out, Some(ChainValue(chain).comment()));
+    let mut gz = gzip::encoder(out, Some(ChainValue(chain).comment()));
     progress.phase("compressing");
     let mut plain = progress::Reader {
         inner: BufReader::new(plain),
@@ -75,7 +76,7 @@ pub fn take(
         done: 0,
     };
     std::io::copy(&mut plain, &mut gz).context(|| "compressing snapshot")?;
-    spool::finish_gzip(gz, "snapshot")?;
+    gzip::finish(gz, "snapshot")?;
     Ok(db_size)
 }
 
@@ -87,9 +88,9 @@ mod tests {
     fn the_chain_comment_sits_at_byte_ten() {
         let comment = ChainValue([0x0123_abcd, 0xffff_0000]).comment();
         let file = tempfile::tempfile().unwrap();
-        let mut gz = spool::gzip_into(&file, Some(comment.clone()));
+        let mut gz = gzip::encoder(&file, Some(comment.clone()));
         std::io::Write::write_all(&mut gz, b"data").unwrap();
-        spool::finish_gzip(gz, "test").unwrap();
+        gzip::finish(gz, "test").unwrap();
         let mut bytes = Vec::new();
         use std::io::{Read, Seek};
         (&file).rewind().unwrap();
