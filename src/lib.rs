@@ -48,11 +48,15 @@
 //! - `database`: opening the SQLite database walsync replicates, and pinning its WAL.
 //! - `snapshot`: consistent compressed copies of a database through the backup API.
 //! - `segment`: cutting committed WAL frames into standalone compressed segments.
+//! - `gzip`: how every object is compressed (one gzip member, level 1, the chain value in
+//!   a snapshot's header comment).
 //! - `files`: small file ideas shared by every layer: identity, `-wal` paths, atomic writes.
+//! - `spool`: scratch files on disk, so no buffer grows with database or transaction size.
 //! - `sidecar`: walsync's files beside a database: lock, position, staged objects.
 //! - `replica`: one database replicated to one destination: generations, staging, checkpoints.
 //! - `watcher`: file events (inotify, kqueue, or polling) that wake a database's thread.
-//! - `stack`: giving back thread stack pages an idle database no longer uses.
+//! - `stack`: lean database threads, and giving back stack pages an idle one no longer uses.
+//! - `gate`: how many threads may do one costly thing at once (snapshots, reconciles).
 //! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
@@ -65,6 +69,8 @@
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, and their Prometheus text.
 //! - `progress`: what a snapshot reports as it goes, for whoever draws a progress display.
+//! - `error`: one error type, with a kind, an HTTP status and an S3 code to match on.
+//! - `utc`: UTC timestamps in the two spellings the format and S3 use.
 //!
 //! The binary's own modules (arguments, settings, help pages, the heartbeat, the metrics
 //! listener, the progress line, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
