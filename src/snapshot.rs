@@ -34,7 +34,7 @@ const PAGES_PER_STEP: std::os::raw::c_int = 4096;
 pub fn take(
     db: &Database,
     scratch: NamedSpool,
-    chain: [u32; 2],
+    chain: ChainValue,
     out: &File,
     progress: &dyn Progress,
 ) -> Result<u64> {
@@ -68,7 +68,7 @@ pub fn take(
     // The chain value is the only optional gzip header field walsync writes, so the
     // comment starts at byte 10 of the object, where a shell script can read it
     // (docs/FORMAT.md, "Snapshots").
-    let mut gz = gzip::encoder(out, Some(ChainValue(chain).comment()));
+    let mut gz = gzip::encoder(out, Some(chain.comment()));
     progress.phase("compressing");
     let mut plain = progress::Reader {
         inner: BufReader::new(plain),

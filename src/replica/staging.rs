@@ -17,7 +17,7 @@ use super::position::{mark, Position};
 use super::Replica;
 use crate::error::{Context, Result};
 use crate::files::FileIdentity;
-use crate::layout::{ChainValue, ObjectKind, ObjectName};
+use crate::layout::{ObjectKind, ObjectName};
 use crate::segment;
 use crate::sidecar::{Sidecar, Staged};
 use crate::snapshot;
@@ -103,7 +103,7 @@ impl Replica {
             return Ok(Cut::Idle);
         }
         let draft = self.sidecar.draft()?;
-        let segment = match segment::cut(reader, tip.chain.0, &draft.file) {
+        let segment = match segment::cut(reader, tip.chain, &draft.file) {
             Ok(Some(segment)) => segment,
             Ok(None) => {
                 // Frames of a transaction not committed yet; the draft is removed on drop.
@@ -132,7 +132,7 @@ impl Replica {
         log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
         self.tip = Some(Position {
             index: object.index,
-            chain: ChainValue(segment.chain),
+            chain: segment.chain,
             time_ms: object.time.millis(),
             seq: staged.seq,
             wal: Some(mark(&header, end)),
@@ -177,14 +177,8 @@ impl Replica {
     pub(super) fn stage_snapshot(&mut self, mut tip: Position) -> Result<String> {
         let draft = self.sidecar.draft()?;
         let scratch = self.sidecar.scratch_database();
-        let db_size = snapshot::take(
-            &self.pin,
-            scratch,
-            tip.chain.0,
-            &draft.file,
-            &*self.progress,
-        )
-        .context(|| format!("{}: taking a snapshot", self.name))?;
+        let db_size = snapshot::take(&self.pin, scratch, tip.chain, &draft.file, &*self.progress)
+            .context(|| format!("{}: taking a snapshot", self.name))?;
         self.release_memory();
         let object = ObjectName {
             kind: ObjectKind::Snapshot,
