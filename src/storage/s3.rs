@@ -59,7 +59,8 @@ mod errors;
 mod multipart;
 mod request;
 
-pub use config::{check_prefix, Addressing, CaRoots, S3Config, DEFAULT_TIMEOUT};
+pub(crate) use config::check_prefix;
+pub use config::{Addressing, CaRoots, S3Config, DEFAULT_TIMEOUT};
 pub use multipart::{MIN_PART_SIZE, MULTIPART_THRESHOLD, STALE_UPLOAD_AGE};
 pub use request::DEFAULT_MAX_ATTEMPTS;
 
