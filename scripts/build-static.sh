@@ -16,8 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The size budget of the static binary, in bytes, which scripts/test.sh (CI) holds every
-# change to. Small is a goal of walsync's (README, Building): raise it only on purpose, in
-# the commit that needs it, saying what the bytes buy. 2,956,720 bytes when set (2026-12-07).
+# change to. Small is a goal of walsync's (CONTRIBUTING.md, Building): raise it only on
+# purpose, in the commit that needs it, saying what the bytes buy. 2,956,720 bytes when set
+# (2026-12-07).
 budget=3000000
 check=
 case "${1:-}" in

@@ -38,6 +38,13 @@ cargo check --locked --target x86_64-unknown-freebsd --no-default-features --fea
 # An embedding application compiles the library without the binary's dependencies
 # (`default-features = false`): it must build without them.
 cargo check --locked --lib --no-default-features
+# The API documentation builds without warnings (a broken intra-doc link is one), and the
+# library and the binary build with the oldest Rust that Cargo.toml promises (rust-version;
+# the dev-dependencies may need a newer one, so no tests there).
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --lib
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+rustup toolchain install "$msrv" --profile minimal
+cargo "+$msrv" check --locked --lib --bins
 cargo test --locked --workspace
 # The static binary users install stays within its size budget (installs musl-tools if
 # needed). A release build of its own, sharing nothing with the test build: 90 s on the

@@ -44,6 +44,17 @@ fn barrier_busy(tries: i32) -> bool {
     true
 }
 
+/// What a checkpoint did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Not attempted: no generation yet, continuity lost, or staging full.
+    Skipped,
+    /// Some frames are still needed by a reader of an older snapshot; try again later.
+    Partial,
+    /// Every frame is in the database file; the next writer restarts the WAL.
+    Complete,
+}
+
 /// An open connection to a replicated database.
 pub struct Database {
     path: PathBuf,
@@ -61,8 +72,8 @@ impl Database {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            let limit = crate::files::open_files_limit()
-                .filter(|_| crate::files::near_open_files_limit())
+            let limit = crate::limits::open_files_limit()
+                .filter(|_| crate::limits::near_open_files_limit())
                 .map(|n| format!(" (too many open files: RLIMIT_NOFILE soft limit {n})"))
                 .unwrap_or_default();
             Error::from(e).with_context(format!("opening database {}{limit}", path.display()))

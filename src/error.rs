@@ -121,7 +121,7 @@ impl From<std::io::Error> for Error {
         };
         // Name the limit that was hit, not just "Too many open files".
         let message = match err.raw_os_error() {
-            Some(libc::EMFILE) => crate::files::open_files_limit().map_or_else(
+            Some(libc::EMFILE) => crate::limits::open_files_limit().map_or_else(
                 || "too many open files (RLIMIT_NOFILE)".to_string(),
                 |limit| format!("too many open files (RLIMIT_NOFILE soft limit {limit})"),
             ),
@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn running_out_of_file_descriptors_names_the_limit() {
         let err = Error::from(std::io::Error::from_raw_os_error(libc::EMFILE));
-        let limit = crate::files::open_files_limit().unwrap();
+        let limit = crate::limits::open_files_limit().unwrap();
         assert_eq!(
             err.to_string(),
             format!("too many open files (RLIMIT_NOFILE soft limit {limit})")

@@ -1,11 +1,12 @@
 //! Small file-system ideas that several layers share, each written once: a file's identity
-//! on disk, a path with a suffix (SQLite's `-wal`, `-shm`, `-journal` siblings), and the
-//! durable atomic write; a digest of a file's content; and the limit on open files every
-//! watched database counts against.
+//! on disk, a path with a suffix (SQLite's `-wal`, `-shm`, `-journal` siblings), a file
+//! created afresh with a given mode, and the durable atomic write.
+//!
+//! It stands on nothing of the crate but [`crate::error`], so every layer may use it.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -63,6 +64,26 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Create `path` afresh, read-write, with `mode` (less the umask). A leftover (of a crashed
+/// process that had the same pid) is replaced, never reused with whatever mode it had.
+pub(crate) fn create_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
+    let create = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+    };
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            create()
+        }
+        other => other,
+    }
+}
+
 /// Replace `path` with what `fill` writes, atomically and durably: a temporary sibling
 /// (`.<name>.tmp-<pid>-<n>`, created with `mode`), fsync, rename, fsync of the directory.
 /// A power cut leaves the old content or the new, never a mix, and never moves a file back
@@ -91,7 +112,7 @@ pub fn write_atomically(
     let written = (|| {
         // A leftover of a crashed process that had our pid is replaced, never reused with
         // whatever mode it had.
-        let mut file = crate::spool::create_fresh(&tmp, mode)?;
+        let mut file = create_fresh(&tmp, mode)?;
         fill(&mut file)?;
         file.flush()?;
         file.sync_all()?;
@@ -114,57 +135,6 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .context(|| format!("syncing directory {}", dir.display()))
-}
-
-/// This process's soft limit on open files (RLIMIT_NOFILE), if it can be read.
-pub fn open_files_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes into the struct we own.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    (rc == 0).then_some(rlim(limit.rlim_cur))
-}
-
-/// Raise this process's soft limit on open files to its hard limit (each watched database
-/// keeps about six files open). Returns the soft and hard limits as they are afterwards.
-pub fn raise_open_files_limit() -> Option<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    Some((rlim(limit.rlim_cur), rlim(limit.rlim_max)))
-}
-
-/// `rlim_t` is u64 on Linux and i64 on the BSDs (where infinity is -1, read as u64::MAX).
-#[allow(clippy::unnecessary_cast)]
-pub(crate) fn rlim(value: libc::rlim_t) -> u64 {
-    value as u64
-}
-
-/// Whether this process has (nearly) all the files open that RLIMIT_NOFILE allows: SQLite
-/// reports only "unable to open database file" then, so the caller can say which limit.
-pub fn near_open_files_limit() -> bool {
-    let (Some(limit), Ok(open)) = (open_files_limit(), std::fs::read_dir("/proc/self/fd")) else {
-        return false;
-    };
-    open.count() as u64 + 8 >= limit
 }
 
 #[cfg(test)]

@@ -211,6 +211,23 @@ impl fmt::Display for Generation {
     }
 }
 
+/// Saved as its id, a string (the sidecar's `position.json`).
+impl serde::Serialize for Generation {
+    fn serialize<S: serde::Serializer>(&self, out: S) -> std::result::Result<S::Ok, S::Error> {
+        out.serialize_str(&self.0)
+    }
+}
+
+/// Read back only if well formed ([`Generation::parse`]): a malformed id makes the document
+/// holding it unreadable, rather than a value every later step would have to refuse.
+impl<'de> serde::Deserialize<'de> for Generation {
+    fn deserialize<D: serde::Deserializer<'de>>(input: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(input)?;
+        Generation::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("malformed generation id {text:?}")))
+    }
+}
+
 /// 16 random bits from the standard library's randomly seeded hasher; enough to keep two
 /// generations started in the same millisecond apart, without a dependency.
 fn random_u16() -> u16 {
@@ -315,7 +332,10 @@ impl ObjectName {
 /// `xxxxxxxx-xxxxxxxx` (lowercase hex). What it is for each object is in `docs/FORMAT.md`
 /// ("The chain"); here it is made from a generation id ([`ChainValue::of_generation`]) and
 /// written into and read from a snapshot's gzip comment ([`ChainValue::comment`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// Saved as its two words (`[a, b]`, the sidecar's `position.json`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct ChainValue(pub [u32; 2]);
 
 impl ChainValue {
@@ -532,6 +552,22 @@ mod tests {
             b"walsync-chain=+19ba7c7-1200beef",
         ] {
             assert_eq!(ChainValue::parse_comment(bad), None, "{bad:?}");
+        }
+    }
+
+    /// In the sidecar's `position.json` a generation is its id and a chain value its two
+    /// words, as when both were kept there as a plain string and array; a malformed id is
+    /// refused on reading.
+    #[test]
+    fn generations_and_chain_values_are_saved_as_their_plain_forms() {
+        let generation = Generation::parse("019ba7c71200beef").unwrap();
+        let chain = ChainValue([0x019b_a7c7, 7]);
+        let text = serde_json::to_string(&(&generation, chain)).unwrap();
+        assert_eq!(text, r#"["019ba7c71200beef",[26978247,7]]"#);
+        let back: (Generation, ChainValue) = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, (generation, chain));
+        for bad in [r#""019BA7C71200BEEF""#, r#""019ba7c7""#, "16"] {
+            assert!(serde_json::from_str::<Generation>(bad).is_err(), "{bad}");
         }
     }
 

@@ -48,11 +48,15 @@
 //! - `database`: opening the SQLite database walsync replicates, and pinning its WAL.
 //! - `snapshot`: consistent compressed copies of a database through the backup API.
 //! - `segment`: cutting committed WAL frames into standalone compressed segments.
+//! - `gzip`: how every object is compressed (one gzip member, level 1, the chain value in
+//!   a snapshot's header comment).
 //! - `files`: small file ideas shared by every layer: identity, `-wal` paths, atomic writes.
+//! - `spool`: scratch files on disk, so no buffer grows with database or transaction size.
 //! - `sidecar`: walsync's files beside a database: lock, position, staged objects.
 //! - `replica`: one database replicated to one destination: generations, staging, checkpoints.
 //! - `watcher`: file events (inotify, kqueue, or polling) that wake a database's thread.
-//! - `stack`: giving back thread stack pages an idle database no longer uses.
+//! - `stack`: lean database threads, and giving back stack pages an idle one no longer uses.
+//! - `gate`: how many threads may do one costly thing at once (snapshots, reconciles).
 //! - `backoff`: the waits between retries (S3 requests, uploads).
 //! - `uploader`: the small pool of blocking upload workers shared by all databases.
 //! - `replicator`: continuous replication of many databases (`walsync watch`).
@@ -64,10 +68,12 @@
 //! - `limits`: the host limits that bound how many databases fit, said at start.
 //! - `list`: what a destination holds, for people and scripts.
 //! - `metrics`: replication counters per database, and their Prometheus text.
-//! - `progress`: a progress line on a terminal for one-shot commands.
+//! - `progress`: what a snapshot reports as it goes, for whoever draws a progress display.
+//! - `error`: one error type, with a kind, an HTTP status and an S3 code to match on.
+//! - `utc`: UTC timestamps in the two spellings the format and S3 use.
 //!
 //! The binary's own modules (arguments, settings, help pages, the heartbeat, the metrics
-//! listener, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
+//! listener, the progress line, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
 
 mod backoff;
 mod database;
@@ -76,12 +82,12 @@ mod error;
 mod files;
 mod gate;
 mod glob;
+mod gzip;
 mod layout;
 mod limits;
 mod list;
 pub mod metrics;
-#[doc(hidden)]
-pub mod progress;
+mod progress;
 mod replica;
 mod replicator;
 mod restore;
@@ -107,7 +113,8 @@ pub use list::{
     Status,
 };
 pub use metrics::DbMetrics;
-pub use replica::{Checkpoint, Replica, SyncOutcome};
+pub use progress::Progress;
+pub use replica::{Replica, SyncOutcome};
 pub use replicator::{MetricsSource, Options, Replicator};
 pub use restore::{plan as plan_restore, restore, RestoreOptions, RestorePlan};
 pub use retention::{prune, PrunePlan};
@@ -128,9 +135,8 @@ pub mod format {
 /// Not part of the API: anything here may change or go in any release.
 #[doc(hidden)]
 pub mod unstable {
-    pub use crate::files::raise_open_files_limit;
     pub use crate::layout::{assign_names, default_name, validate_name};
-    pub use crate::limits::{host_limits, warnings as limit_warnings};
+    pub use crate::limits::{host_limits, raise_open_files_limit, warnings as limit_warnings};
     pub use crate::list::catalog;
     pub use crate::restore::{check_output, plan_in, replica_exists, DEFAULT_MODE};
     pub use crate::retention::{format_duration, parse_duration, prune_catalog};

@@ -7,6 +7,10 @@
 //! it found need with what the host allows, and says which limit, how many databases it
 //! allows, and how to raise it. The costs are the measured ones for an idle database
 //! (`scripts/bench.sh`, tenants phase), rounded up; the reserves cover the process's own.
+//!
+//! The limit on open files is also read and raised here: `watch` raises the soft limit to
+//! the hard one at start, and a failure to open a file when the descriptors run out says
+//! which limit it hit ([`crate::error`], [`crate::database`]).
 
 /// Descriptors per idle database: SQLite's database, WAL and `-shm` files of the pin's
 /// connection, and the sidecar lock. A database that is writing or checkpointing holds a
@@ -126,6 +130,57 @@ pub fn warnings(limits: &[Limit], databases: u64, directories: u64) -> Vec<Strin
         .collect()
 }
 
+/// This process's soft limit on open files (RLIMIT_NOFILE), if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes into the struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0).then_some(rlim(limit.rlim_cur))
+}
+
+/// Raise this process's soft limit on open files to its hard limit (each watched database
+/// keeps about six files open). Returns the soft and hard limits as they are afterwards.
+pub fn raise_open_files_limit() -> Option<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some((rlim(limit.rlim_cur), rlim(limit.rlim_max)))
+}
+
+/// `rlim_t` is u64 on Linux and i64 on the BSDs (where infinity is -1, read as u64::MAX).
+#[allow(clippy::unnecessary_cast)]
+fn rlim(value: libc::rlim_t) -> u64 {
+    value as u64
+}
+
+/// Whether this process has (nearly) all the files open that RLIMIT_NOFILE allows: SQLite
+/// reports only "unable to open database file" then, so the caller can say which limit.
+pub fn near_open_files_limit() -> bool {
+    let (Some(limit), Ok(open)) = (open_files_limit(), std::fs::read_dir("/proc/self/fd")) else {
+        return false;
+    };
+    open.count() as u64 + 8 >= limit
+}
+
 fn read_number(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -138,7 +193,7 @@ fn processes_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit only writes into the struct we own.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut limit) };
-    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(crate::files::rlim(limit.rlim_cur))
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(rlim(limit.rlim_cur))
 }
 
 #[cfg(test)]

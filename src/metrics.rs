@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::database::Checkpoint;
 use crate::layout::{ObjectKind, ObjectName};
-use crate::replica::Checkpoint;
 
 /// What one database's replication has done, since walsync started.
 #[derive(Debug, Default)]
@@ -50,29 +50,27 @@ impl DbMetrics {
         &self.name
     }
 
-    /// An upload of `key`, `bytes` long, succeeded.
-    pub fn stored(&self, key: &str, bytes: u64) {
+    /// An upload of `object`, `bytes` long, succeeded.
+    pub(crate) fn stored(&self, object: &ObjectName, bytes: u64) {
         self.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
         self.objects_stored.fetch_add(1, Ordering::Relaxed);
-        if let Some((_, object)) = ObjectName::parse_key(key) {
-            let millis = object.time.millis().max(0) as u64;
-            // Like `walsync status`: the newest segment's time, a snapshot's only until a
-            // segment is stored (a later snapshot holds no later commit).
-            if object.kind == ObjectKind::Segment {
-                self.newest_stored_ms.fetch_max(millis, Ordering::Relaxed);
-            } else {
-                let _ = self.newest_stored_ms.compare_exchange(
-                    0,
-                    millis,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-            }
+        let millis = object.time.millis().max(0) as u64;
+        // Like `walsync status`: the newest segment's time, a snapshot's only until a
+        // segment is stored (a later snapshot holds no later commit).
+        if object.kind == ObjectKind::Segment {
+            self.newest_stored_ms.fetch_max(millis, Ordering::Relaxed);
+        } else {
+            let _ = self.newest_stored_ms.compare_exchange(
+                0,
+                millis,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// An upload attempt failed; `retrying` if another attempt follows.
-    pub fn upload_failed(&self, retrying: bool) {
+    pub(crate) fn upload_failed(&self, retrying: bool) {
         self.upload_errors.fetch_add(1, Ordering::Relaxed);
         if retrying {
             self.upload_retries.fetch_add(1, Ordering::Relaxed);
@@ -80,7 +78,7 @@ impl DbMetrics {
     }
 
     /// A checkpoint ran (skipped ones are not counted).
-    pub fn checkpointed(&self, result: Checkpoint) {
+    pub(crate) fn checkpointed(&self, result: Checkpoint) {
         match result {
             Checkpoint::Complete => self.checkpoints_complete.fetch_add(1, Ordering::Relaxed),
             Checkpoint::Partial => self.checkpoints_partial.fetch_add(1, Ordering::Relaxed),
@@ -89,16 +87,16 @@ impl DbMetrics {
     }
 
     /// What is staged in the sidecar and not yet stored.
-    pub fn staged(&self, objects: usize, bytes: u64) {
+    pub(crate) fn staged(&self, objects: usize, bytes: u64) {
         self.staged_objects.store(objects as u64, Ordering::Relaxed);
         self.staged_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// The unix time in milliseconds of the oldest commit not yet stored, or None when
     /// every commit is stored. The database thread works it out (see
-    /// `replicator::LagTracker`) from what it has read, staged and seen stored, so that
+    /// `replicator::lag::LagTracker`) from what it has read, staged and seen stored, so that
     /// lag counts whatever holds a commit back: storage, the sidecar's disk, a pinned WAL.
-    pub fn set_unstored_since(&self, since_ms: Option<u64>) {
+    pub(crate) fn set_unstored_since(&self, since_ms: Option<u64>) {
         // 0 means "nothing unstored"; a real time is never 0.
         let value = since_ms.map_or(0, |ms| ms.max(1));
         self.unstored_since_ms.store(value, Ordering::Relaxed);
@@ -233,10 +231,10 @@ mod tests {
         assert!((3.0..4.0).contains(&lag), "{lag}");
         m.staged(1, 100);
         m.upload_failed(true);
-        m.stored(
-            "a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz",
-            10,
-        );
+        let (_, object) =
+            ObjectName::parse_key("a/wal/0000018f00000000-0000000001-20260101T000000.000Z.wal.gz")
+                .unwrap();
+        m.stored(&object, 10);
         m.set_unstored_since(None);
         assert_eq!(m.lag_seconds(), 0.0);
         assert_eq!(

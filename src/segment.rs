@@ -13,7 +13,8 @@ use std::collections::HashSet;
 use std::fs::File;
 
 use crate::error::Result;
-use crate::spool;
+use crate::gzip;
+use crate::layout::ChainValue;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE};
 
 /// A segment cut into a file.
@@ -24,7 +25,7 @@ pub struct Segment {
     pub end: WalPosition,
     /// The chain value after this segment: its last frame's checksum, which the next
     /// segment's header salts must equal.
-    pub chain: [u32; 2],
+    pub chain: ChainValue,
 }
 
 /// Most frames one cut remembers the page numbers of: 4 bytes each, plus, to pick the last
@@ -67,7 +68,7 @@ const SUPERSEDED_LIMIT: usize = 64 * 1024;
 /// written) are never written. The second pass reads again only the frames kept, checking
 /// their salts (see [`WalReader::reread_frame`]), and compresses them. A frame costs two
 /// reads from the page cache, but compression, by far the larger cost, runs once per page.
-pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option<Segment>> {
+pub fn cut(reader: &mut WalReader, chain: ChainValue, out: &File) -> Result<Option<Segment>> {
     let start = reader.position();
     let frame_len = reader.frame_len();
     let mut frame = vec![0; frame_len];
@@ -95,8 +96,8 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     let keep = remember.then(|| last_versions(&pages[..count]));
 
     let header = *reader.header();
-    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain);
-    let mut writer = WalWriter::new(spool::gzip_into(out, None), fresh)?;
+    let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain.0);
+    let mut writer = WalWriter::new(gzip::encoder(out, None), fresh)?;
     let frame_size = frame_len as u64;
     for i in 0..count {
         if keep.as_ref().is_some_and(|keep| !keep[i]) {
@@ -119,8 +120,8 @@ pub fn cut(reader: &mut WalReader, chain: [u32; 2], out: &File) -> Result<Option
     }
     reader.seek(end);
     let frames = writer.frames();
-    let chain = writer.checksum();
-    spool::finish_gzip(writer.finish()?, "segment")?;
+    let chain = ChainValue(writer.checksum());
+    gzip::finish(writer.finish()?, "segment")?;
     Ok(Some(Segment { frames, end, chain }))
 }
 
@@ -214,7 +215,7 @@ mod tests {
             (n, probe.position().offset, last_commit_size)
         };
         let out = tempfile::tempfile().unwrap();
-        let segment = cut(&mut reader, [1, 2], &out).unwrap().unwrap();
+        let segment = cut(&mut reader, ChainValue([1, 2]), &out).unwrap().unwrap();
         assert!(
             segment.end.offset < live_end,
             "the open transaction spilled"

@@ -5,7 +5,7 @@
 //! - the directory `<name>-<hash of destination and name>/` (64-bit FNV-1a) and its
 //!   `lock`, held (flock) for as long as a walsync replicates this database to this
 //!   destination, so two of them can never interleave segments under one name;
-//! - `position.json`, whose content `replica.rs` defines; an unreadable one is ignored
+//! - `position.json`, whose content `replica/position.rs` defines; an unreadable one is ignored
 //!   (a new generation starts);
 //! - staged objects, `<seq>-<object file name>`, written here before they count as read,
 //!   then uploaded in `seq` order and removed, so a storage outage costs local disk, never

@@ -16,9 +16,10 @@ use rusqlite::Connection;
 
 use crate::database::Database;
 use crate::error::{Context, Error, Result};
+use crate::gzip;
 use crate::layout::ChainValue;
-use crate::progress;
-use crate::spool::{self, NamedSpool};
+use crate::progress::{self, Progress};
+use crate::spool::NamedSpool;
 
 /// How many snapshots are taken at once in this process (see [`crate::gate`]).
 static SNAPSHOTTING: crate::gate::Gate = crate::gate::Gate::new(4);
@@ -28,8 +29,15 @@ const PAGES_PER_STEP: std::os::raw::c_int = 4096;
 
 /// Copy `db` as of its current read transaction (the caller has pinned it) into `out`,
 /// gzipped, with `chain` (the chain value of the segment it is aligned to) in the gzip
-/// header. `scratch` is where the uncompressed copy is made. Returns the database size.
-pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> Result<u64> {
+/// header. `scratch` is where the uncompressed copy is made; `progress` hears how far the copy
+/// and the compression are. Returns the database size.
+pub fn take(
+    db: &Database,
+    scratch: NamedSpool,
+    chain: ChainValue,
+    out: &File,
+    progress: &dyn Progress,
+) -> Result<u64> {
     // A host of databases starting for the first time snapshots them all at once: a few at
     // a time, each with its compressor's few hundred KiB, is as fast and holds far less.
     let _pass = SNAPSHOTTING.enter();
@@ -41,12 +49,12 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
             .connection()?
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .context(context)?;
-        progress::phase("copying");
+        progress.phase("copying");
         // Busy or Locked: the step is simply tried again.
         while backup.step(PAGES_PER_STEP).context(context)? != StepResult::Done {
             let done = backup.progress();
             let pages = done.pagecount.saturating_sub(done.remaining).max(0) as u64;
-            progress::set_bytes(pages * page_size.max(0) as u64);
+            progress.set_bytes(pages * page_size.max(0) as u64);
         }
     }
     let plain = File::open(scratch.path()).context(context)?;
@@ -60,11 +68,15 @@ pub fn take(db: &Database, scratch: NamedSpool, chain: [u32; 2], out: &File) -> 
     // The chain value is the only optional gzip header field walsync writes, so the
     // comment starts at byte 10 of the object, where a shell script can read it
     // (docs/FORMAT.md, "Snapshots").
-    let mut gz = spool::gzip_into(out, Some(ChainValue(chain).comment()));
-    progress::phase("compressing");
-    let mut plain = progress::Reader(BufReader::new(plain));
+    let mut gz = gzip::encoder(out, Some(chain.comment()));
+    progress.phase("compressing");
+    let mut plain = progress::Reader {
+        inner: BufReader::new(plain),
+        progress,
+        done: 0,
+    };
     std::io::copy(&mut plain, &mut gz).context(|| "compressing snapshot")?;
-    spool::finish_gzip(gz, "snapshot")?;
+    gzip::finish(gz, "snapshot")?;
     Ok(db_size)
 }
 
@@ -76,9 +88,9 @@ mod tests {
     fn the_chain_comment_sits_at_byte_ten() {
         let comment = ChainValue([0x0123_abcd, 0xffff_0000]).comment();
         let file = tempfile::tempfile().unwrap();
-        let mut gz = spool::gzip_into(&file, Some(comment.clone()));
+        let mut gz = gzip::encoder(&file, Some(comment.clone()));
         std::io::Write::write_all(&mut gz, b"data").unwrap();
-        spool::finish_gzip(gz, "test").unwrap();
+        gzip::finish(gz, "test").unwrap();
         let mut bytes = Vec::new();
         use std::io::{Read, Seek};
         (&file).rewind().unwrap();

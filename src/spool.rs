@@ -3,61 +3,22 @@
 //! A spool is created in a directory the caller chooses (next to the database, or next to a
 //! restore's output: a small VPS often has `/tmp` on tmpfs, which is memory) and is unlinked
 //! as soon as it is open, so it disappears even if walsync is killed. Objects are gzipped
-//! into a spool and uploaded from it with positional reads.
+//! into a spool ([`crate::gzip`]) and uploaded from it with positional reads.
 //!
 //! Spools hold the database's data, so they are created owner-only (0600, less the umask),
 //! named ones too before SQLite opens them: SQLite would create a missing file 0644 (and
 //! gives its journal the database file's mode).
 
-use std::fs::{File, OpenOptions};
-use std::io::BufWriter;
-use std::os::unix::fs::OpenOptionsExt;
-
-use flate2::write::GzEncoder;
-use flate2::{Compression, GzBuilder};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Mode of scratch files (less the umask).
 const MODE: u32 = 0o600;
-
-/// Compression level of every object (segments and snapshots).
-///
-/// Compression is nearly all of walsync's CPU time under writes (a profile of 50 MiB of
-/// writes shipped: about 80% in deflate, 1% in WAL checksums, the rest mostly the kernel).
-/// Measured with flate2's miniz_oxide backend (release build) on 4 KiB pages, in ms of CPU
-/// per MiB and compression ratio, on rows of word-like text / rows half random bytes:
-/// level 1: 6.4 ms 3.1x / 5.0 ms 2.0x; level 2: 19.5 ms 3.5x / 16 ms 2.0x; level 3: 17.6
-/// ms 4.0x / 17 ms 2.0x; level 6: 68 ms 4.3x / 18 ms 2.0x. The zlib-rs backend was no
-/// better on this data (level 1: 6.1 ms 2.7x / 7.8 ms 1.9x; level 3: 32 ms 3.7x). Level 1
-/// is the only level with miniz_oxide's fast matcher: a third of the CPU of level 3, for
-/// about 30% more bytes on text and the same on data that hardly compresses.
-pub const GZIP_LEVEL: u32 = 1;
-
-/// A gzip stream into `out`, buffered, with `comment` in its header when given (a
-/// snapshot's chain value): how every object is written into its file.
-pub fn gzip_into(out: &File, comment: Option<String>) -> GzEncoder<BufWriter<&File>> {
-    let builder = match comment {
-        Some(comment) => GzBuilder::new().comment(comment),
-        None => GzBuilder::new(),
-    };
-    builder.write(BufWriter::new(out), Compression::new(GZIP_LEVEL))
-}
-
-/// End a stream of [`gzip_into`] and write out what is buffered; `what` names the object
-/// (`segment`, `snapshot`) in errors.
-pub fn finish_gzip(gz: GzEncoder<BufWriter<&File>>, what: &str) -> Result<()> {
-    gz.finish()
-        .context(|| format!("compressing {what}"))?
-        .into_inner()
-        .map_err(|e| Error::from(e.into_error()))
-        .context(|| format!("writing {what}"))?;
-    Ok(())
-}
 
 /// A unique path for a scratch file in `dir`, `.walsync-<what>-<pid>-<n>`.
 pub fn unique_path(dir: &Path, what: &str) -> PathBuf {
@@ -68,27 +29,7 @@ pub fn unique_path(dir: &Path, what: &str) -> PathBuf {
 /// Create `path` afresh, read-write and owner-only (0600, less the umask). A leftover (of a
 /// crashed process that had the same pid) is replaced, never reused with whatever mode it had.
 pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
-    create_fresh(path, MODE)
-}
-
-/// Create `path` afresh, read-write, with `mode` (less the umask); a leftover is replaced,
-/// as in [`create_private`].
-pub(crate) fn create_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
-    let create = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-    };
-    match create() {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(path)?;
-            create()
-        }
-        other => other,
-    }
+    crate::files::create_fresh(path, MODE)
 }
 
 /// An anonymous read-write scratch file in `dir`: created, then unlinked at once.

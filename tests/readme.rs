@@ -3,6 +3,8 @@
 //! names `/data`, `/etc`, `/srv` or `/run/service`, and runs it with the real walsync on
 //! `PATH`. The runit and s6 recipes run under a real `runsvdir` and `s6-svscan` (so
 //! `runsv` and `s6-supervise`) where those are installed, as `scripts/test.sh` makes sure.
+//! And the links between the documentation's pages (README.md, CONTRIBUTING.md, docs/):
+//! each reaches a file, and a heading of it, that exist.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -456,4 +458,131 @@ fn the_s6_recipe_runs_under_s6_svscan() {
         stop: &["s6-svscanctl", "-t", "SCAN"],
         stop_signal: None,
     });
+}
+
+/// The Markdown pages of the repository: README.md, CONTRIBUTING.md, CHANGELOG.md and
+/// docs/*.md, as paths relative to the repository.
+fn pages(root: &Path) -> Vec<PathBuf> {
+    let mut pages = Vec::new();
+    for dir in [PathBuf::new(), PathBuf::from("docs")] {
+        for entry in std::fs::read_dir(root.join(&dir)).unwrap() {
+            let name = PathBuf::from(entry.unwrap().file_name());
+            if name.extension().is_some_and(|e| e == "md") {
+                pages.push(dir.join(name));
+            }
+        }
+    }
+    pages.sort();
+    pages
+}
+
+/// The lines of `page` outside fenced code blocks.
+fn prose(page: &str) -> Vec<&str> {
+    let mut fenced = false;
+    page.lines()
+        .filter(|line| {
+            if line.trim_start().starts_with("```") {
+                fenced = !fenced;
+                return false;
+            }
+            !fenced
+        })
+        .collect()
+}
+
+/// The anchors GitHub gives `page`'s headings: the heading's text without its inline code
+/// marks, lower-cased, every character but letters, digits, `-`, `_` and spaces dropped,
+/// spaces made `-`; a repeated anchor gets `-1`, `-2`, ... .
+fn anchors(page: &str) -> std::collections::BTreeSet<String> {
+    let mut anchors = std::collections::BTreeSet::new();
+    for line in prose(page) {
+        let Some(heading) = line.strip_prefix('#') else {
+            continue;
+        };
+        let heading = heading.trim_start_matches('#');
+        if !heading.starts_with(' ') {
+            continue;
+        }
+        let slug: String = heading
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        let mut anchor = slug.clone();
+        let mut n = 0;
+        while !anchors.insert(anchor.clone()) {
+            n += 1;
+            anchor = format!("{slug}-{n}");
+        }
+    }
+    anchors
+}
+
+/// Every inline link target (`[text](target)`) in `page`'s prose.
+fn link_targets(page: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    for line in prose(page) {
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            if let Some(end) = rest.find(')') {
+                targets.push(rest[..end].to_string());
+                rest = &rest[end..];
+            }
+        }
+    }
+    targets
+}
+
+/// The pages moved out of README.md (the benchmarks, contributing, the format) link to one
+/// another: every relative link must reach a file that exists and, with `#anchor`, a
+/// heading of that page.
+#[test]
+fn the_pages_link_to_files_and_headings_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pages = pages(root);
+    for name in [
+        "README.md",
+        "CONTRIBUTING.md",
+        "docs/FORMAT.md",
+        "docs/BENCHMARKS.md",
+    ] {
+        assert!(pages.contains(&PathBuf::from(name)), "{name} is missing");
+    }
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(root.join(page)).unwrap();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = match target.split_once('#') {
+                Some((file, anchor)) => (file, Some(anchor)),
+                None => (target.as_str(), None),
+            };
+            let linked = if file.is_empty() {
+                root.join(page)
+            } else {
+                root.join(page.parent().unwrap()).join(file)
+            };
+            assert!(
+                linked.exists(),
+                "{}: the link {target:?} reaches no file",
+                page.display()
+            );
+            if let Some(anchor) = anchor {
+                let linked_text = std::fs::read_to_string(&linked).unwrap();
+                assert!(
+                    anchors(&linked_text).contains(anchor),
+                    "{}: the link {target:?} reaches no heading of {}",
+                    page.display(),
+                    linked.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} links found");
 }

@@ -16,7 +16,7 @@
 
 use std::io::Write as _;
 
-use walsync::progress;
+use crate::progress;
 use walsync::Result;
 use walsync::UtcTime;
 
@@ -54,7 +54,7 @@ pub fn init(verbose: bool, timestamps: bool) {
                 record.args()
             )
         })
-        // Log lines wipe a progress line first (see walsync::progress).
+        // Log lines wipe a progress line first (see crate::progress).
         .target(env_logger::Target::Pipe(Box::new(progress::LogWriter)))
         .init();
 }

@@ -11,11 +11,11 @@ mod heartbeat;
 mod help;
 mod logging;
 mod metrics_server;
+mod progress;
 mod settings;
 mod supervise;
 
 use heartbeat::Heartbeat;
-use walsync::progress;
 use walsync::storage::{self, Destination, Storage};
 use walsync::unstable as internals;
 use walsync::{Error, ErrorKind, Generation, Options, Replica, Replicator, Result, UtcTime};
@@ -1056,6 +1056,7 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<()> {
     };
     let storage = with_progress(storage, "snapshot", true);
     let mut replica = Replica::open(&cmd.database, storage, &name)?;
+    replica.set_progress(Arc::new(progress::Terminal));
     let key = replica.snapshot();
     progress::finish();
     println!("{}", key?);

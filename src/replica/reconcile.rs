@@ -11,34 +11,37 @@ use crate::sidecar::Staged;
 
 impl Replica {
     /// Whether the tip has been checked against storage (see [`Replica::reconcile`]).
-    pub fn is_reconciled(&self) -> bool {
+    pub(crate) fn is_reconciled(&self) -> bool {
         self.reconciled
     }
 
     /// Check the tip against what storage holds for this name (one LIST, and a GET of its
-    /// `state.json` when ownership is in question), as the module docs say: refuse a name
-    /// another database writes, and start a new generation where storage contradicts the
-    /// tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
+    /// `state.json` when ownership is in question), as the parent module's docs say: refuse
+    /// a name another database writes, and start a new generation where storage contradicts
+    /// the tip. Until this succeeds nothing is uploaded; a storage error leaves it to be tried
     /// again.
-    pub fn reconcile(&mut self) -> Result<()> {
+    pub(crate) fn reconcile(&mut self) -> Result<()> {
         let listing = self.list_own()?;
         self.reconcile_listed(listing)
     }
 
     /// Whether storage held a generation of this name when the replica was reconciled.
-    pub fn had_history(&self) -> bool {
+    pub(crate) fn had_history(&self) -> bool {
         self.newest_stored.is_some()
     }
 
     /// The LIST of [`Replica::reconcile`], for a caller that bounds how many run at once.
-    pub fn list_own(&self) -> Result<Vec<crate::storage::ObjectInfo>> {
+    pub(crate) fn list_own(&self) -> Result<Vec<crate::storage::ObjectInfo>> {
         self.storage
             .list(&format!("{}/", self.name))
             .context(|| format!("{}: listing {}", self.name, self.storage.describe()))
     }
 
     /// [`Replica::reconcile`] from the listing [`Replica::list_own`] took.
-    pub fn reconcile_listed(&mut self, listing: Vec<crate::storage::ObjectInfo>) -> Result<()> {
+    pub(crate) fn reconcile_listed(
+        &mut self,
+        listing: Vec<crate::storage::ObjectInfo>,
+    ) -> Result<()> {
         let mut catalog = layout::Catalog::from_listing(listing);
         let generations = catalog.databases.remove(&self.name).unwrap_or_default();
         let newest = generations.keys().next_back().cloned();

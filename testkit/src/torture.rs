@@ -1747,7 +1747,7 @@ impl<'a> Round<'a> {
     }
 
     /// The time of the newest object staged so far (`time_ms` in the sidecar's
-    /// `position.json`; see `src/replica.rs`).
+    /// `position.json`; see `src/replica/position.rs`).
     fn staged_until(&self) -> Option<UtcTime> {
         for entry in std::fs::read_dir(self.sidecar_root()).ok()?.flatten() {
             let Ok(text) = std::fs::read_to_string(entry.path().join("position.json")) else {

@@ -1,0 +1,208 @@
+//! Rest: what an idle database gives back while its thread sleeps, so that a thousand of
+//! them cost little: the control connection, cached pages, this process's view of the
+//! wal-index and, after [`ONE_CONNECTION_AFTER`] without a commit, the descriptors of a
+//! second connection. The pin stays held throughout (or, for the moment of reopening it,
+//! is judged again as any unguarded pin is): resting never costs a commit.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::pin::Pin;
+use super::Replica;
+use crate::error::{Context, Result};
+use crate::files::FileIdentity;
+
+/// How long a database must have had no commit to read before it rests on one connection
+/// (see [`Replica::rest`]).
+pub const ONE_CONNECTION_AFTER: Duration = Duration::from_secs(30);
+
+/// How long before [`Replica::rest`] closes its connections the database file must have been
+/// left unwritten: longer than the coarsest file-time granularity (2 s, FAT).
+const UNWRITTEN_FOR: Duration = Duration::from_secs(5);
+
+/// The file's identity and its inode change time in nanoseconds (which every write sets to
+/// the current time, and no program can set otherwise).
+fn written(path: &Path) -> Result<(FileIdentity, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
+    let ctime = i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec());
+    Ok((FileIdentity::from_metadata(&m), ctime))
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+impl Replica {
+    /// Free the connections' cached pages: an idle database should cost little memory.
+    pub(super) fn release_memory(&self) {
+        if let Some(control) = &self.control {
+            control.release_memory();
+        }
+        self.pin.release_memory();
+    }
+
+    /// Give back what an idle database need not keep resident: the control connection
+    /// (opened again for the next checkpoint), the pin's cached pages and this process's
+    /// view of the wal-index (see
+    /// [`crate::database::Database::forget_wal_index_pages`]). Called when the database's
+    /// thread goes to sleep. The pin stays: it is what keeps the WAL in place.
+    ///
+    /// Closing the control connection frees no descriptor while the pin holds its lock
+    /// (see [`crate::database::Database::close_in_place`]), so a database quiet for
+    /// [`ONE_CONNECTION_AFTER`] also opens the pin's connection afresh (`rest_alone`):
+    /// from then on it holds three descriptors (database, WAL, `-shm`) and the sidecar lock,
+    /// instead of four and the lock.
+    pub(crate) fn rest(&mut self) {
+        self.control = None;
+        if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
+            if let Err(e) = self.rest_alone() {
+                log::debug!("{}: resting on one connection: {e}", self.name);
+            }
+        }
+        self.release_memory();
+        self.pin.forget_wal_index_pages();
+    }
+
+    /// Close every connection and pin the WAL again on one new connection, if everything
+    /// committed has been read.
+    ///
+    /// For the moment between the close and the new pin, nothing of this process holds the
+    /// database. A commit that lands then is found by the new pin unless, within that same
+    /// moment, it was also checkpointed and then either the WAL restarted over it (new
+    /// salts) or the application's last connection closed and deleted the WAL. So the new
+    /// pin guards as the old one did only if the WAL ends exactly where it ended before,
+    /// with the same salts, and the database file was not written meanwhile (its inode
+    /// change time, which no program can set back, is what it was; and it was old enough
+    /// beforehand that a coarse clock could not hide a write). Otherwise the moment is
+    /// judged as after any unguarded pin ([`Replica::pin_state_now`] and the continuity
+    /// check of the next step), which at worst starts a new generation: nothing is lost.
+    fn rest_alone(&mut self) -> Result<()> {
+        if self.tip.is_none() || self.lost.is_some() || !self.all_read()? {
+            return Ok(()); // something to read or decide first: the next step does it
+        }
+        let before = (self.committed_end()?, written(self.pin.path())?);
+        if before.1 .1 > now_ns() - UNWRITTEN_FOR.as_nanos() as i128 {
+            return Ok(()); // written too recently to tell a write in the gap apart
+        }
+        self.pin.close_in_place()?;
+        #[cfg(test)]
+        if let Some(gap) = self.between_connections.as_mut() {
+            gap();
+        }
+        self.pin.open_again()?;
+        self.pin.pin()?;
+        self.pinned_at = Some(self.wal_look()?);
+        let after = (self.committed_end()?, written(self.pin.path())?);
+        self.pin_state = if after == before {
+            Pin::Guarding
+        } else {
+            log::debug!(
+                "{}: the database changed while resting on one connection",
+                self.name
+            );
+            self.pin_state_now()?
+        };
+        self.alone = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::replica::testing::{restored_and_source_rows, setup, write_now};
+
+    /// Descriptors this process has open on `path`.
+    #[cfg(target_os = "linux")]
+    fn descriptors_of(path: &Path) -> usize {
+        let path = std::fs::canonicalize(path).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| *target == path)
+            .count()
+    }
+
+    /// Rest on one connection once the database file is old enough (see `UNWRITTEN_FOR`).
+    fn rest_alone_when_allowed(replica: &mut Replica) {
+        replica.set_one_connection_after(Duration::ZERO);
+        let deadline = Instant::now() + UNWRITTEN_FOR + Duration::from_secs(5);
+        while !replica.alone {
+            assert!(Instant::now() < deadline, "never rested on one connection");
+            replica.rest();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A quiet database holds one connection's descriptors (closing the control connection
+    /// alone frees none: SQLite keeps its descriptor while the pin holds a lock), and the
+    /// next commit still ships.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_quiet_database_rests_on_one_connection_and_still_ships() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        drop(app);
+        let db = dir.path().join("app.db");
+        replica.checkpoint().unwrap(); // opens the control connection
+        replica.rest();
+        // The control connection's (and the application's, closed above) are kept by SQLite.
+        assert!(descriptors_of(&db) >= 2);
+        rest_alone_when_allowed(&mut replica);
+        assert_eq!(descriptors_of(&db), 1);
+        assert_eq!(descriptors_of(&dir.path().join("app.db-wal")), 1);
+        let app = Connection::open(&db).unwrap();
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (2, 2));
+    }
+
+    /// The worst moment to commit: while a resting database has no connection, the
+    /// application commits, checkpoints everything and closes, so the WAL is deleted and
+    /// looks as it did before (no commits). The change time of the database file tells,
+    /// and the commit reaches storage.
+    #[test]
+    fn a_commit_checkpointed_away_while_walsync_has_no_connection_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        drop(app);
+        let db = dir.path().join("app.db");
+        let wal = dir.path().join("app.db-wal");
+        // Nothing in the WAL to begin with, as after the application's last close: the
+        // WAL looks the same before and after the gap.
+        replica.settle().unwrap();
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        replica.set_one_connection_after(Duration::ZERO);
+        let gap_db = db.clone();
+        replica.between_connections = Some(Box::new(move || {
+            let app = Connection::open(&gap_db).unwrap();
+            app.execute_batch("INSERT INTO t VALUES (2); PRAGMA wal_checkpoint(TRUNCATE);")
+                .unwrap();
+            drop(app);
+        }));
+        std::thread::sleep(UNWRITTEN_FOR + Duration::from_millis(500));
+        replica.rest();
+        assert!(replica.alone);
+        assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
+        replica.between_connections = None;
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!(
+            (restored, source),
+            (2, 2),
+            "the commit made in the gap is stored"
+        );
+    }
+}
