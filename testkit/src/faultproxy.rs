@@ -11,8 +11,9 @@
 //! - pass it through;
 //! - reset the connection (RST), either before the request reaches the server or after the
 //!   server has answered (so the server did the work but the client never hears of it);
-//! - stall: hold the connection without answering for [`FaultProxy::stall`] (longer than
-//!   the client's read timeout), either before forwarding or after the server answered.
+//! - stall: hold the connection without answering for the `stall` given to
+//!   [`FaultProxy::start`] (longer than the client's read timeout), either before forwarding
+//!   or after the server answered.
 //!
 //! The proxy and the server draw independently, so with a mix of both parts a request the
 //! server spoiled can also be reset or stalled on its way back; each counts what it did.

@@ -24,6 +24,10 @@
 //! [`walsync_command`]: only the test build knows where the binary is
 //! (`CARGO_BIN_EXE_walsync`), so the kit takes its path.
 
+// The kit's documentation is for reading its source: it names private steps (the harness's
+// `Round::chaos_*`) as freely as public ones.
+#![allow(rustdoc::private_intra_doc_links)]
+
 use std::path::Path;
 use std::process::Command;
 
