@@ -2,7 +2,9 @@
 //! past either, unlike permission bits), or to give a file to another user. CI runs as
 //! root, so there they run; elsewhere a test that needs root starts with
 //! [`needs_root!`](needs_root), which skips it, loudly: a plain `cargo test` as another user
-//! passes, and says on its terminal which tests it did not run and why.
+//! passes, and says on its terminal which tests it did not run and why. Under CI (the `CI`
+//! variable set, as `.ci/run` has it) a test that needs root fails instead: a CI that is not
+//! root by mistake must not pass by skipping.
 
 use std::io::Write as _;
 
@@ -26,6 +28,11 @@ pub fn say_skipped(what: &str) {
 macro_rules! needs_root {
     ($why:expr) => {
         if !$crate::common::root::is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "needs root ({}), and CI must run every test: run it as root",
+                $why
+            );
             $crate::common::root::say_skipped(&format!("needs root ({})", $why));
             return;
         }
