@@ -90,8 +90,11 @@ fn the_defaults_are_the_ones_the_code_uses() {
         walsync::unstable::parse_duration(RETENTION.default.unwrap()).unwrap(),
         options.retention
     );
-    assert_eq!(seconds(&SHUTDOWN_TIMEOUT), crate::SHUTDOWN_TIMEOUT);
-    assert_eq!(seconds(&HEARTBEAT_INTERVAL), crate::HEARTBEAT_INTERVAL);
+    assert_eq!(seconds(&SHUTDOWN_TIMEOUT), crate::watch::SHUTDOWN_TIMEOUT);
+    assert_eq!(
+        seconds(&HEARTBEAT_INTERVAL),
+        crate::watch::HEARTBEAT_INTERVAL
+    );
     assert_eq!(
         HEARTBEAT_MAX_LAG.default.unwrap(),
         format!(
