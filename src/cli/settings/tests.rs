@@ -104,7 +104,7 @@ fn the_defaults_are_the_ones_the_code_uses() {
         )
     );
     assert_eq!(
-        crate::parse_mode(MODE.default.unwrap()).unwrap(),
+        crate::commands::parse_mode(MODE.default.unwrap()).unwrap(),
         walsync::unstable::DEFAULT_MODE
     );
     let restore = ["restore", "app", "-o", "out.db"];
