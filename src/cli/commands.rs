@@ -13,8 +13,8 @@ use walsync::unstable as internals;
 use walsync::{Error, ErrorKind, Generation, Replica, Result, UtcTime};
 use walsync::{RestoreOptions, RestorePlan};
 
+use crate::args::{retention_setting, ListCmd, PruneCmd, RestoreCmd, SnapshotCmd, StatusCmd};
 use crate::{progress, settings, LOG_TARGET};
-use crate::{retention_setting, ListCmd, PruneCmd, RestoreCmd, SnapshotCmd, StatusCmd};
 
 /// `walsync restore`.
 pub fn restore_command(cmd: RestoreCmd) -> Result<()> {

@@ -1,12 +1,16 @@
 //! The `walsync` command line: a thin layer over the library.
+//!
+//! This file is the entry: it tunes memory before SQLite starts, parses the arguments
+//! (answering `--help`, `--version` and `walsync help` itself), starts logging, runs the
+//! command and turns its error's kind into the exit status, one table for every command.
+//! What the command line accepts is in `args.rs`; `watch.rs` runs `watch`, the one
+//! long-running command, and `commands.rs` the one-shot ones.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use argh::FromArgs;
 
+mod args;
 mod commands;
 mod heartbeat;
 mod help;
@@ -17,16 +21,8 @@ mod settings;
 mod supervise;
 mod watch;
 
-use walsync::storage::{self, Destination, Storage};
-use walsync::unstable as internals;
-use walsync::{Error, ErrorKind, Result};
-
-/// The placeholder for the version in the top-level help (argh takes only literals there).
-const VERSION_PLACEHOLDER: &str = "walsync VERSION";
-
-/// The placeholder for prune's rule in `walsync prune --help`: the text is
-/// [`help::PRUNE_RULE`], which `walsync help prune` shows too.
-const PRUNE_RULE_PLACEHOLDER: &str = "PRUNE_RULE";
+use args::{Cli, Command};
+use walsync::{ErrorKind, Result};
 
 /// Exit status of a command-line usage error (bad flags included).
 const USAGE: u8 = 2;
@@ -35,287 +31,6 @@ const USAGE: u8 = 2;
 /// binary's name, not the module that says it. The lines read as walsync's own, and a
 /// `RUST_LOG` filter written for them keeps working whichever file the code is in.
 const LOG_TARGET: &str = "walsync";
-
-/// walsync VERSION: back up SQLite databases in WAL mode to S3-compatible storage, and
-/// restore them.
-#[derive(FromArgs)]
-#[argh(
-    note = "Each command's settings may also come from WALSYNC_* variables (see its\n\
-            --help); a flag always wins. Credentials come from AWS_ACCESS_KEY_ID,\n\
-            AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN and AWS_REGION. walsync help\n\
-            COMMAND shows a command's manual page.",
-    error_code(
-        0,
-        "success, also when --if-db-not-exists or --if-replica-exists had nothing to do"
-    ),
-    error_code(
-        1,
-        "any other error (local I/O, SQLite, an unexpected storage response)"
-    ),
-    error_code(
-        2,
-        "usage: bad flags or values, a missing setting, or input the command refuses"
-    ),
-    error_code(
-        3,
-        "not found: no such replica, generation or backup, or a missing database file"
-    ),
-    error_code(4, "corrupt or unverifiable backup data"),
-    error_code(
-        5,
-        "storage unreachable, credentials refused, or storage errors that outlasted retries"
-    )
-)]
-struct Cli {
-    /// setting:verbose
-    #[argh(switch, short = 'v')]
-    verbose: bool,
-    /// setting:no-log-timestamps
-    #[argh(switch)]
-    no_log_timestamps: bool,
-    /// setting:version
-    #[argh(switch)]
-    version: bool,
-    #[argh(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(FromArgs)]
-#[argh(subcommand)]
-enum Command {
-    Watch(WatchCmd),
-    Snapshot(SnapshotCmd),
-    List(ListCmd),
-    Status(StatusCmd),
-    Restore(RestoreCmd),
-    Prune(PruneCmd),
-}
-
-impl Command {
-    /// `-v` and `--no-log-timestamps` as given after the command.
-    fn logging(&self) -> (bool, bool) {
-        match self {
-            Command::Watch(cmd) => cmd.logging(),
-            Command::Snapshot(cmd) => cmd.logging(),
-            Command::List(cmd) => cmd.logging(),
-            Command::Status(cmd) => cmd.logging(),
-            Command::Restore(cmd) => cmd.logging(),
-            Command::Prune(cmd) => cmd.logging(),
-        }
-    }
-}
-
-/// Declares a subcommand whose options include the destination's, `-b`, `--endpoint` and
-/// `--s3-timeout`, and the logging switches `-v` and `--no-log-timestamps` (so they work
-/// after the command too, as people type them); argh has no flattening, so they are
-/// written once here rather than in every command. Gives the command [`StorageArgs`]
-/// through `destination()`.
-macro_rules! with_destination {
-    (
-        $(#[$meta:meta])*
-        struct $name:ident {
-            $($fields:tt)*
-        }
-    ) => {
-        $(#[$meta])*
-        struct $name {
-            // As raw tokens: argh reads each field's type by its spelling (`bool` makes a
-            // switch), which a `ty` fragment would hide.
-            $($fields)*
-            /// setting:bucket
-            #[argh(option, short = 'b')]
-            bucket: Option<String>,
-            /// setting:endpoint
-            #[argh(option)]
-            endpoint: Option<String>,
-            /// setting:s3-timeout
-            #[argh(option)]
-            s3_timeout: Option<f64>,
-            /// setting:verbose
-            #[argh(switch, short = 'v')]
-            verbose: bool,
-            /// setting:no-log-timestamps
-            #[argh(switch)]
-            no_log_timestamps: bool,
-        }
-
-        impl $name {
-            /// `-v` and `--no-log-timestamps`, given after the command.
-            fn logging(&self) -> (bool, bool) {
-                (self.verbose, self.no_log_timestamps)
-            }
-
-            /// Where this command's replica is and how to reach it, from the flags or the
-            /// WALSYNC_* variables.
-            fn destination(&self) -> Result<StorageArgs> {
-                StorageArgs::lower(self.bucket.clone(), self.endpoint.clone(), self.s3_timeout)
-            }
-        }
-    };
-}
-
-with_destination! {
-    /// Replicate databases continuously until SIGTERM or SIGINT.
-    #[derive(FromArgs)]
-    #[argh(subcommand, name = "watch", note = "Exit codes: see walsync --help.")]
-    struct WatchCmd {
-        /// setting:databases
-        #[argh(positional)]
-        databases: Vec<String>,
-        /// setting:dir
-        #[argh(option)]
-        dir: Vec<PathBuf>,
-        /// setting:pattern
-        #[argh(option)]
-        pattern: Option<String>,
-        /// setting:recursive
-        #[argh(switch)]
-        recursive: bool,
-        /// setting:snapshot-interval
-        #[argh(option)]
-        snapshot_interval: Option<f64>,
-        /// setting:min-interval
-        #[argh(option)]
-        min_interval: Option<f64>,
-        /// setting:upload-workers
-        #[argh(option)]
-        upload_workers: Option<usize>,
-        /// setting:poll
-        #[argh(switch)]
-        poll: bool,
-        /// setting:shutdown-timeout
-        #[argh(option)]
-        shutdown_timeout: Option<f64>,
-        /// setting:staging-limit
-        #[argh(option)]
-        staging_limit: Option<u64>,
-        /// setting:retention
-        #[argh(option)]
-        retention: Option<String>,
-        /// setting:exec
-        #[argh(option)]
-        exec: Option<String>,
-        /// setting:metrics-addr
-        #[argh(option)]
-        metrics_addr: Option<String>,
-        /// setting:heartbeat-url
-        #[argh(option)]
-        heartbeat_url: Option<String>,
-        /// setting:heartbeat-interval
-        #[argh(option)]
-        heartbeat_interval: Option<f64>,
-        /// setting:heartbeat-max-lag
-        #[argh(option)]
-        heartbeat_max_lag: Option<f64>,
-    }
-}
-
-with_destination! {
-    /// Store a full snapshot of a database now (starting a generation if it has none).
-    #[derive(FromArgs)]
-    #[argh(
-        subcommand,
-        name = "snapshot",
-        note = "Exit codes: see walsync --help."
-    )]
-    struct SnapshotCmd {
-        /// setting:database
-        #[argh(positional)]
-        database: PathBuf,
-        /// setting:name
-        #[argh(option)]
-        name: Option<String>,
-    }
-}
-
-with_destination! {
-    /// List the databases backed up under a destination.
-    #[derive(FromArgs)]
-    #[argh(subcommand, name = "list", note = "Exit codes: see walsync --help.")]
-    struct ListCmd {
-        /// setting:json
-        #[argh(switch)]
-        json: bool,
-    }
-}
-
-with_destination! {
-    /// Show how fresh each replica is: its newest stored commit and that commit's age.
-    #[derive(FromArgs)]
-    #[argh(
-        subcommand,
-        name = "status",
-        note = "One LIST, no GETs. Exit codes: see walsync --help (3 if a NAME has no replica)."
-    )]
-    struct StatusCmd {
-        /// setting:names
-        #[argh(positional)]
-        names: Vec<String>,
-        /// setting:json
-        #[argh(switch)]
-        json: bool,
-    }
-}
-
-with_destination! {
-    /// Restore a database from its replica.
-    #[derive(FromArgs)]
-    #[argh(subcommand, name = "restore", note = "Exit codes: see walsync --help.")]
-    struct RestoreCmd {
-        /// setting:restore-name
-        #[argh(positional)]
-        name: String,
-        /// setting:output
-        #[argh(option, short = 'o')]
-        output: PathBuf,
-        /// setting:point-in-time
-        #[argh(option)]
-        point_in_time: Option<String>,
-        /// setting:generation
-        #[argh(option)]
-        generation: Option<String>,
-        /// setting:force
-        #[argh(switch)]
-        force: bool,
-        /// setting:if-db-not-exists
-        #[argh(switch)]
-        if_db_not_exists: bool,
-        /// setting:if-replica-exists
-        #[argh(switch)]
-        if_replica_exists: bool,
-        /// setting:restore-dry-run
-        #[argh(switch)]
-        dry_run: bool,
-        /// setting:parallel
-        #[argh(option, default = "4")]
-        parallel: usize,
-        /// setting:mode
-        #[argh(option)]
-        mode: Option<String>,
-    }
-}
-
-with_destination! {
-    /// Delete the backups no restore inside the retention window needs.
-    #[derive(FromArgs)]
-    #[argh(
-        subcommand,
-        name = "prune",
-        note = "PRUNE_RULE\n\
-                Exit codes: see walsync --help (3 if a NAME has no replica)."
-    )]
-    struct PruneCmd {
-        /// setting:names
-        #[argh(positional)]
-        names: Vec<String>,
-        /// setting:prune-retention
-        #[argh(option)]
-        retention: Option<String>,
-        /// setting:prune-dry-run
-        #[argh(switch)]
-        dry_run: bool,
-    }
-}
 
 /// Process-wide memory settings, made before anything else runs. walsync keeps two SQLite
 /// connections and one thread per database, so per-connection and per-thread overheads,
@@ -412,8 +127,8 @@ fn parse_args() -> std::result::Result<Cli, ExitCode> {
             println!(
                 "{}",
                 settings::render_help(&exit.output)
-                    .replace(VERSION_PLACEHOLDER, &version)
-                    .replace(PRUNE_RULE_PLACEHOLDER, help::PRUNE_RULE)
+                    .replace(args::VERSION_PLACEHOLDER, &version)
+                    .replace(args::PRUNE_RULE_PLACEHOLDER, help::PRUNE_RULE)
             );
             ExitCode::SUCCESS
         }
@@ -451,89 +166,6 @@ fn help_command(args: &[&str]) -> ExitCode {
             eprintln!("walsync: error: walsync help takes at most one command");
             ExitCode::from(USAGE)
         }
-    }
-}
-
-/// Where a replica is and how to reach it: the settings every command shares, from flags
-/// or from WALSYNC_BUCKET, WALSYNC_ENDPOINT and WALSYNC_S3_TIMEOUT.
-struct StorageArgs {
-    bucket: String,
-    endpoint: Option<String>,
-    s3_timeout: Duration,
-    /// A `file://` directory must exist (see [`StorageArgs::existing`]).
-    must_exist: bool,
-}
-
-impl StorageArgs {
-    /// The settings from the flags given, else from their variables.
-    fn lower(
-        bucket: Option<String>,
-        endpoint: Option<String>,
-        s3_timeout: Option<f64>,
-    ) -> Result<StorageArgs> {
-        let bucket = settings::BUCKET
-            .read(bucket)?
-            .map(|(bucket, _)| bucket)
-            .ok_or_else(|| {
-                Error::invalid(
-                    "no destination: pass -b s3://bucket/prefix (or file:///dir), \
-                     or set WALSYNC_BUCKET",
-                )
-            })?;
-        let endpoint = settings::ENDPOINT
-            .read(endpoint)?
-            .map(|(endpoint, _)| endpoint);
-        let s3_timeout =
-            settings::S3_TIMEOUT.seconds(s3_timeout, storage::s3::DEFAULT_TIMEOUT, false)?;
-        Ok(StorageArgs {
-            bucket,
-            endpoint,
-            s3_timeout,
-            must_exist: false,
-        })
-    }
-
-    /// The destination (as given) and its storage.
-    fn open(self) -> Result<(String, Arc<dyn Storage>)> {
-        let bucket = self.bucket;
-        let dest = Destination::parse(&bucket)?;
-        if let (Destination::File { root }, true) = (&dest, self.must_exist) {
-            if !root.is_dir() {
-                return Err(Error::not_found(format!(
-                    "{bucket}: the directory {} does not exist (walsync watch and snapshot \
-                     create it; check the path)",
-                    root.display()
-                )));
-            }
-        }
-        let storage = storage::open_with_timeout(&dest, self.endpoint.as_deref(), self.s3_timeout)?;
-        Ok((bucket, Arc::from(storage)))
-    }
-
-    /// For commands that only read or delete: a `file://` destination whose directory is
-    /// missing is an error (not found), not an empty replica, so a mistyped path is not
-    /// reported as "no replicas".
-    fn existing(mut self) -> Self {
-        self.must_exist = true;
-        self
-    }
-}
-
-/// The retention from `--retention` or WALSYNC_RETENTION (None if neither is given). A
-/// variable that does not parse is named, never quoted.
-fn retention_setting(
-    setting: &settings::Setting,
-    flag: Option<String>,
-) -> Result<Option<Duration>> {
-    let Some((text, from)) = setting.read(flag)? else {
-        return Ok(None);
-    };
-    match internals::parse_duration(&text) {
-        Ok(duration) => Ok(Some(duration)),
-        Err(e) if Some(from) != setting.var => Err(e.with_context(from)),
-        Err(_) => Err(Error::invalid(format!(
-            "{from} must be a duration such as 24h, 90m, 7d or 3600s (0 keeps everything)"
-        ))),
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 use walsync::unstable as internals;
 use walsync::{Error, Options, Replicator, Result, WatchMode};
 
+use crate::args::{retention_setting, StorageArgs, WatchCmd};
 use crate::heartbeat::{self, Heartbeat};
 use crate::{metrics_server, settings, supervise, LOG_TARGET};
-use crate::{retention_setting, StorageArgs, WatchCmd};
 
 /// `walsync watch`'s settings, lowered from its flags and WALSYNC_* variables before
 /// anything starts: a bad value is a usage error with nothing done yet.

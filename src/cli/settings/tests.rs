@@ -47,7 +47,7 @@ fn rows(command: Commands) -> impl Iterator<Item = &'static Setting> {
 
 /// argh's `--help` output for `args`, before rendering.
 fn argh_help(args: &[&str]) -> String {
-    match crate::Cli::from_args(&["walsync"], args) {
+    match crate::args::Cli::from_args(&["walsync"], args) {
         Err(exit) if exit.status.is_ok() => exit.output,
         _ => panic!("{args:?} gave no help"),
     }
@@ -108,9 +108,10 @@ fn the_defaults_are_the_ones_the_code_uses() {
         walsync::unstable::DEFAULT_MODE
     );
     let restore = ["restore", "app", "-o", "out.db"];
-    let Some(crate::Command::Restore(cmd)) = crate::Cli::from_args(&["walsync"], &restore)
-        .unwrap()
-        .command
+    let Some(crate::args::Command::Restore(cmd)) =
+        crate::args::Cli::from_args(&["walsync"], &restore)
+            .unwrap()
+            .command
     else {
         panic!("not a restore");
     };
