@@ -33,7 +33,7 @@ macro_rules! storage_options {
 }
 
 /// What `walsync prune` keeps and deletes: the DESCRIPTION of `walsync help prune` and the
-/// note of `walsync prune --help` (see `main.rs`), so the two say one rule.
+/// note of `walsync prune --help` (see `args.rs`), so the two say one rule.
 macro_rules! prune_rule {
     () => {
         "For each database (every one under the destination, or those named), with

@@ -2,11 +2,12 @@
 //! each one's flag, variable, kind, default and help text.
 //!
 //! - `walsync COMMAND --help` takes its flag descriptions from here: the argh structs in
-//!   `main.rs` carry only a placeholder, `setting:ID`, which [`render_help`] replaces with the
+//!   `args.rs` carry only a placeholder, `setting:ID`, which [`render_help`] replaces with the
 //!   help text, the default and the variable.
 //! - The values are read through here ([`Setting::read`], [`Setting::switch`] and the
 //!   typed helpers), so a flag's name, its variable and what it must be are not written again
-//!   where it is read; `main.rs` lowers them into typed settings before any work starts.
+//!   where it is read; `watch.rs` and `commands.rs` (with what they share in `args.rs`) lower
+//!   them into typed settings before any work starts.
 //! - The tests (`settings/tests.rs`) check the manual pages (`src/cli/help.rs`) and README's table of settings
 //!   against this table: a flag, variable or default they name that it lacks, or one it has
 //!   that they miss, fails them.
@@ -53,7 +54,7 @@ pub enum Kind {
 /// One flag or positional argument, and its variable.
 #[derive(Debug)]
 pub struct Setting {
-    /// Its name in main.rs's argh structs (`setting:ID`); unique.
+    /// Its name in args.rs's argh structs (`setting:ID`); unique.
     pub id: &'static str,
     /// The flag (`--min-interval`); a positional argument's name as the pages write it
     /// (`DB`); empty for a variable without a flag.
@@ -632,7 +633,7 @@ impl Setting {
     }
 }
 
-/// What the argh structs in main.rs have for a description: `setting:ID` (argh wants
+/// What the argh structs in args.rs have for a description: `setting:ID` (argh wants
 /// descriptions to start with a lowercase letter).
 const PLACEHOLDER: &str = "setting:";
 

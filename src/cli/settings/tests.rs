@@ -47,7 +47,7 @@ fn rows(command: Commands) -> impl Iterator<Item = &'static Setting> {
 
 /// argh's `--help` output for `args`, before rendering.
 fn argh_help(args: &[&str]) -> String {
-    match crate::Cli::from_args(&["walsync"], args) {
+    match crate::args::Cli::from_args(&["walsync"], args) {
         Err(exit) if exit.status.is_ok() => exit.output,
         _ => panic!("{args:?} gave no help"),
     }
@@ -90,8 +90,11 @@ fn the_defaults_are_the_ones_the_code_uses() {
         walsync::unstable::parse_duration(RETENTION.default.unwrap()).unwrap(),
         options.retention
     );
-    assert_eq!(seconds(&SHUTDOWN_TIMEOUT), crate::SHUTDOWN_TIMEOUT);
-    assert_eq!(seconds(&HEARTBEAT_INTERVAL), crate::HEARTBEAT_INTERVAL);
+    assert_eq!(seconds(&SHUTDOWN_TIMEOUT), crate::watch::SHUTDOWN_TIMEOUT);
+    assert_eq!(
+        seconds(&HEARTBEAT_INTERVAL),
+        crate::watch::HEARTBEAT_INTERVAL
+    );
     assert_eq!(
         HEARTBEAT_MAX_LAG.default.unwrap(),
         format!(
@@ -101,13 +104,14 @@ fn the_defaults_are_the_ones_the_code_uses() {
         )
     );
     assert_eq!(
-        crate::parse_mode(MODE.default.unwrap()).unwrap(),
+        crate::commands::parse_mode(MODE.default.unwrap()).unwrap(),
         walsync::unstable::DEFAULT_MODE
     );
     let restore = ["restore", "app", "-o", "out.db"];
-    let Some(crate::Command::Restore(cmd)) = crate::Cli::from_args(&["walsync"], &restore)
-        .unwrap()
-        .command
+    let Some(crate::args::Command::Restore(cmd)) =
+        crate::args::Cli::from_args(&["walsync"], &restore)
+            .unwrap()
+            .command
     else {
         panic!("not a restore");
     };
