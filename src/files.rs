@@ -43,7 +43,7 @@ impl FileIdentity {
         match FileIdentity::of(path) {
             Ok(identity) => Some(identity),
             Err(err) => {
-                if err.kind() != crate::ErrorKind::NotFound {
+                if err.kind() != crate::error::ErrorKind::NotFound {
                     log::debug!("cannot stat {}: {err}", path.display());
                 }
                 None

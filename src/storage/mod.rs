@@ -47,7 +47,7 @@ pub trait Storage: Send + Sync {
     fn put_file(&self, key: &str, file: &File) -> Result<()>;
 
     /// Write the content of `key` to `out`, returning the number of bytes written.
-    /// A missing key is an error of kind [`crate::ErrorKind::NotFound`].
+    /// A missing key is an error of kind [`crate::error::ErrorKind::NotFound`].
     fn get(&self, key: &str, out: &mut dyn Write) -> Result<u64>;
 
     /// Every object whose key starts with `prefix`, in ascending key order.

@@ -345,6 +345,22 @@ impl WatchProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
+
+    /// [`wait_for`], with walsync's log (and whether it is still running) in the panic
+    /// message: what the application under `--exec` said, or why it never started.
+    pub fn wait_for(&mut self, timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !check() {
+            if std::time::Instant::now() >= deadline {
+                let status = self.child.try_wait();
+                panic!(
+                    "timed out waiting for {what} (walsync: {status:?}); its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for WatchProcess {
