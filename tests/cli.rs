@@ -525,7 +525,7 @@ fn generation_picks_an_older_generation_and_refuses_an_unknown_one() {
 fn storage_settings_come_from_the_environment_and_flags_win() {
     let r = FileReplica::new();
     let elsewhere = format!("file://{}", r.out("elsewhere").display());
-    // An empty destination (a missing directory is an error: see ops.rs).
+    // An empty destination (a missing directory is an error: see cli_rules.rs).
     std::fs::create_dir(r.out("elsewhere")).unwrap();
     // WALSYNC_BUCKET instead of -b.
     let (stdout, _) = succeeds(&["list"], &env(&[("WALSYNC_BUCKET", &r.dest)]));

@@ -7,7 +7,9 @@
 //! `common/` keeps what only this binary can have: the path of the `walsync` it was built
 //! with, and its one logger.
 //!
-//! Run one module with `cargo test --test tests durability::` (or any name filter).
+//! Run one module with `cargo test --test tests durability::` (or any name filter). The larger
+//! modules keep their rooms in a directory beside them (`storage.rs` and `storage/`), so
+//! `storage::` still runs every storage test, and `storage::credentials::` one room of them.
 
 mod common;
 
