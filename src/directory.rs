@@ -44,7 +44,8 @@ use std::time::Duration;
 pub use crate::glob::Pattern;
 
 use crate::error::{Error, Result};
-use crate::watcher::{WatchId, Watcher};
+use crate::replicator::Core;
+use crate::watcher::WatchId;
 
 /// How often, while removed databases are still leaving, to look for those that left: a
 /// database waiting for one of them (the same file moved back, a new file at its path) is
@@ -194,24 +195,6 @@ enum Message {
     Stop,
 }
 
-/// What a directory watch asks of the replicator it feeds (`replicator::Core` implements
-/// it): this module sits below the replicator and knows it only through these few calls.
-pub(crate) trait Host: Send + Sync {
-    /// The watcher the replicator's databases share; directories are watched on it too.
-    fn watcher(&self) -> &Watcher;
-    /// How often a directory is scanned again (`polling`: its watcher reports nothing for
-    /// directories, so scans are all there is).
-    fn rescan_interval(&self, polling: bool) -> Duration;
-    /// An error if `name` or the file at `canonical` is replicated already.
-    fn check_free(&self, name: &str, canonical: &Path) -> Result<()>;
-    /// Replicate the database at `path` under `name`, found in a watched directory.
-    fn add(&self, path: &Path, name: &str) -> Result<()>;
-    /// Stop replicating `name` once it has shipped what it staged, without waiting.
-    fn remove_later(&self, name: &str) -> Result<()>;
-    /// Join the removed databases that are done; how many were.
-    fn reap(&self) -> usize;
-}
-
 /// A directory being watched: its thread, and how to stop it.
 pub(crate) struct DirectoryWatch {
     messages: Sender<Message>,
@@ -221,7 +204,7 @@ pub(crate) struct DirectoryWatch {
 impl DirectoryWatch {
     /// Scan `spec`'s directory (adding what is there), then keep watching it on a thread
     /// of its own.
-    pub(crate) fn start(core: Arc<dyn Host>, spec: DirectorySpec) -> Result<DirectoryWatch> {
+    pub(crate) fn start(core: Arc<Core>, spec: DirectorySpec) -> Result<DirectoryWatch> {
         let root = std::fs::canonicalize(&spec.dir).map_err(|e| {
             Error::from(e).with_context(format!("watching directory {}", spec.dir.display()))
         })?;
@@ -233,7 +216,12 @@ impl DirectoryWatch {
         }
         let (messages, inbox) = mpsc::channel();
         let polling = core.watcher().backend() == "poll";
-        let rescan = core.rescan_interval(polling);
+        let options = core.options();
+        let rescan = if polling {
+            options.poll_interval
+        } else {
+            options.safety_interval
+        };
         let mut scanner = Scanner {
             core,
             root,
@@ -278,7 +266,7 @@ impl DirectoryWatch {
 
 /// The state of one watched directory tree.
 struct Scanner {
-    core: Arc<dyn Host>,
+    core: Arc<Core>,
     /// The watched directory, canonical.
     root: PathBuf,
     spec: DirectorySpec,
@@ -503,7 +491,7 @@ impl Scanner {
                 )
             }
         }
-        match self.core.add(path, &name) {
+        match self.core.add(path, &name, true) {
             Ok(()) => {
                 log::info!("watching {} as {name}", path.display());
                 if self.skipped.remove(path).is_some() {

@@ -41,7 +41,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::directory::{self, DirectorySpec, DirectoryWatch};
+use crate::directory::{DirectorySpec, DirectoryWatch};
 use crate::error::{Error, Result};
 use crate::metrics::DbMetrics;
 use crate::replica::{self, Replica};
@@ -258,8 +258,7 @@ impl Replicator {
     /// returning (so what is there is replicated, or warned about, by then); an error if
     /// the directory cannot be read.
     pub fn watch_directory(&self, spec: DirectorySpec) -> Result<()> {
-        let watch =
-            DirectoryWatch::start(Arc::clone(&self.core) as Arc<dyn directory::Host>, spec)?;
+        let watch = DirectoryWatch::start(Arc::clone(&self.core), spec)?;
         lock(&self.directories).push(watch);
         Ok(())
     }
@@ -589,6 +588,14 @@ impl Core {
         lock(&self.databases).leaving.len()
     }
 
+    pub(crate) fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
+    }
+
     /// `f` of each active database, in the order they were added.
     fn in_order<T>(&self, f: impl Fn(&DbThread) -> T) -> Vec<T> {
         let databases = lock(&self.databases);
@@ -613,35 +620,4 @@ fn thread_stopped(name: &str) -> Error {
         crate::ErrorKind::Other,
         format!("{name}: replication thread stopped"),
     )
-}
-
-/// A directory watch adds and removes databases through the core, as the handle does.
-impl directory::Host for Core {
-    fn watcher(&self) -> &Watcher {
-        &self.watcher
-    }
-
-    fn rescan_interval(&self, polling: bool) -> Duration {
-        if polling {
-            self.options.poll_interval
-        } else {
-            self.options.safety_interval
-        }
-    }
-
-    fn check_free(&self, name: &str, canonical: &Path) -> Result<()> {
-        Core::check_free(self, name, canonical)
-    }
-
-    fn add(&self, path: &Path, name: &str) -> Result<()> {
-        Core::add(self, path, name, true)
-    }
-
-    fn remove_later(&self, name: &str) -> Result<()> {
-        Core::remove_later(self, name)
-    }
-
-    fn reap(&self) -> usize {
-        Core::reap(self)
-    }
 }
