@@ -44,7 +44,7 @@ use std::time::Duration;
 pub use crate::glob::Pattern;
 
 use crate::error::{Error, Result};
-use crate::replicator::Core;
+use crate::replicator::shared::Core;
 use crate::watcher::WatchId;
 
 /// How often, while removed databases are still leaving, to look for those that left: a

@@ -4,7 +4,7 @@
 //! # The rule
 //!
 //! Let `W = now - retention`. Every point `t >= W` must restore afterwards exactly as
-//! [`crate::restore`] restores it before: with `--point-in-time t`, without it (the latest),
+//! [`crate::restore`](mod@crate::restore) restores it before: with `--point-in-time t`, without it (the latest),
 //! and with `--generation` naming the newest generation. So, from one listing of the
 //! replica:
 //!

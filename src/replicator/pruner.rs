@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::PRUNE_INTERVAL;
+use super::options::PRUNE_INTERVAL;
 use crate::error::{Error, Result};
 use crate::retention;
 use crate::storage::Storage;

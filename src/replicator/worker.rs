@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lag::LagTracker;
+use super::options::{Options, PRUNE_INTERVAL};
 use super::pruner::PruneRequest;
-use super::{Core, Options, PRUNE_INTERVAL};
 use crate::backoff::Backoff;
 use crate::database::Checkpoint;
 use crate::error::{Error, Result};
@@ -137,9 +137,11 @@ struct Agenda {
 impl DbWorker {
     /// The state of a database's thread about to start: the WAL to be looked at, a
     /// snapshot counted as just taken, and a prune due at once (old backups go even if no
-    /// snapshot is due for a while). `prune` is where to ask for prunes, if retention is on.
+    /// snapshot is due for a while). `pool` is the upload pool all databases share; `prune`
+    /// is where to ask for prunes, if retention is on.
     pub(super) fn new(
-        core: &Core,
+        pool: Arc<UploadPool>,
+        options: Options,
         replica: Replica,
         prune: Option<Sender<PruneRequest>>,
         (own_sender, events): (Sender<Event>, Receiver<Event>),
@@ -154,8 +156,8 @@ impl DbWorker {
             replica,
             events,
             own_sender,
-            pool: Arc::clone(&core.pool),
-            options: core.options.clone(),
+            pool,
+            options,
             prune,
             reconcile_backoff: RECONCILE_BACKOFF,
             lag,

@@ -195,7 +195,12 @@ async fn respond(
     // ListMultipartUploads, which s3s-fs lacks: answered here, so its signature is not
     // checked (every other request's is, by s3s).
     if seen.method == "GET" && seen.has_param("uploads") {
-        return Ok(list_uploads(root, req.uri().query().unwrap_or("")));
+        let body = list_uploads(root, req.uri().query().unwrap_or(""));
+        return Ok(hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/xml")
+            .body(CutBody::new(s3s::Body::from(body), None))
+            .unwrap());
     }
     let canned = shared.delete_objects_answer.lock().unwrap().clone();
     if let Some(body) = canned.filter(|_| delete_objects) {

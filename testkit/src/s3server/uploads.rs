@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::serve::CutBody;
 use super::BUCKET;
 
 /// An incomplete multipart upload, from s3s-fs's files.
@@ -65,9 +64,9 @@ fn base64_url_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// A ListMultipartUploads answer (one page) for the raw query `query`: like s3s-fs's
-/// listings, it echoes `encoding-type=url` and encodes nothing.
-pub(super) fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody> {
+/// The document of a ListMultipartUploads answer (one page) for the raw query `query`:
+/// like s3s-fs's listings, it echoes `encoding-type=url` and encodes nothing.
+pub(super) fn list_uploads(root: &Path, query: &str) -> String {
     let mut prefix = String::new();
     let mut encoding = false;
     for pair in query.split('&') {
@@ -115,9 +114,5 @@ pub(super) fn list_uploads(root: &Path, query: &str) -> hyper::Response<CutBody>
         ));
     }
     body.push_str("</ListMultipartUploadsResult>");
-    hyper::Response::builder()
-        .status(200)
-        .header("content-type", "application/xml")
-        .body(CutBody::new(s3s::Body::from(body), None))
-        .unwrap()
+    body
 }
