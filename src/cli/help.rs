@@ -1,6 +1,6 @@
 //! `walsync help [COMMAND]`: a manual page per command, kept in this one place. The
 //! README says the same at more length. The flags, variables and defaults are those of the
-//! table in `settings.rs`, whose tests check every page against it (and `tests/ops.rs`
+//! table in `settings.rs`, whose tests check every page against it (and `tests/ops/help.rs`
 //! that each page names every flag the command's `--help` lists).
 //!
 //! argh treats a `help` argument as `--help`, so `main` intercepts `walsync help ...`
