@@ -44,8 +44,7 @@ use std::time::Duration;
 pub use crate::glob::Pattern;
 
 use crate::error::{Error, Result};
-use crate::replicator::shared::Core;
-use crate::watcher::WatchId;
+use crate::watcher::{WatchId, Watcher};
 
 /// How often, while removed databases are still leaving, to look for those that left: a
 /// database waiting for one of them (the same file moved back, a new file at its path) is
@@ -195,6 +194,25 @@ enum Message {
     Stop,
 }
 
+/// What a directory watch asks of the replicator it feeds (the replicator's shared core
+/// implements it): this module sits below the replicator and knows it only through these
+/// few calls.
+pub(crate) trait Host: Send + Sync {
+    /// The watcher the replicator's databases share; directories are watched on it too.
+    fn watcher(&self) -> &Watcher;
+    /// How often a directory is scanned again (`polling`: its watcher reports nothing for
+    /// directories, so scans are all there is).
+    fn rescan_interval(&self, polling: bool) -> Duration;
+    /// An error if `name` or the file at `canonical` is replicated already.
+    fn check_free(&self, name: &str, canonical: &Path) -> Result<()>;
+    /// Replicate the database at `path` under `name`, found in a watched directory.
+    fn add(&self, path: &Path, name: &str) -> Result<()>;
+    /// Stop replicating `name` once it has shipped what it staged, without waiting.
+    fn remove_later(&self, name: &str) -> Result<()>;
+    /// Join the removed databases that are done; how many were.
+    fn reap(&self) -> usize;
+}
+
 /// A directory being watched: its thread, and how to stop it.
 pub(crate) struct DirectoryWatch {
     messages: Sender<Message>,
@@ -204,7 +222,10 @@ pub(crate) struct DirectoryWatch {
 impl DirectoryWatch {
     /// Scan `spec`'s directory (adding what is there), then keep watching it on a thread
     /// of its own.
-    pub(crate) fn start(core: Arc<Core>, spec: DirectorySpec) -> Result<DirectoryWatch> {
+    pub(crate) fn start<H: Host + 'static>(
+        core: Arc<H>,
+        spec: DirectorySpec,
+    ) -> Result<DirectoryWatch> {
         let root = std::fs::canonicalize(&spec.dir).map_err(|e| {
             Error::from(e).with_context(format!("watching directory {}", spec.dir.display()))
         })?;
@@ -216,12 +237,7 @@ impl DirectoryWatch {
         }
         let (messages, inbox) = mpsc::channel();
         let polling = core.watcher().backend() == "poll";
-        let options = core.options();
-        let rescan = if polling {
-            options.poll_interval
-        } else {
-            options.safety_interval
-        };
+        let rescan = core.rescan_interval(polling);
         let mut scanner = Scanner {
             core,
             root,
@@ -265,8 +281,9 @@ impl DirectoryWatch {
 }
 
 /// The state of one watched directory tree.
-struct Scanner {
-    core: Arc<Core>,
+/// Generic over its host: static calls, as if it named the replicator's core.
+struct Scanner<H> {
+    core: Arc<H>,
     /// The watched directory, canonical.
     root: PathBuf,
     spec: DirectorySpec,
@@ -289,7 +306,7 @@ struct Scanner {
     unwatched: usize,
 }
 
-impl Scanner {
+impl<H: Host> Scanner<H> {
     fn run(mut self, inbox: &Receiver<Message>) {
         let mut next_scan = std::time::Instant::now() + self.rescan;
         loop {
@@ -491,7 +508,7 @@ impl Scanner {
                 )
             }
         }
-        match self.core.add(path, &name, true) {
+        match self.core.add(path, &name) {
             Ok(()) => {
                 log::info!("watching {} as {name}", path.display());
                 if self.skipped.remove(path).is_some() {

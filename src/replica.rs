@@ -447,7 +447,7 @@ impl Replica {
         let tip = self
             .tip
             .clone()
-            .ok_or_else(|| Error::new(crate::ErrorKind::Other, "no generation"))?;
+            .ok_or_else(|| Error::new(crate::error::ErrorKind::Other, "no generation"))?;
         self.stage_snapshot(tip)
     }
 
@@ -495,7 +495,7 @@ impl Replica {
 
     fn staging_full_error(&self) -> Error {
         Error::new(
-            crate::ErrorKind::Transient,
+            crate::error::ErrorKind::Transient,
             format!(
                 "{}: staging is full ({} MiB not yet stored); try again once uploads catch up",
                 self.name,

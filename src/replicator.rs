@@ -275,7 +275,10 @@ impl Replicator {
         if failures.is_empty() {
             Ok(())
         } else {
-            Err(Error::new(crate::ErrorKind::Transient, failures.join("; ")))
+            Err(Error::new(
+                crate::error::ErrorKind::Transient,
+                failures.join("; "),
+            ))
         }
     }
 }

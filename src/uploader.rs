@@ -243,7 +243,7 @@ impl UploadPool {
             done(
                 upload,
                 Err(Error::new(
-                    crate::ErrorKind::Other,
+                    crate::error::ErrorKind::Other,
                     "upload pool has stopped",
                 )),
             );
@@ -345,7 +345,10 @@ mod tests {
         fn put_file(&self, _: &str, _: &File) -> Result<()> {
             let n = self.puts.fetch_add(1, Ordering::Relaxed);
             if n < self.failures {
-                return Err(Error::new(crate::ErrorKind::Transient, "503 slow down"));
+                return Err(Error::new(
+                    crate::error::ErrorKind::Transient,
+                    "503 slow down",
+                ));
             }
             Ok(())
         }
@@ -396,7 +399,7 @@ mod tests {
             e.to_string(),
             format!("app: uploading {}: 503 slow down", upload.key)
         );
-        assert_eq!(e.kind(), crate::ErrorKind::Transient);
+        assert_eq!(e.kind(), crate::error::ErrorKind::Transient);
         assert_eq!(storage.puts.load(Ordering::Relaxed), 1);
         let text = counted(metrics);
         assert!(

@@ -144,7 +144,7 @@ impl Replica {
         let mut body = Vec::new();
         match self.storage.get(&layout::state_key(&self.name), &mut body) {
             Ok(_) => {}
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.with_context(format!("{}: reading state.json", self.name))),
         }
         let state: ReplicaState = match serde_json::from_slice(&body) {

@@ -110,7 +110,7 @@ impl Replica {
                 self.note_reached(&header, start.offset);
                 return Ok(Cut::Idle);
             }
-            Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
+            Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
                 return Ok(Cut::Broken(format!(
                     "the WAL changed while it was read: {e}"
                 )))

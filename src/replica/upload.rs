@@ -72,7 +72,7 @@ impl Replica {
             Some(s) if self.uploading && s.object == *object => s.clone(),
             _ => {
                 return Err(Error::new(
-                    crate::ErrorKind::Other,
+                    crate::error::ErrorKind::Other,
                     format!(
                         "{}: upload of {} finished out of order",
                         self.name,

@@ -102,7 +102,7 @@ pub(super) fn join_thread(db: DbThread) -> Result<()> {
     match db.thread.join() {
         Ok(result) => result,
         Err(_) => Err(Error::new(
-            crate::ErrorKind::Other,
+            crate::error::ErrorKind::Other,
             format!("{}: replication thread panicked", db.name),
         )),
     }
@@ -153,7 +153,7 @@ impl Core {
             .find(|d| d.name == name || d.canonical == canonical)
         {
             return Err(Error::new(
-                crate::ErrorKind::Transient,
+                crate::error::ErrorKind::Transient,
                 format!(
                     "{} ({:?}) is still being removed; try again once it is gone",
                     db.path.display(),
@@ -272,14 +272,6 @@ impl Core {
         lock(&self.databases).leaving.len()
     }
 
-    pub(crate) fn watcher(&self) -> &Watcher {
-        &self.watcher
-    }
-
-    pub(crate) fn options(&self) -> &Options {
-        &self.options
-    }
-
     /// `f` of each active database, in the order they were added.
     pub(super) fn in_order<T>(&self, f: impl Fn(&DbThread) -> T) -> Vec<T> {
         let databases = lock(&self.databases);
@@ -301,7 +293,38 @@ impl Core {
 /// A database's thread is gone (it stopped on an error, or `stop` was called).
 pub(super) fn thread_stopped(name: &str) -> Error {
     Error::new(
-        crate::ErrorKind::Other,
+        crate::error::ErrorKind::Other,
         format!("{name}: replication thread stopped"),
     )
+}
+
+/// A directory watch adds and removes databases through the core, as the handle does.
+impl crate::directory::Host for Core {
+    fn watcher(&self) -> &Watcher {
+        &self.watcher
+    }
+
+    fn rescan_interval(&self, polling: bool) -> Duration {
+        if polling {
+            self.options.poll_interval
+        } else {
+            self.options.safety_interval
+        }
+    }
+
+    fn check_free(&self, name: &str, canonical: &Path) -> Result<()> {
+        Core::check_free(self, name, canonical)
+    }
+
+    fn add(&self, path: &Path, name: &str) -> Result<()> {
+        Core::add(self, path, name, true)
+    }
+
+    fn remove_later(&self, name: &str) -> Result<()> {
+        Core::remove_later(self, name)
+    }
+
+    fn reap(&self) -> usize {
+        Core::reap(self)
+    }
 }

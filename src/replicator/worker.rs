@@ -394,7 +394,7 @@ impl DbWorker {
             // Only a refused name ends this database's replication. Anything else (storage
             // down, credentials refused, a local limit such as RLIMIT_NOFILE while listing a
             // file:// destination) may pass: stage locally and try again.
-            Err(e) if e.kind() != crate::ErrorKind::Invalid => {
+            Err(e) if e.kind() != crate::error::ErrorKind::Invalid => {
                 let wait = self.reconcile_backoff.next_jittered();
                 // The error names the database already.
                 log::warn!(
@@ -656,7 +656,7 @@ impl DbWorker {
             // Drop the pool's reference to this thread's sender so late results go nowhere.
             drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
             Err(Error::new(
-                crate::ErrorKind::Transient,
+                crate::error::ErrorKind::Transient,
                 format!(
                     "{name}: stopped before the last commits could be staged (see the errors \
                      above); they are still in the WAL and read on the next start"

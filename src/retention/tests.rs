@@ -191,7 +191,7 @@ fn durations_parse_in_every_spelling() {
         "", "h", "-1h", "1w", "1hh", "1 h", "1e3s", "abc", "+5m", "1.2.3s",
     ] {
         let err = parse_duration(bad).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Invalid, "{bad:?}");
+        assert_eq!(err.kind(), crate::error::ErrorKind::Invalid, "{bad:?}");
     }
     for d in ["1d", "2h", "90m", "7d", "3601s", "0"] {
         assert_eq!(format_duration(parse_duration(d).unwrap()), d);

@@ -3,7 +3,7 @@
 //! SQLite must open and read back.
 
 use super::*;
-use crate::ErrorKind;
+use crate::error::ErrorKind;
 use rusqlite::Connection;
 use std::fs;
 use std::path::{Path, PathBuf};

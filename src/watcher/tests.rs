@@ -319,12 +319,12 @@ fn watch_errors_name_the_path() {
     let missing = dir.path().join("no-such-dir").join("app.db");
     let (notify, _rx) = channel();
     let err = watcher.watch(&missing, notify).unwrap_err();
-    assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err}");
+    assert_eq!(err.kind(), crate::error::ErrorKind::NotFound, "{err}");
     assert!(err.to_string().contains("no-such-dir"), "{err}");
 
     let (notify, _rx) = channel();
     let err = watcher.watch(dir.path(), notify).unwrap_err();
-    assert_eq!(err.kind(), crate::ErrorKind::Invalid, "{err}");
+    assert_eq!(err.kind(), crate::error::ErrorKind::Invalid, "{err}");
 
     assert!(Watcher::start(WatchMode::Poll, Duration::ZERO).is_err());
 }
