@@ -37,7 +37,6 @@ pub(super) struct Round<'a> {
     dir: PathBuf,
     db: PathBuf,
     pub(super) server: S3Server,
-    server_up: bool,
     pub(super) proxy: FaultProxy,
     watch: Option<Child>,
     log: PathBuf,
@@ -88,7 +87,6 @@ impl<'a> Round<'a> {
             dir: dir.to_path_buf(),
             db: dir.join("data").join("app.db"),
             server,
-            server_up: true,
             proxy,
             watch: None,
             log: dir.join("walsync.log"),
@@ -259,7 +257,6 @@ impl<'a> Round<'a> {
     /// such as a parallel torture run, which would then answer walsync in its place.)
     fn set_server(&mut self, up: bool) {
         self.proxy.set_down(!up);
-        self.server_up = up;
     }
 
     pub(super) fn play(&mut self, totals: &mut Totals) -> Result<(), String> {
