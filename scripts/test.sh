@@ -44,9 +44,7 @@ cargo check --locked --lib --no-default-features
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --lib
 msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
 rustup toolchain install "$msrv" --profile minimal
-# Without bundled SQLite: a check links nothing, and the C compile of SQLite (a minute
-# here) would not test the Rust version.
-cargo "+$msrv" check --locked --lib --bins --no-default-features --features cli
+cargo "+$msrv" check --locked --lib --bins
 cargo test --locked --workspace
 # The static binary users install stays within its size budget (installs musl-tools if
 # needed). A release build of its own, sharing nothing with the test build: 90 s on the
