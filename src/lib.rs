@@ -25,15 +25,16 @@
 //! The same snippet is in README.md (a test keeps the two equal). Everything an embedding
 //! application needs is re-exported here, at the crate root: [`Replicator`] and its
 //! [`Options`] (databases can be added and removed while it runs, and directories watched
-//! for them with a [`DirectorySpec`]), [`Replica`] for one-shot use (`snapshot()`, `sync()`), [`restore()`] with
-//! [`RestoreOptions`], [`list()`] and [`status()`], the storage client ([`Destination`],
+//! for them with a [`DirectorySpec`]), [`Replica`] for one-shot use (`snapshot()`,
+//! `sync()`), [`restore()`] with [`RestoreOptions`] (and [`plan_restore`] to see what it
+//! would do), [`prune`], [`list()`] and [`status()`], the storage client ([`Destination`],
 //! [`open_storage`], the [`Storage`] trait) and [`Error`], whose [`ErrorKind`], HTTP status
 //! and S3 code are data to match on.
 //!
 //! Beyond the root, three modules are public: [`storage`] (the client and its trait, for a
-//! destination of the application's own), [`format`](mod@format) (the names and records of the replica
-//! format, specified in `docs/FORMAT.md`) and [`metrics`] (per-database counters and their
-//! Prometheus text). Everything else is private. A `#[doc(hidden)]` module named `unstable`
+//! destination of the application's own), [`format`](mod@format) (the names and records of
+//! the replica format, specified in `docs/FORMAT.md`) and [`metrics`] (per-database counters
+//! and their Prometheus text). Everything else is private. A `#[doc(hidden)]` module named `unstable`
 //! lends a few internals to the `walsync` binary, the tests and the benchmark tools; it is
 //! not part of the API and changes without notice.
 //!
@@ -73,7 +74,8 @@
 //! - `utc`: UTC timestamps in the two spellings the format and S3 use.
 //!
 //! The binary's own modules (arguments, settings, help pages, the heartbeat, the metrics
-//! listener, the progress line, supervision of `--exec`) are in `src/cli/`, behind the default `cli` feature.
+//! listener, the progress line, supervision of `--exec`) are in `src/cli/`, behind the
+//! default `cli` feature.
 
 mod backoff;
 mod database;
