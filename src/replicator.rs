@@ -33,7 +33,8 @@
 //!
 //! - `worker`: one database's thread, its agenda, and the order of its steps.
 //! - `lag`: where a database's lag counts from, for the metrics and the heartbeat.
-//! - `pruner`: the one thread that prunes every database for retention.
+//! - `pruner`: the one thread that prunes every database for retention, and aborts the
+//!   multipart uploads a crash left in storage (retention or not).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -68,7 +69,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// ([`Replicator::watch_directory`]).
 pub struct Replicator {
     core: Arc<Core>,
-    pruner: Option<Pruner>,
+    pruner: Pruner,
     directories: Mutex<Vec<DirectoryWatch>>,
 }
 
@@ -97,11 +98,11 @@ impl Replicator {
             )?);
         }
         let watcher = Watcher::start(options.watch_mode, options.poll_interval)?;
-        let pruner = if options.retention.is_zero() {
-            None
-        } else {
-            Some(Pruner::start(Arc::clone(&storage), options.retention)?)
-        };
+        // Started with retention off too: the same thread aborts the multipart uploads a
+        // crash left in storage, which cost money whether old backups are kept or not.
+        let pruner = Pruner::start(Arc::clone(&storage), options.retention)?;
+        // Retention off: nothing asks for prunes.
+        let prune = (!options.retention.is_zero()).then(|| pruner.requests());
         let pool = Arc::new(UploadPool::start(
             Arc::clone(&storage),
             options.upload_workers,
@@ -111,7 +112,7 @@ impl Replicator {
             options,
             pool,
             watcher,
-            prune: Mutex::new(pruner.as_ref().map(Pruner::requests)),
+            prune: Mutex::new(prune),
             databases: Mutex::new(Databases::default()),
             storage_down,
         });
@@ -269,9 +270,7 @@ impl Replicator {
             }
             Err(_) => log::debug!("the replicator's core is still referenced at stop"),
         }
-        if let Some(pruner) = self.pruner {
-            pruner.stop(deadline);
-        }
+        self.pruner.stop(deadline);
         if failures.is_empty() {
             Ok(())
         } else {

@@ -2,7 +2,7 @@
 //! [`crate::retention`]), so that a slow or failing prune never holds up a database thread
 //! or an upload worker. A failed prune is a warning, tried again a prune interval later,
 //! and never stops replication. The same thread aborts the multipart uploads a crash left
-//! in storage, once a day.
+//! in storage, as it starts and then once a day; it runs with retention off too, for that.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

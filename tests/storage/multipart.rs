@@ -235,3 +235,42 @@ fn watch_aborts_the_stale_uploads_of_its_destination_once_at_start() {
         .count();
     assert_eq!(listings, 1, "ListMultipartUploads requests");
 }
+
+/// With retention off (`--retention 0`: keep every backup) nothing is pruned, but the
+/// uploads a crash left are still aborted: they cost storage whatever the retention.
+/// (Before, the thread that aborts them was started only with retention on.)
+#[test]
+fn watch_with_retention_off_still_aborts_stale_uploads_and_deletes_nothing() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    start_upload(&server, "w/app/snapshots/crashed.db.gz");
+    server.age_uploads(STALE_UPLOAD_AGE + Duration::from_secs(60));
+    let mut db = AppDb::create(dir.path(), "app.db");
+    db.insert(1, 10);
+    let dest = format!("s3://{}/w", server.bucket());
+    let args = [
+        db.path.to_str().unwrap(),
+        "-b",
+        dest.as_str(),
+        "--retention",
+        "0",
+    ];
+    let watch = WatchProcess::start(&args, &server.env(), dir.path());
+    wait_for(Duration::from_secs(30), "the stale upload aborted", || {
+        server.uploads().is_empty()
+    });
+    wait_for(Duration::from_secs(30), "a snapshot stored", || {
+        !server.storage("w").list("").unwrap().is_empty()
+    });
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    let requests = server.requests();
+    let deletes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method == "DELETE" || (r.method == "POST" && r.has_param("delete")))
+        .collect();
+    assert!(
+        deletes.iter().all(|r| r.has_param("uploadId")),
+        "only the stale upload's abort deletes anything: {deletes:?}"
+    );
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+}
