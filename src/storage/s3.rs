@@ -536,21 +536,10 @@ impl Storage for S3Storage {
             if let Some(max_keys) = &max_keys {
                 query.push(("max-keys", max_keys.as_str()));
             }
-            let req = Req {
-                op,
-                key: prefix,
-                method: Method::Get,
-                object: None,
-                query: &query,
-                headers: &[],
-                payload: Payload::Empty,
-            };
             let page = self.retry(|| {
                 bump(&self.counters.list_pages);
-                let response = self.exchange(&req)?;
-                let text = self.read_text(op, prefix, response)?;
-                parse_list_page(&text, &full_prefix).map_err(|e| {
-                    self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}"))
+                self.get_listing_page(op, prefix, &query, |text| {
+                    parse_list_page(text, &full_prefix)
                 })
             })?;
             raw |= page.raw;

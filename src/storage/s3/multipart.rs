@@ -209,20 +209,9 @@ impl S3Storage {
                 query.push(("key-marker", key_marker.as_str()));
                 query.push(("upload-id-marker", id_marker.as_str()));
             }
-            let req = Req {
-                op,
-                key: prefix,
-                method: Method::Get,
-                object: None,
-                query: &query,
-                headers: &[],
-                payload: Payload::Empty,
-            };
             let page = self.retry(|| {
-                let response = self.exchange(&req)?;
-                let text = self.read_text(op, prefix, response)?;
-                parse_uploads_page(&text, &full_prefix).map_err(|e| {
-                    self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}"))
+                self.get_listing_page(op, prefix, &query, |text| {
+                    parse_uploads_page(text, &full_prefix)
                 })
             })?;
             for upload in &page.uploads {

@@ -460,6 +460,32 @@ impl S3Storage {
             })
     }
 
+    /// One attempt at a page of a bucket listing (ListObjectsV2, ListMultipartUploads): a
+    /// GET on the bucket with `query`, its XML answer handed to `parse`. `prefix` names the
+    /// listing in errors; an answer `parse` refuses is a failure for good. The caller pages
+    /// and retries.
+    pub(super) fn get_listing_page<T>(
+        &self,
+        op: &str,
+        prefix: &str,
+        query: &[(&str, &str)],
+        parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let req = Req {
+            op,
+            key: prefix,
+            method: Method::Get,
+            object: None,
+            query,
+            headers: &[],
+            payload: Payload::Empty,
+        };
+        let response = self.exchange(&req)?;
+        let text = self.read_text(op, prefix, response)?;
+        parse(&text)
+            .map_err(|e| self.error(ErrorKind::Other, op, prefix, format!("bad response: {e}")))
+    }
+
     /// The `Content-MD5` header of a payload: the base64 of its MD5, read from the file
     /// for a file range (once, before the attempts to send it).
     pub(super) fn content_md5(&self, op: &str, key: &str, payload: Payload<'_>) -> Result<String> {
