@@ -4,9 +4,9 @@
 //! # The rule
 //!
 //! Let `W = now - retention`. Every point `t >= W` must restore afterwards exactly as
-//! [`crate::restore`](mod@crate::restore) restores it before: with `--point-in-time t`, without it (the latest),
-//! and with `--generation` naming the newest generation. So, from one listing of the
-//! replica:
+//! [`crate::restore`](mod@crate::restore) restores it before: with `--point-in-time t`,
+//! without it (the latest), and with `--generation` naming the newest generation. So, from
+//! one listing of the replica:
 //!
 //! - `S*` is the snapshot restore would choose for `t = W`: the greatest
 //!   `(time, generation, index)` with `time <= W`, where a snapshot's time is the one restore

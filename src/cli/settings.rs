@@ -8,9 +8,9 @@
 //!   typed helpers), so a flag's name, its variable and what it must be are not written again
 //!   where it is read; `watch.rs` and `commands.rs` (with what they share in `args.rs`) lower
 //!   them into typed settings before any work starts.
-//! - The tests (`settings/tests.rs`) check the manual pages (`src/cli/help.rs`) and README's table of settings
-//!   against this table: a flag, variable or default they name that it lacks, or one it has
-//!   that they miss, fails them.
+//! - The tests (`settings/tests.rs`) check the manual pages (`src/cli/help.rs`) and
+//!   README's table of settings against this table: a flag, variable or default they name
+//!   that it lacks, or one it has that they miss, fails them.
 
 use std::str::FromStr;
 use std::time::Duration;

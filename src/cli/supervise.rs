@@ -29,9 +29,10 @@ use walsync::{Error, Result};
 pub struct Signals(libc::sigset_t);
 
 /// Block SIGTERM, SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 (and, with `child_too`, SIGCHLD to
-/// notice an `--exec` child's exit and SIGQUIT to forward it) in this thread and every thread started after, so that [`Signals::wait`]
-/// can take them synchronously. A blocked SIGCHLD stays pending until taken, so a child
-/// that exits before the wait starts is not missed. Must run before any thread starts.
+/// notice an `--exec` child's exit and SIGQUIT to forward it) in this thread and every
+/// thread started after, so that [`Signals::wait`] can take them synchronously. A blocked
+/// SIGCHLD stays pending until taken, so a child that exits before the wait starts is not
+/// missed. Must run before any thread starts.
 pub fn block_signals(child_too: bool) -> Signals {
     // SAFETY: plain libc calls on a sigset_t we own.
     unsafe {

@@ -95,8 +95,8 @@ const ECS_HOST: &str = "http://169.254.170.2";
 const IMDS_ENDPOINT: &str = "http://169.254.169.254";
 
 /// Follow the chain with the variables `var` gives (empty ones count as unset; `HOME` among
-/// them, for `~`), `region` being the region when none is set. Reads files but asks no server and runs no command: the first fetch of a
-/// [`Source`] is the caller's.
+/// them, for `~`), `region` being the region when none is set. Reads files but asks no
+/// server and runs no command: the first fetch of a [`Source`] is the caller's.
 pub fn resolve(var: &dyn Fn(&str) -> Option<String>, region: &str) -> Result<Resolved> {
     let var = |name: &str| var(name).filter(|v| !v.is_empty());
     // 1. The environment.

@@ -7,7 +7,8 @@
 //!
 //! A replica holds the database's data, so only its owner may read it: objects (and their
 //! temporary files) are created with mode 0600 (as `files::write_atomically` writes), the
-//! directories created for them 0700 (both less the umask). Directories that already exist are left as they are.
+//! directories created for them 0700 (both less the umask). Directories that already exist
+//! are left as they are.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};

@@ -414,7 +414,8 @@ impl Watcher {
 impl Drop for Watcher {
     /// Stops and joins the thread. Dropping the backend closes its wake pipe (inotify,
     /// kqueue) or channel (poll), which ends the thread's wait at once, so this does not wait
-    /// for a poll interval; the thread then returns, closing what it holds (the inotify instance with its watches, the kqueue with its descriptors).
+    /// for a poll interval; the thread then returns, closing what it holds (the inotify
+    /// instance with its watches, the kqueue with its descriptors).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.backend = None;

@@ -129,11 +129,11 @@ impl S3Config {
     /// Configuration from the usual AWS variables: credentials from the chain of
     /// [`credentials::resolve`] (the environment's `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` first), `AWS_REGION` (else
-    /// `AWS_DEFAULT_REGION`, else the profile's region, else `us-east-1`), and `AWS_ENDPOINT_URL_S3` (else
-    /// `AWS_ENDPOINT_URL`) unless `endpoint_flag` gives the endpoint; `WALSYNC_S3_ADDRESSING`
-    /// (`virtual` or `path`); for `https://`, `AWS_CA_BUNDLE`, else `SSL_CERT_FILE` and
-    /// `SSL_CERT_DIR`, else the system's trust store if there is one, else the built-in
-    /// roots. Empty variables count as unset.
+    /// `AWS_DEFAULT_REGION`, else the profile's region, else `us-east-1`), and
+    /// `AWS_ENDPOINT_URL_S3` (else `AWS_ENDPOINT_URL`) unless `endpoint_flag` gives the
+    /// endpoint; `WALSYNC_S3_ADDRESSING` (`virtual` or `path`); for `https://`,
+    /// `AWS_CA_BUNDLE`, else `SSL_CERT_FILE` and `SSL_CERT_DIR`, else the system's trust
+    /// store if there is one, else the built-in roots. Empty variables count as unset.
     pub fn from_env(bucket: &str, prefix: &str, endpoint_flag: Option<&str>) -> Result<S3Config> {
         let system = SYSTEM_BUNDLES
             .iter()
