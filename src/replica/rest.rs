@@ -80,10 +80,15 @@ impl Replica {
     /// judged as after any unguarded pin ([`Replica::pin_state_now`] and the continuity
     /// check of the next step), which at worst starts a new generation: nothing is lost.
     fn rest_alone(&mut self) -> Result<()> {
-        if self.tip.is_none() || self.lost.is_some() || !self.all_read()? {
-            return Ok(()); // something to read or decide first: the next step does it
+        if self.tip.is_none() || self.lost.is_some() {
+            return Ok(()); // something to decide first: the next step does it
         }
-        let before = (self.committed_end()?, written(self.pin.path())?);
+        // One scan of the WAL serves both (it reads every frame, to check its checksum).
+        let end = self.committed_end()?;
+        if !self.all_read(end) {
+            return Ok(()); // something to read first: the next step does it
+        }
+        let before = (end, written(self.pin.path())?);
         if before.1 .1 > now_ns() - UNWRITTEN_FOR.as_nanos() as i128 {
             return Ok(()); // written too recently to tell a write in the gap apart
         }
