@@ -94,6 +94,13 @@ mod tests {
                     let _pass = gate.enter();
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
+                    // Stay until the gate has been seen full (a fixed few ms alone, a loaded
+                    // machine can spend starting the next thread), or give up.
+                    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while most.load(Ordering::SeqCst) < 3 && std::time::Instant::now() < give_up {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    // And a moment more, for a gate that lets too many in to show it.
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     inside.fetch_sub(1, Ordering::SeqCst);
                 })

@@ -170,10 +170,11 @@ pub enum SyncOutcome {
 /// One database replicated to one destination.
 pub struct Replica {
     /// Control connection: the barrier and checkpoints. Closed while the database rests
-    /// (see [`Replica::rest`]) and opened again by [`pin::open_control`] when next needed. An idle
-    /// database then holds one descriptor fewer (5, not 6: 1000 fewer at 1000 databases);
-    /// the connection's heap (about 12 KiB) is freed, though the allocator keeps most of it
-    /// resident for reuse (1000 idle databases: 47.3 MiB before, 46.5 MiB after).
+    /// (see [`Replica::rest`]) and opened again by [`pin::open_control`] when next needed.
+    /// Closing it frees its heap (about 12 KiB, though the allocator keeps most of it
+    /// resident for reuse: 1000 idle databases, 47.3 MiB before, 46.5 MiB after) but no
+    /// descriptor while the pin holds its lock; resting on one connection
+    /// ([`rest::ONE_CONNECTION_AFTER`]) is what gives those back.
     control: Option<Database>,
     /// Holds the read transaction that pins the WAL.
     pin: Database,

@@ -63,7 +63,6 @@ impl Replica {
         let mut copied_before = None;
         for _ in 0..OUTSIDE_ROUNDS {
             self.hand_off_pin()?;
-            self.alone = false;
             let control = open_control(&mut self.control, &self.pin, &self.opened, &self.name)?;
             let (_, copied) = run_checkpoint(&self.name, control)?;
             let fresh = copied_before.map_or(copied, |before| copied.saturating_sub(before));

@@ -179,15 +179,16 @@ impl Replica {
         }
     }
 
-    /// Whether every commit in the WAL has been read: there is no WAL, it holds no commit,
-    /// or its last commit is where the tip is.
-    pub(super) fn all_read(&self) -> Result<bool> {
+    /// Whether every commit in the WAL, which ends at `end` ([`Replica::committed_end`]),
+    /// has been read: there is no WAL, it holds no commit, or its last commit is where the
+    /// tip is.
+    pub(super) fn all_read(&self, end: Option<WalMark>) -> bool {
         let tip = self.tip.as_ref().and_then(|t| t.wal);
-        Ok(match self.committed_end()? {
+        match end {
             None => true,
             Some(now) if now.end.offset == HEADER_SIZE => true,
             Some(now) => tip.is_some_and(|tip| tip.salt == now.salt && tip.end == now.end),
-        })
+        }
     }
 
     /// Where the committed part of the WAL ends right now (under the barrier, or after

@@ -80,14 +80,22 @@ impl Replica {
     /// judged as after any unguarded pin ([`Replica::pin_state_now`] and the continuity
     /// check of the next step), which at worst starts a new generation: nothing is lost.
     fn rest_alone(&mut self) -> Result<()> {
-        if self.tip.is_none() || self.lost.is_some() || !self.all_read()? {
-            return Ok(()); // something to read or decide first: the next step does it
+        if self.tip.is_none() || self.lost.is_some() {
+            return Ok(()); // something to decide first: the next step does it
         }
-        let before = (self.committed_end()?, written(self.pin.path())?);
+        // One scan of the WAL serves both (it reads every frame, to check its checksum).
+        let end = self.committed_end()?;
+        if !self.all_read(end) {
+            return Ok(()); // something to read first: the next step does it
+        }
+        let before = (end, written(self.pin.path())?);
         if before.1 .1 > now_ns() - UNWRITTEN_FOR.as_nanos() as i128 {
             return Ok(()); // written too recently to tell a write in the gap apart
         }
         self.pin.close_in_place()?;
+        // From here the old pin guards nothing: should a step below fail, the replica is left
+        // unguarded (the continuity check judges it), never `Guarding` across the gap.
+        self.pin_state = Pin::Behind(None);
         #[cfg(test)]
         if let Some(gap) = self.between_connections.as_mut() {
             gap();
@@ -163,6 +171,32 @@ mod tests {
         replica.sync().unwrap();
         let (restored, source) = restored_and_source_rows(dir.path());
         assert_eq!((restored, source), (2, 2));
+    }
+
+    /// A rest whose new connection cannot be opened leaves the replica unguarded, not
+    /// guarding as before the gap: the next step judges what may have happened in it.
+    #[test]
+    fn a_failed_reopen_at_rest_leaves_the_pin_unguarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        drop(app);
+        replica.settle().unwrap();
+        assert_eq!(replica.pin_state, Pin::Guarding);
+        replica.set_one_connection_after(Duration::ZERO);
+        let (db, away) = (dir.path().join("app.db"), dir.path().join("away.db"));
+        let (from, to) = (db.clone(), away.clone());
+        replica.between_connections = Some(Box::new(move || {
+            std::fs::rename(&from, &to).unwrap();
+        }));
+        std::thread::sleep(UNWRITTEN_FOR + Duration::from_millis(500));
+        assert!(replica.rest_alone().is_err());
+        assert!(!replica.alone);
+        assert_eq!(replica.pin_state, Pin::Behind(None));
+        replica.between_connections = None;
+        std::fs::rename(&away, &db).unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (1, 1));
     }
 
     /// The worst moment to commit: while a resting database has no connection, the
