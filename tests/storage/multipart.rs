@@ -13,9 +13,9 @@ use walsync::storage::{ObjectInfo, Storage};
 use walsync::ErrorKind;
 use walsync_testkit::s3server::S3Server;
 
-/// The ETag the server gives an object, asked for directly (not through our client).
-fn server_etag(server: &S3Server, object: &str) -> String {
-    use rusty_s3::S3Action;
+/// The server's bucket and credentials for an independent client (rusty-s3 and ureq, not
+/// walsync's), to see and set up the server's state without trusting what is tested.
+fn independent_client(server: &S3Server) -> (rusty_s3::Bucket, rusty_s3::Credentials) {
     let bucket = rusty_s3::Bucket::new(
         server.endpoint().parse().unwrap(),
         rusty_s3::UrlStyle::Path,
@@ -24,6 +24,13 @@ fn server_etag(server: &S3Server, object: &str) -> String {
     )
     .unwrap();
     let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    (bucket, credentials)
+}
+
+/// The ETag the server gives an object, asked for directly (not through our client).
+fn server_etag(server: &S3Server, object: &str) -> String {
+    use rusty_s3::S3Action;
+    let (bucket, credentials) = independent_client(server);
     let url = bucket
         .head_object(Some(&credentials), object)
         .sign(Duration::from_secs(60));
@@ -119,14 +126,7 @@ fn failed_multipart_upload_is_aborted() {
 /// Start a multipart upload of `object` and leave it incomplete, with an independent client.
 fn start_upload(server: &S3Server, object: &str) {
     use rusty_s3::S3Action;
-    let bucket = rusty_s3::Bucket::new(
-        server.endpoint().parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        server.bucket().to_string(),
-        "us-east-1",
-    )
-    .unwrap();
-    let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    let (bucket, credentials) = independent_client(server);
     let url = bucket
         .create_multipart_upload(Some(&credentials), object)
         .sign(Duration::from_secs(60));
