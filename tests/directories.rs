@@ -19,7 +19,7 @@ mod costs;
 mod lifecycle;
 mod scanning;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::fixtures::{dump, integrity, wait_for, walsync, WatchProcess};
@@ -34,6 +34,16 @@ fn s3_url(server: &S3Server, prefix: &str) -> String {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// `data/` (the watched directory, canonical: walsync logs and names databases by their
+/// canonical paths) and `logs/` (walsync's output, outside it), created under `root`.
+fn data_and_logs(root: &Path) -> (PathBuf, PathBuf) {
+    let (data, logs) = (root.join("data"), root.join("logs"));
+    for d in [&data, &logs] {
+        std::fs::create_dir(d).unwrap();
+    }
+    (std::fs::canonicalize(&data).unwrap(), logs)
 }
 
 /// `walsync watch ARGS`, once it has started (its logs in `logs`, outside any watched

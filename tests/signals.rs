@@ -189,13 +189,13 @@ fn stop_exec_with(command: &str, signal: i32) {
         dir.path(),
     );
     let child = child_of(watch.pid());
-    // Let a shell start its own children; then every process of the command's.
-    std::thread::sleep(Duration::from_millis(300));
-    let command_tree = tree(child);
-    assert!(
-        command_tree.len() >= 2 || !command.contains(';'),
-        "{command_tree:?}"
-    );
+    // A shell's own children too, once it has started them (a fixed pause lost that race
+    // on a loaded machine); then every process of the command's.
+    let mut command_tree = vec![child];
+    wait_for(Duration::from_secs(20), "the command's processes", || {
+        command_tree = tree(child);
+        command_tree.len() >= 2 || !command.contains(';')
+    });
     app.insert(2, 100);
     let started = Instant::now();
     watch.signal(signal);
@@ -277,7 +277,7 @@ fn sighup_and_sigusr1_are_forwarded_to_the_exec_command() {
         &[],
         dir.path(),
     );
-    wait_for(Duration::from_secs(20), "the child to start", || {
+    watch.wait_for(Duration::from_secs(20), "the child to start", || {
         ready.exists()
     });
     watch.signal(libc::SIGUSR1);
@@ -329,14 +329,16 @@ fn ctrl_c_at_a_terminal_reaches_the_exec_command_once() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("script(1) from util-linux runs walsync on a terminal");
-    // Generous, as above; on a time-out, what the terminal showed says why.
+    // Generous, as above; on a time-out, or once walsync (or script) has exited without it,
+    // what the terminal showed says why.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !ready.exists() {
-        if std::time::Instant::now() >= deadline {
+        let exited = terminal.try_wait().unwrap();
+        if exited.is_some() || std::time::Instant::now() >= deadline {
             let _ = terminal.kill();
             let shown = terminal.wait_with_output().map(|o| o.stdout);
             panic!(
-                "timed out waiting for the application to start; the terminal showed:\n{}",
+                "no application started (exited: {exited:?}); the terminal showed:\n{}",
                 String::from_utf8_lossy(&shown.unwrap_or_default())
             );
         }

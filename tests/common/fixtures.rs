@@ -346,17 +346,21 @@ impl WatchProcess {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// [`wait_for`], with walsync's log (and whether it is still running) in the panic
-    /// message: what the application under `--exec` said, or why it never started.
+    /// [`wait_for`] something walsync (or its `--exec` application) must do, with walsync's
+    /// log (and whether it is still running) in the panic message: what the application
+    /// under `--exec` said, or why it never started. Gives up at once if walsync has exited:
+    /// an application that died at its start is not mistaken for a slow one.
     pub fn wait_for(&mut self, timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + timeout;
         while !check() {
-            if std::time::Instant::now() >= deadline {
-                let status = self.child.try_wait();
-                panic!(
-                    "timed out waiting for {what} (walsync: {status:?}); its log:\n{}",
-                    self.log()
-                );
+            let status = self.child.try_wait();
+            let exited = !matches!(status, Ok(None));
+            // Checked once more after an exit: it may have come just before.
+            if exited && check() {
+                return;
+            }
+            if exited || std::time::Instant::now() >= deadline {
+                panic!("no {what} (walsync: {status:?}); its log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

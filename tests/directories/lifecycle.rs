@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{path_str, restore, s3_url, wait_log, wait_replicated, watch, watching, PICK_UP};
+use super::{
+    data_and_logs, path_str, restore, s3_url, wait_log, wait_replicated, watch, watching, PICK_UP,
+};
 use crate::common::fixtures::{wait_for, walsync, AppDb, WatchProcess};
 use walsync::storage::Storage;
 use walsync::{Options, Replica, Replicator};
@@ -17,11 +19,10 @@ use walsync_testkit::s3server::S3Server;
 /// `data/` (the watched directory, canonical), `logs/` and `elsewhere/` (to move databases
 /// in from and out to), created under `root`.
 fn data_logs_and_elsewhere(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (data, logs, elsewhere) = (root.join("data"), root.join("logs"), root.join("elsewhere"));
-    for d in [&data, &logs, &elsewhere] {
-        std::fs::create_dir(d).unwrap();
-    }
-    (std::fs::canonicalize(&data).unwrap(), logs, elsewhere)
+    let (data, logs) = data_and_logs(root);
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    (data, logs, elsewhere)
 }
 
 /// Files under `dir` that process `pid` holds open.
@@ -236,11 +237,7 @@ fn deleted_or_moved_out_databases_are_let_go_and_their_replicas_stay() {
 fn a_file_is_replicated_once_it_becomes_a_wal_database() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
-    for d in [&data, &logs] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs) = data_and_logs(root.path());
     let later = data.join("later.db");
     let conn = rusqlite::Connection::open(&later).unwrap();
     conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
@@ -324,11 +321,7 @@ fn a_file_is_replicated_once_it_becomes_a_wal_database() {
 fn a_database_arriving_while_storage_is_down_is_replicated_once_it_is_back() {
     let mut server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
-    for d in [&data, &logs] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs) = data_and_logs(root.path());
     let dest = s3_url(&server, "down");
     let process = watch(
         &[

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{
-    path_str, restore, s3_url, wait_log, wait_replicated, watch, watch_with, watching, PICK_UP,
+    data_and_logs, path_str, restore, s3_url, wait_log, wait_replicated, watch, watch_with,
+    watching, PICK_UP,
 };
 use crate::common::fixtures::{wait_for, walsync, AppDb};
 use walsync_testkit::s3server::S3Server;
@@ -20,11 +21,7 @@ use walsync_testkit::s3server::S3Server;
 fn nested_directories_with_recursive_restore_under_the_names_listed() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
-    for d in [&data, &logs] {
-        std::fs::create_dir(d).unwrap();
-    }
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs) = data_and_logs(root.path());
     let mut dbs: Vec<(String, AppDb)> = Vec::new();
     for (sub, name) in [
         ("tenant-a", "tenant-a.app"),
@@ -193,10 +190,8 @@ fn named_databases_and_several_directories_never_share_a_name() {
 fn polling_scans_the_directory_with_settings_from_the_environment() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
-    std::fs::create_dir_all(data.join("sub")).unwrap();
-    std::fs::create_dir(&logs).unwrap();
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs) = data_and_logs(root.path());
+    std::fs::create_dir(data.join("sub")).unwrap();
     let mut existing = AppDb::create(&data.join("sub"), "a.sqlite");
     let ignored = AppDb::create(&data, "x.db");
     let mut env = server.env();
@@ -247,10 +242,7 @@ fn polling_scans_the_directory_with_settings_from_the_environment() {
 fn scanning_a_directory_keeps_the_locks_of_a_database_already_replicated() {
     let server = S3Server::start();
     let root = tempfile::tempdir().unwrap();
-    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
-    std::fs::create_dir(&data).unwrap();
-    std::fs::create_dir(&logs).unwrap();
-    let data = std::fs::canonicalize(&data).unwrap();
+    let (data, logs) = data_and_logs(root.path());
     let path = {
         let mut db = AppDb::create(&data, "app.db");
         db.insert(1, 10);

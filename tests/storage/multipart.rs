@@ -13,9 +13,9 @@ use walsync::storage::{ObjectInfo, Storage};
 use walsync::ErrorKind;
 use walsync_testkit::s3server::S3Server;
 
-/// The ETag the server gives an object, asked for directly (not through our client).
-fn server_etag(server: &S3Server, object: &str) -> String {
-    use rusty_s3::S3Action;
+/// The server's bucket and credentials for an independent client (rusty-s3 and ureq, not
+/// walsync's), to see and set up the server's state without trusting what is tested.
+fn independent_client(server: &S3Server) -> (rusty_s3::Bucket, rusty_s3::Credentials) {
     let bucket = rusty_s3::Bucket::new(
         server.endpoint().parse().unwrap(),
         rusty_s3::UrlStyle::Path,
@@ -24,6 +24,13 @@ fn server_etag(server: &S3Server, object: &str) -> String {
     )
     .unwrap();
     let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    (bucket, credentials)
+}
+
+/// The ETag the server gives an object, asked for directly (not through our client).
+fn server_etag(server: &S3Server, object: &str) -> String {
+    use rusty_s3::S3Action;
+    let (bucket, credentials) = independent_client(server);
     let url = bucket
         .head_object(Some(&credentials), object)
         .sign(Duration::from_secs(60));
@@ -119,14 +126,7 @@ fn failed_multipart_upload_is_aborted() {
 /// Start a multipart upload of `object` and leave it incomplete, with an independent client.
 fn start_upload(server: &S3Server, object: &str) {
     use rusty_s3::S3Action;
-    let bucket = rusty_s3::Bucket::new(
-        server.endpoint().parse().unwrap(),
-        rusty_s3::UrlStyle::Path,
-        server.bucket().to_string(),
-        "us-east-1",
-    )
-    .unwrap();
-    let credentials = rusty_s3::Credentials::new(server.access_key(), server.secret_key());
+    let (bucket, credentials) = independent_client(server);
     let url = bucket
         .create_multipart_upload(Some(&credentials), object)
         .sign(Duration::from_secs(60));
@@ -222,10 +222,19 @@ fn watch_aborts_the_stale_uploads_of_its_destination_once_at_start() {
     wait_for(Duration::from_secs(30), "the stale uploads aborted", || {
         server.uploads() == ["elsewhere/app/snapshots/crashed.db.gz"]
     });
-    // Every database stored: each has had its start-up prune by then, or soon after.
-    wait_for(Duration::from_secs(30), "three snapshots stored", || {
-        server.storage("w").list("").unwrap().len() >= 3
-    });
+    // Every database stored: each has had its start-up prune by then, or soon after. (Any
+    // three objects would not do: one database's snapshot, WAL and state make three.)
+    wait_for(
+        Duration::from_secs(30),
+        "a snapshot of each database",
+        || {
+            let keys = server.storage("w").list("").unwrap();
+            ["a", "b", "c"].iter().all(|name| {
+                let snapshots = format!("{name}/snapshots/");
+                keys.iter().any(|o| o.key.starts_with(&snapshots))
+            })
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert!(watch.terminate(Duration::from_secs(30)).success());
     let listings = server
