@@ -29,7 +29,7 @@ use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rusqlite::Connection;
-use walsync::storage::{self, Destination};
+use walsync::storage::{self, Destination, Storage};
 use walsync::{Options, Replicator};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,8 +43,9 @@ const MAX_NOTE: usize = 64 * 1024;
 pub struct Config {
     /// The application's database.
     pub db: PathBuf,
-    /// Where walsync replicates it: `s3://bucket/prefix` or `file:///dir`.
-    pub destination: String,
+    /// Where walsync replicates it (`main` opens it from `s3://bucket/prefix` or
+    /// `file:///dir`; a test hands in its own).
+    pub storage: Arc<dyn Storage>,
 }
 
 struct App {
@@ -82,10 +83,8 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let app = tokio::task::spawn_blocking(move || -> Result<App, BoxError> {
         let conn = open_database(&config.db)?;
-        let destination = Destination::parse(&config.destination)?;
-        let storage = Arc::from(storage::open(&destination, None)?);
         let replicator = Replicator::start(
-            storage,
+            config.storage,
             &[(config.db.clone(), NAME.to_string())],
             Options::default(),
         )?;
@@ -257,6 +256,9 @@ fn main() -> Result<(), BoxError> {
     let addr: SocketAddr = std::env::var("APP_ADDR")
         .unwrap_or_else(|_| "127.0.0.1:3000".into())
         .parse()?;
+    // Opening S3 storage may ask a credentials endpoint: before the runtime, not on it.
+    let storage: Arc<dyn Storage> =
+        Arc::from(storage::open(&Destination::parse(&destination)?, None)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -266,7 +268,7 @@ fn main() -> Result<(), BoxError> {
             "serving http://{addr}/notes, {} replicated to {destination} (Ctrl-C stops)",
             db.display()
         );
-        run(Config { db, destination }, listener, shutdown).await?;
+        run(Config { db, storage }, listener, shutdown).await?;
         println!("stopped; everything committed is in the replica");
         Ok(())
     })

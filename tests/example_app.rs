@@ -41,11 +41,6 @@ fn notes_in(path: &std::path::Path) -> Vec<String> {
 #[test]
 fn the_example_app_replicates_what_it_acknowledges() {
     let s3 = S3Server::start();
-    for (key, value) in s3.env() {
-        // The example reads credentials and the endpoint from the environment, as
-        // walsync does; this test binary runs no other test that could mind.
-        std::env::set_var(key, value);
-    }
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("notes.db");
     let destination = format!("s3://{}/example", s3.bucket());
@@ -59,9 +54,11 @@ fn the_example_app_replicates_what_it_acknowledges() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // The test server's storage handed in: no process-wide variables, which every other
+    // test of this one binary would see.
     let config = app::Config {
         db: db.clone(),
-        destination: destination.clone(),
+        storage: std::sync::Arc::new(s3.storage("example")),
     };
     let server = runtime.spawn(app::run(config, listener, async move {
         let _ = stopped.await;
