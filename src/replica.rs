@@ -46,7 +46,11 @@
 //! walsync checkpoints the WAL itself, only over frames it has staged: first outside the
 //! barrier while the pin (at the end of everything staged) keeps the WAL from restarting,
 //! then once more under the barrier for what committed meanwhile, after which the pin is
-//! moved to a fresh read mark so the next writer can restart the WAL from the top. A WAL
+//! moved to a fresh read mark so the next writer can restart the WAL from the top. The
+//! replicator does this once 1000 frames are staged, at most once per `min_interval`, or at
+//! once when the WAL holds `restart_frames` (2000) unread frames
+//! ([`Replica::wal_outgrew_tip`]): a WAL that SQLite may not restart grows past the end of
+//! its file, and then every commit's fsync also writes the file's new size. A WAL
 //! file left large by a big transaction is truncated with SQLite's own TRUNCATE checkpoint
 //! while the pin is still held ([`Replica::truncate_if_large`]). There is no race to detect:
 //! nothing commits while the pin is moved, and nothing unread can be copied out of the WAL,

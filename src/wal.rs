@@ -623,6 +623,29 @@ fn valid_page_size(page_size: u32) -> bool {
     (512..=65536).contains(&page_size) && page_size.is_power_of_two()
 }
 
+/// The salts the header of the WAL in `file` states, if it has a header with a WAL magic.
+/// With [`frame_salts_at`], a cheap hint (two small reads) of how far a WAL has been
+/// written, and nothing more: no checksum is verified, so a frame found may be torn or
+/// uncommitted, and only a [`WalReader`] says what the WAL holds.
+pub fn header_salts(file: &File) -> Result<Option<[u32; 2]>> {
+    let mut header = [0u8; HEADER_SIZE as usize];
+    let read = read_full_at(file, &mut header, 0).context(|| "reading the WAL header")?;
+    let magic = be_u32(&header, 0);
+    if read < header.len() || (magic != MAGIC_LITTLE_ENDIAN && magic != MAGIC_BIG_ENDIAN) {
+        return Ok(None);
+    }
+    Ok(Some([be_u32(&header, 16), be_u32(&header, 20)]))
+}
+
+/// The salts in the header of the frame at `offset` of the WAL in `file`, if the file
+/// reaches that far (see [`header_salts`]).
+pub fn frame_salts_at(file: &File, offset: u64) -> Result<Option<[u32; 2]>> {
+    let mut frame = [0u8; FRAME_HEADER_SIZE as usize];
+    let read = read_full_at(file, &mut frame, offset)
+        .context(|| format!("reading the WAL at offset {offset}"))?;
+    Ok((read == frame.len()).then(|| [be_u32(&frame, 8), be_u32(&frame, 12)]))
+}
+
 /// The big-endian u32 at `at` in `buf`. Callers pass fixed offsets inside buffers known to be
 /// long enough (a 32-byte header, a frame of at least 24 bytes).
 fn be_u32(buf: &[u8], at: usize) -> u32 {

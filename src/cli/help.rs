@@ -154,7 +154,8 @@ OPTIONS
 
     --min-interval SECS
         Under steady writes, ship each database at most this often (default 1). The first
-        commit after a quiet spell ships at once.
+        commit after a quiet spell ships at once, and a WAL holding 2000 frames not yet read
+        ships and is checkpointed at once, so that it can restart as SQLite would restart it.
 
     --snapshot-interval SECS
         Seconds between snapshots of a changing database (default 3600).

@@ -24,6 +24,11 @@ pub struct Options {
     pub safety_interval: Duration,
     /// Checkpoint once walsync has staged this many frames since its last checkpoint.
     pub passive_checkpoint_frames: u64,
+    /// Under heavy writes, read the WAL and checkpoint as soon as it holds this many frames
+    /// that walsync has not read, without waiting for `min_interval`, so that the WAL
+    /// restarts about as often as SQLite's own checkpoints would restart it; 0: never
+    /// sooner than `min_interval`.
+    pub restart_frames: u64,
     /// A WAL file at least this large is truncated (TRUNCATE checkpoint, while walsync's
     /// read transaction keeps it safe) after walsync's next complete checkpoint.
     pub wal_size_limit: u64,
@@ -49,6 +54,7 @@ impl Default for Options {
             poll_interval: Duration::from_secs(1),
             safety_interval: Duration::from_secs(10),
             passive_checkpoint_frames: 1000,
+            restart_frames: 2000,
             wal_size_limit: replica::DEFAULT_WAL_SIZE_LIMIT,
             staging_limit: replica::DEFAULT_STAGING_LIMIT,
             retention: retention::DEFAULT_RETENTION,

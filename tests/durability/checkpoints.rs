@@ -2,7 +2,8 @@
 //! stopped and then checkpointed away by the application (1, 1b) are shipped; walsync's own
 //! truncating checkpoint (2), two application TRUNCATEs in a row (6a) and a re-pin after a
 //! FULL checkpoint (6b) keep one generation; and while storage is slow the application's
-//! write lock is never held across an upload (5).
+//! write lock is never held across an upload (5), and a writer that never pauses sees the
+//! WAL restart (7).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -280,4 +281,60 @@ fn a_repin_after_a_full_application_checkpoint_keeps_one_generation() {
         "the application's checkpoint and walsync's repin started a new generation"
     );
     assert_restored(restored, &app.dump(), "the latest restore");
+}
+
+/// 7. A writer that never pauses, with SQLite's automatic checkpoints on: walsync reads and
+///    checkpoints as soon as the WAL holds `restart_frames` frames it has not read, not only
+///    once per `min_interval` (here an hour), so the WAL restarts from its top while the
+///    writer goes on, as it does without walsync. (Otherwise it grows until the next
+///    interval, and every commit then writes past the end of the file.)
+#[test]
+fn the_wal_restarts_under_a_writer_that_never_pauses() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(server.storage("restarts"));
+    let mut app = AppDb::create(dir.path(), "app.db");
+    app.conn
+        .execute_batch("PRAGMA wal_autocheckpoint=1000;")
+        .unwrap();
+    app.conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let options = Options {
+        min_interval: Duration::from_secs(3600),
+        restart_frames: 200,
+        ..Options::default()
+    };
+    let replicator = start(&storage, &app.path, options);
+    replicator.sync("app").unwrap();
+    let wal = PathBuf::from(format!("{}-wal", app.path.display()));
+    let salts = || -> Option<Vec<u8>> {
+        let bytes = std::fs::read(&wal).ok()?;
+        bytes.get(16..24).map(<[u8]>::to_vec)
+    };
+    let mut last = salts();
+    let (mut restarts, mut commits) = (0, 0);
+    let started = Instant::now();
+    while restarts < 3 && started.elapsed() < Duration::from_secs(60) {
+        app.insert(10, 1000);
+        commits += 1;
+        let now = salts();
+        if now != last {
+            restarts += 1;
+            last = now;
+        }
+    }
+    eprintln!(
+        "{restarts} restarts in {commits} commits, {:?}",
+        started.elapsed()
+    );
+    assert!(
+        restarts >= 3,
+        "the WAL restarted {restarts} times in {commits} commits; walsync waited for its interval"
+    );
+    replicator.sync("app").unwrap();
+    replicator.stop(Duration::from_secs(30)).unwrap();
+    assert_restored(
+        restore_dump(storage.as_ref(), "app", dir.path(), None),
+        &app.dump(),
+        "the latest restore",
+    );
 }
