@@ -239,6 +239,9 @@ pub struct Replica {
     wal_size_limit: u64,
     /// Staging is full and that has been said.
     said_full: bool,
+    /// The pin was handed off to the present since the tip last read the WAL (see
+    /// [`Replica::hand_off_pin`]): it may see commits the tip has not read.
+    pin_ahead: bool,
 }
 
 impl Replica {
@@ -326,6 +329,7 @@ impl Replica {
             staging_limit: DEFAULT_STAGING_LIMIT,
             wal_size_limit: DEFAULT_WAL_SIZE_LIMIT,
             said_full: false,
+            pin_ahead: false,
         };
         replica.pin_state = replica.pin_state_now()?;
         replica.pinned_at = Some(replica.wal_look()?);

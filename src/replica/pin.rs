@@ -42,14 +42,25 @@ impl Replica {
     /// connections trade roles. One of them holds a read transaction at every moment, so
     /// the pin goes on guarding: on a read mark above 0 the new one keeps any writer from
     /// restarting the WAL; SQLite gives it read mark 0 only when every frame in the WAL is
-    /// in the database file already, which the old pin allowed only for frames that were
-    /// in the WAL when it was taken, and those the tip has read (it guards). What commits
-    /// after the new pin was taken stays unread, as after any pin: the next cut reads it.
+    /// in the database file already, which the old pin allowed only for frames it saw. So
+    /// the tip must have read (and saved) every frame the old pin sees: true of a pin taken
+    /// under the barrier or at rest, which is aligned with the tip, but not of a pin handed
+    /// off to the present, which sees what committed since the last cut. Such a pin is
+    /// handed off again only after a cut has read up to it: until then this refuses
+    /// (returns false, having moved nothing). Without that rule, a second hand-off in a row
+    /// got read mark 0 once a checkpoint had copied those frames, and the next writer
+    /// restarted the WAL over them before they were read (seen in the torture harness: a
+    /// generation that skipped the commits made while its base snapshot was taken). What
+    /// commits after the new pin was taken stays unread, as after any pin: the next cut
+    /// reads it.
     ///
     /// Unlike a repin under the barrier, the new pin is not aligned with the tip, so it is
     /// not a base for a snapshot; it serves checkpoints and [`Replica::follow_restart`].
-    pub(super) fn hand_off_pin(&mut self) -> Result<()> {
+    pub(super) fn hand_off_pin(&mut self) -> Result<bool> {
         debug_assert_eq!(self.pin_state, Pin::Guarding);
+        if self.pin_ahead {
+            return Ok(false);
+        }
         self.alone = false;
         open_control(&mut self.control, &self.pin, &self.opened, &self.name)?.pin()?;
         let Some(new_pin) = self.control.take() else {
@@ -59,9 +70,10 @@ impl Replica {
         // If ending it fails, closing the connection ends it (and the next step opens a
         // new control connection).
         self.pinned_at = None;
+        self.pin_ahead = true;
         old.release()?;
         self.control = Some(old);
-        Ok(())
+        Ok(true)
     }
 
     /// A pin taken when every frame in the WAL was in the database file already (after a
@@ -89,7 +101,9 @@ impl Replica {
         if now.salt.is_none() || (now.salt == then.salt && now.size <= then.size) {
             return Ok(false);
         }
-        self.hand_off_pin()?;
+        if !self.hand_off_pin()? {
+            return Ok(false);
+        }
         log::debug!(
             "{}: the WAL was written to since the pin was taken: handed off",
             self.name

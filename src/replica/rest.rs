@@ -102,6 +102,8 @@ impl Replica {
         }
         self.pin.open_again()?;
         self.pin.pin()?;
+        // Everything committed was read (checked above), so the new pin sees nothing unread.
+        self.pin_ahead = false;
         self.pinned_at = Some(self.wal_look()?);
         let after = (self.committed_end()?, written(self.pin.path())?);
         self.pin_state = if after == before {

@@ -90,16 +90,23 @@ impl Replica {
         };
         let start = match self.continuity(&tip, reader.as_ref(), &identity)? {
             Continuity::Lost(reason) => return Ok(Cut::Broken(reason)),
-            Continuity::NoWal => return Ok(Cut::Idle),
+            Continuity::NoWal => {
+                self.pin_ahead = false;
+                return Ok(Cut::Idle);
+            }
             Continuity::From(start) => start,
         };
         let Some(reader) = reader.as_mut() else {
+            self.pin_ahead = false;
             return Ok(Cut::Idle);
         };
         reader.seek(start);
         let header = *reader.header();
+        // From here every commit up to this moment is read, so a pin handed off before it
+        // no longer sees anything unread (see `Replica::hand_off_pin`).
         if !reader.may_hold_frame()? {
             self.note_reached(&header, start.offset);
+            self.pin_ahead = false;
             return Ok(Cut::Idle);
         }
         let draft = self.sidecar.draft()?;
@@ -108,6 +115,7 @@ impl Replica {
             Ok(None) => {
                 // Frames of a transaction not committed yet; the draft is removed on drop.
                 self.note_reached(&header, start.offset);
+                self.pin_ahead = false;
                 return Ok(Cut::Idle);
             }
             Err(e) if e.kind() == crate::error::ErrorKind::Corrupt => {
@@ -141,6 +149,7 @@ impl Replica {
             ..tip
         });
         self.note_reached(&header, end.offset);
+        self.pin_ahead = false;
         self.last_read = Instant::now();
         self.unsynced.push(staged.clone());
         self.staged.push_back(staged);
