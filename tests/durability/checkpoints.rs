@@ -306,9 +306,12 @@ fn the_wal_restarts_under_a_writer_that_never_pauses() {
     let replicator = start(&storage, &app.path, options);
     replicator.sync("app").unwrap();
     let wal = PathBuf::from(format!("{}-wal", app.path.display()));
-    let salts = || -> Option<Vec<u8>> {
-        let bytes = std::fs::read(&wal).ok()?;
-        bytes.get(16..24).map(<[u8]>::to_vec)
+    let salts = || -> Option<[u8; 8]> {
+        use std::os::unix::fs::FileExt;
+        let mut salts = [0u8; 8];
+        let file = std::fs::File::open(&wal).ok()?;
+        file.read_exact_at(&mut salts, 16).ok()?;
+        Some(salts)
     };
     let mut last = salts();
     let (mut restarts, mut commits) = (0, 0);
