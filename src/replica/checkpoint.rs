@@ -178,16 +178,35 @@ impl Replica {
     }
 }
 
+/// How many times [`run_checkpoint`] tries when another connection's checkpoint is running,
+/// 1 ms apart.
+const CHECKPOINT_LOCK_TRIES: u32 = 20;
+
 /// Run a PASSIVE checkpoint on `conn` (which must not be in a transaction: SQLite refuses
 /// to checkpoint inside one). Returns whether every frame was copied, and how many frames
 /// of the WAL are in the database file now.
+///
+/// Only one checkpoint runs at a time. An application with automatic checkpoints on runs
+/// one after each of its commits once the WAL holds 1000 frames, and a PASSIVE checkpoint
+/// that finds one running does nothing at all (SQLite reports -1 frames): so it is tried
+/// again for a moment. (Counted as partial, it waited 10 s for the next try, and a writer
+/// that never pauses grew the WAL to 90 MiB meanwhile.) Under the barrier the application
+/// can start no new one.
 pub(super) fn run_checkpoint(name: &str, conn: &Database) -> Result<(bool, u64)> {
-    let (busy, log_frames, copied): (i64, i64, i64) = conn
-        .connection()?
-        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .context(|| format!("{name}: checkpoint"))?;
+    let mut tries = 0;
+    let (busy, log_frames, copied) = loop {
+        let (busy, log_frames, copied): (i64, i64, i64) = conn
+            .connection()?
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .context(|| format!("{name}: checkpoint"))?;
+        tries += 1;
+        if log_frames >= 0 || tries >= CHECKPOINT_LOCK_TRIES {
+            break (busy, log_frames, copied);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     log::debug!("{name}: checkpoint: busy={busy} log={log_frames} copied={copied}");
     Ok((
         busy == 0 && log_frames == copied,
