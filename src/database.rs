@@ -222,6 +222,26 @@ impl Database {
         }
     }
 
+    /// Write the database file and the WAL to disk now, through SQLite's own descriptors
+    /// (their `sqlite3_file`'s `xSync`; see [`Database::content_digest`] for why never one
+    /// of walsync's). SQLite syncs the database file only when a checkpoint has copied every
+    /// frame, so all that walsync's checkpoints copied outside the barrier was written by the
+    /// complete one under it, while the application waited for its write lock: with a
+    /// writer producing 100 MB of WAL a second, 13-63 ms a time. Done first, that fsync
+    /// has only the last moment's pages left to write.
+    pub fn sync_files(&self) -> Result<()> {
+        self.refuse_if_closed()?;
+        let what = || format!("syncing {} and its WAL", self.path.display());
+        for file in [
+            rusqlite::ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            rusqlite::ffi::SQLITE_FCNTL_FILE_POINTER,
+        ] {
+            // SAFETY: see sync_file.
+            unsafe { sync_file(&self.conn, file) }.map_err(|e| e.with_context(what()))?;
+        }
+        Ok(())
+    }
+
     /// The SQLite connection; an error if it is closed (see [`Database::close_in_place`]).
     pub fn connection(&self) -> Result<&Connection> {
         self.refuse_if_closed()?;
@@ -378,6 +398,41 @@ unsafe fn read_main_file(
         offset += n as i64;
     }
     Ok(())
+}
+
+/// Sync the file that `pointer` (`SQLITE_FCNTL_FILE_POINTER`: the main database;
+/// `SQLITE_FCNTL_JOURNAL_POINTER`: the WAL) names, with its `sqlite3_file`'s `xSync`. A file
+/// the connection has not opened (no WAL read yet) is skipped.
+///
+/// # Safety
+///
+/// `conn` must be used by the calling thread only (walsync's connections are). Both file
+/// controls hand out an `sqlite3_file` of the connection's, valid while it is open, and
+/// `xSync` is its public method.
+unsafe fn sync_file(conn: &Connection, pointer: std::ffi::c_int) -> Result<()> {
+    use rusqlite::ffi;
+    use std::ffi::c_void;
+
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    let rc = ffi::sqlite3_file_control(
+        conn.handle(),
+        c"main".as_ptr(),
+        pointer,
+        (&raw mut file).cast::<c_void>(),
+    );
+    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+        return Ok(());
+    }
+    let Some(sync) = (*(*file).pMethods).xSync else {
+        return Ok(());
+    };
+    match sync(file, ffi::SQLITE_SYNC_NORMAL) {
+        ffi::SQLITE_OK => Ok(()),
+        rc => Err(Error::new(
+            ErrorKind::Other,
+            format!("fsync: SQLite error {rc}"),
+        )),
+    }
 }
 
 /// Size of a wal-index region as SQLite maps it (`WALINDEX_PGSZ` in SQLite's wal.c).

@@ -110,6 +110,8 @@ impl Replica {
         if matches!(outside, Cut::Broken(_) | Cut::Held) {
             return Ok(Checkpoint::Skipped);
         }
+        // What the rounds copied goes to disk now, not under the barrier (see `sync_files`).
+        self.pin.sync_files()?;
         // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
         let (cut, complete) = self.under_barrier(|r| {
             let cut = r.cut()?;
