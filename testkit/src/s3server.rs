@@ -33,7 +33,8 @@
 //! recorded and the state its controls share with the server's threads. The rest is in
 //! rooms of its own: `s3server/serve.rs` serves each request (the faults, AWS's refusals,
 //! the recording, the cut body), `s3server/uploads.rs` answers ListMultipartUploads from
-//! s3s-fs's files, and `s3server/ca.rs` makes the private CA.
+//! s3s-fs's files, `s3server/listing.rs` answers listings by walking the prefix's directory
+//! only (s3s-fs walks the whole bucket), and `s3server/ca.rs` makes the private CA.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -49,6 +50,7 @@ use walsync::storage::s3::{S3Config, S3Storage};
 use crate::faults::{Fault, FaultCounts, FaultMix, SharedRng};
 
 mod ca;
+mod listing;
 mod serve;
 mod uploads;
 
@@ -393,8 +395,7 @@ impl S3Server {
 
     fn serve(&mut self, listener: TcpListener) {
         listener.set_nonblocking(true).unwrap();
-        let fs = s3s_fs::FileSystem::new(&self.root).expect("s3s-fs root");
-        let mut builder = S3ServiceBuilder::new(fs);
+        let mut builder = S3ServiceBuilder::new(listing::Listing::new(&self.root));
         builder.set_auth(SimpleAuth::from_single(
             self.access_key.as_str(),
             self.secret_key.as_str(),
