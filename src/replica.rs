@@ -36,8 +36,11 @@
 //! checkpoints, any number of them), every commit is still in the current WAL, and reading
 //! it from the top after a restart loses nothing. That is [`Pin::Guarding`].
 //!
-//! The pin is moved only under the *barrier* (`BEGIN IMMEDIATE`, the write lock) after the
-//! last commits are cut, so the new pin guards at once. The barrier covers local work only:
+//! The pin is moved under the *barrier* (`BEGIN IMMEDIATE`, the write lock) after the last
+//! commits are cut, so the new pin guards at once; or, for checkpoints, handed off to the
+//! present without it ([`Replica::hand_off_pin`]), which keeps it guarding only while the
+//! tip has read everything the old pin saw, so a pin handed off is handed off again only
+//! after a cut. The barrier covers local work only:
 //! reading a few frames into a staged file, moving the pin, a checkpoint of what slipped in
 //! since the last one. It never waits for the network.
 //!
