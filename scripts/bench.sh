@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh [--quick] [--idle-seconds N] [--only walsync|litestream]
 #                    [--dbs N] [--write-seconds S] [--db-mib N] [--barrier-seconds S]
-#                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many|tenants]...
+#                    [--skip size|rss|lag|idle|snapshot|barrier|heavy|slowdown|many|tenants|pickup]...
 #                    [--phase PHASE]...   (run only these phases; same names as --skip)
 #
 # walsync runs as its static musl build (scripts/build-static.sh), the binary users install,
@@ -39,8 +39,10 @@
 #     database, snapshots stored.
 #     3,000 is the most this machine's descriptor hard limit (20,000) lets walsync start (a
 #     database holds six while it takes its first snapshot); 10,000's RSS is projected from
-#     the two. And directory pick-up: 100 databases created one by one while walsync watches
-#     their directory, the time from each one's first commit to its first object stored;
+#     the two;
+#   - pickup: 100 databases created one by one while walsync watches their directory, the
+#     time from each one's first commit to its first object stored (the object file's
+#     modification time);
 #   - S3 requests made by one idle database over an idle window (600 s; both tools side by
 #     side, requests told apart by key prefix), after the initial replication settled;
 #   - peak RSS and time of `walsync snapshot` and `walsync restore` of a 200 MiB database

@@ -1075,7 +1075,9 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
 
 def phase_pickup(tool, server, work, n_dbs):
     """walsync watching an empty directory while `n_dbs` databases are created in it one by
-    one: for each, the time from its first commit in WAL mode to its first object stored."""
+    one: for each, the time from its first commit in WAL mode to its first object stored
+    (the object file's modification time in the server's directory, so that the time spent
+    creating the other databases before this loop looks does not count)."""
     tag = f"pickup{n_dbs}"
     prefix = f"bench/{tag}/{tool.name}"
     ddir = os.path.join(work, f"{tag}-{tool.name}")
@@ -1091,14 +1093,23 @@ def phase_pickup(tool, server, work, n_dbs):
         for i in range(n_dbs):
             name = f"new{i:03d}"
             make_db(os.path.join(ddir, f"{name}.db"), rows=5, seed=i)
-            created[name] = time.monotonic()
+            created[name] = time.time()
             time.sleep(0.05)
         seen = {}
         deadline = time.monotonic() + 60
         while len(seen) < n_dbs and time.monotonic() < deadline:
             for name, at in created.items():
-                if name not in seen and server.objects(tool.replica_dir(prefix, name)):
-                    seen[name] = time.monotonic() - at
+                replica = tool.replica_dir(prefix, name)
+                stored = server.objects(replica) if name not in seen else None
+                if stored:
+                    times = []
+                    for o in stored:
+                        try:
+                            times.append(os.path.getmtime(os.path.join(server.path(replica), o)))
+                        except FileNotFoundError:  # replaced meanwhile (state.json)
+                            pass
+                    if times:
+                        seen[name] = max(0.0, min(times) - at)
             time.sleep(0.05)
         latencies = sorted(seen.values())
         result.update({"picked_up": len(seen), "p50_s": round(percentile(latencies, 50), 2),
@@ -1408,17 +1419,17 @@ def main(argv):
     p.add_argument("--barrier-seconds", type=float, help="length of the barrier run's writes")
     p.add_argument("--skip", action="append", default=[],
                    choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
-                            "slowdown", "many", "tenants"],
+                            "slowdown", "many", "tenants", "pickup"],
                    help="skip a phase")
     p.add_argument("--phase", action="append", default=[],
                    choices=["size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
-                            "slowdown", "many", "tenants"],
+                            "slowdown", "many", "tenants", "pickup"],
                    help="run only this phase (repeatable); the others are skipped")
     p.add_argument("--meta", action="append", default=[], help="KEY=VALUE for results.json")
     a = p.parse_args(argv)
     if a.phase:
         a.skip = sorted({"size", "rss", "lag", "idle", "snapshot", "barrier", "heavy",
-                         "slowdown", "many", "tenants"} - set(a.phase) | set(a.skip))
+                         "slowdown", "many", "tenants", "pickup"} - set(a.phase) | set(a.skip))
 
     quick = a.quick
     if a.idle_seconds is not None and float(a.idle_seconds).is_integer():
@@ -1541,9 +1552,9 @@ def main(argv):
                 ph[f"tenants_{n}"] = {
                     t.name: phase_tenants(t, server, work, n, params["tenant_idle_seconds"])
                     for t in watchers if t.name == "walsync" or i == 0}
-            if walsync in watchers:
-                ph["pickup"] = {"walsync": phase_pickup(walsync, server, work,
-                                                        params["pickup_dbs"])}
+        if "pickup" not in a.skip and walsync in watchers:
+            ph["pickup"] = {"walsync": phase_pickup(walsync, server, work,
+                                                    params["pickup_dbs"])}
         if "snapshot" not in a.skip:
             ph["snapshot_restore"] = phase_snapshot_restore(walsync, litestream, server, work,
                                                             params["db_mib"])
