@@ -217,6 +217,8 @@ pub(crate) trait Host: Send + Sync {
 pub(crate) struct DirectoryWatch {
     messages: Sender<Message>,
     thread: JoinHandle<()>,
+    /// Matching files the first scan found, replicated or not.
+    pub(crate) found: usize,
 }
 
 impl DirectoryWatch {
@@ -263,12 +265,17 @@ impl DirectoryWatch {
             }
         );
         scanner.scan_all()?;
+        let found = scanner.mine.len() + scanner.skipped.len() + scanner.waiting.len();
         let thread = std::thread::Builder::new()
             .name("walsync-dir".into())
             .stack_size(256 * 1024)
             .spawn(move || scanner.run(&inbox))
             .map_err(|e| Error::from(e).with_context("starting a directory thread"))?;
-        Ok(DirectoryWatch { messages, thread })
+        Ok(DirectoryWatch {
+            messages,
+            thread,
+            found,
+        })
     }
 
     /// Stop adding and removing databases (those added stay, for the replicator to stop).

@@ -163,11 +163,14 @@ impl Replicator {
     /// Watch a directory for databases, and replicate each one that is or becomes a WAL
     /// database until its file goes (which files count is [`DirectorySpec`]'s). Scans it once before
     /// returning (so what is there is replicated, or warned about, by then); an error if
-    /// the directory cannot be read.
-    pub fn watch_directory(&self, spec: DirectorySpec) -> Result<()> {
+    /// the directory cannot be read. Returns how many matching files that scan found,
+    /// replicated or not (those a host limit kept out count too: see `walsync watch`'s
+    /// limit warnings).
+    pub fn watch_directory(&self, spec: DirectorySpec) -> Result<usize> {
         let watch = DirectoryWatch::start(Arc::clone(&self.core), spec)?;
+        let found = watch.found;
         lock(&self.directories).push(watch);
-        Ok(())
+        Ok(found)
     }
 
     /// Names and paths of the replicated databases, in the order they were added.

@@ -225,8 +225,9 @@ pub fn watch(cmd: WatchCmd) -> Result<u8> {
     let open_files = internals::raise_open_files_limit();
     let inotify = options.watch_mode == WatchMode::Auto && cfg!(target_os = "linux");
     let limits = internals::host_limits(open_files, inotify);
-    let judge_limit = |paths: &mut dyn Iterator<Item = &Path>| {
-        let mut count = 0u64;
+    // `uncounted`: databases found but not among `paths` (kept out by a limit, say).
+    let judge_limit = |paths: &mut dyn Iterator<Item = &Path>, uncounted: u64| {
+        let mut count = uncounted;
         let mut dirs = std::collections::HashSet::new();
         for path in paths {
             count += 1;
@@ -236,25 +237,34 @@ pub fn watch(cmd: WatchCmd) -> Result<u8> {
             log::warn!(target: LOG_TARGET, "{warning}");
         }
     };
-    judge_limit(&mut databases.iter().map(|(path, _)| path.as_path()));
+    judge_limit(&mut databases.iter().map(|(path, _)| path.as_path()), 0);
     let replicator = Replicator::start(storage, &databases, options)?;
     for (name, path) in replicator.databases() {
         log::info!(target: LOG_TARGET, "watching {} as {name}", path.display());
     }
     // Named databases first: a file in a directory that would take one's name is refused.
-    let watching_dirs = !directories.is_empty();
+    let mut found = 0;
     for spec in directories {
-        if let Err(e) = replicator.watch_directory(spec) {
-            if let Err(stop) = replicator.stop(shutdown_timeout) {
-                log::error!(target: LOG_TARGET, "{stop}");
+        match replicator.watch_directory(spec) {
+            Ok(files) => found += files,
+            Err(e) => {
+                if let Err(stop) = replicator.stop(shutdown_timeout) {
+                    log::error!(target: LOG_TARGET, "{stop}");
+                }
+                return Err(e);
             }
-            return Err(e);
         }
     }
     let replicated = replicator.databases();
     let count = replicated.len();
-    if watching_dirs && count > databases.len() {
-        judge_limit(&mut replicated.iter().map(|(_, path)| path.as_path()));
+    if found > 0 {
+        // What the directories hold, not only what could be opened: the databases a limit
+        // kept out are the ones the warning is for.
+        let kept_out = (databases.len() + found).saturating_sub(count) as u64;
+        judge_limit(
+            &mut replicated.iter().map(|(_, path)| path.as_path()),
+            kept_out,
+        );
     }
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
