@@ -113,7 +113,8 @@
 //!   `state.json`.
 //! - `pin`: holding the WAL still: the pin, the barrier, the hand-off, following a
 //!   restarted WAL or a replaced database file.
-//! - `rest`: what an idle database gives back (connections, cached pages).
+//! - `rest`: what an idle database gives back (connections, cached pages, the sidecar
+//!   lock), and taking the lock back.
 //! - `checkpoint`: walsync's own checkpoints, over what it has staged.
 //! - `continuity`: where reading resumes after a restart, the proof that makes that safe,
 //!   and a new generation when it cannot.
@@ -465,9 +466,11 @@ impl Replica {
 
     // ----- what every step shares -----
 
-    /// Before any step: save a tip that an earlier step could not save, follow a database
-    /// file replaced by rename, and make sure the pin is held.
+    /// Before any step: take the sidecar lock back if a rest let it go, save a tip that an
+    /// earlier step could not save, follow a database file replaced by rename, and make
+    /// sure the pin is held.
     fn prepare(&mut self) -> Result<()> {
+        self.hold()?;
         // Opening it again at rest may have failed (see `rest_alone`).
         self.pin.open_again()?;
         self.persist()?;

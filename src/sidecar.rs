@@ -3,8 +3,12 @@
 //! `docs/FORMAT.md` ("The sidecar"); this module creates, locks and reads them:
 //!
 //! - the directory `<name>-<hash of destination and name>/` (64-bit FNV-1a) and its
-//!   `lock`, held (flock) for as long as a walsync replicates this database to this
-//!   destination, so two of them can never interleave segments under one name;
+//!   `lock`, held (flock) while a walsync works on this database for this destination, so
+//!   two of them can never interleave segments under one name. Whoever takes it writes its
+//!   *stamp* into it (see `sidecar/holder.rs`). On Linux a resting database lets the lock go
+//!   ([`Sidecar::release_lock`]: one descriptor less for each idle database) and takes it
+//!   back before it does anything else ([`Sidecar::relock`]): its stamp, still there, says
+//!   nobody held it meanwhile, and still keeps a second walsync from starting on it;
 //! - `position.json`, whose content `replica/position.rs` defines; an unreadable one is ignored
 //!   (a new generation starts);
 //! - staged objects, `<seq>-<object file name>`, written here before they count as read,
@@ -23,12 +27,15 @@
 //! directories and files get the database file's permission bits (never more, and always
 //! enough for the owner), whatever the umask says.
 
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+mod holder;
 
-use crate::error::{Context, Error, Result};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Error, ErrorKind, Result};
 use crate::files::{self, sync_dir, write_atomically};
 use crate::layout::{ObjectKind, ObjectName};
 use crate::spool;
@@ -36,13 +43,31 @@ use crate::spool;
 /// The file `walsync restore` leaves in the sidecar of a database it wrote.
 const RESTORED: &str = "restored.json";
 
+/// How long [`Sidecar::relock`] waits for a lock someone else holds: a walsync refused by
+/// this one's stamp holds it for a moment only.
+const RELOCK_PATIENCE: Duration = Duration::from_secs(2);
+
 /// The sidecar directory of one replica, locked for this process.
 pub struct Sidecar {
     dir: PathBuf,
     /// Permission bits for files: the database's, plus read and write for the owner.
     file_mode: u32,
-    /// Held for the sidecar's lifetime (see the module docs).
-    _lock: File,
+    /// The lock file, held; `None` while released (see the module docs).
+    lock: Option<File>,
+    /// The lock file's device and inode.
+    lock_identity: (u64, u64),
+    /// What this process wrote into the lock file when it took it.
+    stamp: holder::Stamp,
+}
+
+/// What [`Sidecar::relock`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relocked {
+    /// The lock is held, and nobody else held it since this sidecar was opened.
+    Held,
+    /// Somebody else held the lock while it was released (or the lock file is gone): what
+    /// this process knows of the replica may be stale. The lock is not held.
+    TakenOver(String),
 }
 
 /// An object staged for upload.
@@ -88,23 +113,123 @@ impl Sidecar {
         }
         let lock_path = dir.join("lock");
         let lock = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(file_mode)
             .open(&lock_path)
             .context(|| format!("creating lock file {}", lock_path.display()))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::invalid(format!(
-                "another walsync is already replicating {} to {destination} as {name:?}",
+        let refused = |holder: String| {
+            Error::invalid(format!(
+                "another walsync{holder} is already replicating {} to {destination} as {name:?}",
                 db_path.display()
-            )));
+            ))
+        };
+        if lock.try_lock().is_err() {
+            return Err(refused(String::new()));
         }
+        let what = || format!("reading lock file {}", lock_path.display());
+        let meta = lock.metadata().context(what)?;
+        let lock_identity = (meta.dev(), meta.ino());
+        let mut content = Vec::new();
+        (&lock).read_to_end(&mut content).context(what)?;
+        // A resting walsync holds no lock, but its stamp is there.
+        if let Some(pid) = holder::live_holder(&content, lock_identity) {
+            return Err(refused(format!(" (process {pid})")));
+        }
+        let stamp = holder::Stamp::new(lock_identity);
+        lock.set_len(0)
+            .and_then(|()| lock.write_all_at(stamp.text.as_bytes(), 0))
+            .context(|| format!("writing lock file {}", lock_path.display()))?;
         Ok(Sidecar {
             dir,
             file_mode,
-            _lock: lock,
+            lock: Some(lock),
+            lock_identity,
+            stamp,
         })
+    }
+
+    /// Let go of the lock while the replica rests, on Linux (elsewhere nothing happens):
+    /// the caller has nothing staged, nothing unsaved and nothing uploading, and calls
+    /// [`Sidecar::relock`] before it does anything with this sidecar or storage again.
+    /// Until then the sidecar refuses every write.
+    pub(crate) fn release_lock(&mut self) {
+        if cfg!(target_os = "linux") {
+            self.lock = None;
+        }
+    }
+
+    /// Take the lock back after [`Sidecar::release_lock`] (at once if it is held), waiting
+    /// [`RELOCK_PATIENCE`] at most for someone who holds it: a walsync that the stamp
+    /// refused lets go in a moment. The stamp then says whether anybody else held it
+    /// meanwhile. An error only if the lock could not be taken (tried again later).
+    pub(crate) fn relock(&mut self) -> Result<Relocked> {
+        self.relock_within(RELOCK_PATIENCE)
+    }
+
+    fn relock_within(&mut self, patience: Duration) -> Result<Relocked> {
+        if self.lock.is_some() {
+            return Ok(Relocked::Held);
+        }
+        let path = self.dir.join("lock");
+        let what = || format!("taking lock file {} back", path.display());
+        let lock = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Relocked::TakenOver(format!("{} is gone", path.display())))
+            }
+            Err(e) => return Err(Error::from(e).with_context(what())),
+        };
+        let deadline = Instant::now() + patience;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::new(
+                        ErrorKind::Transient,
+                        format!("{}: another process holds it", what()),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::from(e).with_context(what()))
+                }
+            }
+        }
+        let meta = lock.metadata().context(what)?;
+        let mut content = Vec::new();
+        (&lock).read_to_end(&mut content).context(what)?;
+        if (meta.dev(), meta.ino()) != self.lock_identity || content != self.stamp.text.as_bytes() {
+            let by = match holder::live_holder(&content, (meta.dev(), meta.ino())) {
+                Some(pid) => format!("walsync process {pid}"),
+                None => "another walsync".to_string(),
+            };
+            return Ok(Relocked::TakenOver(format!(
+                "{by} took {} while it was released",
+                path.display()
+            )));
+        }
+        self.lock = Some(lock);
+        Ok(Relocked::Held)
+    }
+
+    /// An error unless the lock is held: nothing is written into a sidecar whose lock is
+    /// released.
+    fn check_locked(&self) -> Result<()> {
+        if self.lock.is_none() {
+            return Err(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "{}: its lock is released (a bug: it is taken back before any write)",
+                    self.dir.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -134,6 +259,7 @@ impl Sidecar {
 
     /// Replace `position.json` atomically and durably.
     pub fn save_position<T: serde::Serialize>(&self, position: &T) -> Result<()> {
+        self.check_locked()?;
         let body = serde_json::to_vec_pretty(position)?;
         write_atomically(&self.dir.join("position.json"), self.file_mode, |f| {
             f.write_all(&body)
@@ -199,6 +325,7 @@ impl Sidecar {
 
     /// A new, empty scratch file to write an object into; see [`Sidecar::stage`].
     pub fn draft(&self) -> Result<Draft> {
+        self.check_locked()?;
         let path = spool::unique_path(&self.dir, "draft");
         let file = OpenOptions::new()
             .read(true)
@@ -226,6 +353,7 @@ impl Sidecar {
         object: &ObjectName,
         durable: bool,
     ) -> Result<Staged> {
+        self.check_locked()?;
         let path = self.dir.join(format!("{seq:012}-{}", object.file_name()));
         let what = || format!("staging {}", path.display());
         draft.file.flush().context(what)?;
@@ -288,11 +416,28 @@ impl Sidecar {
     /// Remove a staged object (uploaded, or never counted). Not fsynced: a removal undone by
     /// a power cut only means the same bytes are uploaded again under the same key.
     pub fn remove(&self, staged: &Staged) -> Result<()> {
+        self.check_locked()?;
         match std::fs::remove_file(&staged.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(Error::from(e).with_context(format!("removing {}", staged.path.display())))
             }
             _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    /// Leave no stamp behind: a stamp of a process still running keeps other walsyncs off.
+    fn drop(&mut self) {
+        let held = match self.lock.take() {
+            Some(lock) => Some(lock),
+            None => match self.relock_within(Duration::ZERO) {
+                Ok(Relocked::Held) => self.lock.take(),
+                _ => None,
+            },
+        };
+        if let Some(lock) = held {
+            let _ = lock.set_len(0);
         }
     }
 }
@@ -462,5 +607,111 @@ mod tests {
         let err = Sidecar::open(&db, "file:///b", "app").err().unwrap();
         assert!(err.to_string().contains("already replicating"), "{err}");
         Sidecar::open(&db, "file:///other", "app").unwrap();
+    }
+
+    /// A resting database's sidecar: its lock released, its stamp still there, so a second
+    /// opener is still refused, and nothing is written until the lock is taken back.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_released_sidecar_still_refuses_a_second_opener_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        first.release_lock();
+        assert!(first.lock.is_none());
+        let err = Sidecar::open(&db, "file:///b", "app").err().unwrap();
+        let me = format!("(process {})", std::process::id());
+        assert!(err.to_string().contains("already replicating"), "{err}");
+        assert!(err.to_string().contains(&me), "{err}");
+        assert!(first.draft().is_err());
+        assert!(first.save_position(&1).is_err());
+        assert_eq!(first.relock().unwrap(), Relocked::Held);
+        first.save_position(&1).unwrap();
+        assert_eq!(first.load_position::<u32>().unwrap(), Some(1));
+    }
+
+    /// Whoever took the lock while it was released left another stamp (or none, when it
+    /// let go cleanly): taking it back says so, and leaves it free for the caller to open
+    /// the sidecar afresh.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sidecar_taken_while_released_is_known_when_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        first.release_lock();
+        let lock_path = first.dir().join("lock");
+        std::fs::write(&lock_path, b"").unwrap();
+        assert!(matches!(first.relock().unwrap(), Relocked::TakenOver(_)));
+        assert!(first.lock.is_none());
+        drop(Sidecar::open(&db, "file:///b", "app").unwrap());
+        // A lock file removed (the sidecar deleted) is taken over too.
+        let mut second = Sidecar::open(&db, "file:///b", "app").unwrap();
+        second.release_lock();
+        std::fs::remove_file(&lock_path).unwrap();
+        assert!(matches!(second.relock().unwrap(), Relocked::TakenOver(_)));
+    }
+
+    /// Taking the lock back waits a moment for someone who holds it (a walsync the stamp
+    /// refused), then reports an error that may pass.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn taking_the_lock_back_waits_for_a_brief_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        first.release_lock();
+        let other = File::open(first.dir().join("lock")).unwrap();
+        other.lock().unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(other);
+        });
+        assert_eq!(first.relock().unwrap(), Relocked::Held);
+        holder.join().unwrap();
+        first.release_lock();
+        let other = File::open(first.dir().join("lock")).unwrap();
+        other.lock().unwrap();
+        let err = first.relock().err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    }
+
+    /// A copy of the database and its sidecar (`cp -a`) is not held by the walsync that
+    /// holds the original: the stamp names the original lock file.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_copied_sidecar_is_not_held_by_the_original_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        first.release_lock();
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        let copy_db = database(&copy, 0o600);
+        let copy_dir = copy
+            .join(".app.db-walsync")
+            .join(first.dir().file_name().unwrap());
+        std::fs::create_dir_all(&copy_dir).unwrap();
+        std::fs::copy(first.dir().join("lock"), copy_dir.join("lock")).unwrap();
+        Sidecar::open(&copy_db, "file:///b", "app").unwrap();
+    }
+
+    /// A sidecar closed leaves no stamp: held or released when dropped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_closed_sidecar_leaves_no_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = database(dir.path(), 0o600);
+        let first = Sidecar::open(&db, "file:///b", "app").unwrap();
+        let lock_path = first.dir().join("lock");
+        assert!(std::fs::read_to_string(&lock_path)
+            .unwrap()
+            .starts_with("walsync-holder pid="));
+        drop(first);
+        assert_eq!(std::fs::read(&lock_path).unwrap(), b"");
+        let mut second = Sidecar::open(&db, "file:///b", "app").unwrap();
+        second.release_lock();
+        drop(second);
+        assert_eq!(std::fs::read(&lock_path).unwrap(), b"");
     }
 }

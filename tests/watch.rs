@@ -595,6 +595,84 @@ fn a_second_watcher_on_the_same_name_is_refused() {
     assert_eq!(generations(&server.storage("twice"), "app"), 1);
 }
 
+/// A database quiet for half a minute rests on three descriptors (SQLite's database, WAL and
+/// `-shm`), its sidecar lock let go. A second watcher is still refused, and so is a one-shot
+/// snapshot: the stamp in the lock file names the first walsync, which runs. The next commit
+/// takes the lock back and restores.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_resting_database_lets_its_lock_go_and_a_second_walsync_is_still_refused() {
+    let server = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let (data, logs) = (root.path().join("data"), root.path().join("logs"));
+    for d in [&data, &logs] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let mut app = AppDb::create(&data, "app.db");
+    app.insert(1, 10);
+    let dest = s3_url(&server, "resting");
+    let watch = WatchProcess::start(&[path_str(&app.path), "-b", &dest], &server.env(), &logs);
+    let sidecar = std::fs::read_dir(data.join(".app.db-walsync"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let lock = sidecar.join("lock");
+    let open_under_data = || {
+        let mut open = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{}/fd", watch.pid()))
+            .unwrap()
+            .flatten()
+        {
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                if target.starts_with(&data) {
+                    open.push(target);
+                }
+            }
+        }
+        open.sort();
+        open
+    };
+    // 30 s without a commit, and the database file unwritten for 5 s.
+    wait_for(Duration::from_secs(90), "the database to rest", || {
+        open_under_data().len() == 3
+    });
+    let open = open_under_data();
+    let expected: Vec<PathBuf> = ["app.db", "app.db-shm", "app.db-wal"]
+        .iter()
+        .map(|f| data.join(f))
+        .collect();
+    assert_eq!(open, expected);
+    let stamp = std::fs::read_to_string(&lock).unwrap();
+    assert!(
+        stamp.starts_with(&format!("walsync-holder pid={} ", watch.pid())),
+        "{stamp}"
+    );
+
+    let refused = format!("(process {})", watch.pid());
+    for command in ["watch", "snapshot"] {
+        let out = walsync(&[command, path_str(&app.path), "-b", &dest], &server.env());
+        assert!(!out.status.success(), "{command} was not refused");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("already replicating") && err.contains(&refused),
+            "{command}: {err}"
+        );
+    }
+    // Refusing left the stamp as it was.
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), stamp);
+
+    app.insert(2, 10);
+    wait_until_replicated(&server, "resting", "app", root.path(), &app.dump());
+    assert!(open_under_data().contains(&lock), "{:?}", open_under_data());
+    let log = std::fs::read_to_string(&watch.stderr).unwrap();
+    assert!(!log.contains("starting over"), "{log}");
+    assert!(watch.terminate(Duration::from_secs(30)).success());
+    // Stopped: no stamp left to refuse anybody.
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+}
+
 /// A database restored on another host takes the name over, as a container restarted with a
 /// new host name must (state.json records `host:path`; here the path differs, which it tells
 /// apart the same way). A database that was not restored from the replica is still refused,

@@ -1,16 +1,25 @@
 //! Rest: what an idle database gives back while its thread sleeps, so that a thousand of
 //! them cost little: the control connection, cached pages, this process's view of the
 //! wal-index and, after [`ONE_CONNECTION_AFTER`] without a commit, the descriptors of a
-//! second connection. The pin stays held throughout (or, for the moment of reopening it,
-//! is judged again as any unguarded pin is): resting never costs a commit.
+//! second connection and, on Linux, the sidecar's lock. The pin stays held throughout (or,
+//! for the moment of reopening it, is judged again as any unguarded pin is): resting never
+//! costs a commit.
+//!
+//! The sidecar lock goes only when there is nothing it protects at that moment: nothing
+//! staged, unsaved or uploading. [`Replica::hold`] takes it back before anything else runs;
+//! if another walsync held it meanwhile (it could only start while this one's stamp named
+//! nobody alive to it: another PID namespace, or a lost stamp), what this replica knows
+//! may be stale, so it starts over from the sidecar and storage as a restart would.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::pin::Pin;
 use super::Replica;
 use crate::error::{Context, Result};
 use crate::files::FileIdentity;
+use crate::sidecar::Relocked;
 
 /// How long a database must have had no commit to read before it rests on one connection
 /// (see [`Replica::rest`]).
@@ -53,8 +62,10 @@ impl Replica {
     /// Closing the control connection frees no descriptor while the pin holds its lock
     /// (see [`crate::database::Database::close_in_place`]), so a database quiet for
     /// [`ONE_CONNECTION_AFTER`] also opens the pin's connection afresh (`rest_alone`):
-    /// from then on it holds three descriptors (database, WAL, `-shm`) and the sidecar lock,
-    /// instead of four and the lock.
+    /// from then on it holds three descriptors (database, WAL, `-shm`) instead of six.
+    /// Resting on one connection with nothing staged, unsaved or uploading, it also lets
+    /// the sidecar lock go (on Linux; see the module docs), which [`Replica::hold`] takes
+    /// back.
     pub(crate) fn rest(&mut self) {
         self.control = None;
         if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
@@ -64,6 +75,45 @@ impl Replica {
         }
         self.release_memory();
         self.pin.forget_wal_index_pages();
+        if self.alone && self.reconciled && self.is_flushed() && self.is_saved() {
+            self.sidecar.release_lock();
+        }
+    }
+
+    /// Take the sidecar lock back if resting let it go (see the module docs): called before
+    /// anything else a database's thread does after it wakes. If another walsync held it
+    /// meanwhile, start over: open this replica afresh from the sidecar and storage, as a
+    /// restart would (reconciled again before anything is uploaded).
+    pub(crate) fn hold(&mut self) -> Result<()> {
+        match self.sidecar.relock()? {
+            Relocked::Held => Ok(()),
+            Relocked::TakenOver(why) => {
+                log::warn!(
+                    "{}: {why}: starting over from its sidecar and storage",
+                    self.name
+                );
+                self.start_over()
+            }
+        }
+    }
+
+    /// Replace this replica with one opened afresh on the same database, storage and name.
+    /// Its connections go first, so that a walsync that holds the name now is not kept
+    /// from checkpointing by this one's pin; if the new one cannot be opened (another
+    /// walsync replicates the database now), this one is left holding nothing, and the
+    /// next [`Replica::hold`] tries again.
+    fn start_over(&mut self) -> Result<()> {
+        self.control = None;
+        self.pin_state = Pin::Behind(None);
+        self.pin.close_in_place()?;
+        let path = self.pin.path().to_path_buf();
+        let mut fresh = Replica::open_unreconciled(&path, Arc::clone(&self.storage), &self.name)?;
+        fresh.progress = Arc::clone(&self.progress);
+        fresh.staging_limit = self.staging_limit;
+        fresh.wal_size_limit = self.wal_size_limit;
+        fresh.one_connection_after = self.one_connection_after;
+        *self = fresh;
+        Ok(())
     }
 
     /// Close every connection and pin the WAL again on one new connection, if everything
@@ -168,11 +218,67 @@ mod tests {
         rest_alone_when_allowed(&mut replica);
         assert_eq!(descriptors_of(&db), 1);
         assert_eq!(descriptors_of(&dir.path().join("app.db-wal")), 1);
+        // Nothing staged or unsaved: the sidecar lock went too, but not the stamp, which
+        // still refuses a second replica.
+        let lock = replica.sidecar.dir().join("lock");
+        assert_eq!(descriptors_of(&lock), 0);
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(
+            crate::storage::file::FileStorage::new(dir.path().join("bucket")),
+        );
+        let second = Replica::open(&db, storage, "app").err().unwrap();
+        assert!(
+            second.to_string().contains("already replicating"),
+            "{second}"
+        );
         let app = Connection::open(&db).unwrap();
         write_now(&app).unwrap();
         replica.sync().unwrap();
+        assert_eq!(descriptors_of(&lock), 1);
         let (restored, source) = restored_and_source_rows(dir.path());
         assert_eq!((restored, source), (2, 2));
+    }
+
+    /// Another walsync replicated the database while this one rested without its lock (it
+    /// could start because the stamp named nobody alive to it, as from another PID
+    /// namespace, emulated here by clearing the stamp). Taking the lock back finds that;
+    /// the replica starts over from the sidecar and storage, and every commit, the other's
+    /// and the later ones, restores.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_database_replicated_by_another_walsync_while_resting_starts_over_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        let db = dir.path().join("app.db");
+        rest_alone_when_allowed(&mut replica);
+        let lock = replica.sidecar.dir().join("lock");
+        assert_eq!(descriptors_of(&lock), 0);
+        std::fs::write(&lock, b"").unwrap();
+        let storage: Arc<dyn crate::storage::Storage> = Arc::new(
+            crate::storage::file::FileStorage::new(dir.path().join("bucket")),
+        );
+        let mut other = Replica::open(&db, storage, "app").unwrap();
+        app.execute_batch("INSERT INTO t VALUES (3); INSERT INTO t VALUES (4);")
+            .unwrap();
+        other.sync().unwrap();
+        drop(other);
+        app.execute_batch("INSERT INTO t VALUES (5);").unwrap();
+        replica.sync().unwrap();
+        assert_eq!(descriptors_of(&lock), 1);
+        app.execute_batch("INSERT INTO t VALUES (6);").unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (5, 5));
+        // One object per index: a replica that went on from what it knew before the other
+        // walsync ran would cut the other's segments again under the same indexes.
+        let mut indexes: Vec<String> = std::fs::read_dir(dir.path().join("bucket/app/wal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|name| name.rsplit_once('-').unwrap().0.to_string())
+            .collect();
+        let stored = indexes.len();
+        indexes.sort();
+        indexes.dedup();
+        assert_eq!(indexes.len(), stored, "{indexes:?}");
     }
 
     /// A rest whose new connection cannot be opened leaves the replica unguarded, not

@@ -337,8 +337,8 @@ impl DbWorker {
         FileIdentity::probe(self.replica.path()).is_none()
     }
 
-    /// Do whatever is due, in this order: ask for a prune, ship, snapshot, checkpoint,
-    /// settle before a stop, hand out the next upload, answer syncs.
+    /// Do whatever is due, in this order: ask for a prune, take the sidecar lock back, ship,
+    /// snapshot, checkpoint, settle before a stop, hand out the next upload, answer syncs.
     fn step(&mut self) -> Result<()> {
         // Only a request to another thread: due even while a local error waits for a retry.
         self.prune_if_due();
@@ -362,6 +362,8 @@ impl DbWorker {
             self.answer_syncs();
             return Ok(());
         }
+        // A rest may have let the sidecar lock go: nothing below runs without it.
+        self.replica.hold()?;
         if self.agenda.stop.is_none() {
             // Not once stopping: settling leaves the pin on read mark 0 on purpose.
             self.replica.follow_restart()?;
