@@ -261,5 +261,13 @@ mod tests {
             .unwrap();
         let (first, second) = thread.join().unwrap();
         assert_eq!(first, second);
+        // And on a thread `spawn` started.
+        let lean = super::spawn("walsync-test", 256 * 1024, || {
+            let first = deep(200);
+            super::trim();
+            (first, deep(200))
+        });
+        let (first, second) = lean.unwrap().join().unwrap();
+        assert_eq!(first, second);
     }
 }
