@@ -598,7 +598,8 @@ fn a_second_watcher_on_the_same_name_is_refused() {
 /// A database quiet for half a minute rests on three descriptors (SQLite's database, WAL and
 /// `-shm`), its sidecar lock let go. A second watcher is still refused, and so is a one-shot
 /// snapshot: the stamp in the lock file names the first walsync, which runs. The next commit
-/// takes the lock back and restores.
+/// takes the lock back and restores. Killed while resting, the first leaves its stamp, which
+/// names a dead process and refuses nobody: a new watcher goes on.
 #[cfg(target_os = "linux")]
 #[test]
 fn a_resting_database_lets_its_lock_go_and_a_second_walsync_is_still_refused() {
@@ -668,7 +669,19 @@ fn a_resting_database_lets_its_lock_go_and_a_second_walsync_is_still_refused() {
     assert!(open_under_data().contains(&lock), "{:?}", open_under_data());
     let log = std::fs::read_to_string(&watch.stderr).unwrap();
     assert!(!log.contains("starting over"), "{log}");
-    assert!(watch.terminate(Duration::from_secs(30)).success());
+    wait_for(
+        Duration::from_secs(90),
+        "the database to rest again",
+        || open_under_data().len() == 3,
+    );
+    let stamp = std::fs::read_to_string(&lock).unwrap();
+    watch.kill();
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), stamp);
+
+    let again = WatchProcess::start(&[path_str(&app.path), "-b", &dest], &server.env(), &logs);
+    app.insert(3, 10);
+    wait_until_replicated(&server, "resting", "app", root.path(), &app.dump());
+    assert!(again.terminate(Duration::from_secs(30)).success());
     // Stopped: no stamp left to refuse anybody.
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
 }
