@@ -49,6 +49,7 @@ use crate::uploader::UploadPool;
 use crate::watcher::Watcher;
 
 mod lag;
+mod mailbox;
 mod options;
 mod pruner;
 pub(crate) mod shared;

@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::mailbox::{mailbox, Post};
 use super::options::Options;
 use super::pruner::PruneRequest;
 use super::worker::{DbWorker, Event};
@@ -30,7 +31,7 @@ pub(super) struct DbThread {
     pub(super) canonical: PathBuf,
     /// Order of arrival: [`Replicator::databases`](super::Replicator::databases) lists in it.
     pub(super) seq: u64,
-    pub(super) events: Sender<Event>,
+    pub(super) events: Post<Event>,
     pub(super) thread: crate::stack::LeanThread<Result<()>>,
     pub(super) metrics: Arc<DbMetrics>,
     pub(super) watch: WatchId,
@@ -174,7 +175,7 @@ impl Core {
         let name = replica.name().to_string();
         let path = replica.path().to_path_buf();
         let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mailbox();
         let notify = tx.clone();
         let watch = self.watcher.watch(
             &path,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::lag::LagTracker;
+use super::mailbox::{mailbox, Inbox, Post};
 use super::options::{Options, PRUNE_INTERVAL};
 use super::pruner::PruneRequest;
 use crate::backoff::Backoff;
@@ -68,8 +69,8 @@ pub(super) enum Event {
 /// The state of one database thread.
 pub(super) struct DbWorker {
     replica: Replica,
-    events: Receiver<Event>,
-    own_sender: Sender<Event>,
+    events: Inbox<Event>,
+    own_sender: Post<Event>,
     pool: Arc<UploadPool>,
     options: Options,
     /// Where to ask for this database to be pruned (None: retention is off).
@@ -155,7 +156,7 @@ impl DbWorker {
         options: Options,
         replica: Replica,
         prune: Option<Sender<PruneRequest>>,
-        (own_sender, events): (Sender<Event>, Receiver<Event>),
+        (own_sender, events): (Post<Event>, Inbox<Event>),
         metrics: Arc<DbMetrics>,
         from_directory: bool,
     ) -> DbWorker {
@@ -190,6 +191,7 @@ impl DbWorker {
             if wait >= Duration::from_secs(1) {
                 // Going idle: the memory this database touched while busy goes back.
                 self.replica.rest();
+                self.events.shrink();
                 crate::stack::trim();
             }
             match self.events.recv_timeout(wait) {
@@ -200,7 +202,7 @@ impl DbWorker {
                 }
             }
             // Coalesce whatever else arrived meanwhile.
-            while let Ok(event) = self.events.try_recv() {
+            while let Some(event) = self.events.try_recv() {
                 self.handle(event);
             }
             if let Err(e) = self.reconcile_if_due() {
@@ -696,11 +698,11 @@ impl DbWorker {
                 self.replica.staged_count(),
                 self.replica.staged_bytes() >> 10
             );
-            drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
+            drop(std::mem::replace(&mut self.own_sender, mailbox().0));
             Ok(())
         } else {
             // Drop the pool's reference to this thread's sender so late results go nowhere.
-            drop(std::mem::replace(&mut self.own_sender, mpsc::channel().0));
+            drop(std::mem::replace(&mut self.own_sender, mailbox().0));
             Err(Error::new(
                 crate::error::ErrorKind::Transient,
                 format!(
