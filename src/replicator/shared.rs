@@ -184,7 +184,8 @@ impl Core {
             }),
         )?;
         let metrics = Arc::new(DbMetrics::new(&name));
-        let worker = DbWorker::new(
+        // Boxed: see `DbWorker::run`.
+        let worker = Box::new(DbWorker::new(
             Arc::clone(&self.pool),
             self.options.clone(),
             replica,
@@ -192,7 +193,7 @@ impl Core {
             (tx.clone(), rx),
             Arc::clone(&metrics),
             from_directory,
-        );
+        ));
         let mut databases = lock(&self.databases);
         if databases.active.contains_key(&name) {
             // Added meanwhile by another caller: this one lost the race.

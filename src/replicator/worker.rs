@@ -184,8 +184,13 @@ impl DbWorker {
         }
     }
 
-    pub(super) fn run(mut self) -> Result<()> {
-        let name = self.replica.name().to_string();
+    /// The thread's loop. It sleeps in this frame, so the work of each wake-up is in
+    /// [`DbWorker::wake`], never inlined here: an idle thread's stack then holds this small
+    /// frame and those below it, and [`crate::stack::trim`] gives back what the work touched.
+    /// The worker itself is boxed for the same reason: a [`DbWorker`] moved by value (into
+    /// the thread's closure, then into `run`) was copied onto the stack twice, 3 KiB of
+    /// frames that stayed resident while the thread slept.
+    pub(super) fn run(mut self: Box<Self>) -> Result<()> {
         loop {
             let wait = self.next_wake();
             if wait >= Duration::from_secs(1) {
@@ -194,53 +199,70 @@ impl DbWorker {
                 self.events.shrink();
                 crate::stack::trim();
             }
-            match self.events.recv_timeout(wait) {
-                Ok(event) => self.handle(event),
-                Err(RecvTimeoutError::Timeout) => self.agenda.dirty = true,
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.agenda.stop.get_or_insert_with(Instant::now);
-                }
-            }
-            // Coalesce whatever else arrived meanwhile.
-            while let Some(event) = self.events.try_recv() {
-                self.handle(event);
-            }
-            if let Err(e) = self.reconcile_if_due() {
-                log::error!("{name}: {e}; this database is no longer replicated");
-                return Err(e);
-            }
-            let stepped = self.step();
-            if let Err(e) = stepped.as_ref() {
-                // While stopping, try again sooner: the deadline is near.
-                let retry = if self.agenda.stop.is_some() {
-                    STOP_RETRY
-                } else {
-                    ERROR_RETRY
-                };
-                if self.from_directory && self.file_gone() {
-                    // Its directory watch removes it in a moment.
-                    log::debug!("{name}: {e} (the file is gone)");
-                } else {
-                    log::error!("{name}: {e}; retrying in {}s", retry.as_secs());
-                }
-                self.agenda.retry_at = Some(Instant::now() + retry);
-                for waiter in self.agenda.sync_requests.drain(..) {
-                    let _ = waiter.send(Err(e.clone()));
-                }
-            }
-            // All read, if the step ran a read (`dirty` cleared) that did not fail.
-            let all_read = stepped.is_ok() && !self.agenda.dirty;
-            self.lag.after_step(&self.replica, all_read);
-            self.metrics
-                .staged(self.replica.staged_count(), self.replica.staged_bytes());
-            self.metrics.set_unstored_since(self.lag.since());
-            if let Some(deadline) = self.agenda.stop {
-                let done = self.agenda.settled && self.replica.is_flushed();
-                if done || Instant::now() >= deadline {
-                    return self.finish(deadline);
-                }
+            let received = self.events.recv_timeout(wait);
+            if let Some(deadline) = self.wake(received)? {
+                return self.finish(deadline);
             }
         }
+    }
+
+    /// Handle what woke the thread (an event, the timeout, or the last sender gone) and
+    /// whatever else arrived meanwhile, then do what is due. Returns the shutdown deadline
+    /// once the thread should finish, and an error once this database can no longer be
+    /// replicated.
+    #[inline(never)]
+    fn wake(&mut self, received: Result<Event, RecvTimeoutError>) -> Result<Option<Instant>> {
+        match received {
+            Ok(event) => self.handle(event),
+            Err(RecvTimeoutError::Timeout) => self.agenda.dirty = true,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.agenda.stop.get_or_insert_with(Instant::now);
+            }
+        }
+        // Coalesce whatever else arrived meanwhile.
+        while let Some(event) = self.events.try_recv() {
+            self.handle(event);
+        }
+        if let Err(e) = self.reconcile_if_due() {
+            log::error!(
+                "{}: {e}; this database is no longer replicated",
+                self.replica.name()
+            );
+            return Err(e);
+        }
+        let stepped = self.step();
+        if let Err(e) = stepped.as_ref() {
+            // While stopping, try again sooner: the deadline is near.
+            let retry = if self.agenda.stop.is_some() {
+                STOP_RETRY
+            } else {
+                ERROR_RETRY
+            };
+            let name = self.replica.name();
+            if self.from_directory && self.file_gone() {
+                // Its directory watch removes it in a moment.
+                log::debug!("{name}: {e} (the file is gone)");
+            } else {
+                log::error!("{name}: {e}; retrying in {}s", retry.as_secs());
+            }
+            self.agenda.retry_at = Some(Instant::now() + retry);
+            for waiter in self.agenda.sync_requests.drain(..) {
+                let _ = waiter.send(Err(e.clone()));
+            }
+        }
+        // All read, if the step ran a read (`dirty` cleared) that did not fail.
+        let all_read = stepped.is_ok() && !self.agenda.dirty;
+        self.lag.after_step(&self.replica, all_read);
+        self.metrics
+            .staged(self.replica.staged_count(), self.replica.staged_bytes());
+        self.metrics.set_unstored_since(self.lag.since());
+        if let Some(deadline) = self.agenda.stop {
+            let done = self.agenda.settled && self.replica.is_flushed();
+            if done || Instant::now() >= deadline {
+                return Ok(Some(deadline));
+            }
+        }
+        Ok(None)
     }
 
     /// How long to sleep before looking at the WAL again without being told to.
@@ -664,7 +686,7 @@ impl DbWorker {
     /// safe. Objects still staged when the deadline passes are safe on local disk (uploaded
     /// on the next start), so that is a warning; commits that could not be staged (the
     /// sidecar was unwritable until the deadline) are an error.
-    fn finish(mut self, deadline: Instant) -> Result<()> {
+    fn finish(mut self: Box<Self>, deadline: Instant) -> Result<()> {
         let name = self.replica.name().to_string();
         let settled = self.agenda.settled && self.replica.is_saved();
         if settled && self.replica.is_flushed() {
