@@ -4,6 +4,7 @@
 //! second connection. The pin stays held throughout (or, for the moment of reopening it,
 //! is judged again as any unguarded pin is): resting never costs a commit.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,7 +46,8 @@ impl Replica {
     }
 
     /// Give back what an idle database need not keep resident: the control connection
-    /// (opened again for the next checkpoint), the pin's cached pages and this process's
+    /// (opened again for the next checkpoint), the buffers of staged objects' lists while
+    /// they are empty, the pin's cached pages and parsed schema, and this process's
     /// view of the wal-index (see
     /// [`crate::database::Database::forget_wal_index_pages`]). Called when the database's
     /// thread goes to sleep. The pin stays: it is what keeps the WAL in place.
@@ -57,6 +59,13 @@ impl Replica {
     /// instead of four and the lock.
     pub(crate) fn rest(&mut self) {
         self.control = None;
+        // What a busy spell grew and left empty: an idle database keeps no buffer for it.
+        if self.staged.is_empty() {
+            self.staged = VecDeque::new();
+        }
+        if self.unsynced.is_empty() {
+            self.unsynced = Vec::new();
+        }
         if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
             if let Err(e) = self.rest_alone() {
                 log::debug!("{}: resting on one connection: {e}", self.name);
@@ -173,6 +182,22 @@ mod tests {
         replica.sync().unwrap();
         let (restored, source) = restored_and_source_rows(dir.path());
         assert_eq!((restored, source), (2, 2));
+    }
+
+    /// Resting gives back the buffer of the staged list once its objects are stored.
+    #[test]
+    fn rest_frees_the_empty_staged_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        assert!(replica.staged.is_empty() && replica.staged.capacity() > 0);
+        replica.rest();
+        assert_eq!(replica.staged.capacity(), 0);
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (3, 3));
     }
 
     /// A rest whose new connection cannot be opened leaves the replica unguarded, not

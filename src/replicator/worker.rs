@@ -194,15 +194,33 @@ impl DbWorker {
         loop {
             let wait = self.next_wake();
             if wait >= Duration::from_secs(1) {
-                // Going idle: the memory this database touched while busy goes back.
-                self.replica.rest();
-                self.events.shrink();
+                self.rest();
                 crate::stack::trim();
             }
             let received = self.events.recv_timeout(wait);
             if let Some(deadline) = self.wake(received)? {
                 return self.finish(deadline);
             }
+        }
+    }
+
+    /// Going idle: the memory this database touched while busy goes back, and so do the
+    /// buffers its lists grew meanwhile, each while it is empty (the next use allocates
+    /// again).
+    #[inline(never)]
+    fn rest(&mut self) {
+        self.replica.rest();
+        self.events.shrink();
+        self.lag.shrink();
+        let agenda = &mut self.agenda;
+        if agenda.sync_requests.is_empty() {
+            agenda.sync_requests = Vec::new();
+        }
+        if agenda.snapshot_requests.is_empty() {
+            agenda.snapshot_requests = Vec::new();
+        }
+        if agenda.waiters.is_empty() {
+            agenda.waiters = HashMap::new();
         }
     }
 
