@@ -251,11 +251,16 @@ pub fn watch(cmd: WatchCmd) -> Result<u8> {
             return Err(e);
         }
     }
-    let replicated = replicator.databases();
-    let count = replicated.len();
-    if watching_dirs && count > databases.len() {
-        judge_limit(&mut replicated.iter().map(|(_, path)| path.as_path()));
-    }
+    // Both lists go once counted: this frame lives as long as walsync does, and they hold a
+    // name and a path a database.
+    let count = {
+        let replicated = replicator.databases();
+        if watching_dirs && replicated.len() > databases.len() {
+            judge_limit(&mut replicated.iter().map(|(_, path)| path.as_path()));
+        }
+        replicated.len()
+    };
+    drop(databases);
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
         r => format!("retention {}", internals::format_duration(r)),
