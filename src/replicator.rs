@@ -110,7 +110,7 @@ impl Replicator {
         )?);
         let core = Arc::new(Core {
             storage,
-            options,
+            options: Arc::new(options),
             pool,
             watcher,
             prune: Mutex::new(prune),

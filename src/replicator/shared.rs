@@ -41,7 +41,8 @@ pub(super) struct DbThread {
 /// databases.
 pub(crate) struct Core {
     pub(super) storage: Arc<dyn Storage>,
-    pub(super) options: Options,
+    /// Shared with every database thread: see [`DbWorker`]'s size.
+    pub(super) options: Arc<Options>,
     pub(super) pool: Arc<UploadPool>,
     pub(super) watcher: Watcher,
     /// Where database threads ask for prunes (None: retention is off, or stopping).
@@ -187,7 +188,7 @@ impl Core {
         // Boxed: see `DbWorker::run`.
         let worker = Box::new(DbWorker::new(
             Arc::clone(&self.pool),
-            self.options.clone(),
+            Arc::clone(&self.options),
             replica,
             prune,
             (tx.clone(), rx),
