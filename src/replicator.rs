@@ -49,6 +49,7 @@ use crate::uploader::UploadPool;
 use crate::watcher::Watcher;
 
 mod lag;
+mod mailbox;
 mod options;
 mod pruner;
 pub(crate) mod shared;
@@ -109,7 +110,7 @@ impl Replicator {
         )?);
         let core = Arc::new(Core {
             storage,
-            options,
+            options: Arc::new(options),
             pool,
             watcher,
             prune: Mutex::new(prune),

@@ -54,10 +54,9 @@ pub struct Sidecar {
     file_mode: u32,
     /// The lock file, held; `None` while released (see the module docs).
     lock: Option<File>,
-    /// The lock file's device and inode.
-    lock_identity: (u64, u64),
-    /// What this process wrote into the lock file when it took it.
-    stamp: holder::Stamp,
+    /// What this process wrote into the lock file when it took it, and that file's device
+    /// and inode (boxed: a database's worker holds a sidecar, see `DbWorker`'s size).
+    stamp: Box<holder::Stamp>,
 }
 
 /// What [`Sidecar::relock`] found.
@@ -138,7 +137,7 @@ impl Sidecar {
         if let Some(pid) = holder::live_holder(&content, lock_identity) {
             return Err(refused(format!(" (process {pid})")));
         }
-        let stamp = holder::Stamp::new(lock_identity);
+        let stamp = Box::new(holder::Stamp::new(lock_identity));
         lock.set_len(0)
             .and_then(|()| lock.write_all_at(stamp.text.as_bytes(), 0))
             .context(|| format!("writing lock file {}", lock_path.display()))?;
@@ -146,7 +145,6 @@ impl Sidecar {
             dir,
             file_mode,
             lock: Some(lock),
-            lock_identity,
             stamp,
         })
     }
@@ -203,7 +201,7 @@ impl Sidecar {
         let meta = lock.metadata().context(what)?;
         let mut content = Vec::new();
         (&lock).read_to_end(&mut content).context(what)?;
-        if (meta.dev(), meta.ino()) != self.lock_identity || content != self.stamp.text.as_bytes() {
+        if (meta.dev(), meta.ino()) != self.stamp.lock || content != self.stamp.text.as_bytes() {
             let by = match holder::live_holder(&content, (meta.dev(), meta.ino())) {
                 Some(pid) => format!("walsync process {pid}"),
                 None => "another walsync".to_string(),

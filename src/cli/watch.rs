@@ -255,17 +255,21 @@ pub fn watch(cmd: WatchCmd) -> Result<u8> {
             }
         }
     }
-    let replicated = replicator.databases();
-    let count = replicated.len();
-    if found > 0 {
-        // What the directories hold, not only what could be opened: the databases a limit
-        // kept out are the ones the warning is for.
-        let kept_out = (databases.len() + found).saturating_sub(count) as u64;
-        judge_limit(
-            &mut replicated.iter().map(|(_, path)| path.as_path()),
-            kept_out,
-        );
-    }
+    // What the directories hold, not only what could be opened: the databases a limit kept
+    // out are the ones the warning is for. Both lists go once counted: this frame lives as
+    // long as walsync does, and they hold a name and a path a database.
+    let count = {
+        let replicated = replicator.databases();
+        if found > 0 {
+            let kept_out = (databases.len() + found).saturating_sub(replicated.len()) as u64;
+            judge_limit(
+                &mut replicated.iter().map(|(_, path)| path.as_path()),
+                kept_out,
+            );
+        }
+        replicated.len()
+    };
+    drop(databases);
     let retention = match retention {
         r if r.is_zero() => "keeping every backup".to_string(),
         r => format!("retention {}", internals::format_duration(r)),

@@ -11,6 +11,7 @@
 //! nobody alive to it: another PID namespace, or a lost stamp), what this replica knows
 //! may be stale, so it starts over from the sidecar and storage as a restart would.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,8 @@ impl Replica {
     }
 
     /// Give back what an idle database need not keep resident: the control connection
-    /// (opened again for the next checkpoint), the pin's cached pages and this process's
+    /// (opened again for the next checkpoint), the buffers of staged objects' lists while
+    /// they are empty, the pin's cached pages and parsed schema, and this process's
     /// view of the wal-index (see
     /// [`crate::database::Database::forget_wal_index_pages`]). Called when the database's
     /// thread goes to sleep. The pin stays: it is what keeps the WAL in place.
@@ -68,6 +70,13 @@ impl Replica {
     /// back.
     pub(crate) fn rest(&mut self) {
         self.control = None;
+        // What a busy spell grew and left empty: an idle database keeps no buffer for it.
+        if self.staged.is_empty() {
+            self.staged = VecDeque::new();
+        }
+        if self.unsynced.is_empty() {
+            self.unsynced = Vec::new();
+        }
         if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
             if let Err(e) = self.rest_alone() {
                 log::debug!("{}: resting on one connection: {e}", self.name);
@@ -279,6 +288,22 @@ mod tests {
         indexes.sort();
         indexes.dedup();
         assert_eq!(indexes.len(), stored, "{indexes:?}");
+    }
+
+    /// Resting gives back the buffer of the staged list once its objects are stored.
+    #[test]
+    fn rest_frees_the_empty_staged_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        assert!(replica.staged.is_empty() && replica.staged.capacity() > 0);
+        replica.rest();
+        assert_eq!(replica.staged.capacity(), 0);
+        write_now(&app).unwrap();
+        replica.sync().unwrap();
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!((restored, source), (3, 3));
     }
 
     /// A rest whose new connection cannot be opened leaves the replica unguarded, not

@@ -61,6 +61,13 @@ impl LagTracker {
         }
     }
 
+    /// Give back the list's buffer while nothing is staged (before the thread sleeps).
+    pub(super) fn shrink(&mut self) {
+        if self.staged.is_empty() {
+            self.staged = VecDeque::new();
+        }
+    }
+
     /// Unix milliseconds of the oldest commit not yet stored, if any.
     pub(super) fn since(&self) -> Option<u64> {
         let staged = self.staged.iter().find_map(|(_, since)| *since);

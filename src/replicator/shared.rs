@@ -5,10 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::mailbox::{mailbox, Post};
 use super::options::Options;
 use super::pruner::PruneRequest;
 use super::worker::{DbWorker, Event};
@@ -30,7 +31,7 @@ pub(super) struct DbThread {
     pub(super) canonical: PathBuf,
     /// Order of arrival: [`Replicator::databases`](super::Replicator::databases) lists in it.
     pub(super) seq: u64,
-    pub(super) events: Sender<Event>,
+    pub(super) events: Post<Event>,
     pub(super) thread: crate::stack::LeanThread<Result<()>>,
     pub(super) metrics: Arc<DbMetrics>,
     pub(super) watch: WatchId,
@@ -40,7 +41,8 @@ pub(super) struct DbThread {
 /// databases.
 pub(crate) struct Core {
     pub(super) storage: Arc<dyn Storage>,
-    pub(super) options: Options,
+    /// Shared with every database thread: see [`DbWorker`]'s size.
+    pub(super) options: Arc<Options>,
     pub(super) pool: Arc<UploadPool>,
     pub(super) watcher: Watcher,
     /// Where database threads ask for prunes (None: retention is off, or stopping).
@@ -174,7 +176,7 @@ impl Core {
         let name = replica.name().to_string();
         let path = replica.path().to_path_buf();
         let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mailbox();
         let notify = tx.clone();
         let watch = self.watcher.watch(
             &path,
@@ -183,15 +185,16 @@ impl Core {
             }),
         )?;
         let metrics = Arc::new(DbMetrics::new(&name));
-        let worker = DbWorker::new(
+        // Boxed: see `DbWorker::run`.
+        let worker = Box::new(DbWorker::new(
             Arc::clone(&self.pool),
-            self.options.clone(),
+            Arc::clone(&self.options),
             replica,
             prune,
             (tx.clone(), rx),
             Arc::clone(&metrics),
             from_directory,
-        );
+        ));
         let mut databases = lock(&self.databases);
         if databases.active.contains_key(&name) {
             // Added meanwhile by another caller: this one lost the race.

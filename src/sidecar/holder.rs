@@ -40,6 +40,8 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub(super) struct Stamp {
     pub(super) text: String,
+    /// The lock file's device and inode.
+    pub(super) lock: (u64, u64),
     n: u64,
 }
 
@@ -59,7 +61,7 @@ impl Stamp {
         if let Ok(mut open) = OPEN_HERE.lock() {
             open.get_or_insert_with(HashSet::new).insert(n);
         }
-        Stamp { text, n }
+        Stamp { text, lock, n }
     }
 }
 

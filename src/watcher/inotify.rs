@@ -92,6 +92,11 @@ impl Backend for Handle {
         Ok(())
     }
 
+    /// inotify names what changed: it never compares the files between looks.
+    fn compares_files(&self) -> bool {
+        false
+    }
+
     /// Removes the directory's watch once no registration shares it. The kernel may have
     /// removed it already (the directory was deleted): that error means nothing.
     fn removed(&self, reg: &Registration, rest: &[Registration]) {

@@ -259,8 +259,7 @@ impl State {
                 continue;
             }
             let now: Seen = reg.stat();
-            if wal_event || now != reg.seen {
-                reg.seen = now;
+            if reg.note_seen(now) || wal_event {
                 reg.call();
             }
         }

@@ -95,6 +95,12 @@ trait Backend: Send + Sync {
     /// Called by `unwatch` with the registry locked, after `reg` left it (`rest` are the
     /// registrations that remain): releases what the kernel kept for it alone.
     fn removed(&self, _reg: &Registration, _rest: &[Registration]) {}
+
+    /// Whether the backend compares what a database's files look like between looks
+    /// ([`Registration::note_seen`]); if not, registrations keep nothing of it.
+    fn compares_files(&self) -> bool {
+        true
+    }
 }
 
 /// How long a backend thread waits after an unexpected error before trying again, so a
@@ -181,8 +187,11 @@ struct Registration {
     /// in `dir`, and has no database of its own (`db_name` and `wal_name` are empty, which
     /// no event names).
     on_dir: Option<DirCallback>,
-    /// What the files looked like at the last check (poll and kqueue backends).
-    seen: Seen,
+    /// What the files looked like at the last check (poll and kqueue backends, for a
+    /// database): boxed, and `None` where nothing compares it (a directory, inotify), where
+    /// it would be 128 bytes of every registration for nothing (two a database found by a
+    /// recursive directory watch: its own and its directory's).
+    seen: Option<Box<Seen>>,
     /// The directory's inotify watch, shared with every registration in the same directory
     /// (set by the inotify backend; `::inotify` is the crate, not that module).
     #[cfg(target_os = "linux")]
@@ -202,6 +211,22 @@ impl Registration {
         Seen {
             db: FileIdentity::probe(&self.db_path()),
             wal: FileIdentity::probe(&self.wal_path()),
+        }
+    }
+
+    /// Record `now` as what the files look like; whether that differs from the last look
+    /// (always, if there was none).
+    fn note_seen(&mut self, now: Seen) -> bool {
+        match &mut self.seen {
+            Some(seen) if **seen == now => false,
+            Some(seen) => {
+                **seen = now;
+                true
+            }
+            None => {
+                self.seen = Some(Box::new(now));
+                true
+            }
         }
     }
 
@@ -307,11 +332,13 @@ impl Watcher {
             wal_name,
             notify,
             on_dir: None,
-            seen: Seen::default(),
+            seen: None,
             #[cfg(target_os = "linux")]
             wd: None,
         };
-        reg.seen = reg.stat();
+        if self.backend.as_deref().is_some_and(|b| b.compares_files()) {
+            reg.seen = Some(Box::new(reg.stat()));
+        }
         self.register(reg)
     }
 
@@ -336,7 +363,7 @@ impl Watcher {
             wal_name: OsString::new(),
             notify: Box::new(|| {}),
             on_dir: Some(on_dir),
-            seen: Seen::default(),
+            seen: None,
             #[cfg(target_os = "linux")]
             wd: None,
         };

@@ -70,8 +70,7 @@ fn run(shared: &Shared, stop: &mpsc::Receiver<()>, interval: Duration) {
             let Some(seen) = now.get(&reg.id) else {
                 continue;
             };
-            if reg.seen != *seen {
-                reg.seen = *seen;
+            if reg.note_seen(*seen) {
                 reg.call();
             }
         }
