@@ -30,7 +30,7 @@
 mod holder;
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,23 +119,29 @@ impl Sidecar {
             .mode(file_mode)
             .open(&lock_path)
             .context(|| format!("creating lock file {}", lock_path.display()))?;
-        let refused = |holder: String| {
+        let what = || format!("reading lock file {}", lock_path.display());
+        let meta = lock.metadata().context(what)?;
+        let lock_identity = (meta.dev(), meta.ino());
+        // The holder's stamp, read before the lock is taken so that a refusal by the lock
+        // names the holder too (a stamp is written whole before anything else is done).
+        let content = read_from_start(&lock).context(what)?;
+        let refused = |content: &[u8]| {
+            let holder = holder::live_holder(content, lock_identity)
+                .map(|pid| format!(" (process {pid})"))
+                .unwrap_or_default();
             Error::invalid(format!(
                 "another walsync{holder} is already replicating {} to {destination} as {name:?}",
                 db_path.display()
             ))
         };
         if lock.try_lock().is_err() {
-            return Err(refused(String::new()));
+            return Err(refused(&content));
         }
-        let what = || format!("reading lock file {}", lock_path.display());
-        let meta = lock.metadata().context(what)?;
-        let lock_identity = (meta.dev(), meta.ino());
-        let mut content = Vec::new();
-        (&lock).read_to_end(&mut content).context(what)?;
+        // Read again under the lock: the holder may have changed meanwhile.
+        let content = read_from_start(&lock).context(what)?;
         // A resting walsync holds no lock, but its stamp is there.
-        if let Some(pid) = holder::live_holder(&content, lock_identity) {
-            return Err(refused(format!(" (process {pid})")));
+        if holder::live_holder(&content, lock_identity).is_some() {
+            return Err(refused(&content));
         }
         let stamp = Box::new(holder::Stamp::new(lock_identity));
         lock.set_len(0)
@@ -199,8 +205,7 @@ impl Sidecar {
             }
         }
         let meta = lock.metadata().context(what)?;
-        let mut content = Vec::new();
-        (&lock).read_to_end(&mut content).context(what)?;
+        let content = read_from_start(&lock).context(what)?;
         if (meta.dev(), meta.ino()) != self.stamp.lock || content != self.stamp.text.as_bytes() {
             let by = match holder::live_holder(&content, (meta.dev(), meta.ino())) {
                 Some(pid) => format!("walsync process {pid}"),
@@ -440,6 +445,15 @@ impl Drop for Sidecar {
     }
 }
 
+/// The whole of `file`, from its first byte (wherever its offset is).
+fn read_from_start(file: &File) -> std::io::Result<Vec<u8>> {
+    let mut content = Vec::new();
+    let mut reader = file;
+    reader.seek(std::io::SeekFrom::Start(0))?;
+    reader.read_to_end(&mut content)?;
+    Ok(content)
+}
+
 /// `<seq>-<object file name>` back into its parts.
 fn parse_staged_name(file_name: &str) -> Option<(u64, ObjectName)> {
     let (seq, rest) = file_name.split_once('-')?;
@@ -604,6 +618,13 @@ mod tests {
         let _first = Sidecar::open(&db, "file:///b", "app").unwrap();
         let err = Sidecar::open(&db, "file:///b", "app").err().unwrap();
         assert!(err.to_string().contains("already replicating"), "{err}");
+        // Refused by the lock, and the holder's stamp names it.
+        #[cfg(target_os = "linux")]
+        assert!(
+            err.to_string()
+                .contains(&format!("(process {})", std::process::id())),
+            "{err}"
+        );
         Sidecar::open(&db, "file:///other", "app").unwrap();
     }
 

@@ -651,6 +651,9 @@ fn a_resting_database_lets_its_lock_go_and_a_second_walsync_is_still_refused() {
         "{stamp}"
     );
 
+    // Refused by the stamp while the lock is let go, or by the lock if the first walsync has
+    // just woken (the second one's own look at the database can wake it); either way the
+    // error names the first. (The stamp alone: `sidecar::tests`.)
     let refused = format!("(process {})", watch.pid());
     for command in ["watch", "snapshot"] {
         let out = walsync(&[command, path_str(&app.path), "-b", &dest], &server.env());
