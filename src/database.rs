@@ -630,6 +630,19 @@ mod tests {
         current
     }
 
+    /// The application commits a row to `t` and runs a TRUNCATE checkpoint while `db` holds
+    /// its pin: the WAL must grow (the pin kept it from restarting). Returns the rows `db`'s
+    /// pinned snapshot still reads (the caller knows how many it held).
+    fn commit_and_truncate_under_the_pin(app: &Connection, db: &Database) -> i64 {
+        let wal_size = std::fs::metadata(db.wal_path()).unwrap().len();
+        app.execute_batch("INSERT INTO t VALUES (2); PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+        assert!(std::fs::metadata(db.wal_path()).unwrap().len() > wal_size);
+        db.conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
     /// Releasing memory frees the parsed schema, also under the pin, and the pin holds: a
     /// commit and a TRUNCATE checkpoint of the application's cannot restart the WAL, the
     /// pinned snapshot still reads as before (parsing the schema again), and once released
@@ -651,15 +664,7 @@ mod tests {
         assert_eq!(schema_bytes(&db), 0);
         assert!(db.in_transaction(), "still pinned");
 
-        let wal_size = std::fs::metadata(db.wal_path()).unwrap().len();
-        app.execute_batch("INSERT INTO t VALUES (2); PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
-        assert!(std::fs::metadata(db.wal_path()).unwrap().len() > wal_size);
-        let pinned: i64 = db
-            .conn
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(pinned, 1, "the pinned snapshot is unchanged");
+        assert_eq!(commit_and_truncate_under_the_pin(&app, &db), 1);
         db.release().unwrap();
         let now: i64 = db
             .conn
@@ -717,15 +722,7 @@ mod tests {
         assert_eq!(resident_kib(&shm), 0);
 
         // The pin still holds: a checkpoint cannot restart the WAL past it.
-        let wal_size = std::fs::metadata(db.wal_path()).unwrap().len();
-        app.execute_batch("INSERT INTO t VALUES (1); PRAGMA wal_checkpoint(TRUNCATE);")
-            .unwrap();
-        assert!(std::fs::metadata(db.wal_path()).unwrap().len() > wal_size);
-        let pinned: i64 = db
-            .conn
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(pinned, 100, "the pinned snapshot is unchanged");
+        assert_eq!(commit_and_truncate_under_the_pin(&app, &db), 100);
 
         db.forget_wal_index_pages();
         db.release().unwrap();

@@ -23,7 +23,7 @@
 //! Only Linux can tell whether another process is alive (`/proc`); elsewhere the lock is
 //! never released, so the lock alone decides, as it always did.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -31,7 +31,7 @@ use std::sync::Mutex;
 const MAGIC: &str = "walsync-holder";
 
 /// Stamps this process wrote whose sidecar is still open, by their `n`.
-static OPEN_HERE: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
+static OPEN_HERE: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
 
 /// The next `n`.
 static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -59,7 +59,7 @@ impl Stamp {
             lock.1
         );
         if let Ok(mut open) = OPEN_HERE.lock() {
-            open.get_or_insert_with(HashSet::new).insert(n);
+            open.insert(n);
         }
         Stamp { text, lock, n }
     }
@@ -68,9 +68,7 @@ impl Stamp {
 impl Drop for Stamp {
     fn drop(&mut self) {
         if let Ok(mut open) = OPEN_HERE.lock() {
-            if let Some(open) = open.as_mut() {
-                open.remove(&self.n);
-            }
+            open.remove(&self.n);
         }
     }
 }
@@ -99,10 +97,7 @@ pub(super) fn live_holder(content: &[u8], lock: (u64, u64)) -> Option<u32> {
         return None;
     }
     let alive = if pid == std::process::id() {
-        OPEN_HERE
-            .lock()
-            .ok()
-            .is_some_and(|open| open.as_ref().is_some_and(|open| open.contains(&n)))
+        OPEN_HERE.lock().is_ok_and(|open| open.contains(&n))
     } else {
         start != 0 && start_time(pid) == Some(start)
     };
