@@ -23,6 +23,9 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Context, Error, ErrorKind, Result};
 
+mod placement;
+pub use placement::keep_shared_maps_apart;
+
 /// How long walsync waits for the application's locks before giving up on an operation.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 

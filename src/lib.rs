@@ -107,6 +107,7 @@ mod utc;
 mod wal;
 mod watcher;
 
+pub use database::keep_shared_maps_apart;
 pub use directory::{DirectorySpec, Pattern};
 pub use error::{Error, ErrorKind, Result};
 pub use layout::Generation;

@@ -54,6 +54,7 @@ fn tune_memory() {
             0 as libc::c_int,
         );
     }
+    walsync::keep_shared_maps_apart();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning.
     unsafe {
