@@ -13,6 +13,11 @@
 //! walsync's own connections never checkpoint by accident: automatic checkpoints are off and
 //! so is the checkpoint SQLite runs when the last connection to a database closes (that one
 //! would move unshipped frames into the database file and delete the WAL).
+//!
+//! Nor does walsync keep a connection that could never checkpoint on a database it may
+//! write: when opening the `-shm` file for writing fails (a descriptor limit), SQLite maps
+//! the wal-index read-only instead, for every connection of the process to that database
+//! until the last one closes. [`Database::open`] looks, and opens the database again.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -69,16 +74,52 @@ pub struct Database {
 
 impl Database {
     /// Open an existing SQLite database in WAL mode, or explain clearly why not.
+    ///
+    /// A connection whose wal-index SQLite mapped read-only, on a database walsync may
+    /// write, is closed and opened once more (see [`Database::wal_index_left_read_only`]):
+    /// if that one's is read-only too, the open fails, as one that a descriptor limit
+    /// refused does (walsync's database threads and directory scans try again later).
     pub fn open(path: &Path) -> Result<Database> {
         check_is_file(path)?;
+        let db = Database::connect(path)?;
+        let Some(shm) = db.wal_index_left_read_only() else {
+            return Ok(db);
+        };
+        // Every connection of this process to the file shares one wal-index, which SQLite
+        // keeps until the last of them closes: closing this one lets the next open try the
+        // `-shm` for writing again, unless another connection of this process holds it.
+        drop(db);
+        let db = Database::connect(path)?;
+        if db.wal_index_left_read_only().is_none() {
+            log::warn!(
+                "{}: SQLite opened its wal-index {} read-only (as when a descriptor limit \
+                 refuses opening it for writing), with which walsync could never checkpoint \
+                 the database: closed it and opened it again, for writing",
+                path.display(),
+                shm.display()
+            );
+            return Ok(db);
+        }
+        Err(Error::new(
+            ErrorKind::Sqlite,
+            format!(
+                "opening database {}: SQLite opened its wal-index {} read-only, twice (as \
+                 when a descriptor limit refuses opening it for writing{}), with which \
+                 walsync could never checkpoint the database",
+                path.display(),
+                shm.display(),
+                open_files_note().unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// [`Database::open`] without looking at the wal-index.
+    fn connect(path: &Path) -> Result<Database> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            let limit = crate::limits::open_files_limit()
-                .filter(|_| crate::limits::near_open_files_limit())
-                .map(|n| format!(" (too many open files: RLIMIT_NOFILE soft limit {n})"))
-                .unwrap_or_default();
+            let limit = open_files_note().unwrap_or_default();
             Error::from(e).with_context(format!("opening database {}{limit}", path.display()))
         })?;
         let db = Database {
@@ -118,6 +159,32 @@ impl Database {
             .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(())
+    }
+
+    /// The `-shm` file of this connection's wal-index if SQLite mapped it read-only although
+    /// the database file is open for writing and the `-shm` file is writable: then opening
+    /// the `-shm` for writing failed for a moment, as under a descriptor limit (EMFILE),
+    /// and SQLite's unix VFS opened it read-only instead (`unixOpenSharedMemory`).
+    ///
+    /// Why walsync cannot keep such a connection: no connection that shares that wal-index
+    /// can checkpoint, or take the write lock ("attempt to write a readonly database"), and
+    /// every connection of this process to the file shares it until the last one closes.
+    /// The WAL would grow for good behind the pin. A database walsync can only read (its
+    /// file, or its `-shm` file, not writable) is not this: it opens as it always did, and
+    /// its checkpoints fail, for a reason that trying again would not mend.
+    fn wal_index_left_read_only(&self) -> Option<PathBuf> {
+        if self.conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+            return None;
+        }
+        // SAFETY: see shm_read_only.
+        let shm = unsafe { shm_read_only(&self.conn) }?;
+        let writable = {
+            use std::os::unix::ffi::OsStrExt;
+            std::ffi::CString::new(shm.as_os_str().as_bytes())
+                // SAFETY: access(2) reads the NUL-terminated path we own, nothing else.
+                .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+        };
+        writable.then_some(shm)
     }
 
     /// A second connection to the same database with the same safe settings.
@@ -336,6 +403,14 @@ impl Database {
     }
 }
 
+/// " (too many open files: RLIMIT_NOFILE soft limit N)" when this process is near its limit
+/// on open files: SQLite reports only that it could not open a file.
+fn open_files_note() -> Option<String> {
+    crate::limits::open_files_limit()
+        .filter(|_| crate::limits::near_open_files_limit())
+        .map(|n| format!(" (too many open files: RLIMIT_NOFILE soft limit {n})"))
+}
+
 /// Refuse a path that is missing or a directory, with a message a person understands.
 ///
 /// This looks only with `stat`. It must never open and close the database file itself:
@@ -454,8 +529,61 @@ unsafe fn sync_file(conn: &Connection, pointer: std::ffi::c_int) -> Result<()> {
 }
 
 /// Size of a wal-index region as SQLite maps it (`WALINDEX_PGSZ` in SQLite's wal.c).
-#[cfg(target_os = "linux")]
 const WAL_INDEX_REGION: usize = 32 * 1024;
+
+/// The path of the `-shm` file behind `conn`'s wal-index (named from the database's path as
+/// SQLite resolved it), if SQLite maps that read-only: its `xShmMap` then answers
+/// SQLITE_READONLY, or SQLITE_READONLY_CANTINIT when no connection anywhere holds the
+/// `-shm` open for writing (SQLite then reads the WAL into heap memory instead). It
+/// answers so for every connection of the process to the file, for as long as that
+/// wal-index lives (see `unixShmMap` in sqlite3.c). None also when it cannot be asked.
+///
+/// # Safety
+///
+/// `conn` must be used by the calling thread only (walsync's connections are). The calls are
+/// SQLite's public file-control and VFS interfaces: `SQLITE_FCNTL_FILE_POINTER` hands out
+/// the open `sqlite3_file` of the main database, valid while the connection is open, and
+/// its `xShmMap` with `bExtend` = 0 returns the first region of the wal-index, mapping it
+/// if the connection has not yet (as SQLite itself would on its next read), never
+/// extending the file. `sqlite3_db_filename` returns a string the connection owns, copied
+/// at once.
+unsafe fn shm_read_only(conn: &Connection) -> Option<PathBuf> {
+    use rusqlite::ffi;
+    use std::ffi::{c_int, c_void, CStr};
+    use std::os::unix::ffi::OsStrExt;
+
+    let db = conn.handle();
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    let rc = ffi::sqlite3_file_control(
+        db,
+        c"main".as_ptr(),
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        (&raw mut file).cast::<c_void>(),
+    );
+    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+        return None;
+    }
+    let methods = &*(*file).pMethods;
+    let shm_map = methods.xShmMap.filter(|_| methods.iVersion >= 2)?;
+    let mut mapped: *mut c_void = std::ptr::null_mut();
+    let rc = shm_map(
+        file,
+        0,
+        WAL_INDEX_REGION as c_int,
+        0,
+        (&raw mut mapped).cast(),
+    );
+    if rc & 0xff != ffi::SQLITE_READONLY {
+        return None;
+    }
+    let name = ffi::sqlite3_db_filename(db, c"main".as_ptr());
+    if name.is_null() {
+        return None;
+    }
+    let mut shm = CStr::from_ptr(name).to_bytes().to_vec();
+    shm.extend_from_slice(b"-shm");
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(&shm)))
+}
 
 /// Regions looked at: 2 MiB of wal-index, enough for a WAL of 260,000 frames.
 #[cfg(target_os = "linux")]

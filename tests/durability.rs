@@ -10,12 +10,16 @@
 //!   or running (1, 1b, 2, 6a, 6b), and the write lock never held across a slow upload (5);
 //! - `replacement`: the database renamed over its path (3, 3b);
 //! - `local_errors`: a sidecar that cannot be written for a while (4, and the torture
-//!   harness's finds).
+//!   harness's finds);
+//! - `descriptors`: a descriptor limit that left SQLite's wal-index read-only, so that walsync
+//!   could never checkpoint (found starting 4,000 databases under a 20,000-descriptor limit).
 //!
 //! The helpers here (starting the library, the catalog of a replica, restoring and
 //! comparing) are shared with `reconcile`, which imports them.
 
 mod checkpoints;
+#[cfg(target_os = "linux")]
+mod descriptors;
 mod local_errors;
 mod replacement;
 
