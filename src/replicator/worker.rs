@@ -27,8 +27,30 @@ use crate::uploader::UploadPool;
 #[cfg(test)]
 const WORKER_SIZE_BUDGET: usize = 1340;
 
-/// After a failed checkpoint or one that could not finish, wait this long before the next.
+/// After a failed checkpoint, wait this long before the next; and at most this long after
+/// checkpoints that could not finish (see [`checkpoint_pause`]).
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(10);
+
+/// How long to wait before the next checkpoint after one that ended as `result`, the
+/// `misses`-th in a row that did not finish.
+///
+/// After a complete one: `min_interval` (under fast small transactions the threshold is
+/// reached several times a second, and each checkpoint takes the write lock). After a
+/// partial one: a reader held old frames, for a moment or for as long as its read
+/// transaction lasts; walsync cannot tell which, and each try takes the write lock. So
+/// `min_interval` after the first, then twice as long each time, up to
+/// [`CHECKPOINT_RETRY`]. (A flat 10 s after any partial checkpoint let a writer that never
+/// pauses grow the WAL to 40-60 MiB after a reader that was gone a millisecond later.)
+/// After a failed or skipped one (staging full, continuity lost): [`CHECKPOINT_RETRY`].
+fn checkpoint_pause(result: &Result<Checkpoint>, misses: u8, min_interval: Duration) -> Duration {
+    match result {
+        Ok(Checkpoint::Complete) => min_interval,
+        Ok(Checkpoint::Partial) => min_interval
+            .saturating_mul(1 << misses.saturating_sub(1).min(4))
+            .min(CHECKPOINT_RETRY),
+        _ => CHECKPOINT_RETRY,
+    }
+}
 
 /// While the WAL changes, look at most this often whether it outgrew the tip (see
 /// [`DbWorker::note_outgrown`]).
@@ -120,9 +142,11 @@ struct Agenda {
     last_snapshot: Option<Instant>,
     changed_since_snapshot: bool,
     next_checkpoint: Option<Instant>,
-    /// The last checkpoint was complete: a WAL that outgrows the tip may have the next one
-    /// before `next_checkpoint`.
-    checkpoint_waivable: bool,
+    /// Checkpoints in a row that did not finish (0 after a complete one). After none or one
+    /// partial one, a WAL that outgrows the tip may have the next before `next_checkpoint`.
+    checkpoint_misses: u8,
+    /// A checkpoint is due and waits for `next_checkpoint`: the thread wakes then.
+    checkpoint_waiting: bool,
     /// The WAL holds `restart_frames` frames or more past the tip: read and checkpoint now.
     outgrown: bool,
     /// When [`DbWorker::note_outgrown`] last looked.
@@ -304,6 +328,9 @@ impl DbWorker {
         }
         if let Some(retry) = agenda.retry_at {
             wake = wake.min(retry);
+        }
+        if let Some(checkpoint) = agenda.next_checkpoint.filter(|_| agenda.checkpoint_waiting) {
+            wake = wake.min(checkpoint);
         }
         if let Some(reconcile) = agenda.reconcile_at {
             wake = wake.min(reconcile);
@@ -611,9 +638,10 @@ impl DbWorker {
     /// for local disk only, never for uploads.
     fn checkpoint_if_due(&mut self) -> Result<()> {
         let now = Instant::now();
-        let outgrown = std::mem::take(&mut self.agenda.outgrown) && self.agenda.checkpoint_waivable;
+        let outgrown =
+            std::mem::take(&mut self.agenda.outgrown) && self.agenda.checkpoint_misses <= 1;
+        self.agenda.checkpoint_waiting = false;
         if self.agenda.stop.is_some()
-            || (self.agenda.next_checkpoint.is_some_and(|t| now < t) && !outgrown)
             || !self.replica.checkpoint_due(if outgrown {
                 // Read because the WAL outgrew the tip: that is enough to checkpoint.
                 (self.options.passive_checkpoint_frames).min(self.options.restart_frames)
@@ -623,6 +651,12 @@ impl DbWorker {
         {
             return Ok(());
         }
+        if self.agenda.next_checkpoint.is_some_and(|t| now < t) && !outgrown {
+            // Due, but not yet: without a wake-up of its own it waited for the next commit
+            // or the safety interval, up to 10 s after the writer stopped.
+            self.agenda.checkpoint_waiting = true;
+            return Ok(());
+        }
         let started = Instant::now();
         let result = self.replica.checkpoint();
         log::debug!(
@@ -630,19 +664,19 @@ impl DbWorker {
             self.replica.name(),
             started.elapsed().as_millis()
         );
-        // Unless it copied everything, do not try again for a while: a reader may hold old
-        // frames, and every attempt briefly takes the write lock. After a complete one,
-        // not before `min_interval` either (under fast small transactions the threshold is
-        // reached several times a second, and each checkpoint takes the write lock), unless
-        // the WAL outgrows the tip meanwhile (see `note_outgrown`).
+        // The next one waits (see `checkpoint_pause`), unless the WAL outgrows the tip
+        // meanwhile after a complete one or a first partial one (see `note_outgrown`).
         if let Ok(done) = result {
             self.metrics.checkpointed(done);
         }
-        self.agenda.checkpoint_waivable = matches!(result, Ok(Checkpoint::Complete));
-        self.agenda.next_checkpoint = match result {
-            Ok(Checkpoint::Complete) => Some(now + self.options.min_interval),
-            _ => Some(now + CHECKPOINT_RETRY),
+        let misses = &mut self.agenda.checkpoint_misses;
+        *misses = match result {
+            Ok(Checkpoint::Complete) => 0,
+            Ok(Checkpoint::Partial) => misses.saturating_add(1),
+            _ => misses.saturating_add(1).max(2),
         };
+        let pause = checkpoint_pause(&result, *misses, self.options.min_interval);
+        self.agenda.next_checkpoint = Some(now + pause);
         self.agenda.dirty = true;
         result.map(|_| ())
     }
@@ -766,6 +800,31 @@ impl DbWorker {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// After a complete checkpoint, and after a first partial one, the next waits
+    /// `min_interval`; partial ones in a row wait twice as long each time, up to the retry
+    /// of a failed one.
+    #[test]
+    fn partial_checkpoints_in_a_row_back_off_to_the_retry() {
+        let second = Duration::from_secs(1);
+        let partial = Ok(Checkpoint::Partial);
+        let waits: Vec<u64> = (1..=6)
+            .map(|misses| checkpoint_pause(&partial, misses, second).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(
+            checkpoint_pause(&Ok(Checkpoint::Complete), 0, second),
+            second
+        );
+        let failed = Err(Error::invalid("no"));
+        assert_eq!(checkpoint_pause(&failed, 2, second), CHECKPOINT_RETRY);
+        assert_eq!(
+            checkpoint_pause(&Ok(Checkpoint::Skipped), 2, second),
+            CHECKPOINT_RETRY
+        );
+    }
+
     /// A field more can cost a database 288 bytes instead of its own size: see [`DbWorker`].
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -3,7 +3,8 @@
 //! truncating checkpoint (2), two application TRUNCATEs in a row (6a) and a re-pin after a
 //! FULL checkpoint (6b) keep one generation; and while storage is slow the application's
 //! write lock is never held across an upload (5), and a writer that never pauses sees the
-//! WAL restart (7).
+//! WAL restart (7), and a checkpoint that must wait for its interval runs when it is up
+//! (8).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -334,6 +335,56 @@ fn the_wal_restarts_under_a_writer_that_never_pauses() {
         "the WAL restarted {restarts} times in {commits} commits; walsync waited for its interval"
     );
     replicator.sync("app").unwrap();
+    replicator.stop(Duration::from_secs(30)).unwrap();
+    assert_restored(
+        restore_dump(storage.as_ref(), "app", dir.path(), None),
+        &app.dump(),
+        "the latest restore",
+    );
+}
+
+/// 8. A checkpoint that comes due less than `min_interval` after the last one runs once the
+///    interval is up, with nothing else to wake walsync: it used to wait for the next commit
+///    or the safety interval (10 s by default, an hour here), and the WAL could not restart
+///    meanwhile.
+#[test]
+fn a_checkpoint_that_must_wait_runs_when_its_interval_is_up() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(server.storage("waiting"));
+    let mut app = AppDb::create(dir.path(), "app.db");
+    let options = Options {
+        min_interval: Duration::from_secs(2),
+        passive_checkpoint_frames: 1,
+        restart_frames: 0,
+        safety_interval: Duration::from_secs(3600),
+        ..Options::default()
+    };
+    let replicator = start(&storage, &app.path, options);
+    let complete = || -> u64 {
+        let text = walsync::metrics::render(&replicator.metrics());
+        text.lines()
+            .find(|l| {
+                l.starts_with("walsync_checkpoints_total") && l.contains("result=\"complete\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // Large, so that staging it takes a while, and the checkpoint's interval starts that
+    // much later than the shipment's.
+    app.insert(4000, 1000);
+    replicator.sync("app").unwrap();
+    wait_for(Duration::from_secs(10), "the first checkpoint", || {
+        complete() >= 1
+    });
+    // Shipped once the interval since the last shipment is up, quickly, which is before
+    // the interval since the checkpoint is: due then, but not yet.
+    app.insert(1, 100);
+    let written = Instant::now();
+    wait_for(Duration::from_secs(8), "the checkpoint that waited", || {
+        complete() >= 2
+    });
+    eprintln!("checkpointed {:?} after the commit", written.elapsed());
     replicator.stop(Duration::from_secs(30)).unwrap();
     assert_restored(
         restore_dump(storage.as_ref(), "app", dir.path(), None),
