@@ -24,11 +24,12 @@
 #   - heavy writes: 100 MiB written as fast as possible in 100-row transactions (1000-byte
 #     rows that compress about 2:1): the tool's CPU time (user+sys) and CPU per MiB, the
 #     bytes it stored, its peak RSS, how long it took to catch up, and the writing
-#     application's wall time;
+#     application's wall time; with no replication, then each tool, interleaved, 5 times
+#     (--quick: once), each tool's run with the median wall time;
 #   - application slowdown: the wall time of writing 60 MiB in 10-row transactions under
 #     each tool, over the same with no replication, on disk, once with the application's
 #     default checkpointing (wal_autocheckpoint 1000) and once with wal_autocheckpoint=0;
-#     none, walsync and Litestream interleaved, 3 times (--quick: once), medians;
+#     none, walsync and Litestream interleaved, 5 times (--quick: once), medians;
 #   - many databases: 1, 100 and 1000 small idle databases watched by one process: startup
 #     (until every database has an object stored and the tool is quiet for 5 s), then over
 #     60 s the S3 requests made and the resident size at the end (RSS once idle);
