@@ -134,8 +134,13 @@ impl Database {
                 Some(rusqlite::ErrorCode::NotADatabase) => {
                     Error::invalid(format!("{} is not a SQLite database", path.display()))
                 }
-                _ => Error::from(e)
-                    .with_context(format!("reading journal mode of {}", path.display())),
+                // SQLite opens the `-wal` and `-shm` files at the first read: a descriptor
+                // limit shows here first, as "unable to open database file".
+                _ => Error::from(e).with_context(format!(
+                    "reading journal mode of {}{}",
+                    path.display(),
+                    open_files_note().unwrap_or_default()
+                )),
             })?;
         db.configure()
             .context(|| format!("configuring connection to {}", path.display()))?;

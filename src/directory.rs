@@ -148,6 +148,22 @@ enum Content {
     Empty,
     /// Not a WAL database, for this reason.
     Not(String),
+    /// Not opened for want of descriptors, which says nothing about the file: why.
+    OutOfDescriptors(String),
+}
+
+/// A matching file that could not be read. Out of descriptors is not about the file: it
+/// is said so (the next scan tries again), not taken for a file that is no database.
+fn unreadable(e: &std::io::Error) -> Content {
+    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        return Content::OutOfDescriptors(format!(
+            "cannot be opened now ({e}{}); trying again at the next scan",
+            crate::limits::open_files_limit()
+                .map(|n| format!(", RLIMIT_NOFILE soft limit {n}"))
+                .unwrap_or_default()
+        ));
+    }
+    Content::Not(format!("cannot be read ({e})"))
 }
 
 /// Looks at the database header (no SQLite connection: opening one would create files
@@ -166,7 +182,7 @@ fn content(path: &Path) -> Content {
         Ok(())
     });
     if let Err(e) = read {
-        return Content::Not(format!("cannot be read ({e})"));
+        return unreadable(&e);
     }
     if len == 0 {
         return Content::Empty;
@@ -508,6 +524,7 @@ impl<H: Host> Scanner<H> {
                 );
                 return;
             }
+            Content::OutOfDescriptors(reason) => return self.skip(path, reason),
             Content::Not(reason) => {
                 return self.skip(
                     path,
@@ -635,6 +652,20 @@ impl<H: Host> Scanner<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file unread for want of descriptors is not called "no WAL database".
+    #[test]
+    fn out_of_descriptors_is_not_taken_for_the_files_content() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(&unreadable(&e), Content::OutOfDescriptors(why) if why.contains("next scan")),
+                "errno {errno}"
+            );
+        }
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert!(matches!(unreadable(&denied), Content::Not(_)));
+    }
 
     #[test]
     fn sqlite_and_temporary_files_never_match() {
