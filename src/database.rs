@@ -439,6 +439,41 @@ fn check_is_file(path: &Path) -> Result<()> {
     }
 }
 
+/// The `sqlite3_file` SQLite has open for `conn`, that `pointer` names
+/// (`SQLITE_FCNTL_FILE_POINTER`: the main database; `SQLITE_FCNTL_JOURNAL_POINTER`: the
+/// WAL), with its methods; or the SQLite result code when there is none (a file the
+/// connection has not opened yet).
+///
+/// # Safety
+///
+/// `conn` must be used by the calling thread only (walsync's connections are). Both file
+/// controls hand out an `sqlite3_file` of the connection's, valid while it is open and
+/// until the next call into SQLite on this connection that may close it.
+unsafe fn open_file(
+    conn: &Connection,
+    pointer: std::ffi::c_int,
+) -> std::result::Result<
+    (
+        *mut rusqlite::ffi::sqlite3_file,
+        &rusqlite::ffi::sqlite3_io_methods,
+    ),
+    std::ffi::c_int,
+> {
+    use rusqlite::ffi;
+
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    let rc = ffi::sqlite3_file_control(
+        conn.handle(),
+        c"main".as_ptr(),
+        pointer,
+        (&raw mut file).cast::<std::ffi::c_void>(),
+    );
+    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+        return Err(rc);
+    }
+    Ok((file, &*(*file).pMethods))
+}
+
 /// Hand the whole main database file of `conn` to `each`, a buffer at a time, read with
 /// the `xRead` of the `sqlite3_file` SQLite has open for it.
 ///
@@ -454,22 +489,14 @@ unsafe fn read_main_file(
     mut each: impl FnMut(&[u8]),
 ) -> Result<()> {
     use rusqlite::ffi;
-    use std::ffi::{c_int, c_void};
+    use std::ffi::c_int;
 
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        conn.handle(),
-        c"main".as_ptr(),
-        ffi::SQLITE_FCNTL_FILE_POINTER,
-        (&raw mut file).cast::<c_void>(),
-    );
-    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
-        return Err(Error::new(
+    let (file, methods) = open_file(conn, ffi::SQLITE_FCNTL_FILE_POINTER).map_err(|rc| {
+        Error::new(
             ErrorKind::Other,
             format!("no open file (SQLite error {rc})"),
-        ));
-    }
-    let methods = &*(*file).pMethods;
+        )
+    })?;
     let (Some(file_size), Some(read)) = (methods.xFileSize, methods.xRead) else {
         return Err(Error::new(ErrorKind::Other, "the VFS cannot read the file"));
     };
@@ -509,19 +536,11 @@ unsafe fn read_main_file(
 /// `xSync` is its public method.
 unsafe fn sync_file(conn: &Connection, pointer: std::ffi::c_int) -> Result<()> {
     use rusqlite::ffi;
-    use std::ffi::c_void;
 
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        conn.handle(),
-        c"main".as_ptr(),
-        pointer,
-        (&raw mut file).cast::<c_void>(),
-    );
-    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+    let Ok((file, methods)) = open_file(conn, pointer) else {
         return Ok(());
-    }
-    let Some(sync) = (*(*file).pMethods).xSync else {
+    };
+    let Some(sync) = methods.xSync else {
         return Ok(());
     };
     match sync(file, ffi::SQLITE_SYNC_NORMAL) {
@@ -558,17 +577,7 @@ unsafe fn shm_read_only(conn: &Connection) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
 
     let db = conn.handle();
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        db,
-        c"main".as_ptr(),
-        ffi::SQLITE_FCNTL_FILE_POINTER,
-        (&raw mut file).cast::<c_void>(),
-    );
-    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
-        return None;
-    }
-    let methods = &*(*file).pMethods;
+    let (file, methods) = open_file(conn, ffi::SQLITE_FCNTL_FILE_POINTER).ok()?;
     let shm_map = methods.xShmMap.filter(|_| methods.iVersion >= 2)?;
     let mut mapped: *mut c_void = std::ptr::null_mut();
     let rc = shm_map(
@@ -615,18 +624,9 @@ unsafe fn forget_wal_index_pages_linux(conn: &Connection) {
     if vfs.is_null() || (*vfs).zName.is_null() || CStr::from_ptr((*vfs).zName) != c"unix" {
         return;
     }
-    let db = conn.handle();
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        db,
-        c"main".as_ptr(),
-        ffi::SQLITE_FCNTL_FILE_POINTER,
-        (&raw mut file).cast::<c_void>(),
-    );
-    if rc != ffi::SQLITE_OK || file.is_null() || (*file).pMethods.is_null() {
+    let Ok((file, methods)) = open_file(conn, ffi::SQLITE_FCNTL_FILE_POINTER) else {
         return;
-    }
-    let methods = &*(*file).pMethods;
+    };
     let Some(shm_map) = methods.xShmMap.filter(|_| methods.iVersion >= 2) else {
         return;
     };
