@@ -145,7 +145,8 @@ struct Agenda {
     /// Checkpoints in a row that did not finish (0 after a complete one). After none or one
     /// partial one, a WAL that outgrows the tip may have the next before `next_checkpoint`.
     checkpoint_misses: u8,
-    /// A checkpoint is due and waits for `next_checkpoint`: the thread wakes then.
+    /// The last look for a checkpoint was before `next_checkpoint`: the thread wakes then
+    /// to look again.
     checkpoint_waiting: bool,
     /// The WAL holds `restart_frames` frames or more past the tip: read and checkpoint now.
     outgrown: bool,
@@ -640,8 +641,14 @@ impl DbWorker {
         let now = Instant::now();
         let outgrown =
             std::mem::take(&mut self.agenda.outgrown) && self.agenda.checkpoint_misses <= 1;
-        self.agenda.checkpoint_waiting = false;
-        if self.agenda.stop.is_some()
+        let early = self.agenda.next_checkpoint.is_some_and(|t| now < t) && !outgrown;
+        // Not yet: look again then. (Without a wake-up of its own, a checkpoint that came
+        // due meanwhile waited for the next commit or the safety interval, up to 10 s after
+        // the writer stopped.) Not looked at now: this runs on every wake, and the look
+        // reads the WAL file's size.
+        self.agenda.checkpoint_waiting = early && self.agenda.stop.is_none();
+        if early
+            || self.agenda.stop.is_some()
             || !self.replica.checkpoint_due(if outgrown {
                 // Read because the WAL outgrew the tip: that is enough to checkpoint.
                 (self.options.passive_checkpoint_frames).min(self.options.restart_frames)
@@ -649,12 +656,6 @@ impl DbWorker {
                 self.options.passive_checkpoint_frames
             })
         {
-            return Ok(());
-        }
-        if self.agenda.next_checkpoint.is_some_and(|t| now < t) && !outgrown {
-            // Due, but not yet: without a wake-up of its own it waited for the next commit
-            // or the safety interval, up to 10 s after the writer stopped.
-            self.agenda.checkpoint_waiting = true;
             return Ok(());
         }
         let started = Instant::now();
