@@ -45,6 +45,9 @@ static BASE: AtomicUsize = AtomicUsize::new(0);
 /// The next address to hint at (0: no hints).
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// The system's page size, which every hint is a multiple of.
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
+
 /// Have SQLite's shared mappings placed side by side, away from other mappings (see the
 /// module docs). Affects every SQLite connection of the process from then on; call it
 /// before opening any, while the process has one thread (the CLI does, first thing).
@@ -74,7 +77,10 @@ pub fn keep_shared_maps_apart() {
         let Some(previous) = get(vfs, c"mmap".as_ptr()) else {
             return;
         };
-        let page = 4096;
+        let page = match usize::try_from(libc::sysconf(libc::_SC_PAGESIZE)) {
+            Ok(page) if page.is_power_of_two() => page,
+            _ => return,
+        };
         let probe = libc::mmap(
             std::ptr::null_mut(),
             page,
@@ -94,6 +100,7 @@ pub fn keep_shared_maps_apart() {
         if PREVIOUS.set(previous).is_err() {
             return;
         }
+        PAGE.store(page, Ordering::Relaxed);
         BASE.store(base & !(page - 1), Ordering::Relaxed);
         NEXT.store(base & !(page - 1), Ordering::Relaxed);
         let ours: unsafe extern "C" fn() =
@@ -125,7 +132,7 @@ unsafe extern "C" fn placed_mmap(
     if !addr.is_null() || flags & libc::MAP_SHARED == 0 || next == 0 {
         return previous(addr, len, prot, flags, fd, offset);
     }
-    let rounded = len.next_multiple_of(4096);
+    let rounded = len.next_multiple_of(PAGE.load(Ordering::Relaxed));
     let hint = NEXT.fetch_add(rounded, Ordering::Relaxed);
     previous(hint as *mut c_void, len, prot, flags, fd, offset)
 }
