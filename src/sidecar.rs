@@ -628,15 +628,22 @@ mod tests {
         Sidecar::open(&db, "file:///other", "app").unwrap();
     }
 
+    /// A database in `dir` and its sidecar, opened and its lock released, as at rest.
+    #[cfg(target_os = "linux")]
+    fn released(dir: &Path) -> (PathBuf, Sidecar) {
+        let db = database(dir, 0o600);
+        let mut sidecar = Sidecar::open(&db, "file:///b", "app").unwrap();
+        sidecar.release_lock();
+        (db, sidecar)
+    }
+
     /// A resting database's sidecar: its lock released, its stamp still there, so a second
     /// opener is still refused, and nothing is written until the lock is taken back.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_released_sidecar_still_refuses_a_second_opener_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let db = database(dir.path(), 0o600);
-        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
-        first.release_lock();
+        let (db, mut first) = released(dir.path());
         assert!(first.lock.is_none());
         let err = Sidecar::open(&db, "file:///b", "app").err().unwrap();
         let me = format!("(process {})", std::process::id());
@@ -656,9 +663,7 @@ mod tests {
     #[test]
     fn a_sidecar_taken_while_released_is_known_when_taken_back() {
         let dir = tempfile::tempdir().unwrap();
-        let db = database(dir.path(), 0o600);
-        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
-        first.release_lock();
+        let (db, mut first) = released(dir.path());
         let lock_path = first.dir().join("lock");
         std::fs::write(&lock_path, b"").unwrap();
         assert!(matches!(first.relock().unwrap(), Relocked::TakenOver(_)));
@@ -677,9 +682,7 @@ mod tests {
     #[test]
     fn taking_the_lock_back_waits_for_a_brief_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let db = database(dir.path(), 0o600);
-        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
-        first.release_lock();
+        let (_, mut first) = released(dir.path());
         let other = File::open(first.dir().join("lock")).unwrap();
         other.lock().unwrap();
         let holder = std::thread::spawn(move || {
@@ -701,9 +704,7 @@ mod tests {
     #[test]
     fn a_copied_sidecar_is_not_held_by_the_original_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let db = database(dir.path(), 0o600);
-        let mut first = Sidecar::open(&db, "file:///b", "app").unwrap();
-        first.release_lock();
+        let (_, first) = released(dir.path());
         let copy = dir.path().join("copy");
         std::fs::create_dir(&copy).unwrap();
         let copy_db = database(&copy, 0o600);
