@@ -19,9 +19,9 @@
 pub const FILES_PER_DATABASE: u64 = if cfg!(target_os = "linux") { 3 } else { 4 };
 const FILES_RESERVED: u64 = 64;
 /// Memory maps per database: its thread's stack and guard page, the `-shm` mapping, and
-/// the allocator's maps of its heap (measured at 1000 databases: about 0.15 a database
-/// with [`crate::keep_shared_maps_apart`], as the CLI runs, and half a map without it),
-/// rounded up.
+/// the allocator's maps of its heap (measured at 1000 and 3000 databases: 0.10 to 0.17 a
+/// database with [`crate::keep_shared_maps_apart`], as the CLI runs, and half a map
+/// without it), rounded up.
 pub const MAPS_PER_DATABASE: u64 = 4;
 const MAPS_RESERVED: u64 = 256;
 const THREADS_RESERVED: u64 = 16;
