@@ -189,13 +189,13 @@ const BARRIER_CHECKPOINT_GAP: Duration = Duration::from_micros(250);
 /// [`run_checkpoint`] under the barrier, tried again for a moment while it stops short.
 ///
 /// Nothing commits under the barrier, so a checkpoint that stops short was held back by a
-/// reader on an older read mark, and the usual one is a moment's: an application waiting
-/// for the write lock takes a read lock each time it tries for it, on the newest read mark
-/// it can get, and lets it go when the try fails. A checkpoint that meets one of those
-/// tries stops at that mark. Counted as partial, it was not tried again for 10 s, and a
-/// writer that never pauses grew the WAL to 40-60 MiB meanwhile (measured: 1 run in 6 of
-/// 60 MiB in 10-row transactions, one checkpoint short by the last commit's 5 frames). A
-/// reader that stays (a long read transaction) costs this at most a millisecond.
+/// reader on an older read mark. Seen: 2 runs in 9 of 60 MiB in 10-row transactions had
+/// one checkpoint short by the last commit's 5 frames, and, counted as partial, it was not
+/// tried again for 10 s while the writer grew the WAL to 39-62 MiB. The likely reader (not
+/// proven) is a moment's: an application waiting for the write lock takes a read lock each
+/// time it tries for it, and lets it go when the try fails. A reader that stays (a long
+/// read transaction) costs this at most a millisecond. (Unlike [`run_checkpoint`]'s own
+/// tries, which are for a checkpoint that did nothing because another one was running.)
 fn run_checkpoint_under_barrier(name: &str, conn: &Database) -> Result<(bool, u64)> {
     let mut tries = 1;
     loop {
