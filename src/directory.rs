@@ -47,8 +47,8 @@ use crate::error::{Error, Result};
 use crate::watcher::{WatchId, Watcher};
 
 /// How often, while removed databases are still leaving, to look for those that left: a
-/// database waiting for one of them (the same file moved back, a new file at its path) is
-/// tried again then.
+/// database waiting for one of them (the same file moved back, a new file at its path), or
+/// for a place in the descriptor budget, is tried again then.
 const LEAVING_CHECK: Duration = Duration::from_millis(200);
 
 /// A directory to watch for databases.
@@ -267,6 +267,8 @@ impl DirectoryWatch {
             mine: HashMap::new(),
             skipped: HashMap::new(),
             waiting: HashSet::new(),
+            said_turns: false,
+            sweep: None,
             root_gone: false,
             unwatched: 0,
         };
@@ -321,8 +323,14 @@ struct Scanner<H> {
     mine: HashMap<PathBuf, String>,
     /// Matching files not replicated, and why (said once, again only if the reason changes).
     skipped: HashMap<PathBuf, String>,
-    /// Files to try again once a removed database has left (it may hold their sidecar).
+    /// Files to try again once a removed database has left (it may hold their sidecar), or
+    /// once the descriptor budget has a place (see [`crate::limits::BUSY`]).
     waiting: HashSet<PathBuf>,
+    /// That databases found wait for a place in the descriptor budget was said (again
+    /// once none waits).
+    said_turns: bool,
+    /// During a scan of the whole tree: every path listed so far.
+    sweep: Option<HashSet<OsString>>,
     /// The root directory was found gone, and that was said.
     root_gone: bool,
     /// Directories the watcher refused (only the first is a warning).
@@ -377,9 +385,15 @@ impl<H: Host> Scanner<H> {
                 }
             }
             if !self.waiting.is_empty() && self.core.reap() == 0 {
-                for path in std::mem::take(&mut self.waiting) {
+                let mut waiting = std::mem::take(&mut self.waiting).into_iter();
+                for path in waiting.by_ref() {
                     self.check(&path);
+                    if crate::limits::BUSY.is_full() {
+                        break; // the rest wait for a database to rest
+                    }
                 }
+                self.waiting.extend(waiting);
+                self.said_turns &= !self.waiting.is_empty();
             }
             if std::time::Instant::now() >= next_scan {
                 match self.scan_all() {
@@ -408,7 +422,22 @@ impl<H: Host> Scanner<H> {
             )));
         }
         let root = self.root.clone();
+        // Every path listed, to find what is gone once at the end: a look at every database
+        // for each directory scanned made a scan of ten thousand tenants' directories
+        // quadratic (a tenth of a restart of 4,000 went there, and again at every rescan).
+        self.sweep = Some(HashSet::new());
         self.scan_dir(&root);
+        let seen = self.sweep.take().unwrap_or_default();
+        let gone: Vec<PathBuf> = self
+            .mine
+            .keys()
+            .chain(self.dirs.keys())
+            .filter(|p| **p != root && !seen.contains(p.as_os_str()))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.check(&path);
+        }
         Ok(())
     }
 
@@ -443,6 +472,15 @@ impl<H: Host> Scanner<H> {
             } else if !is_dir {
                 self.check(&path);
             }
+        }
+        if let Some(seen) = self.sweep.as_mut() {
+            // A scan of the whole tree: what is gone is found once at its end.
+            seen.extend(
+                listed
+                    .into_iter()
+                    .map(|(name, _)| dir.join(name).into_os_string()),
+            );
+            return;
         }
         let names: HashSet<OsString> = listed.into_iter().map(|(name, _)| name).collect();
         // Databases added from here, and directories watched under it, no longer listed
@@ -514,6 +552,26 @@ impl<H: Host> Scanner<H> {
             .and_then(|canonical| self.core.check_free(&name, &canonical));
         if let Err(e) = free {
             return self.not_added(path, e);
+        }
+        if let Some(why) = crate::limits::no_room_for_another() {
+            return self.skip(
+                path,
+                format!("not replicated: {why}; tried again at the next scan"),
+            );
+        }
+        if crate::limits::BUSY.is_full() {
+            // Every descriptor the limit leaves is held by busy databases: try again soon,
+            // without opening anything now.
+            if !self.said_turns {
+                log::info!(
+                    "open files are short (RLIMIT_NOFILE leaves room for {} busy databases \
+                     beside the others at rest): databases found wait their turn",
+                    crate::limits::busy_allowed()
+                );
+                self.said_turns = true;
+            }
+            self.waiting.insert(path.to_path_buf());
+            return;
         }
         match content(path) {
             Content::Wal => {}

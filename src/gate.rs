@@ -13,7 +13,14 @@ use std::time::{Duration, Instant};
 pub struct Gate {
     inside: Mutex<usize>,
     turn: Condvar,
-    limit: usize,
+    limit: Limit,
+}
+
+/// How many a gate lets through: a fixed number, or one computed at each entry (for a
+/// bound that moves with what the process holds, as the descriptor budget does).
+enum Limit {
+    Fixed(usize),
+    Computed(fn() -> usize),
 }
 
 /// A place inside the gate, given back when dropped.
@@ -26,8 +33,32 @@ impl Gate {
         Gate {
             inside: Mutex::new(0),
             turn: Condvar::new(),
-            limit,
+            limit: Limit::Fixed(limit),
         }
+    }
+
+    /// A gate whose limit `limit` computes afresh at each entry. A limit that grows wakes
+    /// nobody: use [`Gate::enter_within`], whose waiters look again when their wait ends.
+    pub const fn computed(limit: fn() -> usize) -> Gate {
+        Gate {
+            inside: Mutex::new(0),
+            turn: Condvar::new(),
+            limit: Limit::Computed(limit),
+        }
+    }
+
+    /// How many it lets through now (at least one).
+    fn limit(&self) -> usize {
+        match self.limit {
+            Limit::Fixed(n) => n,
+            Limit::Computed(f) => f(),
+        }
+        .max(1)
+    }
+
+    /// Whether every place is taken now (a hint: it may change at once).
+    pub fn is_full(&self) -> bool {
+        *self.inside.lock().unwrap_or_else(PoisonError::into_inner) >= self.limit()
     }
 
     /// Wait up to `wait` for a place; `None` if none came. A thread that must stay
@@ -35,7 +66,7 @@ impl Gate {
     pub fn enter_within(&self, wait: Duration) -> Option<Pass<'_>> {
         let deadline = Instant::now() + wait;
         let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
-        while *inside >= self.limit.max(1) {
+        while *inside >= self.limit() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
@@ -53,7 +84,7 @@ impl Gate {
     /// Wait for a place, and hold it until the [`Pass`] is dropped.
     pub fn enter(&self) -> Pass<'_> {
         let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
-        while *inside >= self.limit.max(1) {
+        while *inside >= self.limit() {
             inside = self
                 .turn
                 .wait(inside)
@@ -110,6 +141,21 @@ mod tests {
             thread.join().unwrap();
         }
         assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_computed_limit_is_read_at_each_entry() {
+        static LIMIT: AtomicUsize = AtomicUsize::new(1);
+        let gate = Gate::computed(|| LIMIT.load(Ordering::SeqCst));
+        let wait = std::time::Duration::from_millis(20);
+        let first = gate.enter_within(wait).expect("one is let through");
+        assert!(gate.enter_within(wait).is_none());
+        LIMIT.store(2, Ordering::SeqCst);
+        let second = gate.enter_within(wait).expect("the limit grew to two");
+        LIMIT.store(0, Ordering::SeqCst); // read as one: never none at all
+        drop((first, second));
+        let _third = gate.enter_within(wait).expect("one is always let through");
+        assert!(gate.enter_within(wait).is_none());
     }
 
     #[test]

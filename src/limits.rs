@@ -11,13 +11,29 @@
 //! The limit on open files is also read and raised here: `watch` raises the soft limit to
 //! the hard one at start, and a failure to open a file when the descriptors run out says
 //! which limit it hit ([`crate::error`], [`crate::database`]).
+//!
+//! Resting databases fit the limit does not mean busy ones do: a database that starts,
+//! writes or checkpoints holds more descriptors for a while. So the descriptors the
+//! resting databases leave are a budget that busy databases take turns at ([`BUSY`]), and
+//! a database for which there is no room at all is not opened ([`no_room_for_another`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::gate::Gate;
 
 /// Descriptors per idle database: SQLite's database, WAL and `-shm` files of the pin's
 /// connection and, except on Linux, where a resting database lets it go, the sidecar lock.
-/// A database that is writing or checkpointing holds a second connection and the lock for
-/// a while (three more); one quiet for half a minute lets them go (see `Replica::rest`).
+/// A busy one holds more for a while ([`FILES_WHILE_BUSY`]); one quiet for half a minute
+/// (5 s while descriptors are short) lets them go (see `Replica::rest`).
 pub const FILES_PER_DATABASE: u64 = if cfg!(target_os = "linux") { 3 } else { 4 };
+/// The process's own descriptors, beyond its databases': its log, the watcher, the upload
+/// workers' files and connections, and the snapshots in flight ([`crate::snapshot`] takes
+/// four at a time, with a connection of three files each).
 const FILES_RESERVED: u64 = 64;
+/// Descriptors a busy database may hold beyond a resting one's [`FILES_PER_DATABASE`]: the
+/// sidecar lock, a second connection (database, WAL, `-shm`), an object being staged,
+/// state.json being replaced, and a connection to storage while it lists its replica.
+pub const FILES_WHILE_BUSY: u64 = 7;
 /// Memory maps per database: its thread's stack and guard page, the `-shm` mapping, and
 /// the allocator's maps of its heap (measured at 1000 and 3000 databases: 0.10 to 0.17 a
 /// database with [`crate::keep_shared_maps_apart`], as the CLI runs, and half a map
@@ -25,6 +41,82 @@ const FILES_RESERVED: u64 = 64;
 pub const MAPS_PER_DATABASE: u64 = 4;
 const MAPS_RESERVED: u64 = 256;
 const THREADS_RESERVED: u64 = 16;
+
+/// Databases this process replicates: each one holds [`FILES_PER_DATABASE`] descriptors at
+/// rest, whatever it does.
+static DATABASES: AtomicU64 = AtomicU64::new(0);
+
+/// The descriptor budget's passes (issue 18). A database holds one while it may hold more
+/// descriptors than a resting one: from before it is opened (or, once resting, before it
+/// does anything again) until it rests on one connection without its sidecar lock. At most
+/// [`busy_allowed`] hold one, so that RLIMIT_NOFILE covers every database at rest and
+/// every busy one's extra. Without it, 4,000 databases starting at once under a limit of
+/// 20,000 (room for 6,600 at rest) held five to seven descriptors each before any had
+/// rested, and their threads then failed and retried on "too many open files" for minutes:
+/// what they failed to write at the stop made the next start take 1,102 new snapshots; at
+/// 6,000 databases, none settled at all.
+pub static BUSY: Gate = Gate::computed(busy_allowed);
+
+/// One database counted in the descriptor budget for as long as this lives.
+pub struct Counted(());
+
+impl Counted {
+    pub fn new() -> Counted {
+        DATABASES.fetch_add(1, Ordering::Relaxed);
+        Counted(())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        DATABASES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many databases may be busy at once (see [`BUSY`]) under this process's soft
+/// RLIMIT_NOFILE, with every database counted at rest.
+pub fn busy_allowed() -> usize {
+    busy_allowed_within(open_files_limit(), DATABASES.load(Ordering::Relaxed))
+}
+
+fn busy_allowed_within(limit: Option<u64>, databases: u64) -> usize {
+    let Some(limit) = limit else {
+        return usize::MAX;
+    };
+    let resting = databases
+        .saturating_mul(FILES_PER_DATABASE)
+        .saturating_add(FILES_RESERVED);
+    let allowed = limit.saturating_sub(resting) / FILES_WHILE_BUSY;
+    usize::try_from(allowed).unwrap_or(usize::MAX).max(1)
+}
+
+/// Why one more database cannot be opened, if RLIMIT_NOFILE leaves no room for it (busy)
+/// beside every database at rest: it would only take its turn to fail on "too many open
+/// files", after every other database found had waited for it.
+pub fn no_room_for_another() -> Option<String> {
+    let databases = DATABASES.load(Ordering::Relaxed);
+    let limit = open_files_limit()?;
+    (!room_within(limit, databases)).then(|| {
+        format!(
+            "RLIMIT_NOFILE is {limit}, which leaves no room for another database beside the \
+             {databases} replicated (raise it: ulimit -n, or LimitNOFILE= under systemd)"
+        )
+    })
+}
+
+fn room_within(limit: u64, databases: u64) -> bool {
+    let needed = (databases + 1)
+        .saturating_mul(FILES_PER_DATABASE)
+        .saturating_add(FILES_RESERVED + FILES_WHILE_BUSY);
+    needed <= limit
+}
+
+/// Whether descriptors are short: not every database could be busy at once. A busy one
+/// then gives its extra descriptors back sooner (see [`crate::replica::Replica::rest`]).
+pub fn descriptors_short() -> bool {
+    let databases = DATABASES.load(Ordering::Relaxed);
+    (busy_allowed_within(open_files_limit(), databases) as u64) < databases
+}
 
 /// One limit and what it allows.
 #[derive(Debug, PartialEq, Eq)]
@@ -201,6 +293,28 @@ fn processes_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_databases_share_what_resting_ones_leave_of_the_limit() {
+        let left = 20_000 - FILES_RESERVED - 4_000 * FILES_PER_DATABASE;
+        assert_eq!(
+            busy_allowed_within(Some(20_000), 4_000) as u64,
+            left / FILES_WHILE_BUSY
+        );
+        // More databases than fit at rest: one at a time still, never none.
+        assert_eq!(busy_allowed_within(Some(20_000), 10_000), 1);
+        assert_eq!(busy_allowed_within(None, 10_000), usize::MAX);
+        assert!(busy_allowed_within(Some(u64::MAX), 10_000) > 1 << 40);
+    }
+
+    #[test]
+    fn another_database_fits_while_it_could_be_busy_beside_the_others_at_rest() {
+        let limit = 20_000;
+        let fits = (limit - FILES_RESERVED - FILES_WHILE_BUSY) / FILES_PER_DATABASE;
+        assert!(room_within(limit, fits - 1));
+        assert!(!room_within(limit, fits));
+        assert!(room_within(u64::MAX, u64::MAX / 2));
+    }
 
     #[test]
     fn a_limit_says_how_many_databases_it_allows_and_how_to_raise_it() {

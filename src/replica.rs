@@ -194,6 +194,8 @@ pub struct Replica {
     /// been opened since: the database holds one connection's descriptors.
     alone: bool,
     one_connection_after: Duration,
+    /// Counts this database in the descriptor budget (see [`crate::limits::BUSY`]).
+    _counted: crate::limits::Counted,
     /// Hears how a snapshot is going (nobody, unless [`Replica::set_progress`]).
     progress: Arc<dyn Progress>,
     /// Run between closing the connections and opening the new one (see `rest_alone`).
@@ -307,6 +309,7 @@ impl Replica {
             last_read: Instant::now(),
             alone: true, // no control connection yet
             one_connection_after: ONE_CONNECTION_AFTER,
+            _counted: crate::limits::Counted::new(),
             progress: Arc::new(Unwatched),
             #[cfg(test)]
             between_connections: None,
@@ -376,6 +379,12 @@ impl Replica {
     pub fn generation(&self) -> Option<(Generation, u64)> {
         let p = self.tip.as_ref()?;
         Some((p.generation.clone(), p.index))
+    }
+
+    /// True when the database holds no more descriptors than a resting one (see
+    /// [`crate::limits::FILES_PER_DATABASE`]): one connection, and on Linux no sidecar lock.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.alone && (!cfg!(target_os = "linux") || !self.sidecar.holds_lock())
     }
 
     /// True when every object cut so far is stored.

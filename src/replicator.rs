@@ -57,7 +57,7 @@ mod worker;
 
 pub use options::Options;
 use pruner::Pruner;
-use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases, DbThread};
+use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases};
 use worker::Event;
 
 /// How long past the shutdown deadline [`Replicator::stop`] waits for a database thread.
@@ -123,7 +123,7 @@ impl Replicator {
             directories: Mutex::new(Vec::new()),
         };
         for replica in replicas {
-            replicator.core.spawn(replica, false)?;
+            replicator.core.spawn(replica, false, None)?;
         }
         Ok(replicator)
     }
@@ -234,7 +234,7 @@ impl Replicator {
         self.core.pool.set_deadline(deadline);
         let (active, leaving) = {
             let mut databases = lock(&self.core.databases);
-            let active: Vec<DbThread> = databases.active.drain().map(|(_, d)| d).collect();
+            let active = databases.take_active();
             (active, std::mem::take(&mut databases.leaving))
         };
         // Those still leaving too: they keep to this deadline, not their own.

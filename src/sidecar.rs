@@ -165,6 +165,11 @@ impl Sidecar {
         }
     }
 
+    /// Whether this sidecar holds its lock now (see [`Sidecar::release_lock`]).
+    pub(crate) fn holds_lock(&self) -> bool {
+        self.lock.is_some()
+    }
+
     /// Take the lock back after [`Sidecar::release_lock`] (at once if it is held), waiting
     /// [`RELOCK_PATIENCE`] at most for someone who holds it: a walsync that the stamp
     /// refused lets go in a moment. The stamp then says whether anybody else held it

@@ -1,6 +1,7 @@
 //! Rest: what an idle database gives back while its thread sleeps, so that a thousand of
 //! them cost little: the control connection, cached pages, this process's view of the
-//! wal-index and, after [`ONE_CONNECTION_AFTER`] without a commit, the descriptors of a
+//! wal-index and, after [`ONE_CONNECTION_AFTER`] without a commit (or
+//! [`ONE_CONNECTION_AFTER_WHEN_SHORT`] while descriptors are short), the descriptors of a
 //! second connection and, on Linux, the sidecar's lock. The pin stays held throughout (or,
 //! for the moment of reopening it, is judged again as any unguarded pin is): resting never
 //! costs a commit.
@@ -25,6 +26,10 @@ use crate::sidecar::Relocked;
 /// How long a database must have had no commit to read before it rests on one connection
 /// (see [`Replica::rest`]).
 pub const ONE_CONNECTION_AFTER: Duration = Duration::from_secs(30);
+
+/// The same while descriptors are short ([`crate::limits::descriptors_short`]): a busy
+/// database's extra descriptors are what other databases wait for.
+pub const ONE_CONNECTION_AFTER_WHEN_SHORT: Duration = UNWRITTEN_FOR;
 
 /// How long before [`Replica::rest`] closes its connections the database file must have been
 /// left unwritten: longer than the coarsest file-time granularity (2 s, FAT).
@@ -77,7 +82,7 @@ impl Replica {
         if self.unsynced.is_empty() {
             self.unsynced = Vec::new();
         }
-        if !self.alone && self.last_read.elapsed() >= self.one_connection_after {
+        if !self.alone && self.last_read.elapsed() >= self.quiet_before_one_connection() {
             if let Err(e) = self.rest_alone() {
                 log::debug!("{}: resting on one connection: {e}", self.name);
             }
@@ -86,6 +91,16 @@ impl Replica {
         self.pin.forget_wal_index_pages();
         if self.alone && self.reconciled && self.is_flushed() && self.is_saved() {
             self.sidecar.release_lock();
+        }
+    }
+
+    /// How long without a commit before [`Replica::rest`] rests on one connection.
+    fn quiet_before_one_connection(&self) -> Duration {
+        if crate::limits::descriptors_short() {
+            self.one_connection_after
+                .min(ONE_CONNECTION_AFTER_WHEN_SHORT)
+        } else {
+            self.one_connection_after
         }
     }
 

@@ -14,6 +14,7 @@ use super::options::Options;
 use super::pruner::PruneRequest;
 use super::worker::{DbWorker, Event};
 use crate::error::{Error, Result};
+use crate::gate::Pass;
 use crate::metrics::DbMetrics;
 use crate::replica::Replica;
 use crate::storage::Storage;
@@ -60,6 +61,21 @@ pub(super) struct Databases {
     /// Removed, still shipping what they staged; joined by [`Core::reap`].
     pub(super) leaving: Vec<DbThread>,
     pub(super) next_seq: u64,
+}
+
+impl Databases {
+    fn insert(&mut self, db: DbThread) {
+        self.active.insert(db.name.clone(), db);
+    }
+
+    pub(super) fn remove(&mut self, name: &str) -> Option<DbThread> {
+        self.active.remove(name)
+    }
+
+    /// Every active database, which are then none.
+    pub(super) fn take_active(&mut self) -> Vec<DbThread> {
+        self.active.drain().map(|(_, db)| db).collect()
+    }
 }
 
 /// Open a database for replication, as [`super::Replicator::start`] and [`super::Replicator::add`] do:
@@ -129,8 +145,25 @@ impl Core {
         // reconciled by their own threads, first thing, as those opened while storage was
         // down are.
         let reconcile_now = (!from_directory).then_some(&self.storage_down);
+        // A place in the descriptor budget before anything is opened (see
+        // `limits::BUSY`); a directory's thread does not wait long for one, it tries again.
+        let wait = if from_directory {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_secs(10)
+        };
+        let busy = crate::limits::BUSY.enter_within(wait).ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::Transient,
+                format!(
+                    "adding {}: the open files RLIMIT_NOFILE leaves are all held by the {}                      databases busy now; try again once one rests",
+                    path.display(),
+                    crate::limits::busy_allowed()
+                ),
+            )
+        })?;
         let replica = open_replica(&self.storage, reconcile_now, &self.options, path, name)?;
-        self.spawn(replica, from_directory)
+        self.spawn(replica, from_directory, Some(busy))
     }
 
     /// Refuse a name or a file that is replicated already, or still leaving.
@@ -142,7 +175,13 @@ impl Core {
                 db.path.display()
             )));
         }
-        if let Some(db) = databases.active.values().find(|d| d.canonical == canonical) {
+        // Compared as bytes (both are canonical): each database added looks at every one,
+        // and comparing paths component by component made adding thousands slow.
+        if let Some(db) = databases
+            .active
+            .values()
+            .find(|d| d.canonical.as_os_str() == canonical.as_os_str())
+        {
             return Err(Error::invalid(format!(
                 "{} is already replicated as {:?}",
                 canonical.display(),
@@ -167,7 +206,14 @@ impl Core {
     }
 
     /// Start the thread of an opened replica.
-    pub(super) fn spawn(&self, mut replica: Replica, from_directory: bool) -> Result<()> {
+    /// `busy`: its place in the descriptor budget, if it has one already (else its thread
+    /// waits for one).
+    pub(super) fn spawn(
+        &self,
+        mut replica: Replica,
+        from_directory: bool,
+        busy: Option<Pass<'static>>,
+    ) -> Result<()> {
         let prune = lock(&self.prune).clone();
         if prune.is_none() {
             // Kept only for the first prune: none will come.
@@ -186,7 +232,7 @@ impl Core {
         )?;
         let metrics = Arc::new(DbMetrics::new(&name));
         // Boxed: see `DbWorker::run`.
-        let worker = Box::new(DbWorker::new(
+        let mut worker = Box::new(DbWorker::new(
             Arc::clone(&self.pool),
             Arc::clone(&self.options),
             replica,
@@ -195,6 +241,7 @@ impl Core {
             Arc::clone(&metrics),
             from_directory,
         ));
+        worker.keep_pass(busy);
         let mut databases = lock(&self.databases);
         if databases.active.contains_key(&name) {
             // Added meanwhile by another caller: this one lost the race.
@@ -218,19 +265,16 @@ impl Core {
         };
         let seq = databases.next_seq;
         databases.next_seq += 1;
-        databases.active.insert(
-            name.clone(),
-            DbThread {
-                name,
-                path,
-                canonical,
-                seq,
-                events: tx,
-                thread,
-                metrics,
-                watch,
-            },
-        );
+        databases.insert(DbThread {
+            name,
+            path,
+            canonical,
+            seq,
+            events: tx,
+            thread,
+            metrics,
+            watch,
+        });
         Ok(())
     }
 
@@ -238,7 +282,6 @@ impl Core {
     /// its thread, which the caller joins (or puts among the leaving).
     pub(super) fn begin_remove(&self, name: &str, deadline: Instant) -> Result<DbThread> {
         let db = lock(&self.databases)
-            .active
             .remove(name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
         self.watcher.unwatch(db.watch);

@@ -18,6 +18,7 @@ use crate::backoff::Backoff;
 use crate::database::Checkpoint;
 use crate::error::{Error, Result};
 use crate::files::FileIdentity;
+use crate::gate::Pass;
 use crate::metrics::DbMetrics;
 use crate::replica::{Replica, SyncOutcome, Upload};
 use crate::storage::Storage;
@@ -73,6 +74,10 @@ const STOP_RETRY: Duration = Duration::from_secs(1);
 /// prefix in about a second), against 3 s with every one at once.
 static RECONCILING: crate::gate::Gate = crate::gate::Gate::new(256);
 
+/// While descriptors are short, a busy database wakes this often to see whether it can rest
+/// (and give back what others wait for): a second more than [`DbWorker::run`] needs to rest.
+const SHORT_OF_DESCRIPTORS_WAKE: Duration = Duration::from_secs(2);
+
 /// What wakes a database thread.
 pub(super) enum Event {
     /// The WAL or database file changed.
@@ -112,6 +117,9 @@ pub(super) struct DbWorker {
     /// Found by a directory watch: a file that goes away is expected (the directory watch
     /// removes the database), not an error worth a line every few seconds.
     from_directory: bool,
+    /// Its place in the descriptor budget ([`crate::limits::BUSY`]): held from before
+    /// anything is done until the replica rests with a resting database's descriptors.
+    busy: Option<Pass<'static>>,
 }
 
 /// Someone waiting for an object to be stored.
@@ -173,6 +181,8 @@ struct Agenda {
     reconcile_at: Option<Instant>,
     /// The reconciling gate was full: try again at once (see [`RECONCILING`]).
     gate_full: bool,
+    /// The descriptor budget had no place: try again at once (see [`DbWorker::enter_budget`]).
+    budget_full: bool,
     /// Removed (see [`Event::Remove`]): stopping, and not to be replicated again.
     removing: bool,
     /// Removed, and its file is gone: nothing more can be read, only staged objects go.
@@ -207,6 +217,7 @@ impl DbWorker {
             reconcile_backoff: RECONCILE_BACKOFF,
             lag,
             from_directory,
+            busy: None,
             agenda: Agenda {
                 dirty: true,
                 last_snapshot: Some(Instant::now()),
@@ -215,6 +226,12 @@ impl DbWorker {
                 ..Agenda::default()
             },
         }
+    }
+
+    /// Hand this database the place in the descriptor budget taken for it before it was
+    /// opened (see [`crate::limits::BUSY`]).
+    pub(super) fn keep_pass(&mut self, busy: Option<Pass<'static>>) {
+        self.busy = busy;
     }
 
     /// The thread's loop. It sleeps in this frame, so the work of each wake-up is in
@@ -243,6 +260,9 @@ impl DbWorker {
     #[inline(never)]
     fn rest(&mut self) {
         self.replica.rest();
+        if self.replica.at_rest() {
+            self.busy = None;
+        }
         self.events.shrink();
         self.lag.shrink();
         let agenda = &mut self.agenda;
@@ -273,6 +293,10 @@ impl DbWorker {
         // Coalesce whatever else arrived meanwhile.
         while let Some(event) = self.events.try_recv() {
             self.handle(event);
+        }
+        if !self.enter_budget() {
+            // Nothing can be done without descriptors; past the deadline, give up.
+            return Ok(self.agenda.stop.filter(|&d| Instant::now() >= d));
         }
         if let Err(e) = self.reconcile_if_due() {
             log::error!(
@@ -336,8 +360,13 @@ impl DbWorker {
         if let Some(reconcile) = agenda.reconcile_at {
             wake = wake.min(reconcile);
         }
-        if agenda.gate_full {
+        if agenda.gate_full || agenda.budget_full {
             wake = now;
+        }
+        // Short of descriptors: look again soon whether this one can rest and give its
+        // extra ones back (see `Replica::rest`), rather than at the safety interval.
+        if self.busy.is_some() && !self.replica.at_rest() && crate::limits::descriptors_short() {
+            wake = wake.min(now + SHORT_OF_DESCRIPTORS_WAKE);
         }
         if let Some(prune) = self.next_prune() {
             wake = wake.min(prune);
@@ -454,6 +483,17 @@ impl DbWorker {
         self.upload_next()?;
         self.answer_syncs();
         Ok(())
+    }
+
+    /// Take a place in the descriptor budget ([`crate::limits::BUSY`]) unless this database
+    /// holds one: false if none came within a second (the thread tries again at once, after
+    /// handling what arrived meanwhile).
+    fn enter_budget(&mut self) -> bool {
+        if self.busy.is_none() {
+            self.busy = crate::limits::BUSY.enter_within(Duration::from_secs(1));
+        }
+        self.agenda.budget_full = self.busy.is_none();
+        self.busy.is_some()
     }
 
     /// Reconcile the replica with storage if that could not be done at start (nothing is
