@@ -143,7 +143,9 @@ impl Replicator {
     /// Start replicating one more database, `path` under `name`, as [`Replicator::start`]
     /// would have: opened and checked here (an error if it cannot be, or if the name or
     /// the file is replicated already), reconciled with storage here unless storage could
-    /// not be reached (then by its thread, with backoff, as at start).
+    /// not be reached (then by its thread, with backoff, as at start). While every
+    /// descriptor the open files limit leaves is held by busy databases, it waits up to
+    /// 10 s for one to rest, then fails with a transient error (try again).
     pub fn add(&self, path: &Path, name: &str) -> Result<()> {
         self.core.add(path, name, false)
     }
