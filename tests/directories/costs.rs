@@ -9,6 +9,31 @@ use crate::common::fixtures::{wait_for, walsync_after, AppDb, WatchProcess};
 use walsync::storage::Storage;
 use walsync_testkit::s3server::S3Server;
 
+/// Snapshots stored under `storage`.
+fn snapshots_in(storage: &dyn Storage) -> usize {
+    storage
+        .list("")
+        .unwrap()
+        .iter()
+        .filter(|o| o.key.contains("/snapshots/"))
+        .count()
+}
+
+/// Wait until `server` has had no new request for 5 s (at most `limit` from `started`);
+/// how long after `started` the last one came.
+fn quiet_after(server: &S3Server, started: Instant, limit: Duration) -> Duration {
+    let (mut seen, mut changed) = (0, Instant::now());
+    while changed.elapsed() < Duration::from_secs(5) {
+        assert!(started.elapsed() < limit, "not quiet after {limit:?}");
+        let now = server.requests().len();
+        if now != seen {
+            (seen, changed) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    changed.duration_since(started)
+}
+
 /// Under a descriptor limit too low for the databases found, walsync says so at start:
 /// which limit, how many databases it allows, how to raise it. The databases found take
 /// turns for the descriptors left (see `databases_that_fit_..._take_turns`); those that do
@@ -108,14 +133,7 @@ fn databases_that_fit_the_descriptor_limit_only_at_rest_take_turns() {
     }
     let dest = s3_url(&server, "turns");
     let storage = server.storage("turns");
-    let snapshots = || {
-        storage
-            .list("")
-            .unwrap()
-            .iter()
-            .filter(|o| o.key.contains("/snapshots/"))
-            .count()
-    };
+    let snapshots = || snapshots_in(&storage);
     let start = |run: &str| {
         let (stdout, stderr) = (
             root.path().join(format!("{run}.out")),
@@ -163,16 +181,7 @@ fn databases_that_fit_the_descriptor_limit_only_at_rest_take_turns() {
     wait_for(Duration::from_secs(60), "every database watched", || {
         second.log().matches(" as db").count() >= DATABASES
     });
-    // Quiet: no new request for 5 s.
-    let (mut seen, mut changed) = (0, Instant::now());
-    while changed.elapsed() < Duration::from_secs(5) {
-        assert!(started.elapsed() < Duration::from_secs(120), "not quiet");
-        let now = server.requests().len();
-        if now != seen {
-            (seen, changed) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    quiet_after(&server, started, Duration::from_secs(120));
     assert!(second.terminate(Duration::from_secs(120)).success());
     let log = std::fs::read_to_string(root.path().join("second.err")).unwrap();
     assert_eq!(out_of_descriptors(&log), "");
@@ -195,14 +204,7 @@ fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snap
     }
     let args = ["--dir", path_str(&data), "-b", &s3_url(&server, "host")];
     let storage = server.storage("host");
-    let snapshots = || {
-        storage
-            .list("")
-            .unwrap()
-            .iter()
-            .filter(|o| o.key.contains("/snapshots/"))
-            .count()
-    };
+    let snapshots = || snapshots_in(&storage);
     let first = watch(&args, &server, root.path());
     wait_for(Duration::from_secs(120), "every database stored", || {
         snapshots() >= DATABASES
@@ -215,20 +217,7 @@ fn a_restart_of_a_thousand_replicated_databases_costs_a_request_each_and_no_snap
     server.clear_requests();
     let started = Instant::now();
     let second = watch(&args, &server, root.path());
-    // Quiet: no new request for 5 s.
-    let (mut seen, mut changed) = (0, Instant::now());
-    while changed.elapsed() < Duration::from_secs(5) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not quiet after 60 s"
-        );
-        let now = server.requests().len();
-        if now != seen {
-            (seen, changed) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let quiet_after = changed.duration_since(started);
+    let quiet_after = quiet_after(&server, started, Duration::from_secs(60));
     let requests = server.requests();
     let log = second.log();
     assert!(second.terminate(Duration::from_secs(180)).success());
