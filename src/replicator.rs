@@ -57,7 +57,7 @@ mod worker;
 
 pub use options::Options;
 use pruner::Pruner;
-use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases};
+use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases, DbThread};
 use worker::Event;
 
 /// How long past the shutdown deadline [`Replicator::stop`] waits for a database thread.
@@ -236,7 +236,7 @@ impl Replicator {
         self.core.pool.set_deadline(deadline);
         let (active, leaving) = {
             let mut databases = lock(&self.core.databases);
-            let active = databases.take_active();
+            let active: Vec<DbThread> = databases.active.drain().map(|(_, d)| d).collect();
             (active, std::mem::take(&mut databases.leaving))
         };
         // Those still leaving too: they keep to this deadline, not their own.

@@ -63,21 +63,6 @@ pub(super) struct Databases {
     pub(super) next_seq: u64,
 }
 
-impl Databases {
-    fn insert(&mut self, db: DbThread) {
-        self.active.insert(db.name.clone(), db);
-    }
-
-    pub(super) fn remove(&mut self, name: &str) -> Option<DbThread> {
-        self.active.remove(name)
-    }
-
-    /// Every active database, which are then none.
-    pub(super) fn take_active(&mut self) -> Vec<DbThread> {
-        self.active.drain().map(|(_, db)| db).collect()
-    }
-}
-
 /// Open a database for replication, as [`super::Replicator::start`] and [`super::Replicator::add`] do:
 /// unreconciled, then reconciled with storage unless a try less than
 /// [`STORAGE_DOWN_SKIP`] ago found it unreachable (then the database's thread reconciles
@@ -265,16 +250,19 @@ impl Core {
         };
         let seq = databases.next_seq;
         databases.next_seq += 1;
-        databases.insert(DbThread {
-            name,
-            path,
-            canonical,
-            seq,
-            events: tx,
-            thread,
-            metrics,
-            watch,
-        });
+        databases.active.insert(
+            name.clone(),
+            DbThread {
+                name,
+                path,
+                canonical,
+                seq,
+                events: tx,
+                thread,
+                metrics,
+                watch,
+            },
+        );
         Ok(())
     }
 
@@ -282,6 +270,7 @@ impl Core {
     /// its thread, which the caller joins (or puts among the leaving).
     pub(super) fn begin_remove(&self, name: &str, deadline: Instant) -> Result<DbThread> {
         let db = lock(&self.databases)
+            .active
             .remove(name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
         self.watcher.unwatch(db.watch);
