@@ -57,7 +57,7 @@ mod worker;
 
 pub use options::Options;
 use pruner::Pruner;
-use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases, DbThread};
+use shared::{join_thread, lock, open_replica, thread_stopped, Core, Databases};
 use worker::Event;
 
 /// How long past the shutdown deadline [`Replicator::stop`] waits for a database thread.
@@ -137,7 +137,8 @@ impl Replicator {
             return false;
         }
         let databases = lock(&self.core.databases);
-        !databases.active.is_empty() && databases.active.values().all(|d| d.thread.is_finished())
+        !databases.active().is_empty()
+            && databases.active().values().all(|d| d.thread.is_finished())
     }
 
     /// Start replicating one more database, `path` under `name`, as [`Replicator::start`]
@@ -236,7 +237,7 @@ impl Replicator {
         self.core.pool.set_deadline(deadline);
         let (active, leaving) = {
             let mut databases = lock(&self.core.databases);
-            let active: Vec<DbThread> = databases.active.drain().map(|(_, d)| d).collect();
+            let active = databases.take_all();
             (active, std::mem::take(&mut databases.leaving))
         };
         // Those still leaving too: they keep to this deadline, not their own.

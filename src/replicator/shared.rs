@@ -3,7 +3,8 @@
 //! (`replicator.rs`) and the directory watches (`crate::directory`) add and remove databases
 //! through it; it knows neither of them, so the directory watches sit below the handle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -57,10 +58,39 @@ pub(crate) struct Core {
 
 #[derive(Default)]
 pub(super) struct Databases {
-    pub(super) active: HashMap<String, DbThread>,
+    /// By name. Changed only through [`Databases::insert`] and [`Databases::remove`], which
+    /// keep `files` in step.
+    active: HashMap<String, DbThread>,
+    /// The canonical paths of the active databases, so that adding one more looks up its
+    /// file at once: compared one by one, the check took a fifth of the scanning thread's
+    /// time at a restart of 4,000 (perf), and grows with the square of their number.
+    files: HashSet<OsString>,
     /// Removed, still shipping what they staged; joined by [`Core::reap`].
     pub(super) leaving: Vec<DbThread>,
     pub(super) next_seq: u64,
+}
+
+impl Databases {
+    pub(super) fn active(&self) -> &HashMap<String, DbThread> {
+        &self.active
+    }
+
+    fn insert(&mut self, db: DbThread) {
+        self.files.insert(db.canonical.clone().into_os_string());
+        self.active.insert(db.name.clone(), db);
+    }
+
+    pub(super) fn remove(&mut self, name: &str) -> Option<DbThread> {
+        let db = self.active.remove(name)?;
+        self.files.remove(db.canonical.as_os_str());
+        Some(db)
+    }
+
+    /// Every active database, leaving none.
+    pub(super) fn take_all(&mut self) -> Vec<DbThread> {
+        self.files.clear();
+        self.active.drain().map(|(_, d)| d).collect()
+    }
 }
 
 /// Open a database for replication, as [`super::Replicator::start`] and [`super::Replicator::add`] do:
@@ -160,17 +190,15 @@ impl Core {
                 db.path.display()
             )));
         }
-        // Compared as bytes (both are canonical): each database added looks at every one,
-        // and comparing paths component by component made adding thousands slow.
-        if let Some(db) = databases
-            .active
-            .values()
-            .find(|d| d.canonical.as_os_str() == canonical.as_os_str())
-        {
+        if databases.files.contains(canonical.as_os_str()) {
+            let name = databases
+                .active
+                .values()
+                .find(|d| d.canonical == canonical)
+                .map_or("", |d| &d.name);
             return Err(Error::invalid(format!(
-                "{} is already replicated as {:?}",
+                "{} is already replicated as {name:?}",
                 canonical.display(),
-                db.name
             )));
         }
         if let Some(db) = databases
@@ -250,19 +278,16 @@ impl Core {
         };
         let seq = databases.next_seq;
         databases.next_seq += 1;
-        databases.active.insert(
-            name.clone(),
-            DbThread {
-                name,
-                path,
-                canonical,
-                seq,
-                events: tx,
-                thread,
-                metrics,
-                watch,
-            },
-        );
+        databases.insert(DbThread {
+            name,
+            path,
+            canonical,
+            seq,
+            events: tx,
+            thread,
+            metrics,
+            watch,
+        });
         Ok(())
     }
 
@@ -270,7 +295,6 @@ impl Core {
     /// its thread, which the caller joins (or puts among the leaving).
     pub(super) fn begin_remove(&self, name: &str, deadline: Instant) -> Result<DbThread> {
         let db = lock(&self.databases)
-            .active
             .remove(name)
             .ok_or_else(|| Error::not_found(format!("no replicated database named {name:?}")))?;
         self.watcher.unwatch(db.watch);
