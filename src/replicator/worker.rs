@@ -295,7 +295,9 @@ impl DbWorker {
             self.handle(event);
         }
         if !self.enter_budget() {
-            // Nothing can be done without descriptors; past the deadline, give up.
+            // Nothing can be done without descriptors; past the deadline, give up. The lag
+            // still counts what waits meanwhile (a commit noticed above is not stored).
+            self.metrics.set_unstored_since(self.lag.since());
             return Ok(self.agenda.stop.filter(|&d| Instant::now() >= d));
         }
         if let Err(e) = self.reconcile_if_due() {
