@@ -172,7 +172,8 @@ impl Core {
             Error::new(
                 crate::error::ErrorKind::Transient,
                 format!(
-                    "adding {}: the open files RLIMIT_NOFILE leaves are all held by the {}                      databases busy now; try again once one rests",
+                    "adding {}: the open files RLIMIT_NOFILE leaves are all held by the {} \
+                     databases busy now; try again once one rests",
                     path.display(),
                     crate::limits::busy_allowed()
                 ),
