@@ -123,7 +123,9 @@ impl Replicator {
             directories: Mutex::new(Vec::new()),
         };
         for replica in replicas {
-            replicator.core.spawn(replica, false, None)?;
+            let path = replica.path();
+            let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            replicator.core.spawn(replica, canonical, false, None)?;
         }
         Ok(replicator)
     }

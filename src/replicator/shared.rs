@@ -180,7 +180,7 @@ impl Core {
             )
         })?;
         let replica = open_replica(&self.storage, reconcile_now, &self.options, path, name)?;
-        self.spawn(replica, from_directory, Some(busy))
+        self.spawn(replica, canonical, from_directory, Some(busy))
     }
 
     /// Refuse a name or a file that is replicated already, or still leaving.
@@ -220,12 +220,13 @@ impl Core {
         Ok(())
     }
 
-    /// Start the thread of an opened replica.
+    /// Start the thread of an opened replica, whose file's canonical path is `canonical`.
     /// `busy`: its place in the descriptor budget, if it has one already (else its thread
     /// waits for one).
     pub(super) fn spawn(
         &self,
         mut replica: Replica,
+        canonical: PathBuf,
         from_directory: bool,
         busy: Option<Pass<'static>>,
     ) -> Result<()> {
@@ -236,7 +237,6 @@ impl Core {
         }
         let name = replica.name().to_string();
         let path = replica.path().to_path_buf();
-        let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         let (tx, rx) = mailbox();
         let notify = tx.clone();
         let watch = self.watcher.watch(
