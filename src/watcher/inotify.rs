@@ -39,6 +39,13 @@ const MAX_READS_PER_BATCH: usize = 16;
 /// no DELETE event of its own). The SELF events are the directory itself going away.
 /// CLOSE_WRITE is left out: it fires whenever a connection closes a read-write
 /// descriptor, written or not, and every real write is already a MODIFY.
+///
+/// ATTRIB (mode, owner, times, links) is watched for directory registrations only: a file
+/// skipped as unreadable can become readable. It never wakes a database: SQLite running as
+/// root `fchown`s the WAL each time a connection opens it, so every connection opened (an
+/// application's per request, walsync's own when a database rests) fired one, and a
+/// resting database then woke to read nothing, or, waiting for its turn at the descriptor
+/// budget, showed lag with no commit waiting.
 fn mask() -> WatchMask {
     WatchMask::MODIFY
         | WatchMask::CREATE
@@ -133,6 +140,9 @@ struct Batch {
     overflow: bool,
     /// Names that changed, per watch descriptor.
     names: HashMap<i32, HashSet<OsString>>,
+    /// Of those, the names whose only events were ATTRIB: what changed is their metadata,
+    /// never their content (see [`mask`]).
+    attributes_only: HashMap<i32, HashSet<OsString>>,
     /// Watches whose directory was deleted, moved or unmounted.
     dirs_gone: HashSet<i32>,
 }
@@ -224,8 +234,21 @@ fn read_batch(inotify: &mut Inotify, buffer: &mut [u8]) -> Batch {
             } else if let Some(name) = event.name {
                 // Allocates only for names not yet in the batch.
                 let names = batch.names.entry(wd).or_default();
-                if !names.contains(name) {
+                let new = !names.contains(name);
+                if new {
                     names.insert(name.to_os_string());
+                }
+                let attributes = (event.mask - EventMask::ISDIR) == EventMask::ATTRIB;
+                if new && attributes {
+                    batch
+                        .attributes_only
+                        .entry(wd)
+                        .or_default()
+                        .insert(name.to_os_string());
+                } else if !attributes {
+                    if let Some(only) = batch.attributes_only.get_mut(&wd) {
+                        only.remove(name);
+                    }
                 }
             } else if event.mask.intersects(
                 EventMask::DELETE_SELF
@@ -268,10 +291,12 @@ fn dispatch(shared: &Shared, batch: &Batch) {
             }
             continue;
         }
-        let named = batch
-            .names
-            .get(&wd)
-            .is_some_and(|names| names.contains(&reg.db_name) || names.contains(&reg.wal_name));
+        let only_attributes = batch.attributes_only.get(&wd);
+        let changed = |name: &OsString| {
+            batch.names.get(&wd).is_some_and(|names| names.contains(name))
+                && !only_attributes.is_some_and(|only| only.contains(name))
+        };
+        let named = changed(&reg.db_name) || changed(&reg.wal_name);
         if gone {
             log::warn!(
                 "directory {} is no longer watched (deleted, moved or unmounted)",
@@ -292,8 +317,48 @@ mod tests {
     use std::sync::{mpsc, Arc};
     use std::time::Duration;
 
-    use super::super::tests::{expect_notified, setup, start, wal_of, EXPECT};
+    use super::super::tests::{
+        channel, expect_notified, expect_quiet, setup, start, wal_of, EXPECT,
+    };
     use super::super::WatchMode;
+
+    /// A change of mode, owner or times (ATTRIB: SQLite running as root `fchown`s the WAL at
+    /// every connection's open) does not wake the database, though its directory hears the
+    /// name; a write does, also when the same batch holds an ATTRIB of the file first.
+    #[test]
+    fn metadata_changes_do_not_wake_a_database() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, db) = setup(true);
+        let watcher = start(WatchMode::Auto);
+        let (notify, rx) = channel();
+        watcher.watch(&db, notify).unwrap();
+        let (names_tx, names_rx) = mpsc::channel();
+        watcher
+            .watch_dir(
+                dir.path(),
+                Box::new(move |names| {
+                    let _ = names_tx.send(names.map(|n| n.iter().cloned().collect::<Vec<_>>()));
+                }),
+            )
+            .unwrap();
+        expect_quiet(&rx, "watching");
+        let chmod = |path: &std::path::Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        chmod(&wal_of(&db), 0o600);
+        chmod(&db, 0o600);
+        let names = names_rx.recv_timeout(EXPECT).expect("no directory callback");
+        assert!(
+            names.is_some_and(|n| n.contains(&wal_of(&db).file_name().unwrap().to_owned())),
+            "the directory hears the WAL's name"
+        );
+        expect_quiet(&rx, "changing the mode of the database and its WAL");
+
+        chmod(&wal_of(&db), 0o644);
+        let mut wal = OpenOptions::new().append(true).open(wal_of(&db)).unwrap();
+        wal.write_all(b"frame").unwrap();
+        expect_notified(&rx, "a write after a change of mode");
+    }
 
     /// A burst of writes produces one callback per batch, not one per kernel event. The first
     /// callback blocks until the burst is written, so the whole burst is queued in the kernel

@@ -28,7 +28,7 @@ pub(super) fn start(mode: WatchMode) -> Watcher {
 }
 
 /// A callback that sends on a channel, and the receiving end.
-fn channel() -> (Box<dyn Fn() + Send>, Receiver<()>) {
+pub(super) fn channel() -> (Box<dyn Fn() + Send>, Receiver<()>) {
     let (tx, rx) = mpsc::channel();
     (
         Box::new(move || {
@@ -54,7 +54,7 @@ pub(super) fn expect_notified(rx: &Receiver<()>, what: &str) {
 }
 
 #[track_caller]
-fn expect_quiet(rx: &Receiver<()>, what: &str) {
+pub(super) fn expect_quiet(rx: &Receiver<()>, what: &str) {
     match rx.recv_timeout(QUIET) {
         // Disconnected: the callback (holding the sender) was dropped with the watcher, so
         // it cannot be called any more either.

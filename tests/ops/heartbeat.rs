@@ -1,6 +1,7 @@
 //! `watch --heartbeat-url`: pings while every database's lag is under its bound, and only
-//! then, whether the lag comes from a stopped storage, a busy database or a sidecar that
-//! cannot be written (the lag counts then too); a failing heartbeat is only a warning; bad
+//! then, whether the lag comes from a stopped storage, a busy database, a sidecar that
+//! cannot be written or a turn at the descriptor budget (the lag counts then too, and only
+//! then); a failing heartbeat is only a warning; bad
 //! monitoring settings are usage errors that never quote the URL. [`Monitor`] is the
 //! monitoring service, counting the pings.
 
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::metrics::{scrape, value};
 use super::{free_addr, path_str};
-use crate::common::fixtures::{replica_sidecar, wait_for, walsync, AppDb, WatchProcess};
+use crate::common::fixtures::{
+    replica_sidecar, wait_for, walsync, walsync_after, walsync_ok, AppDb, WatchProcess,
+};
 use crate::common::root::needs_root;
 use walsync_testkit::s3server::S3Server;
 
@@ -365,4 +368,133 @@ fn lag_counts_while_the_sidecar_cannot_be_written_and_the_heartbeat_stops() {
     );
     assert!(restore.status.success(), "{restore:?}");
     assert_eq!(crate::common::fixtures::dump(&out), app.dump());
+}
+
+/// A database that waits for its turn at the descriptor budget (issue 18) shows the wait as
+/// lag: two databases under a descriptor limit that lets only one be busy at a time, one
+/// kept busy by a writer, the other written to once. Its lag must grow while it waits and
+/// go back to 0 once the busy one rests and lets it take its turn, with its commit stored.
+/// (Its thread returned before publishing the lag, so it read 0 while the commit waited:
+/// the heartbeat went on for a database that stored nothing.)
+#[test]
+fn lag_counts_while_a_database_waits_for_its_turn_at_the_descriptor_budget() {
+    // 64 for the process and 3 for each database at rest leave 10: one busy database's 7.
+    const LIMIT: usize = 80;
+    let s3 = S3Server::start();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut busy = AppDb::create(&data, "busy.db");
+    busy.insert(3, 100);
+    let mut waiting = AppDb::create(&data, "waiting.db");
+    waiting.insert(3, 100);
+    let addr = free_addr();
+    let dest = format!("s3://{}/turns", s3.bucket());
+    let (stdout, stderr) = (root.path().join("watch.out"), root.path().join("watch.err"));
+    let mut command = walsync_after(&format!("ulimit -n {LIMIT}"));
+    command
+        .args(["watch", "--dir", path_str(&data), "-b", &dest])
+        .args(["--metrics-addr", &addr.to_string()])
+        .env("RUST_LOG", "walsync=debug")
+        .envs(s3.env())
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let watch = WatchProcess {
+        child: command.spawn().unwrap(),
+        stdout,
+        stderr,
+    };
+    // None until the database is listed (the listener is up and its thread has started).
+    let stored = |db: &str| {
+        std::net::TcpStream::connect(addr).ok()?;
+        scrape(addr)
+            .into_iter()
+            .find(|(n, labels, _)| {
+                n == "walsync_stored_objects_total"
+                    && labels.get("db").map(String::as_str) == Some(db)
+            })
+            .map(|(_, _, v)| v)
+    };
+    wait_for(Duration::from_secs(60), "both databases stored", || {
+        stored("busy").is_some_and(|n| n >= 1.0) && stored("waiting").is_some_and(|n| n >= 1.0)
+    });
+
+    // A commit to the other one first, so that it holds the place when the writer below
+    // starts, and rests (reopening its connection alone) only once the writer waits for it.
+    let objects = stored("waiting").unwrap_or(0.0);
+    waiting.insert(1, 100);
+    wait_for(Duration::from_secs(30), "the first commit stored", || {
+        stored("waiting").is_some_and(|n| n > objects)
+    });
+
+    // The busy one commits every 200 ms until told to stop, so it keeps the one place.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                busy.insert(1, 200);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            busy
+        })
+    };
+    // Its commits are stored: it holds the place (the other one, resting, does not).
+    let before = stored("busy").unwrap_or(0.0);
+    wait_for(
+        Duration::from_secs(60),
+        "the busy database's commits stored",
+        || stored("busy").is_some_and(|n| n >= before + 3.0),
+    );
+
+    // Nothing waits in the other one: its lag stays 0. (It has just rested, reopening its
+    // connection alone, which as root makes SQLite `fchown` the WAL: that woke it, and, with
+    // no turn to take, it showed lag with no commit waiting.)
+    let lag_of = |db: &str| value(&scrape(addr), "walsync_replication_lag_seconds", db);
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(5) {
+        assert_eq!(lag_of("waiting"), 0.0, "no commit waits: {}", watch.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    waiting.insert(2, 100);
+    let committed = Instant::now();
+    let objects = stored("waiting").unwrap_or(0.0);
+    let mut lag = 0.0;
+    wait_for(
+        Duration::from_secs(30),
+        "the waiting database's lag",
+        || {
+            lag = lag_of("waiting");
+            lag >= 3.0
+        },
+    );
+    // It waited for its turn, and stored nothing meanwhile.
+    assert!(committed.elapsed() >= Duration::from_secs(3), "lag {lag}");
+    assert_eq!(stored("waiting"), Some(objects), "{}", watch.log());
+
+    // The writer stops; the busy database rests, and the waiting one takes its turn.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let busy = writer.join().unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the waiting database caught up",
+        || {
+            let now = scrape(addr);
+            value(&now, "walsync_stored_objects_total", "waiting") > objects
+                && value(&now, "walsync_replication_lag_seconds", "waiting") == 0.0
+        },
+    );
+    let log = watch.log();
+    assert!(watch.terminate(Duration::from_secs(60)).success(), "{log}");
+    assert!(!log.to_lowercase().contains("too many open files"), "{log}");
+    for (name, app) in [("waiting", &waiting), ("busy", &busy)] {
+        let out = root.path().join(format!("{name}-restored.db"));
+        walsync_ok(
+            &["restore", name, "-o", path_str(&out), "-b", &dest],
+            &s3.env(),
+        );
+        assert_eq!(crate::common::fixtures::dump(&out), app.dump(), "{name}");
+        assert_eq!(crate::common::fixtures::integrity(&out), "ok", "{name}");
+    }
 }
