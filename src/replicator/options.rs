@@ -20,7 +20,9 @@ pub struct Options {
     pub watch_mode: WatchMode,
     /// How often the polling watcher looks.
     pub poll_interval: Duration,
-    /// How often each database re-checks its WAL even without events.
+    /// How often each database re-checks its WAL even without events (in case one was
+    /// lost); a database at rest, six times less often. Also how often a watched directory
+    /// is scanned whole.
     pub safety_interval: Duration,
     /// Checkpoint once walsync has staged this many frames since its last checkpoint.
     pub passive_checkpoint_frames: u64,
