@@ -18,8 +18,10 @@ cd "$(dirname "$0")/.."
 # The size budget of the static binary, in bytes, which scripts/test.sh (CI) holds every
 # change to. Small is a goal of walsync's (CONTRIBUTING.md, Building): raise it only on
 # purpose, in the commit that needs it, saying what the bytes buy. 2,956,720 bytes when set
-# (2026-12-07).
-budget=3000000
+# (2026-12-07) at 3,000,000; raised to 3,010,000 the same day for the uncompressed cut under
+# the write lock (3,004,336 bytes, 7 KB more: a writer of 100 MiB waits 19 ms for the lock
+# instead of 47, medians of 8; see src/gzip.rs, `Stored`).
+budget=3010000
 check=
 case "${1:-}" in
   --check) check=1 ;;

@@ -41,8 +41,9 @@
 //! present without it ([`Replica::hand_off_pin`]), which keeps it guarding only while the
 //! tip has read everything the old pin saw, so a pin handed off is handed off again only
 //! after a cut. The barrier covers local work only:
-//! reading a few frames into a staged file, moving the pin, a checkpoint of what slipped in
-//! since the last one. It never waits for the network.
+//! reading a few frames into a staged file (written uncompressed, and compressed once the
+//! barrier is released, before it counts: see [`crate::gzip::Stored`]), moving the pin, a
+//! checkpoint of what slipped in since the last one. It never waits for the network.
 //!
 //! # Checkpoints
 //!

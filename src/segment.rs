@@ -11,8 +11,9 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::io::{BufWriter, Write};
 
-use crate::error::Result;
+use crate::error::{Context, Result};
 use crate::gzip;
 use crate::layout::ChainValue;
 use crate::wal::{WalHeader, WalPosition, WalReader, WalWriter, FRAME_HEADER_SIZE};
@@ -68,7 +69,15 @@ const SUPERSEDED_LIMIT: usize = 64 * 1024;
 /// written) are never written. The second pass reads again only the frames kept, checking
 /// their salts (see [`WalReader::reread_frame`]), and compresses them. A frame costs two
 /// reads from the page cache, but compression, by far the larger cost, runs once per page.
-pub fn cut(reader: &mut WalReader, chain: ChainValue, out: &File) -> Result<Option<Segment>> {
+///
+/// With `stored`, the frames are written uncompressed ([`gzip::Stored`]), for
+/// [`gzip::recompress`] to compress later: how a cut under the barrier is written.
+pub fn cut(
+    reader: &mut WalReader,
+    chain: ChainValue,
+    out: &File,
+    stored: bool,
+) -> Result<Option<Segment>> {
     let start = reader.position();
     let frame_len = reader.frame_len();
     let mut frame = vec![0; frame_len];
@@ -97,32 +106,72 @@ pub fn cut(reader: &mut WalReader, chain: ChainValue, out: &File) -> Result<Opti
 
     let header = *reader.header();
     let fresh = WalHeader::new(header.big_endian, header.page_size, 0, chain.0);
-    let mut writer = WalWriter::new(gzip::encoder(out, None), fresh)?;
-    let frame_size = frame_len as u64;
-    for i in 0..count {
-        if keep.as_ref().is_some_and(|keep| !keep[i]) {
-            continue;
-        }
-        let offset = start.offset + i as u64 * frame_size;
-        let header = reader.reread_frame(offset, &mut frame)?;
-        let last = i + 1 == count;
-        // One transaction: only the last frame commits, with the final size.
-        let commit = if keep.is_none() || last {
-            header.commit_size
-        } else {
-            0
-        };
-        writer.write_frame(
-            header.page_number,
-            commit,
-            &frame[FRAME_HEADER_SIZE as usize..],
-        )?;
-    }
+    let kept = Kept {
+        start,
+        count,
+        keep: keep.as_deref(),
+    };
+    // One writer for both encodings (through `dyn Write`), so its code is not doubled.
+    let what = || "writing a segment".to_string();
+    let (frames, chain) = if stored {
+        let mut gz = gzip::Stored::new(BufWriter::new(out)).context(what)?;
+        let written = kept.write(reader, &mut gz, fresh, frame)?;
+        gz.finish().context(what)?;
+        written
+    } else {
+        let mut gz = gzip::encoder(out, None);
+        let written = kept.write(reader, &mut gz, fresh, frame)?;
+        gzip::finish(gz, "segment")?;
+        written
+    };
     reader.seek(end);
-    let frames = writer.frames();
-    let chain = ChainValue(writer.checksum());
-    gzip::finish(writer.finish()?, "segment")?;
     Ok(Some(Segment { frames, end, chain }))
+}
+
+/// The frames the second pass of [`cut`] writes: `count` from `start`, and of those only
+/// the ones `keep` marks, if given.
+struct Kept<'a> {
+    start: WalPosition,
+    count: usize,
+    keep: Option<&'a [bool]>,
+}
+
+impl Kept<'_> {
+    /// Write the kept frames, each read again, as one transaction under the header
+    /// `fresh`, into `out`; return how many and the last checksum.
+    fn write(
+        &self,
+        reader: &mut WalReader,
+        out: &mut dyn Write,
+        fresh: WalHeader,
+        mut frame: Vec<u8>,
+    ) -> Result<(u64, ChainValue)> {
+        let mut writer = WalWriter::new(out, fresh)?;
+        let (start, count, keep) = (self.start, self.count, self.keep);
+        let frame_size = frame.len() as u64;
+        for i in 0..count {
+            if keep.as_ref().is_some_and(|keep| !keep[i]) {
+                continue;
+            }
+            let offset = start.offset + i as u64 * frame_size;
+            let header = reader.reread_frame(offset, &mut frame)?;
+            let last = i + 1 == count;
+            // One transaction: only the last frame commits, with the final size.
+            let commit = if keep.is_none() || last {
+                header.commit_size
+            } else {
+                0
+            };
+            writer.write_frame(
+                header.page_number,
+                commit,
+                &frame[FRAME_HEADER_SIZE as usize..],
+            )?;
+        }
+        let written = (writer.frames(), ChainValue(writer.checksum()));
+        writer.finish()?;
+        Ok(written)
+    }
 }
 
 /// Which of the frames writing `pages` (in WAL order) hold the last version of their page.
@@ -215,7 +264,10 @@ mod tests {
             (n, probe.position().offset, last_commit_size)
         };
         let out = tempfile::tempfile().unwrap();
-        let segment = cut(&mut reader, ChainValue([1, 2]), &out).unwrap().unwrap();
+        let from = reader.position();
+        let segment = cut(&mut reader, ChainValue([1, 2]), &out, false)
+            .unwrap()
+            .unwrap();
         assert!(
             segment.end.offset < live_end,
             "the open transaction spilled"
@@ -234,6 +286,23 @@ mod tests {
         flate2::read::GzDecoder::new(&gz[..])
             .read_to_end(&mut plain)
             .unwrap();
+
+        // The same cut written stored (as under the barrier) holds the same WAL.
+        reader.seek(from);
+        let mut stored = tempfile::tempfile().unwrap();
+        let again = cut(&mut reader, ChainValue([1, 2]), &stored, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (again.frames, again.end, again.chain),
+            (segment.frames, segment.end, segment.chain)
+        );
+        std::io::Seek::seek(&mut stored, std::io::SeekFrom::Start(0)).unwrap();
+        let mut same = Vec::new();
+        flate2::read::GzDecoder::new(&stored)
+            .read_to_end(&mut same)
+            .unwrap();
+        assert!(same == plain, "the stored cut holds the same WAL");
         let replayed = tempfile::tempfile().unwrap();
         std::os::unix::fs::FileExt::write_all_at(&replayed, &plain, 0).unwrap();
         let mut check = WalReader::open(&replayed).unwrap().unwrap();

@@ -77,6 +77,9 @@ pub struct Staged {
     pub object: ObjectName,
     pub path: PathBuf,
     pub bytes: u64,
+    /// Written uncompressed (cut under the barrier, see [`crate::gzip::Stored`]): to be
+    /// compressed before it counts.
+    pub uncompressed: bool,
 }
 
 /// An object being written into the sidecar, not staged yet (see [`Sidecar::stage`]).
@@ -379,7 +382,21 @@ impl Sidecar {
             object: object.clone(),
             path,
             bytes,
+            uncompressed: false,
         })
+    }
+
+    /// Put `draft` in the place of the staged, not yet counted `staged` (the same object,
+    /// written anew), and return its size. Durable once [`Sidecar::sync`]ed, as a
+    /// non-durable [`Sidecar::stage`] is.
+    pub fn replace(&self, mut draft: Draft, staged: &Staged) -> Result<u64> {
+        self.check_locked()?;
+        let what = || format!("staging {}", staged.path.display());
+        draft.file.flush().context(what)?;
+        let bytes = draft.file.metadata().context(what)?.len();
+        std::fs::rename(&draft.path, &staged.path).context(what)?;
+        draft.path = PathBuf::new();
+        Ok(bytes)
     }
 
     /// fsync a staged object and the directory (see [`Sidecar::stage`]).
@@ -415,6 +432,7 @@ impl Sidecar {
                 object,
                 path: entry.path(),
                 bytes,
+                uncompressed: false,
             });
         }
         found.sort_by_key(|s| s.seq);

@@ -60,6 +60,12 @@ impl Replica {
 
     /// Cut the committed frames after the tip into a staged segment.
     pub(super) fn cut(&mut self) -> Result<Cut> {
+        self.cut_as(false)
+    }
+
+    /// [`Replica::cut`], writing the segment uncompressed if `stored` (under the barrier:
+    /// see [`crate::gzip::Stored`]); [`Replica::persist`] compresses it before counting it.
+    pub(super) fn cut_as(&mut self, stored: bool) -> Result<Cut> {
         let Some(tip) = self.tip.clone() else {
             return Ok(Cut::Broken("no generation yet".into()));
         };
@@ -110,7 +116,7 @@ impl Replica {
             return Ok(Cut::Idle);
         }
         let draft = self.sidecar.draft()?;
-        let segment = match segment::cut(reader, tip.chain, &draft.file) {
+        let segment = match segment::cut(reader, tip.chain, &draft.file, stored) {
             Ok(Some(segment)) => segment,
             Ok(None) => {
                 // Frames of a transaction not committed yet; the draft is removed on drop.
@@ -135,7 +141,8 @@ impl Replica {
             index: tip.index + 1,
             time: self.next_time(&tip),
         };
-        let staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
+        let mut staged = self.sidecar.stage(draft, tip.seq + 1, &object, false)?;
+        staged.uncompressed = stored;
         let key = object.key(&self.name);
         log::debug!("{}: cut {key} ({} frames)", self.name, segment.frames);
         self.tip = Some(Position {
@@ -214,6 +221,12 @@ impl Replica {
     /// Make every staged object durable and save the tip. Until this succeeds nothing past
     /// the previously saved tip is uploaded, and each step retries it first.
     pub(super) fn persist(&mut self) -> Result<()> {
+        self.compress_stored().map_err(|e| {
+            e.with_context(format!(
+                "{}: nothing more is uploaded until it can be saved",
+                self.name
+            ))
+        })?;
         let Some(tip) = &self.tip else {
             return Ok(());
         };
@@ -239,6 +252,35 @@ impl Replica {
             .map_err(|e| e.with_context(what()))?;
         self.saved_seq = tip.seq;
         self.tip_changed = false;
+        Ok(())
+    }
+}
+
+impl Replica {
+    /// Compress the segments cut uncompressed under the barrier (see
+    /// [`crate::gzip::Stored`]), each into a new file put in its place, before
+    /// [`Replica::persist`] counts them (they are all among the unsynced). One that fails
+    /// stays uncompressed and uncounted, for the next persist.
+    fn compress_stored(&mut self) -> Result<()> {
+        for i in 0..self.unsynced.len() {
+            if !self.unsynced[i].uncompressed {
+                continue;
+            }
+            let staged = &self.unsynced[i];
+            let draft = self.sidecar.draft()?;
+            let from = std::fs::File::open(&staged.path)
+                .context(|| format!("reading {}", staged.path.display()))?;
+            crate::gzip::recompress(&from, &draft.file)
+                .map_err(|e| e.with_context(staged.path.display().to_string()))?;
+            let bytes = self.sidecar.replace(draft, staged)?;
+            let seq = staged.seq;
+            for staged in self.staged.iter_mut().chain(self.unsynced.iter_mut()) {
+                if staged.seq == seq {
+                    staged.bytes = bytes;
+                    staged.uncompressed = false;
+                }
+            }
+        }
         Ok(())
     }
 }
