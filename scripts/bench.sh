@@ -36,8 +36,8 @@
 #   - tenants: a host of 1,000 and 3,000 idle databases (DIR/tNNNNN/app.db; walsync with
 #     --dir --recursive, Litestream at 1,000 only, each database in its configuration): the
 #     first start, then 45 s later RSS, descriptors, memory maps and threads per database and
-#     the requests made, then a restart watched for 60 s: its last request, requests per
-#     database, snapshots stored.
+#     the requests made, and the CPU used over the 60 s after that (once idle), then a
+#     restart watched for 60 s: its last request, requests per database, snapshots stored.
 #     3,000 is the most this machine's descriptor hard limit (20,000) lets walsync start (a
 #     database holds six while it takes its first snapshot); 10,000's RSS is projected from
 #     the two;

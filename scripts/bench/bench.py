@@ -131,6 +131,16 @@ def vm_rss_kib(pid):
     return proc_status_kib(pid, "VmRSS")
 
 
+def cpu_seconds_of(pid):
+    """User + system CPU time of a running process so far, s (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def threads_of(pid):
     try:
         return len(os.listdir(f"/proc/{pid}/task"))
@@ -1010,6 +1020,9 @@ def make_tenants(ddir, n_dbs):
     return dbs
 
 
+# How long the tenants phase measures CPU once idle (after `tenant_idle_seconds`).
+TENANT_CPU_SECONDS = 60
+
 # How long a restart is watched: its requests are counted over this window, and it is quiet
 # from its last request on (a tool that never stops asking is quiet only at the end).
 RESTART_WINDOW = 60
@@ -1059,6 +1072,13 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
         result["idle_seconds"] = idle_seconds
         result["idle_requests"] = len(requests)
         result["idle"] = footprint(proc.pid)
+        # CPU once idle: over a minute more, long enough for every database's re-check
+        # (walsync: a resting database's every minute).
+        before = cpu_seconds_of(proc.pid)
+        time.sleep(TENANT_CPU_SECONDS)
+        after = cpu_seconds_of(proc.pid)
+        if before is not None and after is not None:
+            result["idle_cpu_pct"] = round((after - before) * 100 / TENANT_CPU_SECONDS, 2)
         tool.children.stop(proc, timeout=120)
 
         snapshots_before = snapshots_stored()
@@ -1655,6 +1675,9 @@ def main(argv):
             lambda t, m=m: m[t]["startup_s"])
         add(f"{key}_idle_rss_kib", f"RSS once idle, {what}", "KiB",
             lambda t, m=m: m[t]["idle_rss_kib"])
+        add(f"{key}_idle_cpu_pct",
+            f"CPU once idle, {what}, % of a core over {TENANT_CPU_SECONDS} s", "%",
+            lambda t, get=get: get(t, "idle_cpu_pct"))
         add(f"{key}_idle_requests",
             f"S3 requests, {what}, {params['many_idle_seconds']} s after startup", "",
             lambda t, m=m: m[t]["idle_requests"])
