@@ -1410,6 +1410,8 @@ def fmt(value, unit):
         return f"{value:.2f} s"
     if unit == "x":
         return f"{value:.2f}x"
+    if unit == "%":
+        return f"{value:.2f}%"
     return f"{value}"
 
 
@@ -1675,9 +1677,6 @@ def main(argv):
             lambda t, m=m: m[t]["startup_s"])
         add(f"{key}_idle_rss_kib", f"RSS once idle, {what}", "KiB",
             lambda t, m=m: m[t]["idle_rss_kib"])
-        add(f"{key}_idle_cpu_pct",
-            f"CPU once idle, {what}, % of a core over {TENANT_CPU_SECONDS} s", "%",
-            lambda t, get=get: get(t, "idle_cpu_pct"))
         add(f"{key}_idle_requests",
             f"S3 requests, {what}, {params['many_idle_seconds']} s after startup", "",
             lambda t, m=m: m[t]["idle_requests"])
@@ -1711,6 +1710,9 @@ def main(argv):
             lambda t, per_db=per_db: per_db(t, "idle", "maps"))
         add(f"{key}_threads", f"threads once idle, {what}", "",
             lambda t, get=get: get(t, "idle", "threads"))
+        add(f"{key}_idle_cpu_pct",
+            f"CPU once idle, {what}, % of a core over {TENANT_CPU_SECONDS} s", "%",
+            lambda t, get=get: get(t, "idle_cpu_pct"))
         add(f"{key}_idle_requests",
             f"S3 requests, {what}, {params['tenant_idle_seconds']} s once stored", "",
             lambda t, get=get: get(t, "idle_requests"))

@@ -133,7 +133,7 @@ impl Replica {
             return Ok(Checkpoint::Skipped);
         }
         // What committed meanwhile, then a fresh pin so the next writer can restart the WAL.
-        let (cut, complete) = self.under_barrier(|r| {
+        let barrier = self.under_barrier(|r| {
             let cut = r.cut_as(true)?;
             if matches!(cut, Cut::Broken(_) | Cut::Held) {
                 return Ok((cut, false));
@@ -148,8 +148,12 @@ impl Replica {
                 r.note_backfilled()?;
             }
             Ok((cut, complete))
-        })?;
-        self.persist()?;
+        });
+        // Saved even if the barrier failed (the write lock not had, say): the cut before it
+        // is not saved yet, and nothing cut may stay unsaved until the next step.
+        let saved = self.persist();
+        let (cut, complete) = barrier?;
+        saved?;
         if complete {
             self.truncate_if_large()?;
         }
