@@ -254,9 +254,7 @@ impl Replica {
         self.tip_changed = false;
         Ok(())
     }
-}
 
-impl Replica {
     /// Compress the segments cut uncompressed under the barrier (see
     /// [`crate::gzip::Stored`]), each into a new file put in its place, before
     /// [`Replica::persist`] counts them (they are all among the unsynced). One that fails
@@ -332,6 +330,49 @@ mod tests {
 
     use crate::replica::testing::{restored_and_source_rows, setup};
     use crate::replica::SyncOutcome;
+
+    /// A cut written uncompressed (as under the barrier) is compressed before it counts:
+    /// once saved, the staged file holds deflated blocks, not stored ones, and is smaller;
+    /// and what it holds restores.
+    #[test]
+    fn a_cut_written_uncompressed_is_compressed_before_it_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, mut replica) = setup(dir.path());
+        app.execute_batch(
+            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 200) \
+             INSERT INTO t SELECT printf('%.2000c', 'x') || i FROM s;",
+        )
+        .unwrap();
+        assert!(matches!(
+            replica.cut_as(true).unwrap(),
+            super::Cut::Staged { .. }
+        ));
+        let staged = replica.unsynced.last().unwrap().clone();
+        assert!(staged.uncompressed);
+        // The first deflate block's type, bits 1-2 of the byte after the 10-byte header:
+        // 0 is a stored block.
+        let block_type = |path: &std::path::Path| (std::fs::read(path).unwrap()[10] >> 1) & 3;
+        assert_eq!(block_type(&staged.path), 0);
+        let uncompressed = std::fs::metadata(&staged.path).unwrap().len();
+
+        replica.persist().unwrap();
+        let saved = replica.staged.iter().find(|s| s.seq == staged.seq).unwrap();
+        assert!(!saved.uncompressed);
+        assert_ne!(block_type(&saved.path), 0, "still stored blocks once saved");
+        let compressed = std::fs::metadata(&saved.path).unwrap().len();
+        assert_eq!(saved.bytes, compressed);
+        assert!(
+            compressed * 4 < uncompressed,
+            "{compressed} of {uncompressed} bytes"
+        );
+
+        assert!(matches!(
+            replica.sync().unwrap(),
+            SyncOutcome::Shipped { .. } | SyncOutcome::Idle
+        ));
+        let (restored, source) = restored_and_source_rows(dir.path());
+        assert_eq!(restored, source);
+    }
 
     /// Transactions larger than a cut holds in memory (1 MiB): one committed, one still
     /// open with its frames already spilled into the WAL. Only the committed one ships;
