@@ -386,19 +386,6 @@ impl Sidecar {
         })
     }
 
-    /// Put `draft` in the place of the staged, not yet counted `staged` (the same object,
-    /// written anew), and return its size. Durable once [`Sidecar::sync`]ed, as a
-    /// non-durable [`Sidecar::stage`] is.
-    pub fn replace(&self, mut draft: Draft, staged: &Staged) -> Result<u64> {
-        self.check_locked()?;
-        let what = || format!("staging {}", staged.path.display());
-        draft.file.flush().context(what)?;
-        let bytes = draft.file.metadata().context(what)?.len();
-        std::fs::rename(&draft.path, &staged.path).context(what)?;
-        draft.path = PathBuf::new();
-        Ok(bytes)
-    }
-
     /// fsync a staged object and the directory (see [`Sidecar::stage`]).
     pub fn sync(&self, staged: &Staged) -> Result<()> {
         File::open(&staged.path)

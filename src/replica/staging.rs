@@ -270,7 +270,11 @@ impl Replica {
                 .context(|| format!("reading {}", staged.path.display()))?;
             crate::gzip::recompress(&from, &draft.file)
                 .map_err(|e| e.with_context(staged.path.display().to_string()))?;
-            let bytes = self.sidecar.replace(draft, staged)?;
+            // Staged again under its own number and name: the same path, the new file.
+            let bytes = self
+                .sidecar
+                .stage(draft, staged.seq, &staged.object, false)?
+                .bytes;
             let seq = staged.seq;
             for staged in self.staged.iter_mut().chain(self.unsynced.iter_mut()) {
                 if staged.seq == seq {
