@@ -1027,6 +1027,41 @@ TENANT_CPU_SECONDS = 60
 # from its last request on (a tool that never stops asking is quiet only at the end).
 RESTART_WINDOW = 60
 
+# A process is busy in a second in which it used more than this share of a core.
+BUSY_SHARE = 0.05
+
+
+class CpuWatch:
+    """The CPU a process uses from now on, sampled each `sample()`: how much in all, and the
+    end of the last second in which it used more than BUSY_SHARE of a core (its work after
+    its last request counts too, which a count of requests does not see)."""
+
+    def __init__(self, pid):
+        self.pid, self.started = pid, time.monotonic()
+        self.samples = [(self.started, cpu_seconds_of(pid) or 0.0)]
+        self.busy_until = self.started
+
+    def sample(self):
+        now, cpu = time.monotonic(), cpu_seconds_of(self.pid)
+        if cpu is None:
+            return
+        # The second that ends now: from the last sample at least a second old.
+        for t, c in reversed(self.samples):
+            if now - t >= 1.0:
+                if (cpu - c) / (now - t) > BUSY_SHARE:
+                    self.busy_until = now
+                break
+        self.samples.append((now, cpu))
+
+    def busy_s(self):
+        return round(self.busy_until - self.started, 1)
+
+    def cpu_s(self):
+        return round(self.samples[-1][1] - self.samples[0][1], 1)
+
+    def quiet_for(self):
+        return time.monotonic() - self.busy_until
+
 
 def phase_tenants(tool, server, work, n_dbs, idle_seconds):
     """A host of `n_dbs` idle tenant databases. walsync watches their directory
@@ -1086,6 +1121,7 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
         log(f"{tool.name}: restarting over {n_dbs} replicated databases")
         restarted = time.monotonic()
         proc = start()
+        cpu = CpuWatch(proc.pid)
         # Every request of the first RESTART_WINDOW seconds; quiet from the last one on.
         last_count, last_change = 0, time.monotonic()
         while time.monotonic() - restarted < RESTART_WINDOW:
@@ -1094,15 +1130,20 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
             count = len(server.requests(offset))
             if count != last_count:
                 last_count, last_change = count, time.monotonic()
+            cpu.sample()
             time.sleep(0.2)
         requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
         result["restart_quiet_s"] = round(last_change - restarted, 1)
+        result["restart_busy_s"] = cpu.busy_s()
+        result["restart_cpu_s"] = cpu.cpu_s()
         result["restart_requests"] = len(requests)
         result["restart_requests_by_kind"] = classify(requests)
         result["restart_snapshots"] = snapshots_stored() - snapshots_before
         result["restart"] = footprint(proc.pid)
         stats = tool.children.stop(proc, timeout=120)
         result.update({"peak_rss_kib": stats["maxrss_kib"], "exit_code": stats["rc"]})
+        if tool.name == "walsync":
+            result["file_restart"] = file_restart(tool, ddir, work, tag)
     except RuntimeError as e:
         result["error"] = str(e)
         log(f"{tool.name}: {n_dbs} tenants: {e}")
@@ -1112,6 +1153,32 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
     server.remove(prefix)
     shutil.rmtree(ddir, ignore_errors=True)
     log(f"{tool.name}: {result}")
+    return result
+
+
+def file_restart(tool, ddir, work, tag):
+    """walsync's restart over the same tenants kept in a `file://` destination, where the
+    listing of each replica is walsync's own work, not a server's: a first start, stopped
+    once quiet, then a restart, watched until quiet for 5 s (at most RESTART_WINDOW)."""
+    dest = os.path.join(work, f"{tag}-file-dest")
+    cmd = [tool.exe, "watch", "--dir", ddir, "--recursive", "-b", f"file://{dest}"]
+    out = open(os.path.join(work, f"{tag}.walsync-file.log"), "a")
+    result = {}
+    try:
+        for run in ("first", "restart"):
+            proc = tool.children.start(cmd, stdout=out, stderr=subprocess.STDOUT)
+            cpu = CpuWatch(proc.pid)
+            limit = 300 if run == "first" else RESTART_WINDOW
+            while time.monotonic() - cpu.started < limit and cpu.quiet_for() < 5:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"walsync exited on its {run} start over file://")
+                cpu.sample()
+                time.sleep(0.2)
+            result[f"{run}_busy_s"], result[f"{run}_cpu_s"] = cpu.busy_s(), cpu.cpu_s()
+            tool.children.stop(proc, timeout=120)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    log(f"walsync: {tag} over file://: {result}")
     return result
 
 
@@ -1719,6 +1786,15 @@ def main(argv):
         add(f"{key}_restart_quiet_s",
             f"restart of {what}: last request (of {RESTART_WINDOW} s watched)", "s",
             lambda t, get=get: get(t, "restart_quiet_s"))
+        add(f"{key}_restart_busy_s",
+            f"restart of {what}: busy until (last second over {BUSY_SHARE:.0%} of a core)", "s",
+            lambda t, get=get: get(t, "restart_busy_s"))
+        add(f"{key}_restart_cpu_s", f"restart of {what}: CPU in {RESTART_WINDOW} s", "s",
+            lambda t, get=get: get(t, "restart_cpu_s"))
+        add(f"{key}_file_restart_busy_s", f"restart of {what} over file://: busy until", "s",
+            lambda t, get=get: get(t, "file_restart", "restart_busy_s"))
+        add(f"{key}_file_restart_cpu_s", f"restart of {what} over file://: CPU", "s",
+            lambda t, get=get: get(t, "file_restart", "restart_cpu_s"))
         add(f"{key}_restart_requests_per_db",
             f"restart of {what}: requests per db in {RESTART_WINDOW} s", "",
             lambda t, per_db=per_db: per_db(t, "restart_requests"))
