@@ -38,9 +38,9 @@
 #     first start, then 45 s later RSS, descriptors, memory maps and threads per database and
 #     the requests made, and the CPU used over the 60 s after that (once idle), then a
 #     restart watched for 60 s: its last request, requests per database, snapshots stored,
-#     its CPU and the last second it used more than 5% of a core; then walsync alone over
-#     the same databases kept in a file:// destination (where listing a replica is its own
-#     work): a first start, and a restart's CPU and last busy second;
+#     its CPU, and when it was quiet (from 3 s in a row each under 5% of a core);
+#     then walsync alone over the same databases kept in a file:// destination (where
+#     listing a replica is its own work): a first start, and a restart's CPU until quiet;
 #     3,000 is the most this machine's descriptor hard limit (20,000) lets walsync start (a
 #     database holds six while it takes its first snapshot); 10,000's RSS is projected from
 #     the two;

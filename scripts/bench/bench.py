@@ -486,7 +486,9 @@ def bulk_writer_main(argv):
     fast as it can, in transactions of R rows of 1000 bytes each (half random bytes, half
     repeated text, so the data compresses about 2:1), with SQLite's defaults (synchronous
     FULL, wal_autocheckpoint 1000), or with `--autocheckpoint N` (0: checkpoints left to the
-    replicator). Prints a JSON summary with its wall time."""
+    replicator). Prints a JSON summary with its wall time and its longest transactions (each
+    timed from its first statement to its commit's return: a replicator holding the write
+    lock shows up there, as the wait in SQLite's busy handler)."""
     p = argparse.ArgumentParser(prog="bench.py bulk-writer")
     p.add_argument("--mib", type=float, required=True)
     p.add_argument("--rows-per-txn", type=int, required=True)
@@ -502,17 +504,21 @@ def bulk_writer_main(argv):
     text = (b"walsync benchmark bulk row " * 40)[:500]
     rows = int(a.mib * MIB) // 1000
     start = time.monotonic()
-    txns = 0
+    txn_s = []
     for first in range(0, rows, a.rows_per_txn):
         n = min(a.rows_per_txn, rows - first)
+        began = time.monotonic()
         conn.executemany("INSERT INTO bulk(body) VALUES (?)",
                          ((rng.randbytes(500) + text,) for _ in range(n)))
         conn.commit()
-        txns += 1
+        txn_s.append(time.monotonic() - began)
     wall = time.monotonic() - start
     conn.close()
-    print(json.dumps({"rows": rows, "transactions": txns, "bytes": rows * 1000,
-                      "wall_s": round(wall, 3)}))
+    ranked = sorted(txn_s)
+    print(json.dumps({"rows": rows, "transactions": len(txn_s), "bytes": rows * 1000,
+                      "wall_s": round(wall, 3),
+                      "txn_max_ms": round(ranked[-1] * 1000, 1),
+                      "txn_p99_ms": round(ranked[int(len(ranked) * 0.99)] * 1000, 1)}))
 
 
 def token_writer_main(argv):
@@ -919,6 +925,10 @@ def phase_heavy_reps(watchers, server, work, mib, rows_per_txn, writer_py, reps)
         ranked = sorted(rs, key=lambda r: r["wall_s"])
         median = dict(ranked[(len(ranked) - 1) // 2])
         median["walls_s"] = [r["wall_s"] for r in rs]
+        # The longest transactions vary from run to run more than the wall time: medians of
+        # each run's own.
+        for key in ("txn_max_ms", "txn_p99_ms"):
+            median[f"{key}_median"] = statistics.median(r[key] for r in rs)
         out[name] = median
     return out
 
@@ -1027,40 +1037,44 @@ TENANT_CPU_SECONDS = 60
 # from its last request on (a tool that never stops asking is quiet only at the end).
 RESTART_WINDOW = 60
 
-# A process is busy in a second in which it used more than this share of a core.
-BUSY_SHARE = 0.05
+# A process is quiet from the start of QUIET_SECONDS seconds in a row, in each of which it
+# used less than QUIET_SHARE of a core.
+QUIET_SHARE = 0.05
+QUIET_SECONDS = 3
 
 
 class CpuWatch:
-    """The CPU a process uses from now on, sampled each `sample()`: how much in all, and the
-    end of the last second in which it used more than BUSY_SHARE of a core (its work after
-    its last request counts too, which a count of requests does not see)."""
+    """The CPU a process uses from now on, sampled at each `sample()` (call it more often
+    than once a second): how much in all, and from when it was quiet. Its work after its last
+    request counts, which a count of requests does not see; a burst of periodic work later
+    (walsync scans a directory tree every 10 s) does not move the quiet start."""
 
     def __init__(self, pid):
         self.pid, self.started = pid, time.monotonic()
-        self.samples = [(self.started, cpu_seconds_of(pid) or 0.0)]
-        self.busy_until = self.started
+        self.last = (self.started, cpu_seconds_of(pid) or 0.0)
+        self.seconds = [self.last]  # (time, CPU) about a second apart
+        self.quiet_from = None
 
     def sample(self):
         now, cpu = time.monotonic(), cpu_seconds_of(self.pid)
         if cpu is None:
             return
-        # The second that ends now: from the last sample at least a second old.
-        for t, c in reversed(self.samples):
-            if now - t >= 1.0:
-                if (cpu - c) / (now - t) > BUSY_SHARE:
-                    self.busy_until = now
-                break
-        self.samples.append((now, cpu))
+        self.last = (now, cpu)
+        if now - self.seconds[-1][0] < 1.0:
+            return
+        self.seconds.append(self.last)
+        recent = self.seconds[-QUIET_SECONDS - 1:]
+        if self.quiet_from is None and len(recent) == QUIET_SECONDS + 1 and all(
+                (c1 - c0) / (t1 - t0) < QUIET_SHARE
+                for (t0, c0), (t1, c1) in zip(recent, recent[1:])):
+            self.quiet_from = recent[0][0]
 
-    def busy_s(self):
-        return round(self.busy_until - self.started, 1)
+    def quiet_s(self):
+        """Seconds from the start to the quiet start (None: not quiet yet)."""
+        return None if self.quiet_from is None else round(self.quiet_from - self.started, 1)
 
     def cpu_s(self):
-        return round(self.samples[-1][1] - self.samples[0][1], 1)
-
-    def quiet_for(self):
-        return time.monotonic() - self.busy_until
+        return round(self.last[1] - self.seconds[0][1], 1)
 
 
 def phase_tenants(tool, server, work, n_dbs, idle_seconds):
@@ -1134,7 +1148,7 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
             time.sleep(0.2)
         requests = attribute(server.requests(offset), {tool.name: prefix})[tool.name]
         result["restart_quiet_s"] = round(last_change - restarted, 1)
-        result["restart_busy_s"] = cpu.busy_s()
+        result["restart_cpu_quiet_s"] = cpu.quiet_s()
         result["restart_cpu_s"] = cpu.cpu_s()
         result["restart_requests"] = len(requests)
         result["restart_requests_by_kind"] = classify(requests)
@@ -1159,7 +1173,8 @@ def phase_tenants(tool, server, work, n_dbs, idle_seconds):
 def file_restart(tool, ddir, work, tag):
     """walsync's restart over the same tenants kept in a `file://` destination, where the
     listing of each replica is walsync's own work, not a server's: a first start, stopped
-    once quiet, then a restart, watched until quiet for 5 s (at most RESTART_WINDOW)."""
+    once quiet, then a restart, watched until quiet (at most RESTART_WINDOW): the CPU each
+    used until then, and when it was quiet."""
     dest = os.path.join(work, f"{tag}-file-dest")
     cmd = [tool.exe, "watch", "--dir", ddir, "--recursive", "-b", f"file://{dest}"]
     out = open(os.path.join(work, f"{tag}.walsync-file.log"), "a")
@@ -1169,12 +1184,12 @@ def file_restart(tool, ddir, work, tag):
             proc = tool.children.start(cmd, stdout=out, stderr=subprocess.STDOUT)
             cpu = CpuWatch(proc.pid)
             limit = 300 if run == "first" else RESTART_WINDOW
-            while time.monotonic() - cpu.started < limit and cpu.quiet_for() < 5:
+            while time.monotonic() - cpu.started < limit and cpu.quiet_s() is None:
                 if proc.poll() is not None:
                     raise RuntimeError(f"walsync exited on its {run} start over file://")
                 cpu.sample()
                 time.sleep(0.2)
-            result[f"{run}_busy_s"], result[f"{run}_cpu_s"] = cpu.busy_s(), cpu.cpu_s()
+            result[f"{run}_quiet_s"], result[f"{run}_cpu_s"] = cpu.quiet_s(), cpu.cpu_s()
             tool.children.stop(proc, timeout=120)
     finally:
         shutil.rmtree(dest, ignore_errors=True)
@@ -1725,6 +1740,11 @@ def main(argv):
         add("heavy_writer_wall_s",
             f"app wall time, {what}, median of {params['heavy_reps']} (no replication: "
             f"{h['none']['wall_s']:.2f} s)", "s", lambda t: h[t]["wall_s"])
+        for key, which in (("txn_max_ms", "longest"), ("txn_p99_ms", "99th percentile")):
+            add(f"heavy_writer_{key}",
+                f"app's {which} transaction, {what}, median of {params['heavy_reps']} "
+                f"(no replication: {h['none'][key + '_median']:.1f} ms)", "ms",
+                lambda t, key=key: h[t][key + "_median"])
     if "slowdown" in ph:
         what = f"{params['slowdown_mib']} MiB in {params['slowdown_rows_per_txn']}-row txns"
         for setting, label in (("default", "app defaults"),
@@ -1786,15 +1806,16 @@ def main(argv):
         add(f"{key}_restart_quiet_s",
             f"restart of {what}: last request (of {RESTART_WINDOW} s watched)", "s",
             lambda t, get=get: get(t, "restart_quiet_s"))
-        add(f"{key}_restart_busy_s",
-            f"restart of {what}: busy until (last second over {BUSY_SHARE:.0%} of a core)", "s",
-            lambda t, get=get: get(t, "restart_busy_s"))
+        add(f"{key}_restart_cpu_quiet_s",
+            f"restart of {what}: quiet from ({QUIET_SECONDS} s in a row under "
+            f"{QUIET_SHARE:.0%} of a core)", "s",
+            lambda t, get=get: get(t, "restart_cpu_quiet_s"))
         add(f"{key}_restart_cpu_s", f"restart of {what}: CPU in {RESTART_WINDOW} s", "s",
             lambda t, get=get: get(t, "restart_cpu_s"))
-        add(f"{key}_file_restart_busy_s", f"restart of {what} over file://: busy until", "s",
-            lambda t, get=get: get(t, "file_restart", "restart_busy_s"))
-        add(f"{key}_file_restart_cpu_s", f"restart of {what} over file://: CPU", "s",
-            lambda t, get=get: get(t, "file_restart", "restart_cpu_s"))
+        add(f"{key}_file_restart_cpu_quiet_s", f"restart of {what} over file://: quiet from",
+            "s", lambda t, get=get: get(t, "file_restart", "restart_quiet_s"))
+        add(f"{key}_file_restart_cpu_s", f"restart of {what} over file://: CPU until quiet",
+            "s", lambda t, get=get: get(t, "file_restart", "restart_cpu_s"))
         add(f"{key}_restart_requests_per_db",
             f"restart of {what}: requests per db in {RESTART_WINDOW} s", "",
             lambda t, per_db=per_db: per_db(t, "restart_requests"))
@@ -1803,6 +1824,9 @@ def main(argv):
         for t, r in m.items():
             if "error" in r:
                 notes.append(f"WARNING: {t}, {what}: {r['error']}")
+            elif r.get("restart_cpu_quiet_s", 0) is None:
+                notes.append(f"{t}, {what}: the restart was not quiet within {RESTART_WINDOW} s "
+                             f"({QUIET_SECONDS} s in a row under {QUIET_SHARE:.0%} of a core)")
     counts = [n for n in params["tenant_dbs"] if f"tenants_{n}" in ph]
     if len(counts) >= 2 and 10000 not in counts:
         lo, hi = counts[0], counts[-1]
