@@ -292,7 +292,7 @@ pub(super) fn run_checkpoint(name: &str, conn: &Database) -> Result<(bool, u64)>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::testing::{restored_and_source_rows, setup, write_now};
+    use crate::replica::testing::{insert_rows, restored_and_source_rows, setup, write_now};
     use crate::replica::SyncOutcome;
 
     #[test]
@@ -323,13 +323,7 @@ mod tests {
     fn the_wal_outgrows_the_tip_by_what_was_written_since() {
         let dir = tempfile::tempdir().unwrap();
         let (app, mut replica) = setup(dir.path());
-        let insert = |rows: u32| {
-            app.execute_batch(&format!(
-                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {rows}) \
-                 INSERT INTO t SELECT randomblob(3000) FROM s;"
-            ))
-            .unwrap();
-        };
+        let insert = |rows: u32| insert_rows(&app, rows, "randomblob(3000)");
         assert!(!replica.wal_outgrew_tip(1).unwrap());
         insert(80); // a page a row, and a few more
         assert!(replica.wal_outgrew_tip(80).unwrap());
@@ -354,11 +348,7 @@ mod tests {
     fn a_pin_handed_off_moves_again_only_after_a_cut_reads_what_it_sees() {
         let dir = tempfile::tempdir().unwrap();
         let (app, mut replica) = setup(dir.path());
-        app.execute_batch(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 80) \
-             INSERT INTO t SELECT randomblob(3000) FROM s;",
-        )
-        .unwrap();
+        insert_rows(&app, 80, "randomblob(3000)");
         assert!(replica.hand_off_pin().unwrap());
         let control = replica.control.as_ref().unwrap();
         let (complete, _) = run_checkpoint("app", control).unwrap();
@@ -390,11 +380,7 @@ mod tests {
         let (app, mut replica) = setup(dir.path());
         replica.rest();
         assert!(replica.control.is_none());
-        app.execute_batch(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 300) \
-             INSERT INTO t SELECT randomblob(3000) FROM s;",
-        )
-        .unwrap();
+        insert_rows(&app, 300, "randomblob(3000)");
         assert!(matches!(
             replica.sync().unwrap(),
             SyncOutcome::Shipped { .. }

@@ -296,7 +296,7 @@ mod tests {
 
     use super::*;
     use crate::database::Checkpoint;
-    use crate::replica::testing::{restored_and_source_rows, setup, write_now};
+    use crate::replica::testing::{insert_rows, restored_and_source_rows, setup, write_now};
     use crate::replica::SyncOutcome;
     use crate::storage::file::FileStorage;
     use crate::storage::Storage;
@@ -310,14 +310,6 @@ mod tests {
         .unwrap()
     }
 
-    fn insert_rows(app: &Connection, n: i64) {
-        app.execute_batch(&format!(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
-             INSERT INTO t SELECT randomblob(1000) FROM s;"
-        ))
-        .unwrap();
-    }
-
     /// After a complete checkpoint the pin sits on read mark 0, where no checkpoint can copy
     /// anything (the application's automatic ones then sort the whole WAL for nothing after
     /// every commit). Once the WAL restarted, the pin moves to a read mark above 0: the
@@ -327,12 +319,12 @@ mod tests {
     fn the_pin_leaves_read_mark_zero_once_the_wal_restarted() {
         let dir = tempfile::tempdir().unwrap();
         let (app, mut replica) = setup(dir.path());
-        insert_rows(&app, 50);
+        insert_rows(&app, 50, "randomblob(1000)");
         replica.poll().unwrap();
         assert_eq!(replica.checkpoint().unwrap(), Checkpoint::Complete);
         assert!(!replica.follow_restart().unwrap(), "nothing written yet");
 
-        insert_rows(&app, 50); // restarts the WAL
+        insert_rows(&app, 50, "randomblob(1000)"); // restarts the WAL
         let (frames, copied) = app_checkpoint(&app);
         assert!(frames > 0);
         assert_eq!(copied, 0, "the pin on read mark 0 lets nothing be copied");
@@ -346,7 +338,7 @@ mod tests {
             "the application's checkpoint copies up to the pin: {copied} of {frames}"
         );
         // Past the pin nothing is copied, so the WAL cannot restart over unread commits.
-        insert_rows(&app, 50);
+        insert_rows(&app, 50, "randomblob(1000)");
         let (frames_after, copied_after) = app_checkpoint(&app);
         assert_eq!(copied_after, copied);
         assert!(frames_after > frames);
@@ -379,13 +371,13 @@ mod tests {
         replica.sync().unwrap();
         let app = Connection::open(&path).unwrap();
         app.busy_timeout(Duration::ZERO).unwrap();
-        insert_rows(&app, 10);
+        insert_rows(&app, 10, "randomblob(1000)");
         assert!(replica.follow_restart().unwrap());
         let (_, copied) = app_checkpoint(&app);
         assert!(copied > 0, "still on read mark 0");
         let mut rows = 10;
         for round in 0..40 {
-            insert_rows(&app, 7);
+            insert_rows(&app, 7, "randomblob(1000)");
             rows += 7;
             // Busy while walsync holds the WAL; never an error that loses anything.
             let _ = app.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");

@@ -332,7 +332,7 @@ pub(super) fn pick_up_staged(
 mod tests {
     use rusqlite::Connection;
 
-    use crate::replica::testing::{restored_and_source_rows, setup};
+    use crate::replica::testing::{insert_rows, restored_and_source_rows, setup};
     use crate::replica::SyncOutcome;
 
     /// A cut written uncompressed (as under the barrier) is compressed before it counts:
@@ -342,11 +342,7 @@ mod tests {
     fn a_cut_written_uncompressed_is_compressed_before_it_counts() {
         let dir = tempfile::tempdir().unwrap();
         let (app, mut replica) = setup(dir.path());
-        app.execute_batch(
-            "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 200) \
-             INSERT INTO t SELECT printf('%.2000c', 'x') || i FROM s;",
-        )
-        .unwrap();
+        insert_rows(&app, 200, "printf('%.2000c', 'x') || i");
         assert!(matches!(
             replica.cut_as(true).unwrap(),
             super::Cut::Staged { .. }
@@ -385,13 +381,7 @@ mod tests {
     fn transactions_larger_than_the_cut_buffer_ship_only_once_committed() {
         let dir = tempfile::tempdir().unwrap();
         let (app, mut replica) = setup(dir.path());
-        let insert = |conn: &Connection, n: i64| {
-            let sql = format!(
-                "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
-                 INSERT INTO t SELECT randomblob(3000) FROM s;"
-            );
-            conn.execute_batch(&sql).unwrap();
-        };
+        let insert = |conn: &Connection, n: u32| insert_rows(conn, n, "randomblob(3000)");
         insert(&app, 800); // about 3 MiB, committed
         let writer = Connection::open(dir.path().join("app.db")).unwrap();
         writer

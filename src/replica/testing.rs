@@ -42,3 +42,13 @@ pub(super) fn write_now(app: &Connection) -> rusqlite::Result<()> {
     app.busy_timeout(Duration::ZERO)?;
     app.execute_batch("INSERT INTO t VALUES (2);")
 }
+
+/// `n` rows into `t`, each the SQL expression `value` (`randomblob(3000)`, say), in one
+/// transaction of the application's.
+pub(super) fn insert_rows(app: &Connection, n: u32, value: &str) {
+    app.execute_batch(&format!(
+        "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) \
+         INSERT INTO t SELECT {value} FROM s;"
+    ))
+    .unwrap();
+}
